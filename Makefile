@@ -1,0 +1,69 @@
+# emu-colo: every target does its own setup, so on a fresh machine `make demo` and
+# `make test` are the only two commands a user needs.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+CHELPER := emu/_emuc.stamp
+FIRMWARE_STAMP := firmware/build/.stamp
+APT_PACKAGES := gcc binutils make qemu-system-x86
+
+.PHONY: all setup deps venv cffi firmware test demo bench soak lint clean
+
+all: test
+
+# Debian packages: the toolchain for firmware and the C helper, and QEMU as the reference
+# for differential tests and benchmarks.  Installed only when missing and when we can.
+deps:
+	@missing=""; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	command -v as >/dev/null || missing="$$missing binutils"; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "warning: apt-get could not install$$missing"; \
+	  else echo "note: missing$$missing (install them for firmware builds / QEMU comparisons)"; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+$(CHELPER): emu/cbuild.py $(STAMP)
+	$(PY) -m emu.cbuild
+	touch $@
+
+cffi: $(CHELPER)
+
+$(FIRMWARE_STAMP): $(wildcard firmware/*.S firmware/lib/* firmware/*.ld firmware/Makefile)
+	$(MAKE) -C firmware
+	touch $@
+
+firmware: $(FIRMWARE_STAMP)
+
+setup: deps venv cffi firmware
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	$(PY) -m emu demo
+
+bench: setup
+	$(PY) -m bench
+
+soak: setup
+	EMU_SOAK=1 $(PY) -m pytest -m soak
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build firmware/build emu/_emuc* .pytest_cache

@@ -1,0 +1,767 @@
+"""The x86 CPU: one Unicorn engine plus everything Unicorn does not do for a full system.
+
+Unicorn executes instructions and nothing more (see ``shared/UNICORN.md``).  This module
+adds, on the host side:
+
+* interrupt and exception delivery in real mode (IVT), 32-bit protected mode (IDT with
+  interrupt/trap gates, privilege change through the TSS) and long mode (16-byte gates,
+  RSP0 and IST stacks), with the double-fault and triple-fault rules;
+* the interrupt shadow after ``sti`` / ``mov ss``;
+* ``hlt`` detection, ``syscall`` entry at LSTAR, a truthful CPUID, the virtual TSC
+  (C hook) and the workarounds for Unicorn's stale exception state after every slice.
+
+The engine is created in ``UC_MODE_64`` and started from a real-mode context, so that every
+register is reachable in every mode; ``emu_start`` then takes RIP (not a linear address).
+"""
+
+import ctypes
+import struct
+
+from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
+                     UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INTR,
+                     UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_16,
+                     UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc, UcError)
+from unicorn import x86_const as X
+from unicorn.unicorn_py3.arch.types import uc_hook_h
+from unicorn.unicorn_py3.unicorn import uclib
+
+from . import x86context as xc
+from .errors import GuestError, UnsupportedError
+
+NEVER = 0xFFFF_FFFF_FFFF_FFFF
+
+# vectors
+DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS, GP, PF, MF, AC, MC = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18
+HAS_ERROR_CODE = {DF, TS, NP, SS, GP, PF, AC, 21, 29, 30}
+CONTRIBUTORY = {DE, TS, NP, SS, GP}
+EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
+                   10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
+                   19: "#XM", 20: "#VE", 21: "#CP"}
+
+EFLAGS_CF, EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM, EFLAGS_AC = 1, 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
+CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
+CR4_PSE, CR4_PAE = 1 << 4, 1 << 5
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
+MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
+MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC0000102
+
+TSC_HZ = 1_000_000_000  # the virtual TSC ticks once per guest nanosecond (1 GHz, constant)
+
+
+class Fault(Exception):
+    """An exception raised by our own delivery code (a fault while pushing a frame...)."""
+
+    def __init__(self, vector, error_code=0, cr2=None):
+        super().__init__(f"{EXCEPTION_NAMES.get(vector, vector)} error={error_code:#x}")
+        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
+
+
+class TripleFault(GuestError):
+    pass
+
+
+def is_double_fault(first, second):
+    """SDM vol. 3 table 6-5: which fault during delivery of which event becomes #DF."""
+    return (first in CONTRIBUTORY and second in CONTRIBUTORY) or (first == PF and (second in CONTRIBUTORY or second == PF))
+
+
+class PendingEvent:
+    """What the hooks recorded during a slice, for the run loop to act on."""
+
+    __slots__ = ("kind", "vector", "error_code", "is_software", "next_ip", "cr2", "detail")
+
+    def __init__(self, kind, vector=None, error_code=0, is_software=False, next_ip=None, cr2=None, detail=None):
+        self.kind, self.vector, self.error_code = kind, vector, error_code
+        self.is_software, self.next_ip, self.cr2, self.detail = is_software, next_ip, cr2, detail
+
+
+def _uc_function_pointer(name):
+    return ctypes.cast(getattr(uclib, name), ctypes.c_void_p).value
+
+
+class X86Cpu:
+    """A single x86-64 CPU on a Unicorn engine, with host-side interrupt delivery."""
+
+    def __init__(self, ram, ports, clock, cstate, ffi, clib, *, icount=False, has_lapic=False, trace=None):
+        self.ram = ram
+        self.ports = ports
+        self.clock = clock
+        self.s = cstate  # the C helper's emu_state
+        self.ffi, self.clib = ffi, clib
+        self.icount = icount
+        self.has_lapic = has_lapic
+        self.trace = trace  # callable(category, message) or None
+        self.halted = False
+        self.events = []
+        self.hook_error = None
+        self.mmio = []  # (base, size, device)
+        self._keep = []  # cffi callbacks and hook handles that must outlive the engine
+        self.exception_counts = {}
+        self.insn_invalid = False
+        self.stop_requested = False
+
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._real_mode_context = bytes(Uc(UC_ARCH_X86, UC_MODE_16).context_save())
+        self.ctx = xc.ContextView(self.uc)
+        self.ctx.load_raw(self._real_mode_context)
+        self.ctx.restore()
+        self.uc.mem_map_ptr(0, ram.size, UC_PROT_ALL, ram.address)
+        self._install_hooks()
+        ram.write_listeners.append(self._host_wrote_ram)
+
+    # ------------------------------------------------------------------ setup
+    def _c_hook(self, hook_type, fn_name, *extra, begin=1, end=0):
+        handle = uc_hook_h()
+        fn = int(self.ffi.cast("uintptr_t", getattr(self.clib, fn_name)))
+        user = int(self.ffi.cast("uintptr_t", self.s))
+        args = [ctypes.c_uint64(begin), ctypes.c_uint64(end)] + [ctypes.c_int(e) for e in extra]
+        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), hook_type, ctypes.c_void_p(fn),
+                                ctypes.c_void_p(user), *args)
+        if err:
+            raise GuestError(f"cpu: uc_hook_add({fn_name}) failed with error {err}")
+        self._keep.append(handle)
+        return handle
+
+    def _install_hooks(self):
+        s = self.s
+        s.emu_stop = self.ffi.cast("void *", _uc_function_pointer("uc_emu_stop"))
+        s.reg_write = self.ffi.cast("void *", _uc_function_pointer("uc_reg_write"))
+        s.tsc_hz = TSC_HZ
+        s.icount_mode = 1 if self.icount else 0
+        s.ns_per_insn = self.clock.ns_per_insn
+        s.icount_limit = NEVER
+        s.deadline_ns = 2**62
+
+        @self.ffi.callback("uint32_t(uint32_t, int)", onerror=self._callback_error, error=0xFFFFFFFF)
+        def py_in(port, size):
+            return self.ports.read(port, size)
+
+        @self.ffi.callback("void(uint32_t, int, uint32_t)", onerror=self._callback_error)
+        def py_out(port, size, value):
+            self.ports.write(port, size, value)
+
+        self._keep += [py_in, py_out]
+        s.py_in = py_in
+        s.py_out = py_out
+        self._c_hook(UC_HOOK_INSN, "on_out", X.UC_X86_INS_OUT)
+        self._c_hook(UC_HOOK_INSN, "on_in", X.UC_X86_INS_IN)
+        self._c_hook(UC_HOOK_INSN, "on_rdtsc", X.UC_X86_INS_RDTSC)
+        self._c_hook(UC_HOOK_INSN, "on_rdtscp", X.UC_X86_INS_RDTSCP)
+        if self.icount:
+            self._c_hook(UC_HOOK_CODE, "on_insn_count")
+        else:
+            self._c_hook(UC_HOOK_BLOCK, "on_block")
+        self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        self._cpuid_table = self._native_cpuid()
+
+    def _callback_error(self, exc_type, exc, tb):
+        """An exception inside a C-called Python callback: stop the engine, re-raise later."""
+        if self.hook_error is None:
+            self.hook_error = exc.with_traceback(tb)
+        self.request_stop()
+
+    def map_rom(self, address, data):
+        """Read-only memory outside RAM (the BIOS ROM just below 4 GiB)."""
+        size = (len(data) + 0xFFF) & ~0xFFF
+        self.uc.mem_map(address, size, UC_PROT_READ | UC_PROT_EXEC)
+        self.uc.mem_write(address, bytes(data))
+
+    def map_mmio(self, base, size, device):
+        def read(uc, offset, sz, user):
+            try:
+                return device.mmio_read(offset, sz)
+            except BaseException as e:  # re-raised from the run loop
+                self._callback_error(type(e), e, e.__traceback__)
+                return 0
+
+        def write(uc, offset, sz, value, user):
+            try:
+                device.mmio_write(offset, sz, value)
+            except BaseException as e:
+                self._callback_error(type(e), e, e.__traceback__)
+
+        self._keep += [read, write]
+        self.uc.mmio_map(base, size, read, None, write, None)
+        self.mmio.append((base, size, device))
+
+    # ------------------------------------------------------------------ hooks
+    def request_stop(self):
+        """Ask the engine to return as soon as possible (from a hook or a device)."""
+        self.stop_requested = True
+        if self.icount:
+            # exact and deterministic: the instruction counter stops before the next instruction
+            self.s.stop_reason |= self.clib.STOP_REQUEST
+            self.s.icount_limit = self.s.icount
+        else:
+            self.uc.emu_stop()
+
+    def _on_interrupt(self, uc, intno, user):
+        ctx = self.ctx.save()
+        event = PendingEvent("exception", vector=intno, error_code=ctx.i32("error_code") & 0xFFFFFFFF,
+                             is_software=bool(ctx.i32("exception_is_int")),
+                             next_ip=ctx.u64("exception_next_eip"),
+                             cr2=uc.reg_read(X.UC_X86_REG_CR2) if intno == PF else None)
+        self.events.append(event)
+        self.request_stop()
+
+    def _on_syscall(self, uc, user):
+        self.events.append(PendingEvent("syscall"))
+        self.request_stop()
+
+    def _on_unmapped(self, uc, access, address, size, value, user):
+        kind = {UC_MEM_WRITE_UNMAPPED: "write to", UC_MEM_FETCH_UNMAPPED: "instruction fetch from"}.get(access, "read of")
+        self.events.append(PendingEvent("unmapped", detail=f"{kind} unmapped physical address {address:#x} "
+                                                           f"(size {size})"))
+        return False
+
+    # ---- CPUID: the engine's own answers, corrected to describe this machine
+    def _native_cpuid(self):
+        probe = Uc(UC_ARCH_X86, UC_MODE_64)
+        probe.mem_map(0, 0x1000)
+        probe.mem_write(0, b"\x0f\xa2\xf4")  # cpuid; hlt
+        table = {}
+
+        def ask(leaf, sub=0):
+            probe.reg_write(X.UC_X86_REG_EAX, leaf)
+            probe.reg_write(X.UC_X86_REG_ECX, sub)
+            probe.emu_start(0, 2)
+            return [probe.reg_read(r) for r in (X.UC_X86_REG_EAX, X.UC_X86_REG_EBX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX)]
+
+        max_basic = ask(0)[0]
+        for leaf in range(0, max_basic + 1):
+            for sub in range(0, 4 if leaf in (4, 7, 0xB, 0xD) else 1):
+                table[(leaf, sub)] = ask(leaf, sub)
+        max_ext = ask(0x80000000)[0]
+        for leaf in range(0x80000000, max_ext + 1):
+            table[(leaf, 0)] = ask(leaf)
+        a, b, c, d = table[(1, 0)]
+        d = (d | (1 << 9)) if self.has_lapic else (d & ~(1 << 9))  # APIC present only with a LAPIC
+        c &= ~((1 << 21) | (1 << 24) | (1 << 3))  # no x2APIC, no TSC-deadline, no MONITOR
+        c |= 1 << 31  # hypervisor present
+        b &= 0x0000FFFF  # initial APIC id 0, one logical processor
+        table[(1, 0)] = [a, b, c, d]
+        # hypervisor leaves: vendor "emu-colo    ", no features
+        vendor = struct.unpack("<III", b"EmuColoEmuCo")
+        table[(0x40000000, 0)] = [0x40000000, *vendor]
+        self._max_basic, self._max_ext = max_basic, max_ext
+        return table
+
+    def cpuid(self, leaf, sub):
+        if leaf in (4, 7, 0xB, 0xD):
+            key = (leaf, sub)
+        else:
+            key = (leaf, 0)
+        return self._cpuid_table.get(key, [0, 0, 0, 0])
+
+    def _on_cpuid(self, uc, user):
+        leaf = uc.reg_read(X.UC_X86_REG_EAX)
+        sub = uc.reg_read(X.UC_X86_REG_ECX)
+        a, b, c, d = self.cpuid(leaf, sub)
+        uc.reg_write(X.UC_X86_REG_RAX, a)
+        uc.reg_write(X.UC_X86_REG_RBX, b)
+        uc.reg_write(X.UC_X86_REG_RCX, c)
+        uc.reg_write(X.UC_X86_REG_RDX, d)
+        return 1
+
+    def _host_wrote_ram(self, address, length):
+        """Translated code does not see host writes: drop it (loaders, DMA)."""
+        self.uc.ctl_flush_tb()
+
+    # ------------------------------------------------------------------ registers
+    def reg(self, name):
+        return self.uc.reg_read(getattr(X, "UC_X86_REG_" + name.upper()))
+
+    def set_reg(self, name, value):
+        self.uc.reg_write(getattr(X, "UC_X86_REG_" + name.upper()), value)
+
+    @property
+    def rip(self):
+        return self.uc.reg_read(X.UC_X86_REG_RIP)
+
+    @property
+    def eflags(self):
+        return self.uc.reg_read(X.UC_X86_REG_EFLAGS)
+
+    def mode(self):
+        """'real', 'protected32' (or 16-bit PM), 'long64' (or compatibility), 'vm86'."""
+        cr0 = self.uc.reg_read(X.UC_X86_REG_CR0)
+        if not cr0 & CR0_PE:
+            return "real"
+        if self.uc.reg_read(X.UC_X86_REG_EFLAGS) & EFLAGS_VM:
+            return "vm86"
+        if self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER) & EFER_LMA:
+            return "long64"
+        return "protected32"
+
+    # ------------------------------------------------------------------ entry states
+    def reset(self):
+        """Power-on state: real mode, CS:IP = F000:FFF0 with the hidden base FFFF0000."""
+        self.ctx.load_raw(self._real_mode_context)
+        self.ctx.restore()
+        ctx = self.ctx.save()
+        _, _, limit, flags = ctx.segment("cs")
+        ctx.load_segment("cs", 0xF000, 0xFFFF0000, limit, flags)
+        ctx.restore()
+        self.uc.reg_write(X.UC_X86_REG_RIP, 0xFFF0)
+        self.uc.reg_write(X.UC_X86_REG_EDX, 0x663)  # family/model/stepping as after RESET
+        self._after_restore()
+
+    def enter(self, entry):
+        """Start from a loader's :class:`~emu.loaders.EntryState`."""
+        self.ctx.load_raw(self._real_mode_context)
+        self.ctx.restore()
+        if entry.mode == "real":
+            ctx = self.ctx.save()
+            for seg in ("cs", "ds", "es", "ss", "fs", "gs"):
+                sel = entry.cs if seg == "cs" else entry.regs.get(seg, 0)
+                base = getattr(entry, "cs_base", None) if seg == "cs" else None
+                _, _, limit, flags = ctx.segment(seg)
+                ctx.load_segment(seg, sel, (sel << 4) if base is None else base, limit, flags)
+            ctx.restore()
+        elif entry.mode in ("protected32", "long64"):
+            long_mode = entry.mode == "long64"
+            if long_mode:
+                self.uc.reg_write(X.UC_X86_REG_CR3, entry.regs.get("cr3", 0))
+                self.uc.reg_write(X.UC_X86_REG_CR4, CR4_PAE)
+                self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, EFER_LME | EFER_LMA))
+                self.uc.reg_write(X.UC_X86_REG_CR0, CR0_PE | CR0_PG | 0x10)
+            else:
+                self.uc.reg_write(X.UC_X86_REG_CR0, CR0_PE | 0x10)
+            ctx = self.ctx.save()
+            code = xc.DESC_P | xc.DESC_S | xc.DESC_CS | xc.DESC_W | xc.DESC_A | xc.DESC_G | 0xF0000
+            data = xc.DESC_P | xc.DESC_S | xc.DESC_W | xc.DESC_A | xc.DESC_G | xc.DESC_B | 0xF0000
+            code |= xc.DESC_L if long_mode else xc.DESC_B
+            cs_sel = entry.cs or 0x10
+            ctx.load_segment("cs", cs_sel, 0, 0xFFFFFFFF, code)
+            for seg in ("ss", "ds", "es", "fs", "gs"):
+                ctx.load_segment(seg, entry.regs.get("ds_selector", cs_sel + 8), 0, 0xFFFFFFFF, data)
+            ctx.restore()
+            if "gdt" in entry.regs:
+                self.uc.reg_write(X.UC_X86_REG_GDTR, (0, entry.regs["gdt"], entry.regs.get("gdt_limit", 0x27), 0))
+        else:
+            raise GuestError(f"cpu: unknown entry mode {entry.mode!r}")
+        for name, value in entry.regs.items():
+            if name in ("cr3", "gdt", "gdt_limit", "ds_selector", "ds", "es", "ss", "fs", "gs"):
+                continue
+            self.set_reg(name, value)
+        self.uc.reg_write(X.UC_X86_REG_RIP, entry.ip)
+        self.uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
+        self._after_restore()
+
+    def _after_restore(self):
+        self.halted = False
+        self.events.clear()
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self.uc.ctl_flush_tb()
+
+    # ------------------------------------------------------------------ running
+    def run_slice(self, deadline_ns, max_instructions=None):
+        """Run until the deadline (guest ns), a stop request, a halt or an event."""
+        s = self.s
+        s.stop_reason = 0
+        self.stop_requested = False
+        s.deadline_ns = deadline_ns
+        if self.icount:
+            budget = max(1, (deadline_ns - self.clock.now() + self.clock.ns_per_insn - 1) // self.clock.ns_per_insn)
+            if max_instructions is not None:
+                budget = min(budget, max_instructions)
+            s.icount_limit = s.icount + budget
+        cr2 = self.uc.reg_read(X.UC_X86_REG_CR2)
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        try:
+            if max_instructions is not None and not self.icount:
+                self.uc.emu_start(rip, NEVER, count=max_instructions)
+            else:
+                self.uc.emu_start(rip, NEVER)
+        except UcError as e:
+            self._engine_error(e)
+        finally:
+            self._repair_after_slice(cr2)
+        if self.hook_error is not None:
+            err, self.hook_error = self.hook_error, None
+            raise err
+
+    def _repair_after_slice(self, cr2):
+        """Unicorn leaves a phantom #PF (CR2, old_exception) after every emu_start: undo it."""
+        ctx = self.ctx.save()
+        if ctx.i32("old_exception") != -1:
+            ctx.set_i32("old_exception", -1)
+            ctx.restore()
+        pf = [e for e in self.events if e.kind == "exception" and e.vector == PF]
+        self.uc.reg_write(X.UC_X86_REG_CR2, pf[-1].cr2 if pf else cr2)
+
+    def _engine_error(self, e):
+        if e.errno == UC_ERR_INSN_INVALID:
+            self.events.append(PendingEvent("exception", vector=UD))
+            return
+        if e.errno in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED):
+            detail = next((ev.detail for ev in self.events if ev.kind == "unmapped"), str(e))
+            raise GuestError(f"cpu: {detail} at RIP={self.rip:#x}") from None
+        raise GuestError(f"cpu: Unicorn stopped with {e} at RIP={self.rip:#x}") from None
+
+    def finished_on_hlt(self):
+        """True when the engine returned because the guest executed ``hlt``."""
+        if self.s.stop_reason or self.stop_requested or self.events:
+            return False
+        try:
+            return self.read_virtual(self._linear_rip() - 1, 1) == b"\xf4"
+        except Fault:
+            return False
+
+    def interrupt_shadow(self):
+        return bool(self.ctx.save().hflags & xc.HF_INHIBIT_IRQ)
+
+    def can_take_interrupt(self):
+        return bool(self.eflags & EFLAGS_IF) and not self.interrupt_shadow()
+
+    # ------------------------------------------------------------------ memory through the MMU
+    def translate(self, linear, write=False, user=False):
+        """Linear -> physical through the guest page tables (raises Fault(#PF))."""
+        cr0 = self.uc.reg_read(X.UC_X86_REG_CR0)
+        if not cr0 & CR0_PG:
+            return linear & 0xFFFFFFFF if self.mode() != "long64" else linear
+        cr3 = self.uc.reg_read(X.UC_X86_REG_CR3)
+        cr4 = self.uc.reg_read(X.UC_X86_REG_CR4)
+        err = (2 if write else 0) | (4 if user else 0)
+
+        def fault(present):
+            raise Fault(PF, err | (1 if present else 0), cr2=linear)
+
+        def check(entry):
+            if not entry & 1:
+                fault(False)
+            if write and not entry & 2 and (user or cr0 & CR0_WP):
+                fault(True)
+            if user and not entry & 4:
+                fault(True)
+
+        ram = self.ram
+        if cr4 & CR4_PAE:
+            if self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER) & EFER_LMA:
+                table = cr3 & 0x000F_FFFF_FFFF_F000
+                levels = ((39, 1), (30, 1 << 30), (21, 1 << 21), (12, 1 << 12))
+            else:
+                pdpte = ram.read_u64((cr3 & 0xFFFFFFE0) + ((linear >> 30) & 3) * 8)
+                if not pdpte & 1:
+                    fault(False)
+                table = pdpte & 0x000F_FFFF_FFFF_F000
+                levels = ((21, 1 << 21), (12, 1 << 12))
+            for shift, page in levels:
+                entry = self._read_pte(table + ((linear >> shift) & 511) * 8, 8)
+                check(entry)
+                if shift == 12 or (entry & 0x80 and shift in (30, 21)):
+                    base = entry & 0x000F_FFFF_FFFF_F000 & ~(page - 1)
+                    return base | (linear & (page - 1))
+                table = entry & 0x000F_FFFF_FFFF_F000
+        linear &= 0xFFFFFFFF
+        pde = self._read_pte((cr3 & 0xFFFFF000) + (linear >> 22) * 4, 4)
+        check(pde)
+        if pde & 0x80 and cr4 & CR4_PSE:
+            return (pde & 0xFFC00000) | ((pde & 0x1FE000) << 19) | (linear & 0x3FFFFF)
+        pte = self._read_pte((pde & 0xFFFFF000) + ((linear >> 12) & 1023) * 4, 4)
+        check(pte)
+        return (pte & 0xFFFFF000) | (linear & 0xFFF)
+
+    def _read_pte(self, physical, size):
+        if physical + size > self.ram.size:
+            raise GuestError(f"cpu: page table entry at {physical:#x} is outside RAM")
+        return int.from_bytes(self.ram.buf[physical:physical + size].tobytes(), "little")
+
+    def read_virtual(self, linear, length, user=False):
+        out = bytearray()
+        while length:
+            chunk = min(length, 0x1000 - (linear & 0xFFF))
+            phys = self.translate(linear, user=user)
+            out += self._read_physical(phys, chunk)
+            linear, length = linear + chunk, length - chunk
+        return bytes(out)
+
+    def write_virtual(self, linear, data, user=False):
+        data = bytes(data)
+        pos = 0
+        # translate every page first: a fault must not leave a half-written frame
+        pieces = []
+        while pos < len(data):
+            chunk = min(len(data) - pos, 0x1000 - ((linear + pos) & 0xFFF))
+            pieces.append((self.translate(linear + pos, write=True, user=user), data[pos:pos + chunk]))
+            pos += chunk
+        for phys, piece in pieces:
+            self._write_physical(phys, piece)
+
+    def _read_physical(self, phys, length):
+        if phys + length <= self.ram.size:
+            return self.ram.buf[phys:phys + length].tobytes()
+        return bytes(self.uc.mem_read(phys, length))
+
+    def _write_physical(self, phys, data):
+        if phys + len(data) <= self.ram.size:
+            self.ram.buf[phys:phys + len(data)] = memoryview(data)
+            self.ram.mark_dirty(phys, len(data))
+        else:
+            raise GuestError(f"cpu: interrupt frame write to {phys:#x} outside RAM")
+
+    # ------------------------------------------------------------------ descriptors
+    def _descriptor(self, selector, ctx, vector_for_error=None):
+        """(base, limit, flags) of a GDT/LDT descriptor; Fault(#GP/#NP) when invalid."""
+        index = selector & ~7
+        if selector & 4:
+            _, table, limit, _ = ctx.system_segment("ldt")
+        else:
+            _, table, limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        if index + 7 > limit or (index == 0 and not selector & 4):
+            raise Fault(GP, selector & 0xFFFC)
+        low, high = struct.unpack("<II", self.read_virtual(table + index, 8))
+        return xc.descriptor_parts(low, high)
+
+    # ------------------------------------------------------------------ delivery
+    def deliver(self, vector, *, external=False, software=False, error_code=None, next_ip=None):
+        """Deliver one interrupt or exception; a fault while delivering follows the SDM's
+        double-fault table, and a fault while delivering #DF is a triple fault."""
+        self.halted = False
+        while True:
+            try:
+                self._deliver_once(vector, external, software, error_code, next_ip)
+                self.exception_counts[vector] = self.exception_counts.get(vector, 0) + 1
+                return
+            except Fault as fault:
+                if fault.vector == PF and fault.cr2 is not None:
+                    self.uc.reg_write(X.UC_X86_REG_CR2, fault.cr2)
+                if vector == DF:
+                    raise TripleFault(f"cpu: triple fault: {EXCEPTION_NAMES.get(fault.vector)} while delivering "
+                                      f"#DF at RIP={self.rip:#x}") from None
+                if is_double_fault(vector, fault.vector):
+                    vector, error_code = DF, 0
+                else:
+                    vector, error_code = fault.vector, fault.error_code
+                external, software, next_ip = False, False, None
+
+    def _deliver_once(self, vector, external, software, error_code, next_ip):
+        mode = self.mode()
+        return_ip = next_ip if software and next_ip is not None else self.rip
+        push_error = (not software and not external and vector in HAS_ERROR_CODE)
+        if self.trace:
+            self.trace("int", f"deliver {EXCEPTION_NAMES.get(vector, 'vector')} {vector:#x} mode={mode} "
+                              f"rip={self.rip:#x} ret={return_ip:#x}"
+                              + (f" err={error_code:#x}" if push_error else "") + (" (external)" if external else ""))
+        if mode == "real":
+            self._deliver_real(vector, return_ip)
+        elif mode == "vm86":
+            raise UnsupportedError(f"cpu: interrupt {vector:#x} in virtual-8086 mode is not supported")
+        elif mode == "long64":
+            self._deliver_long(vector, return_ip, software, push_error, error_code or 0, external)
+        else:
+            self._deliver_protected(vector, return_ip, software, push_error, error_code or 0, external)
+
+    def _deliver_real(self, vector, return_ip):
+        _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        if vector * 4 + 3 > idt_limit:
+            raise Fault(GP, vector * 8 + 2)
+        ctx = self.ctx.save()
+        ss_sel, ss_base, _, _ = ctx.segment("ss")
+        cs_sel = ctx.segment("cs")[0]
+        sp = self.uc.reg_read(X.UC_X86_REG_SP)
+        flags = self.eflags
+        frame = struct.pack("<HHH", return_ip & 0xFFFF, cs_sel, flags & 0xFFFF)
+        for i, word in enumerate((flags & 0xFFFF, cs_sel, return_ip & 0xFFFF)):
+            sp = (sp - 2) & 0xFFFF
+            self._write_physical((ss_base + sp) & 0xFFFFF if ss_base < 0x100000 else ss_base + sp,
+                                 struct.pack("<H", word))
+        del frame
+        ip, cs = struct.unpack("<HH", self._read_physical(idt_base + vector * 4, 4))
+        _, _, limit, cs_flags = ctx.segment("cs")
+        ctx.load_segment("cs", cs, cs << 4, limit, cs_flags)
+        ctx.set_i32("old_exception", -1)
+        ctx.restore()
+        self.uc.reg_write(X.UC_X86_REG_SP, sp)
+        self.uc.reg_write(X.UC_X86_REG_EFLAGS, flags & ~(EFLAGS_IF | EFLAGS_TF | EFLAGS_AC | EFLAGS_RF))
+        self.uc.reg_write(X.UC_X86_REG_RIP, ip)
+
+    def _gate(self, vector, size, software, external):
+        _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        ext = 1 if external else 0
+        if vector * size + size - 1 > idt_limit:
+            raise Fault(GP, vector * 8 + 2 + ext)
+        raw = self.read_virtual(idt_base + vector * size, size)
+        low, high = struct.unpack_from("<II", raw)
+        gate_type = (high >> 8) & 0x1F
+        dpl = (high >> 13) & 3
+        present = high & (1 << 15)
+        return raw, low, high, gate_type, dpl, present, ext
+
+    def _check_gate(self, vector, gate_type, dpl, present, software, ext, cpl, allowed):
+        if gate_type == 5:
+            raise UnsupportedError(f"cpu: vector {vector:#x} uses a task gate, which is not supported")
+        if gate_type not in allowed:
+            raise Fault(GP, vector * 8 + 2 + ext)
+        if software and dpl < cpl:
+            raise Fault(GP, vector * 8 + 2)
+        if not present:
+            raise Fault(NP, vector * 8 + 2 + ext)
+
+    def _target_code_segment(self, selector, ctx, ext):
+        if not selector & 0xFFFC:
+            raise Fault(GP, ext)
+        base, limit, flags = self._descriptor(selector, ctx)
+        if not flags & xc.DESC_S or not flags & xc.DESC_CS:
+            raise Fault(GP, (selector & 0xFFFC) + ext)
+        if not flags & xc.DESC_P:
+            raise Fault(NP, (selector & 0xFFFC) + ext)
+        return base, limit, flags
+
+    def _deliver_protected(self, vector, return_ip, software, push_error, error_code, external):
+        ctx = self.ctx.save()
+        cpl = ctx.cpl
+        raw, low, high, gate_type, gate_dpl, present, ext = self._gate(vector, 8, software, external)
+        self._check_gate(vector, gate_type, gate_dpl, present, software, ext, cpl, (6, 7, 0xE, 0xF))
+        offset = (low & 0xFFFF) | (high & 0xFFFF0000)
+        selector = low >> 16
+        is32 = gate_type & 8
+        if not is32:
+            offset &= 0xFFFF
+        cs_base, cs_limit, cs_flags = self._target_code_segment(selector, ctx, ext)
+        target_dpl = (cs_flags >> xc.DESC_DPL_SHIFT) & 3
+        if target_dpl > cpl:
+            raise Fault(GP, (selector & 0xFFFC) + ext)
+        old_cs = ctx.segment("cs")[0]
+        old_ss, ss_base, _, ss_flags = ctx.segment("ss")
+        esp = self.uc.reg_read(X.UC_X86_REG_ESP)
+        eflags = self.eflags
+        if target_dpl < cpl and not cs_flags & xc.DESC_C:
+            _, tss_base, tss_limit, tss_flags = ctx.system_segment("tr")
+            if (tss_flags >> 8) & 0xF not in (9, 0xB):
+                raise UnsupportedError(f"cpu: vector {vector:#x}: privilege change through a 16-bit TSS "
+                                       f"is not supported")
+            slot = 4 + 8 * target_dpl
+            if slot + 7 > tss_limit:
+                raise Fault(TS, 0)
+            new_esp, new_ss = struct.unpack("<II", self.read_virtual(tss_base + slot, 8))
+            new_ss &= 0xFFFF
+            if not new_ss & 0xFFFC:
+                raise Fault(TS, ext)
+            nss_base, nss_limit, nss_flags = self._descriptor(new_ss, ctx)
+            if not nss_flags & xc.DESC_P:
+                raise Fault(SS, (new_ss & 0xFFFC) + ext)
+            words = [old_ss, esp, eflags, old_cs, return_ip]
+            stack_base, sp, stack_mask = nss_base, new_esp, 0xFFFFFFFF if nss_flags & xc.DESC_B else 0xFFFF
+            new_ss_cache = (new_ss, nss_base, nss_limit, nss_flags)
+        else:
+            words = [eflags, old_cs, return_ip]
+            stack_base, sp, stack_mask = ss_base, esp, 0xFFFFFFFF if ss_flags & xc.DESC_B else 0xFFFF
+            new_ss_cache = None
+            target_dpl = cpl
+        if push_error:
+            words.append(error_code)
+        width = 4 if is32 else 2
+        fmt = "<I" if is32 else "<H"
+        frame = b"".join(struct.pack(fmt, w & (0xFFFFFFFF if is32 else 0xFFFF)) for w in reversed(words))
+        sp = (sp - len(frame)) & stack_mask
+        try:
+            self.write_virtual(stack_base + sp, frame)
+        except Fault as f:
+            if f.vector == PF:
+                raise
+            raise Fault(SS, ext) from None
+        del width
+        if new_ss_cache is not None:
+            ctx.load_segment("ss", *new_ss_cache)
+        ctx.load_segment("cs", (selector & 0xFFFC) | target_dpl, cs_base, cs_limit, cs_flags)
+        ctx.set_i32("old_exception", -1)
+        ctx.restore()
+        if stack_mask == 0xFFFF:
+            self.uc.reg_write(X.UC_X86_REG_SP, sp)
+        else:
+            self.uc.reg_write(X.UC_X86_REG_ESP, sp)
+        new_flags = eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
+        if not gate_type & 1:  # interrupt gate
+            new_flags &= ~EFLAGS_IF
+        self.uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
+        self.uc.reg_write(X.UC_X86_REG_RIP, offset)
+
+    def _deliver_long(self, vector, return_ip, software, push_error, error_code, external):
+        ctx = self.ctx.save()
+        cpl = ctx.cpl
+        raw, low, high, gate_type, gate_dpl, present, ext = self._gate(vector, 16, software, external)
+        self._check_gate(vector, gate_type, gate_dpl, present, software, ext, cpl, (0xE, 0xF))
+        high2 = struct.unpack_from("<I", raw, 8)[0]
+        offset = (low & 0xFFFF) | (high & 0xFFFF0000) | (high2 << 32)
+        selector = low >> 16
+        ist = high & 7
+        cs_base, cs_limit, cs_flags = self._target_code_segment(selector, ctx, ext)
+        if not cs_flags & xc.DESC_L or cs_flags & xc.DESC_B:
+            raise Fault(GP, (selector & 0xFFFC) + ext)
+        target_dpl = (cs_flags >> xc.DESC_DPL_SHIFT) & 3
+        if cs_flags & xc.DESC_C:
+            target_dpl = cpl
+        if target_dpl > cpl:
+            raise Fault(GP, (selector & 0xFFFC) + ext)
+        old_cs = ctx.segment("cs")[0]
+        old_ss = ctx.segment("ss")[0]
+        rsp = self.uc.reg_read(X.UC_X86_REG_RSP)
+        rflags = self.uc.reg_read(X.UC_X86_REG_RFLAGS)
+        if ist or target_dpl < cpl:
+            _, tss_base, tss_limit, _ = ctx.system_segment("tr")
+            slot = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * target_dpl
+            if slot + 7 > tss_limit:
+                raise Fault(TS, 0)
+            new_rsp = struct.unpack("<Q", self.read_virtual(tss_base + slot, 8))[0]
+        else:
+            new_rsp = rsp
+        new_rsp &= ~0xF
+        words = [old_ss, rsp, rflags, old_cs, return_ip] + ([error_code] if push_error else [])
+        frame = struct.pack(f"<{len(words)}Q", *[w & NEVER for w in reversed(words)])
+        new_rsp = (new_rsp - len(frame)) & NEVER
+        self.write_virtual(new_rsp, frame)
+        if target_dpl < cpl:
+            ctx.load_segment("ss", target_dpl, 0, 0, target_dpl << xc.DESC_DPL_SHIFT)
+        ctx.load_segment("cs", (selector & 0xFFFC) | target_dpl, cs_base, cs_limit, cs_flags)
+        ctx.set_i32("old_exception", -1)
+        ctx.restore()
+        self.uc.reg_write(X.UC_X86_REG_RSP, new_rsp)
+        new_flags = rflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
+        if not gate_type & 1:
+            new_flags &= ~EFLAGS_IF
+        self.uc.reg_write(X.UC_X86_REG_RFLAGS, new_flags)
+        self.uc.reg_write(X.UC_X86_REG_RIP, offset)
+
+    def do_syscall(self):
+        """SYSCALL as the SDM describes it (Unicorn only calls the hook and skips it)."""
+        efer = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
+        if not efer & EFER_SCE or not efer & EFER_LMA:
+            raise Fault(UD)
+        next_rip = self.rip
+        star = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_STAR)
+        lstar = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_LSTAR)
+        fmask = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_SFMASK)
+        rflags = self.uc.reg_read(X.UC_X86_REG_RFLAGS)
+        self.uc.reg_write(X.UC_X86_REG_RCX, next_rip)
+        self.uc.reg_write(X.UC_X86_REG_R11, rflags & ~EFLAGS_RF)
+        selector = (star >> 32) & 0xFFFC
+        ctx = self.ctx.save()
+        ctx.load_segment("cs", selector, 0, 0xFFFFFFFF, xc.DESC_G | xc.DESC_P | xc.DESC_S | xc.DESC_CS
+                         | xc.DESC_W | xc.DESC_A | xc.DESC_L | 0xF0000)
+        ctx.load_segment("ss", selector + 8, 0, 0xFFFFFFFF, xc.DESC_G | xc.DESC_B | xc.DESC_P | xc.DESC_S
+                         | xc.DESC_W | xc.DESC_A | 0xF0000)
+        ctx.restore()
+        self.uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~EFLAGS_RF)
+        self.uc.reg_write(X.UC_X86_REG_RIP, lstar)
+
+    def disassemble(self, count=4):
+        """The next instructions at RIP, for error messages and traces (capstone)."""
+        import capstone
+
+        mode = self.mode()
+        cs_mode = {"real": capstone.CS_MODE_16, "long64": capstone.CS_MODE_64}.get(mode, capstone.CS_MODE_32)
+        try:
+            code = self.read_virtual(self._linear_rip(), 32)
+        except (Fault, GuestError):
+            return "<unreadable>"
+        md = capstone.Cs(capstone.CS_ARCH_X86, cs_mode)
+        return "; ".join(f"{i.mnemonic} {i.op_str}".strip() for i in list(md.disasm(code, self.rip))[:count])
+
+    def _linear_rip(self):
+        if self.mode() == "long64":
+            return self.rip
+        return (self.ctx.save().segment("cs")[1] + self.rip) & 0xFFFFFFFF

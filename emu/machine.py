@@ -1,0 +1,285 @@
+"""The machine: CPU, RAM, buses, clock and devices, and the one run loop that drives them.
+
+The loop runs the CPU in slices up to the nearest timer deadline, then (between slices)
+fires due timers, services host file descriptors with ``selectors``, acts on what the CPU
+hooks recorded (exceptions, ``syscall``, ``hlt``) and delivers a pending interrupt when the
+guest can take it.  A halted CPU sleeps on the host until the next deadline or host input.
+"""
+
+import selectors
+import sys
+import time
+
+from . import _emuc
+from .clock import VirtualClock
+from .cpu import UD, Fault, TripleFault, X86Cpu
+from .device import PortBus
+from .errors import GuestError
+from .memory import GuestRam
+
+MAX_SLICE_NS = 10_000_000  # host input is looked at least every 10 ms of guest time
+IDLE_WAIT_CAP_S = 0.5
+
+
+class Machine:
+    """A single-CPU x86 machine; boards (``machines/``) add and wire the devices."""
+
+    def __init__(self, machine_type, ram_size, *, icount=False, no_reboot=False, trace=None, has_lapic=False):
+        self.machine_type = machine_type
+        self.no_reboot = no_reboot
+        self.trace_categories = set(trace or ())
+        self.clock = VirtualClock("icount" if icount else "realtime")
+        self.ram = GuestRam(ram_size)
+        self.ports = PortBus()
+        self.ffi, self.clib = _emuc.ffi, _emuc.lib
+        self.cstate = self.ffi.new("emu_state *")
+        self.clock.icount_source = lambda: self.cstate.icount
+        self.cpu = X86Cpu(self.ram, self.ports, self.clock, self.cstate, self.ffi, self.clib,
+                          icount=icount, has_lapic=has_lapic, trace=self.trace if "int" in self.trace_categories else None)
+        self.devices = []
+        self.interrupt_controller = None  # has_interrupt() / acknowledge()
+        self.exit_status = None
+        self.exit_message = None
+        self.reset_requested = False
+        self.boot = None  # callable that loads images and sets the CPU entry state
+        self.selector = selectors.DefaultSelector()
+        self._inputs = {}  # fd -> (backend, consumer, pending bytearray)
+        self.stats = {"slices": 0, "halts": 0, "interrupts": 0, "exceptions": 0, "resets": 0}
+        self.trace_file = sys.stderr
+        if "unassigned" in self.trace_categories or "io" in self.trace_categories:
+            self.ports.trace = self._trace_io
+        self._configure_unassigned_fast_path()
+
+    # ------------------------------------------------------------------ wiring
+    def add_device(self, device, ports=(), mmio=None):
+        """Attach a device: ``ports`` is a list of (base, count); ``mmio`` a (base, size)."""
+        self.devices.append(device)
+        for base, count in ports:
+            self.ports.register(base, count, device)
+            for port in range(base, base + count):
+                self.cstate.in_kind[port] = self.clib.IN_PYTHON
+                self.cstate.out_kind[port] = self.clib.OUT_PYTHON
+        if mmio is not None:
+            self.cpu.map_mmio(mmio[0], mmio[1], device)
+        return device
+
+    def _configure_unassigned_fast_path(self):
+        """Unclaimed ports are counted in C (all ones on read) unless they are traced."""
+        traced = "unassigned" in self.trace_categories
+        for port in range(0x10000):
+            self.cstate.in_kind[port] = self.clib.IN_PYTHON if traced else self.clib.IN_UNASSIGNED
+            self.cstate.out_kind[port] = self.clib.OUT_PYTHON if traced else self.clib.OUT_UNASSIGNED
+
+    def unassigned_counts(self):
+        counts = dict(self.ports.unassigned)
+        for port in range(0x10000):
+            n = self.cstate.unassigned[port]
+            if n:
+                counts[port] = counts.get(port, 0) + n
+        return counts
+
+    def add_input(self, backend, consumer):
+        """Host input: bytes read from ``backend`` are offered to ``consumer(data) -> accepted``."""
+        state = (backend, consumer, bytearray())
+        for fd in backend.read_fds():
+            self._inputs[fd] = state
+            self.selector.register(fd, selectors.EVENT_READ, state)
+
+    def _refresh_inputs(self):
+        """A backend's fds can change (a TCP client connects): re-register them."""
+        wanted = {}
+        for backend, consumer, pending in {id(s): s for s in self._inputs.values()}.values():
+            for fd in backend.read_fds():
+                wanted[fd] = (backend, consumer, pending)
+        for fd in list(self._inputs):
+            if fd not in wanted:
+                try:
+                    self.selector.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+                del self._inputs[fd]
+        for fd, state in wanted.items():
+            if fd not in self._inputs:
+                self._inputs[fd] = state
+                self.selector.register(fd, selectors.EVENT_READ, state)
+
+    def request_exit(self, status, message=None):
+        self.exit_status = status
+        self.exit_message = message
+        self.cstate.frozen = 1  # Unicorn finishes the current block: let it touch no device
+        self.cpu.request_stop()
+
+    def request_reset(self):
+        self.reset_requested = True
+        self.cpu.request_stop()
+
+    def notify_interrupt(self):
+        """A device raised an interrupt: end the CPU slice so that it is delivered promptly."""
+        self.cpu.request_stop()
+
+    # ------------------------------------------------------------------ tracing
+    def trace(self, category, message):
+        print(f"[{self.clock.now() / 1e6:12.3f} ms] {category}: {message}", file=self.trace_file)
+
+    def _trace_io(self, kind, port, size, value, device):
+        if device is None and "unassigned" in self.trace_categories:
+            self.trace("unassigned", f"{kind} port {port:#06x} size {size} value {value:#x} "
+                                     f"(no device; reads return all ones) rip={self.cpu.rip:#x}")
+        elif device is not None and "io" in self.trace_categories:
+            self.trace("io", f"{kind} port {port:#06x} size {size} value {value:#x} -> {device.name}")
+
+    # ------------------------------------------------------------------ lifecycle
+    def reset(self):
+        """System reset: every device and the CPU back to power-on, images reloaded."""
+        self.cstate.frozen = 0
+        for device in self.devices:
+            device.reset()
+        self.cpu.reset()
+        if self.boot:
+            self.boot(self)
+        self.reset_requested = False
+        self.stats["resets"] += 1
+
+    def _sync_c_time(self):
+        s, clock = self.cstate, self.clock
+        if clock.mode == "icount":
+            s.icount_base_ns = clock._icount_base
+        else:
+            s.rt_offset_ns = clock._offset
+
+    # ------------------------------------------------------------------ the run loop
+    def run(self, until_ns=None):
+        """Run until the guest exits (returns the exit status) or ``until_ns`` of guest time."""
+        clock, cpu = self.clock, self.cpu
+        clock.start()
+        try:
+            while self.exit_status is None:
+                self._sync_c_time()
+                clock.run_due_timers()
+                self._poll_devices()
+                self._service_host_io(0)
+                if self.reset_requested:
+                    if self.no_reboot:
+                        self.request_exit(0, "guest requested a reset; stopping (-no-reboot)")
+                        break
+                    self.reset()
+                    continue
+                if self.exit_status is not None:
+                    break
+                now = clock.now()
+                if until_ns is not None and now >= until_ns:
+                    return None
+                if self._maybe_deliver_interrupt():
+                    continue
+                deadline = clock.next_deadline()
+                if cpu.halted:
+                    self._idle(deadline, until_ns)
+                    continue
+                limit = now + MAX_SLICE_NS
+                if deadline is not None:
+                    limit = min(limit, deadline)
+                if until_ns is not None:
+                    limit = min(limit, until_ns)
+                self._run_cpu(limit)
+        except TripleFault as e:
+            if self.no_reboot:
+                self.exit_status, self.exit_message = 0, f"{e}; stopping (-no-reboot)"
+            else:
+                self.trace("cpu", f"{e}; resetting")
+                self.reset()
+                return self.run(until_ns)
+        finally:
+            clock.stop()
+            self._poll_devices()
+        return self.exit_status
+
+    def _run_cpu(self, limit_ns, max_instructions=None):
+        cpu = self.cpu
+        self.stats["slices"] += 1
+        cpu.run_slice(limit_ns, max_instructions)
+        events, cpu.events = cpu.events, []
+        if self.exit_status is not None or self.reset_requested:
+            return
+        for event in events:
+            if event.kind == "exception":
+                self.stats["exceptions"] += 1
+                cpu.deliver(event.vector, software=event.is_software, error_code=event.error_code,
+                            next_ip=event.next_ip)
+            elif event.kind == "syscall":
+                try:
+                    cpu.do_syscall()
+                except Fault:
+                    cpu.deliver(UD)
+            elif event.kind == "unmapped":
+                raise GuestError(f"cpu: {event.detail} at RIP={cpu.rip:#x}")
+        if not events and cpu.finished_on_hlt():
+            cpu.halted = True
+            self.stats["halts"] += 1
+
+    def _maybe_deliver_interrupt(self):
+        """Deliver one external interrupt if one is pending and the guest can take it."""
+        intc, cpu = self.interrupt_controller, self.cpu
+        if intc is None or not intc.has_interrupt():
+            return False
+        if not cpu.eflags & 0x200:
+            return False
+        if cpu.interrupt_shadow():
+            # the instruction after sti / mov ss runs before any interrupt
+            self._run_cpu(self.clock.now() + MAX_SLICE_NS, max_instructions=1)
+            return True
+        vector = intc.acknowledge()
+        if vector is None:
+            return False
+        self.stats["interrupts"] += 1
+        cpu.deliver(vector, external=True)
+        return True
+
+    def _idle(self, deadline, until_ns):
+        """A halted CPU: sleep until the next timer or host input (no busy spin)."""
+        clock = self.clock
+        if until_ns is not None:
+            deadline = until_ns if deadline is None else min(deadline, until_ns)
+        if clock.mode == "icount":
+            self._service_host_io(0)
+            if self._has_pending_input_work():
+                return
+            if deadline is None:
+                if not self._inputs:
+                    self.request_exit(1, "guest halted with no timer armed and no input possible")
+                    return
+                self._service_host_io(IDLE_WAIT_CAP_S)
+                return
+            clock.warp_to(deadline)
+            return
+        timeout = IDLE_WAIT_CAP_S if deadline is None else max(0.0, (deadline - clock.now()) / 1e9)
+        self._service_host_io(min(timeout, IDLE_WAIT_CAP_S))
+
+    def _has_pending_input_work(self):
+        intc = self.interrupt_controller
+        return intc is not None and intc.has_interrupt() and self.cpu.eflags & 0x200
+
+    def _poll_devices(self):
+        for device in self.devices:
+            device.poll()
+
+    def _service_host_io(self, timeout):
+        """Read host input (non-blocking when timeout is 0) and retry held-back bytes."""
+        for backend, consumer, pending in {id(s): s for s in self._inputs.values()}.values():
+            if pending:
+                del pending[:consumer(bytes(pending))]
+        if not self._inputs:
+            if timeout:
+                time.sleep(timeout)
+            return
+        if any(state[2] for state in self._inputs.values()):
+            timeout = min(timeout, 0.001)
+        changed = False
+        for key, _ in self.selector.select(timeout):
+            backend, consumer, pending = key.data
+            data = backend.on_readable(key.fd)
+            changed = True
+            if data:
+                pending += data
+                del pending[:consumer(bytes(pending))]
+        if changed:
+            self._refresh_inputs()
