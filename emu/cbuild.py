@@ -2,28 +2,29 @@
 
 Why C: Unicorn calls a Python hook in about 0.5-1 us, a C hook in about 26 ns.  The hot
 paths that run inside the CPU engine therefore live here: port-I/O exits for the hot ports,
-the instruction counter of deterministic mode, the real-time deadline check, the virtual
+the work counter of deterministic mode, the real-time deadline check, the virtual
 TSC (Unicorn's Python binding cannot hook RDTSC at all) and the dirty-page bitmap.  The
 module is not linked against libunicorn: the few engine functions it calls are passed in
 as pointers from Python.
 """
 
 import pathlib
+import shutil
 
 from cffi import FFI
 
 CDEF = r"""
 typedef struct {
     /* --- execution control ------------------------------------------------ */
-    uint64_t icount;          /* guest instructions executed (deterministic mode) */
-    uint64_t icount_limit;    /* the instruction hook stops the engine here */
+    uint64_t icount;          /* deterministic mode: bytes of guest code executed (the unit of guest work) */
+    uint64_t icount_limit;    /* the block hook stops the engine once icount reaches this */
     int64_t  deadline_ns;     /* real-time mode: stop once guest time passes this */
     uint32_t block_tick;
     uint32_t stop_reason;     /* STOP_* bits set by the hooks */
     uint32_t frozen;          /* the machine is exiting: the rest of the block has no effect on I/O */
     /* --- time ----------------------------------------------------------------- */
-    uint32_t icount_mode;     /* 1: guest time = icount_base_ns + icount * ns_per_insn */
-    uint32_t ns_per_insn;
+    uint32_t icount_mode;     /* 1: guest time = icount_base_ns + icount * ns_per_unit (per unit of work) */
+    uint32_t ns_per_unit;
     int64_t  icount_base_ns;
     int64_t  rt_offset_ns;    /* real time: guest time = host monotonic ns - rt_offset_ns */
     uint64_t tsc_hz;          /* virtual TSC frequency */
@@ -64,7 +65,6 @@ typedef struct {
 void on_out(void *uc, uint32_t port, int size, uint32_t value, void *user);
 uint32_t on_in(void *uc, uint32_t port, int size, void *user);
 void on_block(void *uc, uint64_t addr, uint32_t size, void *user);
-void on_insn_count(void *uc, uint64_t addr, uint32_t size, void *user);
 int on_rdtsc(void *uc, void *user);
 int on_rdtscp(void *uc, void *user);
 void on_mem_write(void *uc, int type, uint64_t addr, int size, int64_t value, void *user);
@@ -91,14 +91,14 @@ uint64_t host_monotonic_ns(void) {
 
 int64_t guest_now_ns(emu_state *s) {
     if (s->icount_mode)
-        return s->icount_base_ns + (int64_t)(s->icount * s->ns_per_insn);
+        return s->icount_base_ns + (int64_t)(s->icount * s->ns_per_unit);
     return (int64_t)host_monotonic_ns() - s->rt_offset_ns;
 }
 
 static void request_stop(emu_state *s, void *uc, uint32_t why) {
     s->stop_reason |= why;
     if (s->icount_mode)
-        s->icount_limit = s->icount;   /* exact: the instruction hook stops before the next one */
+        s->icount_limit = s->icount;   /* deterministic: the block hook stops before the next block */
     else
         s->emu_stop(uc);
 }
@@ -143,25 +143,26 @@ uint32_t on_in(void *uc, uint32_t port, int size, void *user) {
     return s->py_in(port, size);
 }
 
-/* Real-time slices end at the next timer deadline: check the clock every 32 blocks. */
+/* Every translated block starts here.
+   Real time: the slice ends at the next timer deadline (the clock is read every 32 blocks).
+   Deterministic: guest time is the amount of guest code executed, counted in bytes of the
+   blocks run; a stop requested here happens before the block executes, so slice ends are
+   exact and reproducible, also after a state restore. */
 void on_block(void *uc, uint64_t addr, uint32_t size, void *user) {
     emu_state *s = (emu_state *)user;
+    if (s->icount_mode) {
+        if (s->icount >= s->icount_limit) {
+            s->stop_reason |= STOP_ICOUNT;
+            s->emu_stop(uc);
+            return;
+        }
+        s->icount += size;
+        return;
+    }
     if ((++s->block_tick & 31) == 0 && guest_now_ns(s) >= s->deadline_ns) {
         s->stop_reason |= STOP_DEADLINE;
         s->emu_stop(uc);
     }
-}
-
-/* Deterministic mode: count instructions; stopping from a code hook stops before the
-   instruction, so the one that hits the limit is not counted and runs next slice. */
-void on_insn_count(void *uc, uint64_t addr, uint32_t size, void *user) {
-    emu_state *s = (emu_state *)user;
-    if (s->icount >= s->icount_limit) {
-        s->stop_reason |= STOP_ICOUNT;
-        s->emu_stop(uc);
-        return;
-    }
-    s->icount++;
 }
 
 static uint64_t guest_tsc(emu_state *s) {
@@ -212,12 +213,18 @@ uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *
 """
 
 
-def build(tmpdir=None):
+def build():
+    """Compile in build/cffi and place the extension module next to this file."""
     ffi = FFI()
     ffi.cdef(CDEF)
-    ffi.set_source("emu._emuc", SOURCE, extra_compile_args=["-O2"])
-    root = pathlib.Path(__file__).resolve().parent.parent
-    return ffi.compile(tmpdir=str(tmpdir or root), verbose=False)
+    ffi.set_source("_emuc", SOURCE, extra_compile_args=["-O2"])
+    here = pathlib.Path(__file__).resolve().parent
+    workdir = here.parent / "build" / "cffi"
+    workdir.mkdir(parents=True, exist_ok=True)
+    built = pathlib.Path(ffi.compile(tmpdir=str(workdir), verbose=False))
+    target = here / built.name
+    shutil.copyfile(built, target)
+    return target
 
 
 if __name__ == "__main__":

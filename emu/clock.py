@@ -5,7 +5,8 @@ reads its time from a *source*:
 
 * ``realtime``: guest time follows the host monotonic clock while the machine runs and
   stands still while it is paused (QEMU's ``QEMU_CLOCK_VIRTUAL``);
-* ``icount``: guest time advances with executed guest instructions (deterministic);
+* ``icount``: guest time advances with executed guest work (deterministic): the C block
+  hook counts the bytes of guest code run, ``ns_per_unit`` (2^shift) ns each;
 * ``manual``: tests move time explicitly with :meth:`VirtualClock.step` (QEMU qtest style).
 
 Timers never fire by themselves: the run loop (or a test) calls :meth:`run_due_timers`.
@@ -61,9 +62,9 @@ class VirtualClock:
         self._running = False
         self._offset = time.monotonic_ns()
         self._frozen_ns = 0
-        # icount: guest_ns = _icount_base + instructions * ns_per_insn
-        self.icount_source = None  # callable returning executed instructions
-        self.ns_per_insn = 1
+        # icount: guest_ns = _icount_base + work_units * ns_per_unit
+        self.icount_source = None  # callable returning executed work units
+        self.ns_per_unit = 1
         self._icount_base = 0
 
     # --- reading time -------------------------------------------------------------
@@ -73,7 +74,7 @@ class VirtualClock:
                 return time.monotonic_ns() - self._offset
             return self._frozen_ns
         if self.mode == "icount":
-            return self._icount_base + self.icount_source() * self.ns_per_insn
+            return self._icount_base + self.icount_source() * self.ns_per_unit
         return self._manual_ns
 
     # --- run state (realtime) -----------------------------------------------------
@@ -95,7 +96,7 @@ class VirtualClock:
             self._frozen_ns = ns
             self._offset = time.monotonic_ns() - ns
         elif self.mode == "icount":
-            self._icount_base = ns - self.icount_source() * self.ns_per_insn
+            self._icount_base = ns - self.icount_source() * self.ns_per_unit
         else:
             self._manual_ns = ns
 

@@ -18,7 +18,7 @@ import ctypes
 import struct
 
 from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
-                     UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INTR,
+                     UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
                      UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_16,
                      UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc, UcError)
 from unicorn import x86_const as X
@@ -128,7 +128,7 @@ class X86Cpu:
         s.reg_write = self.ffi.cast("void *", _uc_function_pointer("uc_reg_write"))
         s.tsc_hz = TSC_HZ
         s.icount_mode = 1 if self.icount else 0
-        s.ns_per_insn = self.clock.ns_per_insn
+        s.ns_per_unit = self.clock.ns_per_unit
         s.icount_limit = NEVER
         s.deadline_ns = 2**62
 
@@ -147,10 +147,7 @@ class X86Cpu:
         self._c_hook(UC_HOOK_INSN, "on_in", X.UC_X86_INS_IN)
         self._c_hook(UC_HOOK_INSN, "on_rdtsc", X.UC_X86_INS_RDTSC)
         self._c_hook(UC_HOOK_INSN, "on_rdtscp", X.UC_X86_INS_RDTSCP)
-        if self.icount:
-            self._c_hook(UC_HOOK_CODE, "on_insn_count")
-        else:
-            self._c_hook(UC_HOOK_BLOCK, "on_block")
+        self._c_hook(UC_HOOK_BLOCK, "on_block")
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
@@ -192,7 +189,8 @@ class X86Cpu:
         """Ask the engine to return as soon as possible (from a hook or a device)."""
         self.stop_requested = True
         if self.icount:
-            # exact and deterministic: the instruction counter stops before the next instruction
+            # deterministic: the block hook stops before the next block (an emu_stop from an
+            # I/O hook would end wherever the current translated block happens to end)
             self.s.stop_reason |= self.clib.STOP_REQUEST
             self.s.icount_limit = self.s.icount
         else:
@@ -365,19 +363,18 @@ class X86Cpu:
         self.stop_requested = False
         s.deadline_ns = deadline_ns
         if self.icount:
-            budget = max(1, (deadline_ns - self.clock.now() + self.clock.ns_per_insn - 1) // self.clock.ns_per_insn)
-            if max_instructions is not None:
-                budget = min(budget, max_instructions)
+            budget = max(1, (deadline_ns - self.clock.now() + self.clock.ns_per_unit - 1) // self.clock.ns_per_unit)
             s.icount_limit = s.icount + budget
         cr2 = self.uc.reg_read(X.UC_X86_REG_CR2)
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         try:
-            if max_instructions is not None and not self.icount:
+            if max_instructions is not None:
                 self.uc.emu_start(rip, NEVER, count=max_instructions)
             else:
                 self.uc.emu_start(rip, NEVER)
         except UcError as e:
-            self._engine_error(e)
+            if not self.s.frozen:  # after an exit request the rest of the block does not matter
+                self._engine_error(e)
         finally:
             self._repair_after_slice(cr2)
         if self.hook_error is not None:

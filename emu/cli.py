@@ -1,0 +1,156 @@
+"""The ``emu`` command line: ``emu run`` with QEMU-style options, ``emu demo``.
+
+Bad options and missing or malformed images give a one-line error and exit status 2.
+The exit status of ``emu run`` is the guest's isa-debug-exit status ((value << 1) | 1).
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+
+from .errors import ConfigError, EmuError
+
+TRACE_CATEGORIES = {
+    "int": "interrupt and exception delivery",
+    "io": "every port access that reaches a device model",
+    "unassigned": "accesses to ports no device claims (they read as all ones)",
+    "cpu": "CPU resets and triple faults",
+}
+
+USAGE_EXIT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _run_parser():
+    p = _Parser(prog="emu run", description="Run a guest on the emulated PC.", allow_abbrev=False)
+    p.add_argument("-machine", "-M", default="pc", metavar="TYPE", help="machine type (only 'pc')")
+    p.add_argument("-m", default="64M", metavar="SIZE", help="RAM size, e.g. 64M, 1G (default 64M)")
+    p.add_argument("-kernel", metavar="FILE", help="multiboot ELF kernel (or a Linux bzImage)")
+    p.add_argument("-append", default="", metavar="CMDLINE", help="kernel command line")
+    p.add_argument("-initrd", metavar="FILES", help="multiboot modules 'a arg,b' or a Linux initrd")
+    p.add_argument("-bios", metavar="FILE", help="ROM image mapped below 4 GiB and at 0xE0000")
+    p.add_argument("-flat", metavar="FILE@ADDR", help="raw binary loaded at ADDR, entered in 32-bit protected mode")
+    p.add_argument("-serial", action="append", metavar="DEV",
+                   help="stdio | file:PATH | tcp:HOST:PORT,server[,nowait] | null | none (repeat for COM2)")
+    p.add_argument("-no-reboot", action="store_true", help="stop instead of resetting on a reset or triple fault")
+    p.add_argument("-icount", nargs="?", const="0", metavar="shift=N",
+                   help="deterministic time: guest time advances 2^N ns per instruction")
+    p.add_argument("-d", "--trace", metavar="LIST", default="", help="trace categories (comma list; 'help' lists)")
+    p.add_argument("-nographic", action="store_true", help="accepted for QEMU compatibility (there is no display)")
+    p.add_argument("-display", metavar="TYPE", help="accepted for QEMU compatibility ('none')")
+    p.add_argument("-monitor", metavar="DEV", help="accepted for QEMU compatibility ('none')")
+    p.add_argument("-no-lapic", action="store_true", help="build the machine without a local APIC")
+    p.add_argument("-rtc-base", metavar="EPOCH", type=int, help="RTC start time (seconds since 1970, UTC)")
+    return p
+
+
+def parse_icount(text):
+    if text is None:
+        return None
+    value = text.split(",")[0]
+    if value.startswith("shift="):
+        value = value[len("shift="):]
+    if value == "auto":
+        value = "0"
+    try:
+        shift = int(value)
+    except ValueError:
+        raise ConfigError(f"-icount: bad value {text!r} (expected shift=N)") from None
+    if not 0 <= shift <= 10:
+        raise ConfigError(f"-icount: shift {shift} out of range 0..10")
+    return shift
+
+
+def build_from_args(args):
+    """Create a ready-to-run machine from parsed ``emu run`` options."""
+    from machines import pc
+
+    from .memory import parse_size
+
+    if args.trace == "help":
+        print("\n".join(f"{name:12s} {text}" for name, text in TRACE_CATEGORIES.items()))
+        raise SystemExit(0)
+    trace = [t for t in args.trace.split(",") if t]
+    for t in trace:
+        if t not in TRACE_CATEGORIES:
+            raise ConfigError(f"-d: unknown trace category {t!r} (try -d help)")
+    if args.machine not in ("pc", "help"):
+        raise ConfigError(f"-machine: unsupported machine type {args.machine!r} (only 'pc')")
+    if args.machine == "help":
+        print("pc         Standard PC (i440FX-like ISA devices, single CPU)")
+        raise SystemExit(0)
+    for option in ("kernel", "bios"):
+        path = getattr(args, option)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"-{option}: cannot open {path!r}: no such file")
+    if args.kernel is None and args.bios is None and args.flat is None:
+        raise ConfigError("nothing to run: give -kernel, -bios or -flat")
+    shift = parse_icount(args.icount)
+    return pc.build(
+        ram_size=parse_size(args.m),
+        kernel=args.kernel,
+        append=args.append,
+        initrd=args.initrd,
+        bios=args.bios,
+        flat=args.flat,
+        serial=args.serial or ["stdio"],
+        icount_shift=shift,
+        no_reboot=args.no_reboot,
+        trace=trace,
+        lapic=not args.no_lapic,
+        rtc_base=args.rtc_base,
+    )
+
+
+def cmd_run(argv):
+    args = _run_parser().parse_args(argv)
+    machine = build_from_args(args)
+    try:
+        status = machine.run()
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        machine.close()
+    if machine.exit_message:
+        print(f"emu: {machine.exit_message}", file=sys.stderr)
+    return 0 if status is None else status
+
+
+def cmd_demo(argv):
+    """Run the built-in demo guest: it prints a greeting and exits through isa-debug-exit."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    hello = root / "firmware" / "build" / "hello.elf"
+    if not hello.exists():
+        raise ConfigError(f"demo: {hello} is missing (run `make firmware`)")
+    print(f"emu demo: booting {hello.relative_to(root)} on machine 'pc'", file=sys.stderr)
+    status = cmd_run(["-kernel", str(hello), "-serial", "stdio", "-no-reboot"])
+    ok = status == 1  # the guest writes 0 to isa-debug-exit: (0 << 1) | 1
+    print(f"emu demo: guest exited with status {status} ({'success' if ok else 'failure'})", file=sys.stderr)
+    return 0 if ok else 1
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: emu run [options]   run a guest (emu run --help)\n"
+              "       emu demo            run the demo guest")
+        return 0 if argv else USAGE_EXIT
+    command = COMMANDS.get(argv[0])
+    try:
+        if command is None:
+            raise ConfigError(f"unknown command {argv[0]!r} (try: {', '.join(COMMANDS)})")
+        return command(argv[1:])
+    except ConfigError as e:
+        print(f"emu: {e}", file=sys.stderr)
+        return USAGE_EXIT
+    except EmuError as e:
+        print(f"emu: {e}", file=sys.stderr)
+        return 1
