@@ -24,11 +24,13 @@ IDLE_WAIT_CAP_S = 0.5
 class Machine:
     """A single-CPU x86 machine; boards (``machines/``) add and wire the devices."""
 
-    def __init__(self, machine_type, ram_size, *, icount=False, no_reboot=False, trace=None, has_lapic=False):
+    def __init__(self, machine_type, ram_size, *, icount=False, no_reboot=False, trace=None, has_lapic=False,
+                 ns_per_unit=1):
         self.machine_type = machine_type
         self.no_reboot = no_reboot
         self.trace_categories = set(trace or ())
         self.clock = VirtualClock("icount" if icount else "realtime")
+        self.clock.ns_per_unit = ns_per_unit
         self.ram = GuestRam(ram_size)
         self.ports = PortBus()
         self.ffi, self.clib = _emuc.ffi, _emuc.lib
@@ -129,6 +131,13 @@ class Machine:
             self.trace("io", f"{kind} port {port:#06x} size {size} value {value:#x} -> {device.name}")
 
     # ------------------------------------------------------------------ lifecycle
+    def close(self):
+        """Release host resources (terminal settings, sockets, files)."""
+        for device in self.devices:
+            device.poll()
+        for backend in getattr(self, "serial_backends", ()):
+            backend.close()
+
     def reset(self):
         """System reset: every device and the CPU back to power-on, images reloaded."""
         self.cstate.frozen = 0

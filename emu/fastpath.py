@@ -1,0 +1,89 @@
+"""C fast paths for the hottest ports, kept invisible to the guest.
+
+A Python port access costs about 1 us; the C hook handles an access in tens of ns.  A
+port may be routed through C only while doing so has exactly the effect the device model
+would have had.  The device model stays the single source of truth: after every access
+that reaches it, :class:`UartFastPath` re-derives whether the C path may be used.
+"""
+
+from .device import Device
+
+LSR_OFFSET = 5
+THR_OFFSET = 0
+
+
+class UartFastPath(Device):
+    """Stands on the UART's ports; forwards every access to the model and keeps the C path.
+
+    While ``uart.fast_tx_allowed()`` holds and no received data or error is pending, a THR
+    write only emits the byte and an LSR read returns a constant: both then run in C, the
+    byte landing in a C ring that :meth:`poll` drains to the UART's backend.
+    """
+
+    def __init__(self, uart, base, cstate, clib, ring):
+        super().__init__(uart.name)
+        self.uart = uart
+        self.base = base
+        self.s = cstate
+        self.clib = clib
+        self.ring = ring
+        self.enabled = True
+        self.fast = False
+        cstate.out_last[base + THR_OFFSET] = ring
+
+    # the machine registers this object on the UART's 8 ports
+    def io_read(self, offset, size):
+        self.drain()
+        value = self.uart.io_read(offset, size)
+        self.sync()
+        return value
+
+    def io_write(self, offset, size, value):
+        self.drain()
+        self.uart.io_write(offset, size, value)
+        self.sync()
+
+    def reset(self):
+        self.drain()
+        self.uart.reset()
+        self.sync()
+
+    def poll(self):
+        self.drain()
+        self.uart.poll()
+        self.sync()
+
+    def receive(self, data):
+        """Host input: the model takes what fits; the C path must step aside while RX data waits."""
+        accepted = self.uart.receive(data)
+        self.sync()
+        return accepted
+
+    def drain(self):
+        """Hand the bytes the guest wrote through C to the backend, in order."""
+        s, ring = self.s, self.ring
+        head, tail = s.ring_head[ring], s.ring_tail[ring]
+        if head == tail:
+            return
+        data = bytearray()
+        while tail != head:
+            start = tail & 0xFFFF
+            end = min(0x10000, start + (head - tail))
+            data += bytes(s.ring[ring][start:end])
+            tail += end - start
+        s.ring_tail[ring] = tail & 0xFFFFFFFF
+        self.uart.emit_fast(bytes(data))
+
+    def sync(self):
+        """Route THR/LSR through C exactly when the model says it is safe."""
+        lsr = self.uart.fast_lsr_value() if self.enabled else None
+        fast = lsr is not None and self.uart.fast_tx_allowed()
+        s, clib = self.s, self.clib
+        if fast:
+            s.out_kind[self.base + THR_OFFSET] = clib.OUT_RING
+            s.in_kind[self.base + LSR_OFFSET] = clib.IN_CONST
+            s.in_value[self.base + LSR_OFFSET] = lsr
+        elif self.fast:
+            s.out_kind[self.base + THR_OFFSET] = clib.OUT_PYTHON
+            s.in_kind[self.base + LSR_OFFSET] = clib.IN_PYTHON
+        self.fast = fast

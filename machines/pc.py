@@ -1,0 +1,147 @@
+"""Machine ``pc``: a single-CPU PC with the ISA devices QEMU's ``pc`` machine has.
+
+=================  ===================  =====  ==========================================
+device             ports / address      IRQ    model
+=================  ===================  =====  ==========================================
+8259A PIC pair     0x20-21, 0xa0-a1     -      emu.i8259  (ELCR at 0x4d0-0x4d1)
+8254 PIT           0x40-0x43            0      emu.i8254  (port 0x61: channel 2 gate, speaker)
+MC146818 RTC       0x70-0x71            8      emu.mc146818
+16550A UART COM1   0x3f8-0x3ff          4      emu.uart16550
+16550A UART COM2   0x2f8-0x2ff          3      (with a second -serial)
+isa-debug-exit     0xf4-0xf7            -      emu.debugexit
+fw_cfg             0x510-0x511          -      emu.fw_cfg
+POST port          0x80                 -      emu.pcports
+system control A   0x92                 -      emu.pcports (A20, fast reset)
+local APIC         0xfee00000 (MMIO)    -      emu.apic
+=================  ===================  =====  ==========================================
+"""
+
+import time
+
+from emu import chardev, loaders
+from emu.apic import LocalApic
+from emu.debugexit import IsaDebugExit
+from emu.errors import ConfigError
+from emu.fastpath import UartFastPath
+from emu.fw_cfg import FwCfg
+from emu.i8254 import Pit8254, SystemControlPortB
+from emu.i8259 import Pic8259Pair
+from emu.machine import Machine
+from emu.mc146818 import Mc146818Rtc
+from emu.pcports import PostCodePort, SystemControlPortA
+from emu.uart16550 import Uart16550
+
+MACHINE_TYPE = "pc"
+LAPIC_BASE = 0xFEE00000
+DETERMINISTIC_RTC_BASE = 1_767_225_600  # 2026-01-01 00:00:00 UTC: the same date on every run
+SERIAL_PORTS = ((0x3F8, 4), (0x2F8, 3))
+
+
+class InterruptRouter:
+    """Where the CPU's INTR comes from: the local APIC first, then the 8259 through LINT0
+    (ExtINT, "virtual wire"), following QEMU's cpu_get_pic_interrupt()."""
+
+    def __init__(self, pic, lapic):
+        self.pic = pic
+        self.lapic = lapic
+
+    def _pic_allowed(self):
+        return self.lapic is None or self.lapic.accept_pic_interrupt()
+
+    def has_interrupt(self):
+        if self.lapic is not None and self.lapic.has_interrupt():
+            return True
+        return self.pic.int_pending and self._pic_allowed()
+
+    def acknowledge(self):
+        if self.lapic is not None and self.lapic.has_interrupt():
+            return self.lapic.get_interrupt()
+        if self.pic.int_pending and self._pic_allowed():
+            return self.pic.acknowledge()
+        return None
+
+
+def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, flat=None, serial=("stdio",),
+          icount_shift=None, no_reboot=False, trace=(), lapic=True, rtc_base=None):
+    """Create a ready-to-run ``pc`` machine (images loaded, CPU at its entry state)."""
+    machine = Machine(MACHINE_TYPE, ram_size, icount=icount_shift is not None, no_reboot=no_reboot,
+                      trace=trace, has_lapic=lapic, ns_per_unit=1 << (icount_shift or 0))
+    clock = machine.clock
+
+    pic = Pic8259Pair(int_output=lambda level: machine.notify_interrupt() if level else None)
+    for base, count, part in pic.port_ranges():
+        machine.add_device(part, [(base, count)])
+    pit = Pit8254("pit", irq=pic.irq_line(0), clock=clock)
+    machine.add_device(pit, [(0x40, 4)])
+    machine.add_device(SystemControlPortB("port61", pit=pit, clock=clock), [(0x61, 1)])
+
+    if rtc_base is None:
+        rtc_base = DETERMINISTIC_RTC_BASE if icount_shift is not None else int(time.time())
+    machine.add_device(Mc146818Rtc("rtc", irq=pic.irq_line(8), clock=clock, base_time=rtc_base,
+                                   ram_size=ram_size), [(0x70, 2)])
+
+    if len(serial) > len(SERIAL_PORTS):
+        raise ConfigError(f"-serial: at most {len(SERIAL_PORTS)} serial ports")
+    machine.serial_backends = []
+    for index, spec in enumerate(serial):
+        backend = chardev.parse_serial_spec(spec)
+        if backend is None:
+            continue
+        base, irq = SERIAL_PORTS[index]
+        uart = Uart16550(f"serial@{base:#x}", irq=pic.irq_line(irq), clock=clock, backend=backend)
+        front = UartFastPath(uart, base, machine.cstate, machine.clib, ring=index)
+        machine.add_device(front, [(base, 8)])
+        machine.add_input(backend, front.receive)
+        machine.serial_backends.append(backend)
+        front.sync()
+
+    machine.add_device(IsaDebugExit("debugexit@0xf4", on_exit=machine.request_exit), [(0xF4, 4)])
+    machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
+    machine.add_device(SystemControlPortA("port92", on_reset=machine.request_reset), [(0x92, 1)])
+    cmdline = append or ""
+    fw_cfg = FwCfg("fw_cfg", ram_size=ram_size, cmdline=cmdline.encode())
+    machine.add_device(fw_cfg, [(0x510, 2)])
+
+    local_apic = None
+    if lapic:
+        local_apic = LocalApic("lapic", clock, notify=machine.notify_interrupt)
+        machine.add_device(local_apic, mmio=(LAPIC_BASE, 0x1000))
+    machine.interrupt_controller = InterruptRouter(pic, local_apic)
+
+    machine.boot = _boot_function(kernel=kernel, append=append, initrd=initrd, bios=bios, flat=flat)
+    machine.reset()
+    machine.stats["resets"] = 0
+    return machine
+
+
+def _boot_function(kernel, append, initrd, bios, flat):
+    """Load the images; called at creation and again on every system reset (like QEMU's ROM reset)."""
+    bios_rom = loaders.load_bios(bios) if bios else None
+    modules = [m for m in initrd.split(",")] if initrd else []
+    if flat:
+        path, _, address = flat.rpartition("@")
+        try:
+            flat_address = int(address, 0)
+        except ValueError:
+            raise ConfigError(f"-flat: bad address in {flat!r} (expected FILE@0xADDRESS)") from None
+    mapped = {"rom": False}
+
+    def boot(machine):
+        entry = None
+        if bios_rom is not None:
+            for address, data in loaders.bios_layout(bios_rom):
+                if address >= machine.ram.size:
+                    if not mapped["rom"]:
+                        machine.cpu.map_rom(address, data)
+                else:
+                    machine.ram.write(address, data)
+            mapped["rom"] = True
+            entry = None  # the CPU's reset state F000:FFF0 is the BIOS entry
+        if kernel:
+            entry = loaders.load_kernel(machine.ram, kernel, append, modules)
+        elif flat:
+            entry = loaders.load_flat(machine.ram, path, flat_address)
+        if entry is not None:
+            machine.cpu.enter(entry)
+
+    return boot
