@@ -22,6 +22,7 @@ typedef struct {
     uint32_t block_tick;
     uint32_t stop_reason;     /* STOP_* bits set by the hooks */
     uint32_t frozen;          /* the machine is exiting: the rest of the block has no effect on I/O */
+    uint32_t irq_waiting;     /* an interrupt is pending but IF was clear: stop once IF is set */
     /* --- time ----------------------------------------------------------------- */
     uint32_t icount_mode;     /* 1: guest time = icount_base_ns + icount * ns_per_unit (per unit of work) */
     uint32_t ns_per_unit;
@@ -44,6 +45,7 @@ typedef struct {
     void     (*py_out)(uint32_t port, int size, uint32_t value);
     int      (*emu_stop)(void *uc);
     int      (*reg_write)(void *uc, int regid, const void *value);
+    int      (*reg_read)(void *uc, int regid, void *value);
     /* --- dirty log -------------------------------------------------------------- */
     uint8_t *dirty_map;       /* one byte per 4 KiB page of RAM */
     uint64_t ram_pages;
@@ -54,6 +56,7 @@ typedef struct {
 #define STOP_ICOUNT 2
 #define STOP_RING_FULL 4
 #define STOP_REQUEST 8
+#define STOP_IRQ_WINDOW 16
 #define IN_PYTHON 0
 #define IN_CONST 1
 #define IN_UNASSIGNED 2
@@ -82,6 +85,7 @@ SOURCE = r"""
 #define UC_X86_REG_EAX 19
 #define UC_X86_REG_ECX 22
 #define UC_X86_REG_EDX 24
+#define UC_X86_REG_EFLAGS 25
 
 uint64_t host_monotonic_ns(void) {
     struct timespec ts;
@@ -150,6 +154,18 @@ uint32_t on_in(void *uc, uint32_t port, int size, void *user) {
    exact and reproducible, also after a state restore. */
 void on_block(void *uc, uint64_t addr, uint32_t size, void *user) {
     emu_state *s = (emu_state *)user;
+    if (s->irq_waiting) {
+        /* QEMU looks for interrupts at every block start; so do we while one waits for IF
+           (sti, popf, iret end their block, so this stop comes right after them) */
+        uint64_t flags = 0;
+        s->reg_read(uc, UC_X86_REG_EFLAGS, &flags);
+        if (flags & 0x200) {
+            s->irq_waiting = 0;
+            s->stop_reason |= STOP_IRQ_WINDOW;
+            s->emu_stop(uc);
+            return;
+        }
+    }
     if (s->icount_mode) {
         if (s->icount >= s->icount_limit) {
             s->stop_reason |= STOP_ICOUNT;

@@ -126,6 +126,7 @@ class X86Cpu:
         s = self.s
         s.emu_stop = self.ffi.cast("void *", _uc_function_pointer("uc_emu_stop"))
         s.reg_write = self.ffi.cast("void *", _uc_function_pointer("uc_reg_write"))
+        s.reg_read = self.ffi.cast("void *", _uc_function_pointer("uc_reg_read"))
         s.tsc_hz = TSC_HZ
         s.icount_mode = 1 if self.icount else 0
         s.ns_per_unit = self.clock.ns_per_unit
@@ -297,8 +298,7 @@ class X86Cpu:
     # ------------------------------------------------------------------ entry states
     def reset(self):
         """Power-on state: real mode, CS:IP = F000:FFF0 with the hidden base FFFF0000."""
-        self.ctx.load_raw(self._real_mode_context)
-        self.ctx.restore()
+        self._power_on_context()
         ctx = self.ctx.save()
         _, _, limit, flags = ctx.segment("cs")
         ctx.load_segment("cs", 0xF000, 0xFFFF0000, limit, flags)
@@ -307,10 +307,17 @@ class X86Cpu:
         self.uc.reg_write(X.UC_X86_REG_EDX, 0x663)  # family/model/stepping as after RESET
         self._after_restore()
 
-    def enter(self, entry):
-        """Start from a loader's :class:`~emu.loaders.EntryState`."""
+    def _power_on_context(self):
+        """Real mode as after RESET: IDTR base 0 limit 0xffff (the real-mode IVT), GDTR idem."""
         self.ctx.load_raw(self._real_mode_context)
         self.ctx.restore()
+        self.uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
+        self.uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
+        self.uc.reg_write(X.UC_X86_REG_CR0, 0x60000010)
+
+    def enter(self, entry):
+        """Start from a loader's :class:`~emu.loaders.EntryState`."""
+        self._power_on_context()
         if entry.mode == "real":
             ctx = self.ctx.save()
             for seg in ("cs", "ds", "es", "ss", "fs", "gs"):
@@ -356,10 +363,14 @@ class X86Cpu:
         self.uc.ctl_flush_tb()
 
     # ------------------------------------------------------------------ running
-    def run_slice(self, deadline_ns, max_instructions=None):
-        """Run until the deadline (guest ns), a stop request, a halt or an event."""
+    def run_slice(self, deadline_ns, max_instructions=None, interrupt_waiting=False):
+        """Run until the deadline (guest ns), a stop request, a halt or an event.
+
+        ``interrupt_waiting``: an interrupt is pending while IF is clear; the slice then
+        ends at the first block that starts with IF set."""
         s = self.s
         s.stop_reason = 0
+        s.irq_waiting = 1 if interrupt_waiting else 0
         self.stop_requested = False
         s.deadline_ns = deadline_ns
         if self.icount:
@@ -369,6 +380,9 @@ class X86Cpu:
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         try:
             if max_instructions is not None:
+                # a cached block was translated without Unicorn's counting hook: retranslate it
+                linear = self._linear_rip()
+                self.uc.ctl_remove_cache(linear, linear + 1)
                 self.uc.emu_start(rip, NEVER, count=max_instructions)
             else:
                 self.uc.emu_start(rip, NEVER)
@@ -526,6 +540,9 @@ class X86Cpu:
             except Fault as fault:
                 if fault.vector == PF and fault.cr2 is not None:
                     self.uc.reg_write(X.UC_X86_REG_CR2, fault.cr2)
+                if software:
+                    # a fault raised by int n / int3 / into points at that instruction
+                    self.uc.reg_write(X.UC_X86_REG_RIP, self._software_interrupt_start(next_ip))
                 if vector == DF:
                     raise TripleFault(f"cpu: triple fault: {EXCEPTION_NAMES.get(fault.vector)} while delivering "
                                       f"#DF at RIP={self.rip:#x}") from None
@@ -534,6 +551,16 @@ class X86Cpu:
                 else:
                     vector, error_code = fault.vector, fault.error_code
                 external, software, next_ip = False, False, None
+
+    def _software_interrupt_start(self, next_ip):
+        """Address of the int n (CD ib), int3 (CC), into (CE) or int1 (F1) that ended at next_ip."""
+        linear_next = self._linear_rip() - self.rip + next_ip
+        try:
+            if self.read_virtual(linear_next - 2, 1) == b"\xcd":
+                return next_ip - 2
+        except Fault:
+            pass
+        return next_ip - 1
 
     def _deliver_once(self, vector, external, software, error_code, next_ip):
         mode = self.mode()

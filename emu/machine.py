@@ -189,7 +189,8 @@ class Machine:
                     limit = min(limit, deadline)
                 if until_ns is not None:
                     limit = min(limit, until_ns)
-                self._run_cpu(limit)
+                intc = self.interrupt_controller
+                self._run_cpu(limit, interrupt_waiting=intc is not None and intc.has_interrupt())
         except TripleFault as e:
             if self.no_reboot:
                 self.exit_status, self.exit_message = 0, f"{e}; stopping (-no-reboot)"
@@ -202,10 +203,10 @@ class Machine:
             self._poll_devices()
         return self.exit_status
 
-    def _run_cpu(self, limit_ns, max_instructions=None):
+    def _run_cpu(self, limit_ns, max_instructions=None, interrupt_waiting=False):
         cpu = self.cpu
         self.stats["slices"] += 1
-        cpu.run_slice(limit_ns, max_instructions)
+        cpu.run_slice(limit_ns, max_instructions, interrupt_waiting)
         events, cpu.events = cpu.events, []
         if self.exit_status is not None or self.reset_requested:
             return

@@ -1,0 +1,28 @@
+"""Shared helpers: paths, running ``emu`` as a real process, building machines in-process."""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FIRMWARE = ROOT / "firmware" / "build"
+
+
+def firmware(name):
+    path = FIRMWARE / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: build it with `make firmware`")
+    return str(path)
+
+
+def run_emu(*args, input=None, timeout=60):
+    """Run ``python -m emu run ARGS`` as a separate process; returns CompletedProcess (bytes)."""
+    return subprocess.run([sys.executable, "-m", "emu", "run", *args], input=input, capture_output=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def qemu_binary():
+    return shutil.which("qemu-system-x86_64")
