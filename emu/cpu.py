@@ -17,7 +17,8 @@ register is reachable in every mode; ``emu_start`` then takes RIP (not a linear 
 import ctypes
 import struct
 
-from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
+from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
+                     UC_ERR_READ_UNMAPPED,
                      UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
                      UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_16,
                      UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc, UcError)
@@ -31,14 +32,15 @@ from .errors import GuestError, UnsupportedError
 NEVER = 0xFFFF_FFFF_FFFF_FFFF
 
 # vectors
-DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS, GP, PF, MF, AC, MC = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18
+DE, DB, NMI, BP, OF, BR, UD, NM, DF = 0, 1, 2, 3, 4, 5, 6, 7, 8
+TS, NP, SS, GP, PF, MF, AC, MC = 10, 11, 12, 13, 14, 16, 17, 18
 HAS_ERROR_CODE = {DF, TS, NP, SS, GP, PF, AC, 21, 29, 30}
 CONTRIBUTORY = {DE, TS, NP, SS, GP}
 EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                    10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
                    19: "#XM", 20: "#VE", 21: "#CP"}
 
-EFLAGS_CF, EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM, EFLAGS_AC = 1, 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
+EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM, EFLAGS_AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
 CR4_PSE, CR4_PAE = 1 << 4, 1 << 5
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
@@ -62,7 +64,9 @@ class TripleFault(GuestError):
 
 def is_double_fault(first, second):
     """SDM vol. 3 table 6-5: which fault during delivery of which event becomes #DF."""
-    return (first in CONTRIBUTORY and second in CONTRIBUTORY) or (first == PF and (second in CONTRIBUTORY or second == PF))
+    if first in CONTRIBUTORY and second in CONTRIBUTORY:
+        return True
+    return first == PF and (second in CONTRIBUTORY or second == PF)
 
 
 class PendingEvent:
@@ -211,7 +215,8 @@ class X86Cpu:
         self.request_stop()
 
     def _on_unmapped(self, uc, access, address, size, value, user):
-        kind = {UC_MEM_WRITE_UNMAPPED: "write to", UC_MEM_FETCH_UNMAPPED: "instruction fetch from"}.get(access, "read of")
+        kinds = {UC_MEM_WRITE_UNMAPPED: "write to", UC_MEM_FETCH_UNMAPPED: "instruction fetch from"}
+        kind = kinds.get(access, "read of")
         self.events.append(PendingEvent("unmapped", detail=f"{kind} unmapped physical address {address:#x} "
                                                            f"(size {size})"))
         return False
@@ -588,12 +593,9 @@ class X86Cpu:
         cs_sel = ctx.segment("cs")[0]
         sp = self.uc.reg_read(X.UC_X86_REG_SP)
         flags = self.eflags
-        frame = struct.pack("<HHH", return_ip & 0xFFFF, cs_sel, flags & 0xFFFF)
-        for i, word in enumerate((flags & 0xFFFF, cs_sel, return_ip & 0xFFFF)):
+        for word in (flags & 0xFFFF, cs_sel, return_ip & 0xFFFF):  # FLAGS, CS, IP; SP wraps at 64 KiB
             sp = (sp - 2) & 0xFFFF
-            self._write_physical((ss_base + sp) & 0xFFFFF if ss_base < 0x100000 else ss_base + sp,
-                                 struct.pack("<H", word))
-        del frame
+            self._write_physical(ss_base + sp, struct.pack("<H", word))
         ip, cs = struct.unpack("<HH", self._read_physical(idt_base + vector * 4, 4))
         _, _, limit, cs_flags = ctx.segment("cs")
         ctx.load_segment("cs", cs, cs << 4, limit, cs_flags)

@@ -36,8 +36,9 @@ class Machine:
         self.ffi, self.clib = _emuc.ffi, _emuc.lib
         self.cstate = self.ffi.new("emu_state *")
         self.clock.icount_source = lambda: self.cstate.icount
+        cpu_trace = self.trace if "int" in self.trace_categories else None
         self.cpu = X86Cpu(self.ram, self.ports, self.clock, self.cstate, self.ffi, self.clib,
-                          icount=icount, has_lapic=has_lapic, trace=self.trace if "int" in self.trace_categories else None)
+                          icount=icount, has_lapic=has_lapic, trace=cpu_trace)
         self.devices = []
         self.interrupt_controller = None  # has_interrupt() / acknowledge()
         self.exit_status = None
@@ -274,7 +275,7 @@ class Machine:
 
     def _service_host_io(self, timeout):
         """Read host input (non-blocking when timeout is 0) and retry held-back bytes."""
-        for backend, consumer, pending in {id(s): s for s in self._inputs.values()}.values():
+        for _backend, consumer, pending in {id(s): s for s in self._inputs.values()}.values():
             if pending:
                 del pending[:consumer(bytes(pending))]
         if not self._inputs:

@@ -1,0 +1,153 @@
+"""The CPU's state by register name, for snapshots, migration and checkpoints.
+
+Everything is saved by name and value, not as Unicorn's opaque context: the general,
+segment (with their hidden caches), control, debug, x87/SSE registers, the MSRs a guest
+can program (including the MTRRs Unicorn's context omits), the internal ``hflags`` (CPL,
+interrupt shadow, ...), and what only the emulator knows: halted, the TSC offset and the
+deterministic work counter.
+"""
+
+from unicorn import x86_const as X
+
+from . import x86context as xc
+from .errors import StateError
+from .vmstate import I64, U32, U64, Array, Bool, VMStateDescription
+
+GENERAL = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
+           "r14", "r15", "rip", "rflags"]
+CONTROL = ["cr0", "cr2", "cr3", "cr4", "cr8"]
+DEBUG = ["dr0", "dr1", "dr2", "dr3", "dr6", "dr7"]
+SEGMENTS = ["es", "cs", "ss", "ds", "fs", "gs"]
+MSRS = {
+    "efer": 0xC0000080, "star": 0xC0000081, "lstar": 0xC0000082, "cstar": 0xC0000083, "sfmask": 0xC0000084,
+    "fs_base": 0xC0000100, "gs_base": 0xC0000101, "kernel_gs_base": 0xC0000102, "tsc_aux": 0xC0000103,
+    "sysenter_cs": 0x174, "sysenter_esp": 0x175, "sysenter_eip": 0x176, "pat": 0x277,
+    "mtrr_def_type": 0x2FF, "mtrr_fix64k_00000": 0x250, "mtrr_fix16k_80000": 0x258, "mtrr_fix16k_a0000": 0x259,
+    **{f"mtrr_fix4k_{0xC0000 + 0x8000 * i:05x}": 0x268 + i for i in range(8)},
+    **{f"mtrr_phys{'base' if i % 2 == 0 else 'mask'}{i // 2}": 0x200 + i for i in range(16)},
+}
+X87 = [f"st{i}" for i in range(8)]
+XMM = [f"xmm{i}" for i in range(16)]
+
+
+def _reg_id(name):
+    return getattr(X, "UC_X86_REG_" + name.upper())
+
+
+class CpuState:
+    """The fields of the CPU as attributes, filled from and applied to an :class:`X86Cpu`."""
+
+    def __init__(self, cpu):
+        self.cpu = cpu
+        self.capture()
+
+    def capture(self):
+        uc = self.cpu.uc
+        for name in GENERAL + CONTROL + DEBUG:
+            setattr(self, name, uc.reg_read(_reg_id(name)))
+        ctx = self.cpu.ctx.save()
+        for seg in SEGMENTS:
+            setattr(self, f"seg_{seg}", list(ctx.segment(seg)))
+        for seg in ("ldt", "tr"):
+            setattr(self, f"seg_{seg}", list(ctx.system_segment(seg)))
+        for table in ("gdtr", "idtr"):
+            _, base, limit, _ = uc.reg_read(_reg_id(table))
+            setattr(self, f"{table}_base", base)
+            setattr(self, f"{table}_limit", limit)
+        self.hflags = ctx.hflags
+        self.hflags2 = ctx.u32("hflags2")
+        for name, index in MSRS.items():
+            setattr(self, f"msr_{name}", uc.reg_read(X.UC_X86_REG_MSR, index))
+        self.fpcw = uc.reg_read(X.UC_X86_REG_FPCW)
+        self.fpsw = uc.reg_read(X.UC_X86_REG_FPSW)
+        self.fptag = uc.reg_read(X.UC_X86_REG_FPTAG)
+        self.mxcsr = uc.reg_read(X.UC_X86_REG_MXCSR)
+        self.x87 = []
+        for name in X87:
+            mantissa, exponent = uc.reg_read(_reg_id(name))
+            self.x87 += [mantissa, exponent]
+        self.xmm = []
+        for name in XMM:
+            value = uc.reg_read(_reg_id(name))
+            self.xmm += [value & (2**64 - 1), value >> 64]
+        self.halted = self.cpu.halted
+        self.tsc_offset = self.cpu.s.tsc_offset
+        self.work_counter = self.cpu.s.icount
+
+    def apply(self):
+        """Write every field into the engine (the stream was verified before this runs)."""
+        cpu, uc = self.cpu, self.cpu.uc
+        cpu._power_on_context()
+        # control registers first: they decide how the rest is interpreted
+        uc.reg_write(X.UC_X86_REG_MSR, (MSRS["efer"], self.msr_efer))
+        uc.reg_write(X.UC_X86_REG_CR4, self.cr4)
+        uc.reg_write(X.UC_X86_REG_CR3, self.cr3)
+        uc.reg_write(X.UC_X86_REG_CR0, self.cr0)
+        for name in ("cr2", "cr8") + tuple(DEBUG):
+            uc.reg_write(_reg_id(name), getattr(self, name))
+        for name, index in MSRS.items():
+            if name != "efer":
+                uc.reg_write(X.UC_X86_REG_MSR, (index, getattr(self, f"msr_{name}")))
+        for table in ("gdtr", "idtr"):
+            uc.reg_write(_reg_id(table), (0, getattr(self, f"{table}_base"), getattr(self, f"{table}_limit"), 0))
+        uc.reg_write(X.UC_X86_REG_FPCW, self.fpcw)
+        uc.reg_write(X.UC_X86_REG_FPSW, self.fpsw)
+        uc.reg_write(X.UC_X86_REG_FPTAG, self.fptag)
+        uc.reg_write(X.UC_X86_REG_MXCSR, self.mxcsr)
+        for i, name in enumerate(X87):
+            uc.reg_write(_reg_id(name), (self.x87[2 * i], self.x87[2 * i + 1]))
+        for i, name in enumerate(XMM):
+            uc.reg_write(_reg_id(name), self.xmm[2 * i] | (self.xmm[2 * i + 1] << 64))
+        for name in GENERAL:
+            uc.reg_write(_reg_id(name), getattr(self, name))
+        ctx = cpu.ctx.save()
+        for seg in SEGMENTS:
+            ctx.load_segment(seg, *getattr(self, f"seg_{seg}"))
+        for seg in ("ldt", "tr"):
+            self._write_system_segment(ctx, seg, getattr(self, f"seg_{seg}"))
+        ctx.set_u32("hflags", self.hflags)  # exact: CPL, interrupt shadow, modes
+        ctx.set_u32("hflags2", self.hflags2)
+        ctx.set_i32("old_exception", -1)
+        ctx.restore()
+        uc.reg_write(X.UC_X86_REG_RIP, self.rip)
+        cpu.s.tsc_offset = self.tsc_offset
+        cpu.s.icount = self.work_counter
+        cpu._after_restore()
+        cpu.halted = self.halted
+
+    @staticmethod
+    def _write_system_segment(ctx, name, values):
+        import ctypes
+        import struct
+
+        ctypes.memmove(ctx.address + xc.OFFSETS[name], struct.pack("<I4xQII", *values), xc.SEGMENT_SIZE)
+
+
+def _check(state, version_id):
+    """post_load: reject register values no x86 CPU can hold."""
+    if state.rflags & (1 << 17):
+        raise StateError("cpu: field rflags: virtual-8086 mode is not supported")
+    if not state.rflags & 2:
+        raise StateError(f"cpu: field rflags: {state.rflags:#x} has reserved bit 1 clear")
+    if state.cr0 & 0x80000000 and not state.cr0 & 1:
+        raise StateError(f"cpu: field cr0: {state.cr0:#x} enables paging without protection")
+    if state.msr_efer & (1 << 10) and not state.cr0 & 0x80000000:
+        raise StateError(f"cpu: field msr_efer: long mode active ({state.msr_efer:#x}) without paging")
+    if not 0 <= state.hflags & 3 <= 3:
+        raise StateError("cpu: field hflags: bad CPL")
+
+
+def _fields():
+    fields = [U64(name) for name in GENERAL + CONTROL + DEBUG]
+    for seg in SEGMENTS + ["ldt", "tr"]:
+        fields.append(Array(f"seg_{seg}", U64, 4))
+    fields += [U64("gdtr_base"), U32("gdtr_limit"), U64("idtr_base"), U32("idtr_limit"),
+               U32("hflags"), U32("hflags2")]
+    fields += [U64(f"msr_{name}") for name in MSRS]
+    fields += [U32("fpcw"), U32("fpsw"), U32("fptag"), U32("mxcsr"),
+               Array("x87", U64, 16), Array("xmm", U64, 32), Bool("halted"), I64("tsc_offset"),
+               U64("work_counter")]
+    return fields
+
+
+VMSTATE = VMStateDescription("cpu", version_id=1, minimum_version_id=1, fields=_fields(), post_load=_check)
