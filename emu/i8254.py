@@ -99,7 +99,7 @@ class Pit8254(Device):
         self.count_load_time = [now] * n
         self.reload_time = [-1] * n  # modes 2/3: when a newly written CR replaces the count
         self.held_ticks = [0] * n  # elapsed clocks frozen while CE_HELD
-        self._arm_irq_timer(now)
+        self._drive_irq(now)
 
     # ------------------------------------------------------------------ the counting model
     def _mode(self, ch):
@@ -254,7 +254,7 @@ class Pit8254(Device):
     def _arm_irq_timer(self, t):
         deadline = self._next_transition_after(0, t)
         if deadline is not None and self._mode(0) in (2, 3) and self._period_ns(0) < MIN_IRQ_PERIOD_NS:
-            deadline = self._first_rising_edge_from(0, t + MIN_IRQ_PERIOD_NS)
+            deadline = self._earlier_reload(0, self._first_rising_edge_from(0, t + MIN_IRQ_PERIOD_NS), t)
         self._irq_event_time = deadline
         if deadline is None:
             self.irq_timer.cancel()
@@ -377,6 +377,7 @@ class Pit8254(Device):
         elif falling and state == CE_COUNTING:
             self.held_ticks[ch] = self._elapsed(ch, now)
             self.counter_state[ch] = CE_HELD
+            self.reload_time[ch] = -1  # modes 2, 3 reload from the count register when the gate rises
         elif rising and state == CE_HELD:
             if mode in (0, 4):  # resume where the CE stopped
                 self.counter_state[ch] = CE_COUNTING
@@ -452,6 +453,12 @@ class Pit8254(Device):
         now = self.clock.now()
         self._settle(ch, now)
         return self._next_transition_after(ch, now)
+
+    def sync_irq(self):
+        """After a state load: drive IRQ 0 to channel 0's OUT (the level the PIC last saw)."""
+        now = self.clock.now()
+        self._settle(0, now)
+        self.irq.set_level(self._out(0, now))
 
     # ------------------------------------------------------------------ state
     def _post_load(self, version_id):
@@ -535,8 +542,7 @@ class SystemControlPortB(Device):
 
     def io_read(self, offset, size):
         refresh = (self.clock.now() // self.REFRESH_HALF_PERIOD_NS) & 1
-        value = self.pit.gate[2] | self.control_bits | refresh << 4 | self.pit.output(2) << 5
-        return value | (0xFFFFFF00 if size > 1 else 0)
+        return self.pit.gate[2] | self.control_bits | refresh << 4 | self.pit.output(2) << 5
 
     def io_write(self, offset, size, value):
         self.control_bits = value & self.WRITABLE_BITS
