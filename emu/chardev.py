@@ -1,0 +1,404 @@
+"""Host-side character backends behind a serial port (the ``-serial`` option).
+
+Modelled on QEMU's chardevs (``chardev/char-stdio.c``, ``char-file.c``, ``char-socket.c``,
+``char-null.c``).  A backend is host plumbing, not guest state: it is never saved.
+
+The interface the run loop uses (with the ``selectors`` module):
+
+``write(data)``
+    Guest output.  Never blocks the emulator for long; a backend that cannot take the
+    bytes drops them (as QEMU does once its retries run out).
+``read_fds()``
+    The file descriptors to watch for input *now*.  The list changes when a TCP client
+    connects or leaves and when stdin reaches end of file; the loop asks again after every
+    ``on_readable`` call.
+``on_readable(fd)``
+    Read what ``fd`` has: bytes for the guest, or ``b''`` when nothing is for the guest
+    (a client was accepted, a peer closed, end of file).
+``flush()``
+    Push out output held back earlier (the UART calls it between CPU slices).
+``close()``
+    Release the host resources (terminal settings, sockets, files); safe to call twice.
+"""
+
+import atexit
+import os
+import select
+import selectors
+import socket
+import stat
+import sys
+import termios
+
+from .errors import ConfigError
+
+TCP_DEFAULT_HOST = "127.0.0.1"
+TCP_MAX_PENDING = 1 << 20  # output held for a slow TCP client before bytes are dropped
+READ_CHUNK = 4096
+
+
+class BackendOpenError(ConfigError):
+    """A backend could not be opened; ``reason`` says why without naming the option."""
+
+    def __init__(self, component, reason):
+        super().__init__(f"{component}: {reason}")
+        self.reason = reason
+
+
+class CharBackend:
+    """A backend with no input that discards output; subclasses override what they do."""
+
+    def write(self, data):
+        pass
+
+    def read_fds(self):
+        return []
+
+    def on_readable(self, fd):
+        return b""
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class NullBackend(CharBackend):
+    """``-serial null``: output vanishes, no input."""
+
+    def __repr__(self):
+        return "<NullBackend>"
+
+
+def _write_fd(fd, data):
+    """Write all of ``data`` to ``fd``, waiting while a non-blocking fd is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+def _can_watch(fd):
+    """True if ``fd`` is open and a selector can wait on it (regular files and /dev/null cannot)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return False
+    probe = selectors.DefaultSelector()
+    try:
+        probe.register(fd, selectors.EVENT_READ)
+    except (OSError, ValueError):
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class StdioBackend(CharBackend):
+    """``-serial stdio``: output to stdout, input from stdin.
+
+    When stdin is a terminal it is put in a raw-ish mode like QEMU's stdio chardev: no line
+    buffering or echo, bytes pass unchanged (no CR/LF translation on input); output keeps
+    OPOST so the terminal maps LF to CRLF; Ctrl-C still interrupts the emulator unless
+    ``signals`` is False.  :meth:`close` (and interpreter exit) restore the settings.
+    """
+
+    def __init__(self, in_fd=0, out_fd=1, signals=True):
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self._input_open = _can_watch(in_fd)
+        self._output_open = True
+        self._saved_tty = None
+        if out_fd == 1:
+            try:
+                sys.stdout.flush()  # earlier Python prints go out before guest output
+            except (AttributeError, ValueError, OSError):
+                pass
+        if self._input_open and os.isatty(in_fd):
+            self._enter_raw_mode(signals)
+
+    def _enter_raw_mode(self, signals):
+        try:
+            attrs = termios.tcgetattr(self.in_fd)
+        except termios.error:
+            return
+        self._saved_tty = [list(a) if isinstance(a, list) else a for a in attrs]
+        iflag, oflag, cflag, lflag, ispeed, ospeed, cc = attrs
+        iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR
+                   | termios.IGNCR | termios.ICRNL | termios.IXON)
+        oflag |= termios.OPOST
+        lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.IEXTEN)
+        if not signals:
+            lflag &= ~termios.ISIG
+        cflag = (cflag & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
+        cc[termios.VMIN] = 1
+        cc[termios.VTIME] = 0
+        try:
+            termios.tcsetattr(self.in_fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
+        except termios.error:
+            self._saved_tty = None
+            return
+        atexit.register(self._restore_terminal)
+
+    def _restore_terminal(self):
+        if self._saved_tty is not None:
+            try:
+                termios.tcsetattr(self.in_fd, termios.TCSADRAIN, self._saved_tty)
+            except termios.error:
+                pass
+            self._saved_tty = None
+            atexit.unregister(self._restore_terminal)
+
+    @property
+    def raw_mode(self):
+        """True while the terminal settings are changed (and must be restored)."""
+        return self._saved_tty is not None
+
+    def write(self, data):
+        if not self._output_open:
+            return
+        try:
+            _write_fd(self.out_fd, data)
+        except OSError:
+            self._output_open = False  # stdout went away (closed pipe): drop output like QEMU
+
+    def read_fds(self):
+        return [self.in_fd] if self._input_open else []
+
+    def on_readable(self, fd):
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return b""
+        except OSError:
+            data = b""
+        if not data:
+            self._input_open = False  # end of file: stop watching
+        return data
+
+    def close(self):
+        self._restore_terminal()
+        self._input_open = False
+
+    def __repr__(self):
+        return f"<StdioBackend in={self.in_fd} out={self.out_fd}>"
+
+
+class FileBackend(CharBackend):
+    """``-serial file:PATH``: output written to a file (truncated, or appended), no input."""
+
+    def __init__(self, path, append=False):
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        try:
+            self._fd = os.open(path, flags, 0o666)
+        except OSError as e:
+            raise BackendOpenError("serial", f"cannot open {path!r}: {e.strerror}") from None
+
+    def write(self, data):
+        if self._fd is not None:
+            _write_fd(self._fd, data)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __repr__(self):
+        return f"<FileBackend {self.path!r}>"
+
+
+class TcpServerBackend(CharBackend):
+    """``-serial tcp:HOST:PORT,server``: a listening socket serving one client at a time.
+
+    While no client is connected, output is dropped (QEMU's socket chardev does the same);
+    further clients wait in the listen backlog until the current one leaves.  With
+    ``wait`` the constructor blocks until the first client connects (QEMU's ``wait=on``).
+    Output that a slow client cannot take at once is held (up to ``TCP_MAX_PENDING`` bytes,
+    beyond that dropped and counted in ``dropped``) and sent by :meth:`flush`.
+    """
+
+    def __init__(self, host=TCP_DEFAULT_HOST, port=0, wait=False):
+        self.host = host
+        self.client = None
+        self.dropped = 0
+        self._pending = bytearray()
+        self._client_broken = False
+        try:
+            family, socktype, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            listener = socket.socket(family, socktype, proto)
+        except OSError as e:
+            raise BackendOpenError("serial", f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(1)
+            listener.setblocking(False)
+        except OSError as e:
+            listener.close()
+            raise BackendOpenError("serial", f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self.listener = listener
+        self.port = listener.getsockname()[1]
+        if wait:
+            print(f"emu: waiting for a connection on tcp:{host}:{self.port} (serial)", file=sys.stderr)
+            self.wait_for_client()
+
+    def wait_for_client(self, timeout=None):
+        """Block until a client connects (or ``timeout`` seconds pass); True if one is connected."""
+        if self.client is None and self.listener is not None:
+            readable, _, _ = select.select([self.listener], [], [], timeout)
+            if readable:
+                self._accept()
+        return self.client is not None
+
+    def _accept(self):
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client = conn
+        self._client_broken = False
+
+    def _drop_client(self):
+        self.client.close()
+        self.client = None
+        self._pending.clear()
+        self._client_broken = False
+
+    def write(self, data):
+        if self.client is None or self._client_broken:
+            self.dropped += len(data)
+            return
+        room = TCP_MAX_PENDING - len(self._pending)
+        if len(data) > room:
+            self.dropped += len(data) - room
+            data = data[:room]
+        self._pending += data
+        self.flush()
+
+    def flush(self):
+        while self._pending and self.client is not None and not self._client_broken:
+            try:
+                sent = self.client.send(self._pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # keep the socket until on_readable sees the close, so that read_fds and
+                # the run loop's selector change together
+                self._client_broken = True
+                self.dropped += len(self._pending)
+                self._pending.clear()
+                return
+            del self._pending[:sent]
+
+    def read_fds(self):
+        if self.client is not None:
+            return [self.client.fileno()]
+        return [self.listener.fileno()] if self.listener is not None else []
+
+    def on_readable(self, fd):
+        if self.client is not None and fd == self.client.fileno():
+            try:
+                data = self.client.recv(READ_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return b""
+            except OSError:
+                data = b""
+            if not data:
+                self._drop_client()
+            self.flush()
+            return data
+        if self.client is None and self.listener is not None and fd == self.listener.fileno():
+            self._accept()
+        return b""
+
+    def close(self):
+        if self.client is not None:
+            self.flush()
+            self._drop_client()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def __repr__(self):
+        return f"<TcpServerBackend {self.host}:{self.port} client={'yes' if self.client else 'no'}>"
+
+
+SPEC_HELP = "expected stdio, null, none, file:PATH or tcp:[HOST]:PORT,server[,nowait]"
+
+
+def parse_serial_spec(spec):
+    """Open the backend a QEMU ``-serial`` string names; ``None`` for ``none`` (no port).
+
+    ``stdio``, ``null``, ``none``, ``file:PATH``, ``tcp:HOST:PORT,server[,nowait]``
+    (``tcp::PORT,server`` listens on 127.0.0.1 only; give ``0.0.0.0`` to listen on every
+    interface; as in QEMU a server waits for its first client unless ``nowait``).
+    """
+    if spec == "none":
+        return None
+    if spec == "null":
+        return NullBackend()
+    if spec == "stdio":
+        return StdioBackend()
+    if spec.startswith("file:"):
+        path = spec[len("file:"):]
+        if not path:
+            raise ConfigError(f"-serial {spec!r}: missing file name")
+        try:
+            return FileBackend(path)
+        except BackendOpenError as e:
+            raise ConfigError(f"-serial {spec!r}: {e.reason}") from None
+    if spec.startswith("tcp:"):
+        host, port, wait = _parse_tcp(spec)
+        try:
+            return TcpServerBackend(host, port, wait=wait)
+        except BackendOpenError as e:
+            raise ConfigError(f"-serial {spec!r}: {e.reason}") from None
+    raise ConfigError(f"-serial {spec!r}: unsupported serial device ({SPEC_HELP})")
+
+
+def _parse_tcp(spec):
+    """``tcp:HOST:PORT,opt,...`` -> (host, port, wait)."""
+    address, *options = spec[len("tcp:"):].split(",")
+    host, sep, port_text = address.rpartition(":")
+    if not sep:
+        raise ConfigError(f"-serial {spec!r}: expected tcp:[HOST]:PORT,server")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host or TCP_DEFAULT_HOST
+    try:
+        port = int(port_text, 10)
+    except ValueError:
+        raise ConfigError(f"-serial {spec!r}: bad port {port_text!r}") from None
+    if not 0 <= port <= 0xFFFF:
+        raise ConfigError(f"-serial {spec!r}: port {port} out of range 0..65535")
+    server, wait = False, True
+    for option in options:
+        name, _, value = option.partition("=")
+        if value not in ("", "on", "off"):
+            raise ConfigError(f"-serial {spec!r}: bad value in option {option!r} (on or off)")
+        enabled = value != "off"
+        if name == "server":
+            server = enabled
+        elif name == "wait":
+            wait = enabled
+        elif name == "nowait" and not value:
+            wait = False
+        elif name == "nodelay":
+            pass  # client sockets always use TCP_NODELAY
+        else:
+            raise ConfigError(f"-serial {spec!r}: unsupported option {option!r}")
+    if not server:
+        raise ConfigError(f"-serial {spec!r}: only server sockets are supported (add ',server')")
+    return host, port, wait
