@@ -74,7 +74,7 @@ class Pic8259(Device):
         self.priority_add = 0  # IR7 lowest priority
         self.irq_base = 0
         self.read_reg_select = False  # status read set to IRR
-        self.poll = False
+        self.poll_pending = False
         self.special_mask = False
         self.init_state = 0
         self.auto_eoi = False
@@ -174,9 +174,9 @@ class Pic8259(Device):
             self._write_byte((offset + i) & 1, (value >> (8 * i)) & 0xFF)
 
     def _read_byte(self, offset):
-        if self.poll:
+        if self.poll_pending:
             # The poll command turns the next read (either port) into an INTA.
-            self.poll = False
+            self.poll_pending = False
             level = self.highest_request()
             if level is None:
                 return 0
@@ -249,7 +249,7 @@ class Pic8259(Device):
 
     def _write_ocw3(self, value):
         if value & 0x04:
-            self.poll = True
+            self.poll_pending = True
         if value & 0x02:
             self.read_reg_select = bool(value & 0x01)
         if value & 0x40:
@@ -290,7 +290,7 @@ class Pic8259(Device):
         "i8259", version_id=1, minimum_version_id=1,
         fields=[
             U8("last_irr"), U8("irr"), U8("imr"), U8("isr"), U8("priority_add"), U8("irq_base"),
-            Bool("read_reg_select"), Bool("poll"), Bool("special_mask"), U8("init_state"),
+            Bool("read_reg_select"), Bool("poll_pending"), Bool("special_mask"), U8("init_state"),
             Bool("auto_eoi"), Bool("rotate_on_auto_eoi"), Bool("special_fully_nested_mode"),
             Bool("init4"), Bool("single_mode"), U8("elcr"), Bool("ltim"),
         ],
