@@ -1,0 +1,55 @@
+/* Ports, selectors and constants of the modelled PC shared by every guest. */
+#ifndef FIRMWARE_DEFS_H
+#define FIRMWARE_DEFS_H
+
+/* 16550A UART, COM1 */
+#define COM1            0x3f8
+#define UART_RBR        0       /* receive buffer (read, DLAB=0) */
+#define UART_THR        0       /* transmit holding (write, DLAB=0) */
+#define UART_IER        1
+#define UART_IIR        2
+#define UART_FCR        2
+#define UART_LCR        3
+#define UART_MCR        4
+#define UART_LSR        5
+#define UART_IER_RDA    0x01    /* received data available interrupt */
+#define UART_MCR_DTR    0x01
+#define UART_MCR_RTS    0x02
+#define UART_MCR_OUT2   0x08    /* gates the UART interrupt onto the ISA IRQ line */
+#define UART_LSR_DR     0x01
+#define UART_LSR_THRE   0x20
+#define COM1_IRQ        4
+
+/* 8259A pair */
+#define PIC1_CMD        0x20
+#define PIC1_DATA       0x21
+#define PIC2_CMD        0xa0
+#define PIC2_DATA       0xa1
+#define PIC_EOI         0x20
+#define IRQ_BASE        0x20    /* protected-mode vector of IRQ0 after remapping */
+
+/* 8254 */
+#define PIT_CH0         0x40
+#define PIT_CMD         0x43
+#define PIT_HZ          1193182
+#define PIT_DIV_100HZ   11932
+#define PIT_DIV_1000HZ  1193
+
+/* MC146818 RTC */
+#define RTC_INDEX       0x70
+#define RTC_DATA        0x71
+
+/* isa-debug-exit: QEMU exits with status (value << 1) | 1 */
+#define DEBUG_EXIT_PORT 0xf4
+
+/* Multiboot v1 */
+#define MB_HEADER_MAGIC 0x1badb002
+#define MB_BOOT_MAGIC   0x2badb002
+#define MB_INFO_CMDLINE 0x04    /* flags bit: cmdline field valid */
+#define CMDLINE_MAX     256
+
+/* Flat GDT installed by the multiboot entry */
+#define SEL_CODE32      0x08
+#define SEL_DATA32      0x10
+
+#endif

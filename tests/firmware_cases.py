@@ -1,0 +1,219 @@
+"""The guest firmware (firmware/, see firmware/README.md) as a table of runnable cases.
+
+Each case says how to boot a guest, what to type on COM1 and what must come out.  The
+QEMU differential test (test_firmware_qemu.py) and our emulator's tests run the same
+table, so a guest that passes on QEMU and fails on the emulator points at the emulator.
+
+Exit status: the guests leave through isa-debug-exit at port 0xf4; writing v ends the
+machine with status (v << 1) | 1, so success (v = 0) is status 1.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ISA_DEBUG_EXIT_SUCCESS = 1
+
+#: Instructions in one iteration of compute.elf's loop, for MIPS figures.
+COMPUTE_INSNS_PER_ITER = 12
+#: Instructions per 16 bytes in store.elf's mov loop (rep=0).
+STORE_INSNS_PER_16_BYTES = 8
+
+
+@dataclass(frozen=True)
+class FirmwareCase:
+    """One guest run.
+
+    image: path relative to the repository root.  kind: "kernel" (multiboot, -kernel)
+    or "bios" (-bios).  input is written to COM1 once the output contains input_after
+    (the guest prints that marker when its receiver is ready).  The output must equal
+    expect, or fully match the bytes regex expect_regex.  slow: takes seconds even on
+    QEMU (default-size workloads); emulator tests may leave such cases out.
+    """
+
+    name: str
+    image: str
+    kind: str = "kernel"
+    append: str = ""
+    input: bytes = b""
+    input_after: bytes = b""
+    expect: bytes | None = None
+    expect_regex: bytes | None = None
+    exit_status: int = ISA_DEBUG_EXIT_SUCCESS
+    memory: str = "64M"
+    timeout: float = 30.0
+    slow: bool = False
+
+    def output_matches(self, output: bytes) -> bool:
+        if self.expect is not None:
+            return output == self.expect
+        return re.fullmatch(self.expect_regex, output, re.DOTALL) is not None
+
+
+def qemu_command(case: FirmwareCase, root, qemu: str = "qemu-system-x86_64") -> list[str]:
+    """The QEMU command line that runs case (root: the repository root)."""
+    image = str(root / case.image)
+    command = [qemu, "-machine", "pc", "-accel", "tcg", "-m", case.memory,
+               "-nodefaults", "-vga", "std", "-display", "none", "-no-reboot",
+               "-serial", "stdio", "-monitor", "none",
+               "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+    if case.kind == "bios":
+        command += ["-bios", image]
+    else:
+        command += ["-kernel", image]
+        if case.append:
+            command += ["-append", case.append]
+    return command
+
+
+# ---------------------------------------------------------------- reference models
+
+def compute_result(n: int) -> int:
+    """compute.elf's result for n iterations (pure Python: about 0.5 s per million)."""
+    state, total = 0x12345678, 0
+    for _ in range(n):
+        state ^= (state << 13) & 0xFFFFFFFF
+        state ^= state >> 17
+        state ^= (state << 5) & 0xFFFFFFFF
+        total = (total + state) & 0xFFFFFFFF
+    return total
+
+
+def store_sum(passes: int, rep: bool = False) -> int:
+    """store.elf's sum after passes fills of fresh (zeroed) RAM (about 2 s per call)."""
+    buffer_start, words = 0x01000000, 0x01000000 // 4
+    salt = (passes * 0x01000193) & 0xFFFFFFFF
+
+    def word(index):
+        if passes == 0:
+            return 0
+        if rep:
+            return salt
+        return (buffer_start + (index * 4 & ~15) + salt) & 0xFFFFFFFF
+
+    total = 0x811C9DC5
+    for index in range(words):
+        total = ((total ^ word(index)) * 0x01000193) & 0xFFFFFFFF
+        total = ((total << 15) | (total >> 17)) & 0xFFFFFFFF
+    return total
+
+
+def service_transcript(lines: list[bytes]) -> bytes:
+    """service.elf's output for lines (each sent with CR LF): a regex, since TIME varies."""
+    out = [re.escape(b"service ready\r\n")]
+    checksum = 0x811C9DC5
+    for counter, line in enumerate(lines, 1):
+        for byte in line:
+            checksum = ((checksum ^ byte) * 0x01000193) & 0xFFFFFFFF
+        if line == b"QUIT":
+            out.append(re.escape(b"bye\r\n"))
+            break
+        if line == b"TIME":
+            out.append(re.escape(b"%d T " % counter) + rb"\d{1,5}" + re.escape(b"\r\n"))
+        else:
+            out.append(re.escape(b"%d %08x %s\r\n" % (counter, checksum, line[:1024])))
+    return b"".join(out)
+
+
+def _self_test(*parts) -> bytes:
+    """Output of a self-test guest: banner strings and lists of PASS check names."""
+    lines = []
+    for part in parts:
+        if isinstance(part, str):
+            lines.append(part)
+        else:
+            lines.extend("PASS " + name for name in part)
+    lines.append("ALL PASS")
+    return "".join(line + "\r\n" for line in lines).encode()
+
+
+LONGMODE_CHECKS_KERNEL = [
+    "pit.irq0_ticks", "pit.sti_hlt_return_address",
+    "lapic.base_msr", "lapic.timer_ticks", "lapic.sti_hlt_return_address",
+    "pf.vector", "pf.cr2", "pf.error_code", "pf.rip", "pf.retry_reads_mapped_page", "pf.count",
+    "gp.selector_vector", "gp.selector_error_code", "gp.selector_rip",
+    "gp.noncanonical_vector", "gp.noncanonical_error_code", "gp.noncanonical_rip",
+    "ud.vector", "ud.rip", "ud.same_stack", "de.vector", "de.rip",
+    "bp.vector", "bp.rip_after_int3", "ist1.handler_stack", "ist1.frame_rsp",
+    "exceptions.count",
+]
+LONGMODE_CHECKS_USER = [
+    "user.int80_result", "user.int80_on_rsp0_stack", "user.int80_frame_cs",
+    "user.int80_frame_ss", "user.int80_frame_rsp",
+    "user.syscall_result", "user.syscall_rcx", "user.syscall_r11_rflags", "user.syscall_sfmask",
+    "user.syscall_cs", "user.syscall_ss", "user.sysret_cs", "user.sysret_ss", "user.sysret_rflags",
+    "user.cli_gp_vector", "user.cli_gp_error_code", "user.cli_gp_rip", "user.cli_gp_cs",
+    "user.cli_gp_on_rsp0_stack",
+    "user.pf_vector", "user.pf_error_code", "user.pf_cr2", "user.pf_rip", "user.exceptions_count",
+]
+PM32_CHECKS_KERNEL = [
+    "gate.trap_keeps_if", "gate.interrupt_clears_if",
+    "pit.irq0_ticks", "pit.sti_hlt_return_address",
+    "pf.vector", "pf.cr2", "pf.error_code", "pf.eip", "pf.retry_reads_4m_page", "pf.count",
+    "gp.vector", "gp.error_code", "gp.eip",
+    "de.vector", "de.eip", "ud.vector", "ud.eip", "bp.vector", "bp.eip_after_int3",
+    "into.vector", "into.eip_after_into", "exceptions.count",
+]
+PM32_CHECKS_USER = [
+    "ring3.pit_ticks", "ring3.pit_on_esp0_stack", "ring3.pit_frame_cs", "ring3.pit_frame_ss",
+    "ring3.pit_frame_esp",
+    "ring3.int80_result", "ring3.int80_on_esp0_stack", "ring3.int80_frame_cs",
+    "ring3.int80_frame_ss", "ring3.int80_frame_esp",
+    "ring3.cli_gp_vector", "ring3.cli_gp_error_code", "ring3.cli_gp_eip", "ring3.cli_gp_cs",
+    "ring3.cli_gp_on_esp0_stack", "ring3.kernel_ds_gp_vector", "ring3.kernel_ds_gp_error_code",
+    "ring3.pf_vector", "ring3.pf_error_code", "ring3.pf_cr2", "ring3.pf_eip",
+    "ring3.exceptions_count",
+]
+REALMODE_CHECKS = [
+    "pit.irq0_ticks", "pit.sti_hlt_return_address",
+    "int21.result", "int21.count", "int21.return_ip", "int21.return_cs", "int21.if_cleared",
+    "div0.count", "div0.saved_ip",
+]
+
+SERVICE_LINES = [b"hello", b"world", b"", b"TIME", b"state survives", b"QUIT"]
+
+# store.elf sums on fresh RAM, from store_sum() (kept literal: the model takes seconds).
+STORE_SUMS = {(2, False): 0xA0814BED, (2, True): 0xD33D0B08, (10, False): 0x5F030133}
+
+CASES = [
+    FirmwareCase("hello", "firmware/build/hello.elf", expect=b"Hello from emu-colo!\r\n"),
+    FirmwareCase(
+        "longmode", "firmware/build/longmode.elf",
+        expect=_self_test("longmode: 64-bit mode entered", LONGMODE_CHECKS_KERNEL,
+                          "longmode: back from ring 3", LONGMODE_CHECKS_USER)),
+    FirmwareCase(
+        "pm32", "firmware/build/pm32.elf",
+        expect=_self_test("pm32: protected mode", PM32_CHECKS_KERNEL,
+                          "pm32: back from ring 3", PM32_CHECKS_USER)),
+    FirmwareCase(
+        "realmode", "firmware/build/realmode.rom", kind="bios",
+        expect=_self_test("realmode: running from F000:FFF0", REALMODE_CHECKS)),
+    FirmwareCase(
+        "echo", "firmware/build/echo.elf", input=b"hello\rworld\nq", input_after=b"echo ready\r\n",
+        expect=b"echo ready\r\nhello\r\nworld\nbye\r\n"),
+    FirmwareCase(
+        "compute", "firmware/build/compute.elf", append="verbose xn=7 n=100000 n=5",
+        expect=b"compute n=100000 result=6e912514\r\n"),
+    FirmwareCase("compute-n0", "firmware/build/compute.elf", append="n=0",
+                 expect=b"compute n=0 result=00000000\r\n"),
+    FirmwareCase("compute-default", "firmware/build/compute.elf",
+                 expect=b"compute n=10000000 result=26f7b463\r\n", slow=True),
+    FirmwareCase(
+        "store", "firmware/build/store.elf", append="passes=2",
+        expect=b"store passes=2 bytes=33554432 sum=%08x\r\n" % STORE_SUMS[(2, False)]),
+    FirmwareCase(
+        "store-rep", "firmware/build/store.elf", append="passes=2 rep=1",
+        expect=b"store passes=2 bytes=33554432 sum=%08x\r\n" % STORE_SUMS[(2, True)]),
+    FirmwareCase(
+        "store-default", "firmware/build/store.elf",
+        expect=b"store passes=10 bytes=167772160 sum=%08x\r\n" % STORE_SUMS[(10, False)], slow=True),
+    FirmwareCase(
+        "service", "firmware/build/service.elf",
+        input=b"".join(line + b"\r\n" for line in SERVICE_LINES), input_after=b"service ready\r\n",
+        expect_regex=service_transcript(SERVICE_LINES)),
+    FirmwareCase("idle", "firmware/build/idle.elf", append="ticks=20", expect=b"idle ticks=20\r\n"),
+    FirmwareCase("idle-default", "firmware/build/idle.elf", expect=b"idle ticks=200\r\n", slow=True),
+]
+
+CASES_BY_NAME = {case.name: case for case in CASES}
