@@ -46,6 +46,17 @@ typedef struct {
     int      (*emu_stop)(void *uc);
     int      (*reg_write)(void *uc, int regid, const void *value);
     int      (*reg_read)(void *uc, int regid, void *value);
+    /* --- interrupt delivery (protected and long mode fast path) ------------------ */
+    void    *ctx;             /* a uc_context owned by the CPU object */
+    int      (*context_save)(void *uc, void *ctx);
+    int      (*context_restore)(void *uc, void *ctx);
+    uint32_t off_regs, off_eip, off_eflags, off_hflags, off_segs, off_tr, off_idt, off_gdt, off_cr,
+             off_old_exception;
+    int      reg_rsp, reg_rip, reg_eflags;
+    uint8_t *ram;
+    uint64_t ram_size;
+    uint8_t *host_dirty;      /* pages written by the host side (frames pushed here count) */
+    uint64_t fast_deliveries;
     /* --- dirty log -------------------------------------------------------------- */
     uint8_t *dirty_map;       /* one byte per 4 KiB page of RAM */
     uint64_t ram_pages;
@@ -74,6 +85,9 @@ void on_mem_write(void *uc, int type, uint64_t addr, int size, int64_t value, vo
 int64_t guest_now_ns(emu_state *s);
 uint64_t host_monotonic_ns(void);
 uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *out);
+int deliver_fast(emu_state *s, void *uc, int vector, int software, uint64_t return_ip, int push_error,
+                 uint32_t error_code);
+int after_hlt(emu_state *s, void *uc);
 """
 
 SOURCE = r"""
@@ -225,6 +239,259 @@ uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *
     for (uint64_t i = words * 8; i < npages; i++)
         if (map[i] | extra[i]) { out[n++] = (uint32_t)i; map[i] = 0; extra[i] = 0; }
     return n;
+}
+
+/* ---------------------------------------------------------------------------------------
+   Interrupt delivery, the common path, in C: a gate of the IDT in 32-bit protected mode or
+   long mode, same privilege or a change through the TSS (RSP0/ESP0, IST).  It mirrors
+   emu/cpu.py's _deliver_protected/_deliver_long, which stay the reference and handle
+   everything else: a non-zero return means "not handled, nothing changed; use Python"
+   (a fault while delivering, a 16-bit or task gate, an LDT selector, virtual-8086 mode...).
+   --------------------------------------------------------------------------------------- */
+#define DESC_B (1u << 22)
+#define DESC_L (1u << 21)
+#define DESC_P (1u << 15)
+#define DESC_S (1u << 12)
+#define DESC_CS (1u << 11)
+#define DESC_C (1u << 10)
+#define DESC_G (1u << 23)
+#define HF_CPL_MASK 3u
+#define HF_CS32 (1u << 4)
+#define HF_SS32 (1u << 5)
+#define HF_ADDSEG (1u << 6)
+#define HF_LMA (1u << 14)
+#define HF_CS64 (1u << 15)
+#define SEG_ES 0
+#define SEG_CS 1
+#define SEG_SS 2
+#define SEG_DS 3
+
+typedef struct { uint32_t selector, pad; uint64_t base; uint32_t limit, flags; } segcache;
+
+static uint8_t *cx(emu_state *s, uint32_t off) { return (uint8_t *)s->ctx + off; }
+static uint64_t cx64(emu_state *s, uint32_t off) { uint64_t v; memcpy(&v, cx(s, off), 8); return v; }
+static uint32_t cx32(emu_state *s, uint32_t off) { uint32_t v; memcpy(&v, cx(s, off), 4); return v; }
+static segcache *seg(emu_state *s, int i) { return (segcache *)cx(s, s->off_segs + 24 * i); }
+
+static int ram_u64(emu_state *s, uint64_t pa, uint64_t *v, int size) {
+    if (pa + size > s->ram_size) return -1;
+    *v = 0;
+    memcpy(v, s->ram + pa, size);
+    return 0;
+}
+
+/* linear -> physical for a supervisor access; -1 on anything a fault would come from */
+static int64_t translate(emu_state *s, uint64_t lin, int write) {
+    uint64_t cr0 = cx64(s, s->off_cr), cr3 = cx64(s, s->off_cr + 24), cr4 = cx64(s, s->off_cr + 32);
+    uint32_t hf = cx32(s, s->off_hflags);
+    if (!(cr0 & 0x80000000u)) return (hf & HF_LMA) ? (int64_t)lin : (int64_t)(lin & 0xffffffffu);
+    uint64_t e;
+    int wp = (cr0 >> 16) & 1;
+    if (cr4 & 0x20) {
+        const uint64_t addr_mask = 0x000ffffffffff000ull;
+        uint64_t table;
+        int shift;
+        if (hf & HF_LMA) { table = cr3 & addr_mask; shift = 39; }
+        else {
+            if (ram_u64(s, (cr3 & 0xffffffe0u) + ((lin >> 30) & 3) * 8, &e, 8) || !(e & 1)) return -1;
+            table = e & addr_mask; shift = 21;
+        }
+        for (; shift >= 12; shift -= 9) {
+            if (ram_u64(s, table + ((lin >> shift) & 511) * 8, &e, 8) || !(e & 1)) return -1;
+            if (write && !(e & 2) && wp) return -1;
+            if (shift == 12 || ((e & 0x80) && (shift == 30 || shift == 21))) {
+                uint64_t page = 1ull << shift;
+                return (int64_t)(((e & addr_mask) & ~(page - 1)) | (lin & (page - 1)));
+            }
+            table = e & addr_mask;
+        }
+        return -1;
+    }
+    lin &= 0xffffffffu;
+    if (ram_u64(s, (cr3 & 0xfffff000u) + (lin >> 22) * 4, &e, 4) || !(e & 1)) return -1;
+    if (write && !(e & 2) && wp) return -1;
+    if ((e & 0x80) && (cr4 & 0x10))
+        return (int64_t)((e & 0xffc00000u) | ((e & 0x1fe000u) << 19) | (lin & 0x3fffff));
+    uint64_t pde = e;
+    if (ram_u64(s, (pde & 0xfffff000u) + ((lin >> 12) & 1023) * 4, &e, 4) || !(e & 1)) return -1;
+    if (write && !(e & 2) && wp) return -1;
+    return (int64_t)((e & 0xfffff000u) | (lin & 0xfff));
+}
+
+static int vread(emu_state *s, uint64_t lin, void *dst, uint32_t n) {
+    uint8_t *out = (uint8_t *)dst;
+    while (n) {
+        uint32_t chunk = 0x1000 - (lin & 0xfff);
+        if (chunk > n) chunk = n;
+        int64_t pa = translate(s, lin, 0);
+        if (pa < 0 || (uint64_t)pa + chunk > s->ram_size) return -1;
+        memcpy(out, s->ram + pa, chunk);
+        out += chunk; lin += chunk; n -= chunk;
+    }
+    return 0;
+}
+
+/* all pages are translated before the first byte is written: a fault leaves memory as it was */
+static int vwrite(emu_state *s, uint64_t lin, const void *src, uint32_t n) {
+    int64_t pa[2]; uint32_t len[2]; int parts = 0;
+    uint64_t l = lin; uint32_t left = n;
+    while (left) {
+        if (parts == 2) return -1;
+        uint32_t chunk = 0x1000 - (l & 0xfff);
+        if (chunk > left) chunk = left;
+        pa[parts] = translate(s, l, 1);
+        if (pa[parts] < 0 || (uint64_t)pa[parts] + chunk > s->ram_size) return -1;
+        len[parts++] = chunk; l += chunk; left -= chunk;
+    }
+    const uint8_t *in = (const uint8_t *)src;
+    for (int i = 0; i < parts; i++) {
+        memcpy(s->ram + pa[i], in, len[i]);
+        s->host_dirty[pa[i] >> 12] = 1;
+        s->host_dirty[(pa[i] + len[i] - 1) >> 12] = 1;
+        in += len[i];
+    }
+    return 0;
+}
+
+static int descriptor(emu_state *s, uint32_t selector, uint64_t *base, uint32_t *limit, uint32_t *flags) {
+    uint32_t gdt_limit = cx32(s, s->off_gdt + 16);
+    uint64_t gdt_base = cx64(s, s->off_gdt + 8);
+    uint32_t index = selector & ~7u, d[2];
+    if ((selector & 4) || index == 0 || index + 7 > gdt_limit) return -1;
+    if (vread(s, gdt_base + index, d, 8)) return -1;
+    *base = (d[0] >> 16) | ((d[1] & 0xff) << 16) | (d[1] & 0xff000000u);
+    *limit = (d[0] & 0xffff) | (d[1] & 0x000f0000u);
+    if (d[1] & DESC_G) *limit = (*limit << 12) | 0xfff;
+    *flags = d[1];
+    return 0;
+}
+
+/* QEMU's cpu_x86_load_seg_cache() for CS and SS: the cache and the derived hflags */
+static void load_seg(emu_state *s, int i, uint32_t sel, uint64_t base, uint32_t limit, uint32_t flags) {
+    segcache *c = seg(s, i);
+    c->selector = sel; c->base = base; c->limit = limit; c->flags = flags;
+    uint32_t hf = cx32(s, s->off_hflags);
+    uint64_t cr0 = cx64(s, s->off_cr), eflags = cx64(s, s->off_eflags);
+    if (i == SEG_CS) {
+        if ((hf & HF_LMA) && (flags & DESC_L)) hf = (hf | HF_CS32 | HF_SS32 | HF_CS64) & ~HF_ADDSEG;
+        else hf = (hf & ~(HF_CS32 | HF_CS64)) | ((flags & DESC_B) >> (22 - 4));
+    }
+    if (i == SEG_SS) hf = (hf & ~HF_CPL_MASK) | ((flags >> 13) & 3);
+    uint32_t derived = (seg(s, SEG_SS)->flags & DESC_B) >> (22 - 5);
+    if (!(hf & HF_CS64)) {
+        if (!(cr0 & 1) || (eflags & (1u << 17)) || !(hf & HF_CS32)) derived |= HF_ADDSEG;
+        else derived |= (uint32_t)((seg(s, SEG_DS)->base | seg(s, SEG_ES)->base | seg(s, SEG_SS)->base) != 0) << 6;
+    }
+    hf = (hf & ~(HF_SS32 | HF_ADDSEG)) | derived;
+    memcpy(cx(s, s->off_hflags), &hf, 4);
+}
+
+int deliver_fast(emu_state *s, void *uc, int vector, int software, uint64_t return_ip, int push_error,
+                 uint32_t error_code) {
+    if (s->context_save(uc, s->ctx)) return 1;
+    uint32_t hf = cx32(s, s->off_hflags), cpl = hf & HF_CPL_MASK;
+    uint64_t cr0 = cx64(s, s->off_cr);
+    uint64_t eflags_raw = cx64(s, s->off_eflags);
+    if (!(cr0 & 1) || (eflags_raw & (1u << 17))) return 1;            /* real or vm86 mode */
+    int long_mode = (hf & HF_LMA) != 0;
+    int gate_size = long_mode ? 16 : 8;
+    uint64_t idt_base = cx64(s, s->off_idt + 8);
+    uint32_t idt_limit = cx32(s, s->off_idt + 16);
+    if ((uint32_t)vector * gate_size + gate_size - 1 > idt_limit) return 1;
+    uint32_t g[4] = {0, 0, 0, 0};
+    if (vread(s, idt_base + (uint64_t)vector * gate_size, g, gate_size)) return 1;
+    uint32_t type = (g[1] >> 8) & 0x1f, gate_dpl = (g[1] >> 13) & 3;
+    if (!(g[1] & DESC_P)) return 1;
+    if (long_mode ? (type != 0xe && type != 0xf) : (type != 0xe && type != 0xf)) return 1;
+    if (software && gate_dpl < cpl) return 1;
+    uint32_t selector = g[0] >> 16;
+    uint64_t offset = (g[0] & 0xffff) | (g[1] & 0xffff0000u);
+    if (long_mode) offset |= (uint64_t)g[2] << 32;
+    uint32_t ist = long_mode ? (g[1] & 7) : 0;
+    uint64_t cs_base; uint32_t cs_limit, cs_flags;
+    if (descriptor(s, selector, &cs_base, &cs_limit, &cs_flags)) return 1;
+    if (!(cs_flags & DESC_S) || !(cs_flags & DESC_CS) || !(cs_flags & DESC_P) || (cs_flags & DESC_C)) return 1;
+    if (long_mode && (!(cs_flags & DESC_L) || (cs_flags & DESC_B))) return 1;
+    uint32_t dpl = (cs_flags >> 13) & 3;
+    if (dpl > cpl) return 1;
+    uint64_t rsp = 0, rflags = 0;
+    s->reg_read(uc, s->reg_rsp, &rsp);
+    s->reg_read(uc, s->reg_eflags, &rflags);
+    segcache *tr = (segcache *)cx(s, s->off_tr);
+    uint32_t old_cs = seg(s, SEG_CS)->selector, old_ss = seg(s, SEG_SS)->selector;
+    uint64_t frame[6];
+    int words = 0;
+    uint64_t new_sp, stack_base = 0, sp_mask;
+    int switch_stack = dpl < cpl;
+    segcache new_ss = {0, 0, 0, 0, 0};
+    if (long_mode) {
+        if (ist || switch_stack) {
+            uint32_t slot = ist ? 0x24 + 8 * (ist - 1) : 4 + 8 * dpl;
+            if (slot + 7 > tr->limit || vread(s, tr->base + slot, &new_sp, 8)) return 1;
+        } else new_sp = rsp;
+        new_sp &= ~0xfull;
+        sp_mask = ~0ull;
+        uint64_t w[6] = {old_ss, rsp, rflags, old_cs, return_ip, error_code};
+        words = push_error ? 6 : 5;
+        for (int i = 0; i < words; i++) frame[words - 1 - i] = w[i];
+        new_sp -= 8 * words;
+        if (vwrite(s, new_sp, frame, 8 * words)) return 1;
+        if (switch_stack) { new_ss.selector = dpl; new_ss.flags = dpl << 13; }
+    } else {
+        uint32_t w32[6];
+        if (switch_stack) {
+            if (((tr->flags >> 8) & 0xf) != 9 && ((tr->flags >> 8) & 0xf) != 0xb) return 1;
+            uint32_t slot = 4 + 8 * dpl, pair[2];
+            if (slot + 7 > tr->limit || vread(s, tr->base + slot, pair, 8)) return 1;
+            uint32_t ss_sel = pair[1] & 0xffff;
+            uint64_t ss_base; uint32_t ss_limit, ss_flags;
+            if (!(ss_sel & 0xfffc) || descriptor(s, ss_sel, &ss_base, &ss_limit, &ss_flags)) return 1;
+            if (!(ss_flags & DESC_P)) return 1;
+            new_ss.selector = ss_sel; new_ss.base = ss_base; new_ss.limit = ss_limit; new_ss.flags = ss_flags;
+            stack_base = ss_base;
+            sp_mask = (ss_flags & DESC_B) ? 0xffffffffull : 0xffffull;
+            new_sp = pair[0];
+            uint32_t w[6] = {old_ss, (uint32_t)rsp, (uint32_t)rflags, old_cs, (uint32_t)return_ip, error_code};
+            words = push_error ? 6 : 5;
+            for (int i = 0; i < words; i++) w32[words - 1 - i] = w[i];
+        } else {
+            segcache *ss = seg(s, SEG_SS);
+            stack_base = ss->base;
+            sp_mask = (ss->flags & DESC_B) ? 0xffffffffull : 0xffffull;
+            new_sp = rsp;
+            uint32_t w[4] = {(uint32_t)rflags, old_cs, (uint32_t)return_ip, error_code};
+            words = push_error ? 4 : 3;
+            for (int i = 0; i < words; i++) w32[words - 1 - i] = w[i];
+        }
+        new_sp = (new_sp - 4 * words) & sp_mask;
+        if (vwrite(s, (stack_base + new_sp) & 0xffffffffull, w32, 4 * words)) return 1;
+        new_sp = sp_mask == 0xffffull ? ((rsp & ~0xffffull) | new_sp) : new_sp;
+        if (!switch_stack) new_sp = sp_mask == 0xffffull ? new_sp : (uint32_t)new_sp;
+    }
+    if (switch_stack) load_seg(s, SEG_SS, new_ss.selector, new_ss.base, new_ss.limit, new_ss.flags);
+    load_seg(s, SEG_CS, (selector & 0xfffc) | dpl, cs_base, cs_limit, cs_flags);
+    int32_t none = -1;
+    memcpy(cx(s, s->off_old_exception), &none, 4);
+    if (s->context_restore(uc, s->ctx)) return 1;
+    uint64_t new_flags = rflags & ~((1u << 8) | (1u << 14) | (1u << 16) | (1u << 17));
+    if (!(type & 1)) new_flags &= ~(1ull << 9);
+    s->reg_write(uc, s->reg_rsp, &new_sp);
+    s->reg_write(uc, s->reg_eflags, &new_flags);
+    s->reg_write(uc, s->reg_rip, &offset);
+    s->fast_deliveries++;
+    return 0;
+}
+
+/* Unicorn ends emu_start after hlt with no hook and no flag: it was a hlt when the byte
+   before RIP (through CS and the page tables) is 0xF4.  1 yes, 0 no, -1 unreadable. */
+int after_hlt(emu_state *s, void *uc) {
+    if (s->context_save(uc, s->ctx)) return -1;
+    uint64_t rip = cx64(s, s->off_eip);
+    uint32_t hf = cx32(s, s->off_hflags);
+    uint64_t lin = (hf & HF_LMA) && (hf & HF_CS64) ? rip - 1 : ((seg(s, SEG_CS)->base + rip - 1) & 0xffffffffull);
+    uint8_t byte;
+    if (vread(s, lin, &byte, 1)) return -1;
+    return byte == 0xf4;
 }
 """
 

@@ -103,10 +103,12 @@ class X86Cpu:
         self.exception_counts = {}
         self.insn_invalid = False
         self.stop_requested = False
+        self.running = False  # inside emu_start: only then does a stop request reach the engine
 
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._real_mode_context = bytes(Uc(UC_ARCH_X86, UC_MODE_16).context_save())
         self.ctx = xc.ContextView(self.uc)
+        self._fresh = False  # ctx holds the engine's current state (reads need no engine call)
         self.ctx.load_raw(self._real_mode_context)
         self.ctx.restore()
         self.uc.mem_map_ptr(0, ram.size, UC_PROT_ALL, ram.address)
@@ -153,11 +155,27 @@ class X86Cpu:
         self._c_hook(UC_HOOK_INSN, "on_rdtsc", X.UC_X86_INS_RDTSC)
         self._c_hook(UC_HOOK_INSN, "on_rdtscp", X.UC_X86_INS_RDTSCP)
         self._c_hook(UC_HOOK_BLOCK, "on_block")
+        self._setup_fast_delivery()
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         self._cpuid_table = self._native_cpuid()
+
+    def _setup_fast_delivery(self):
+        """Hand the C delivery path what it needs: our context buffer and its layout, RAM."""
+        s, ffi = self.s, self.ffi
+        s.ctx = ffi.cast("void *", self.ctx.address)
+        s.context_save = ffi.cast("void *", _uc_function_pointer("uc_context_save"))
+        s.context_restore = ffi.cast("void *", _uc_function_pointer("uc_context_restore"))
+        for field in ("regs", "eip", "eflags", "hflags", "segs", "tr", "idt", "gdt", "cr", "old_exception"):
+            setattr(s, f"off_{field}", xc.OFFSETS[field])
+        s.reg_rsp, s.reg_rip, s.reg_eflags = X.UC_X86_REG_RSP, X.UC_X86_REG_RIP, X.UC_X86_REG_EFLAGS
+        s.ram = ffi.cast("uint8_t *", self.ram.address)
+        s.ram_size = self.ram.size
+        s.host_dirty = ffi.cast("uint8_t *", self.ram.host_dirty.ctypes.data)
+        self._uc_handle = ffi.cast("void *", self.uc._uch.value)
+        self.fast_delivery = True
 
     def _callback_error(self, exc_type, exc, tb):
         """An exception inside a C-called Python callback: stop the engine, re-raise later."""
@@ -192,6 +210,8 @@ class X86Cpu:
     # ------------------------------------------------------------------ hooks
     def request_stop(self):
         """Ask the engine to return as soon as possible (from a hook or a device)."""
+        if not self.running:
+            return
         self.stop_requested = True
         if self.icount:
             # deterministic: the block hook stops before the next block (an emu_stop from an
@@ -275,28 +295,45 @@ class X86Cpu:
         self.uc.ctl_flush_tb()
 
     # ------------------------------------------------------------------ registers
+    def snapshot(self):
+        """The engine's state as a :class:`~emu.x86context.ContextView`, saved at most once
+        between changes: the run loop reads RIP, IF, the mode and the control registers
+        from it instead of paying for one engine call per register."""
+        if not self._fresh:
+            self.ctx.save()
+            self._fresh = True
+        return self.ctx
+
+    def _stale(self):
+        self._fresh = False
+
     def reg(self, name):
         return self.uc.reg_read(getattr(X, "UC_X86_REG_" + name.upper()))
 
     def set_reg(self, name, value):
+        self._stale()
         self.uc.reg_write(getattr(X, "UC_X86_REG_" + name.upper()), value)
 
     @property
     def rip(self):
-        return self.uc.reg_read(X.UC_X86_REG_RIP)
+        return self.snapshot().u64("eip")
 
     @property
     def eflags(self):
+        """The full EFLAGS (arithmetic flags are computed lazily by the engine: ask it)."""
         return self.uc.reg_read(X.UC_X86_REG_EFLAGS)
+
+    def interrupts_enabled(self):
+        return bool(self.snapshot().u64("eflags") & EFLAGS_IF)
 
     def mode(self):
         """'real', 'protected32' (or 16-bit PM), 'long64' (or compatibility), 'vm86'."""
-        cr0 = self.uc.reg_read(X.UC_X86_REG_CR0)
-        if not cr0 & CR0_PE:
+        ctx = self.snapshot()
+        if not ctx.u64("cr") & CR0_PE:
             return "real"
-        if self.uc.reg_read(X.UC_X86_REG_EFLAGS) & EFLAGS_VM:
+        if ctx.u64("eflags") & EFLAGS_VM:
             return "vm86"
-        if self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER) & EFER_LMA:
+        if ctx.hflags & xc.HF_LMA:
             return "long64"
         return "protected32"
 
@@ -362,6 +399,7 @@ class X86Cpu:
         self._after_restore()
 
     def _after_restore(self):
+        self._stale()
         self.halted = False
         self.events.clear()
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -376,18 +414,22 @@ class X86Cpu:
         s = self.s
         s.stop_reason = 0
         s.irq_waiting = 1 if interrupt_waiting else 0
+        ctx = self.snapshot()
+        cr2 = ctx.u64("cr", 2)
+        rip = ctx.u64("eip")
         self.stop_requested = False
         s.deadline_ns = deadline_ns
         if self.icount:
             budget = max(1, (deadline_ns - self.clock.now() + self.clock.ns_per_unit - 1) // self.clock.ns_per_unit)
             s.icount_limit = s.icount + budget
-        cr2 = self.uc.reg_read(X.UC_X86_REG_CR2)
-        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        if max_instructions is not None:
+            # a cached block was translated without Unicorn's counting hook: retranslate it
+            linear = self._linear_rip()
+            self.uc.ctl_remove_cache(linear, linear + 1)
+        self._stale()
+        self.running = True
         try:
             if max_instructions is not None:
-                # a cached block was translated without Unicorn's counting hook: retranslate it
-                linear = self._linear_rip()
-                self.uc.ctl_remove_cache(linear, linear + 1)
                 self.uc.emu_start(rip, NEVER, count=max_instructions)
             else:
                 self.uc.emu_start(rip, NEVER)
@@ -395,6 +437,7 @@ class X86Cpu:
             if not self.s.frozen:  # after an exit request the rest of the block does not matter
                 self._engine_error(e)
         finally:
+            self.running = False
             self._repair_after_slice(cr2)
         if self.hook_error is not None:
             err, self.hook_error = self.hook_error, None
@@ -402,12 +445,18 @@ class X86Cpu:
 
     def _repair_after_slice(self, cr2):
         """Unicorn leaves a phantom #PF (CR2, old_exception) after every emu_start: undo it."""
-        ctx = self.ctx.save()
+        ctx = self.snapshot()
+        changed = False
         if ctx.i32("old_exception") != -1:
             ctx.set_i32("old_exception", -1)
-            ctx.restore()
+            changed = True
         pf = [e for e in self.events if e.kind == "exception" and e.vector == PF]
-        self.uc.reg_write(X.UC_X86_REG_CR2, pf[-1].cr2 if pf else cr2)
+        want_cr2 = pf[-1].cr2 if pf else cr2
+        if ctx.u64("cr", 2) != want_cr2:
+            ctx.set_u64("cr", want_cr2, 2)
+            changed = True
+        if changed:
+            ctx.restore()  # the view stays equal to the engine
 
     def _engine_error(self, e):
         if e.errno == UC_ERR_INSN_INVALID:
@@ -422,25 +471,26 @@ class X86Cpu:
         """True when the engine returned because the guest executed ``hlt``."""
         if self.s.stop_reason or self.stop_requested or self.events:
             return False
-        try:
-            return self.read_virtual(self._linear_rip() - 1, 1) == b"\xf4"
-        except Fault:
-            return False
+        result = self.clib.after_hlt(self.s, self._uc_handle)  # reads the context into self.ctx
+        self._fresh = result >= 0
+        return result == 1
 
     def interrupt_shadow(self):
-        return bool(self.ctx.save().hflags & xc.HF_INHIBIT_IRQ)
+        return bool(self.snapshot().hflags & xc.HF_INHIBIT_IRQ)
 
     def can_take_interrupt(self):
-        return bool(self.eflags & EFLAGS_IF) and not self.interrupt_shadow()
+        return self.interrupts_enabled() and not self.interrupt_shadow()
 
     # ------------------------------------------------------------------ memory through the MMU
     def translate(self, linear, write=False, user=False):
         """Linear -> physical through the guest page tables (raises Fault(#PF))."""
-        cr0 = self.uc.reg_read(X.UC_X86_REG_CR0)
+        ctx = self.snapshot()
+        cr0 = ctx.u64("cr", 0)
+        long_mode = bool(ctx.hflags & xc.HF_LMA)
         if not cr0 & CR0_PG:
-            return linear & 0xFFFFFFFF if self.mode() != "long64" else linear
-        cr3 = self.uc.reg_read(X.UC_X86_REG_CR3)
-        cr4 = self.uc.reg_read(X.UC_X86_REG_CR4)
+            return linear if long_mode else linear & 0xFFFFFFFF
+        cr3 = ctx.u64("cr", 3)
+        cr4 = ctx.u64("cr", 4)
         err = (2 if write else 0) | (4 if user else 0)
 
         def fault(present):
@@ -456,7 +506,7 @@ class X86Cpu:
 
         ram = self.ram
         if cr4 & CR4_PAE:
-            if self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER) & EFER_LMA:
+            if long_mode:
                 table = cr3 & 0x000F_FFFF_FFFF_F000
                 levels = ((39, 1), (30, 1 << 30), (21, 1 << 21), (12, 1 << 12))
             else:
@@ -537,6 +587,12 @@ class X86Cpu:
         """Deliver one interrupt or exception; a fault while delivering follows the SDM's
         double-fault table, and a fault while delivering #DF is a triple fault."""
         self.halted = False
+        try:
+            self._deliver_with_fault_rules(vector, external, software, error_code, next_ip)
+        finally:
+            self._stale()
+
+    def _deliver_with_fault_rules(self, vector, external, software, error_code, next_ip):
         while True:
             try:
                 self._deliver_once(vector, external, software, error_code, next_ip)
@@ -544,10 +600,13 @@ class X86Cpu:
                 return
             except Fault as fault:
                 if fault.vector == PF and fault.cr2 is not None:
+                    self._stale()
                     self.uc.reg_write(X.UC_X86_REG_CR2, fault.cr2)
                 if software:
                     # a fault raised by int n / int3 / into points at that instruction
-                    self.uc.reg_write(X.UC_X86_REG_RIP, self._software_interrupt_start(next_ip))
+                    start = self._software_interrupt_start(next_ip)
+                    self._stale()
+                    self.uc.reg_write(X.UC_X86_REG_RIP, start)
                 if vector == DF:
                     raise TripleFault(f"cpu: triple fault: {EXCEPTION_NAMES.get(fault.vector)} while delivering "
                                       f"#DF at RIP={self.rip:#x}") from None
@@ -575,6 +634,11 @@ class X86Cpu:
             self.trace("int", f"deliver {EXCEPTION_NAMES.get(vector, 'vector')} {vector:#x} mode={mode} "
                               f"rip={self.rip:#x} ret={return_ip:#x}"
                               + (f" err={error_code:#x}" if push_error else "") + (" (external)" if external else ""))
+        if self.fast_delivery and mode in ("protected32", "long64"):
+            # the common case in C; anything unusual (a fault on the way...) comes back here
+            if self.clib.deliver_fast(self.s, self._uc_handle, vector, int(bool(software)), return_ip,
+                                      int(push_error), (error_code or 0) & 0xFFFFFFFF) == 0:
+                return
         if mode == "real":
             self._deliver_real(vector, return_ip)
         elif mode == "vm86":
@@ -588,7 +652,7 @@ class X86Cpu:
         _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
         if vector * 4 + 3 > idt_limit:
             raise Fault(GP, vector * 8 + 2)
-        ctx = self.ctx.save()
+        ctx = self.snapshot()
         ss_sel, ss_base, _, _ = ctx.segment("ss")
         cs_sel = ctx.segment("cs")[0]
         sp = self.uc.reg_read(X.UC_X86_REG_SP)
@@ -638,7 +702,7 @@ class X86Cpu:
         return base, limit, flags
 
     def _deliver_protected(self, vector, return_ip, software, push_error, error_code, external):
-        ctx = self.ctx.save()
+        ctx = self.snapshot()
         cpl = ctx.cpl
         raw, low, high, gate_type, gate_dpl, present, ext = self._gate(vector, 8, software, external)
         self._check_gate(vector, gate_type, gate_dpl, present, software, ext, cpl, (6, 7, 0xE, 0xF))
@@ -707,7 +771,7 @@ class X86Cpu:
         self.uc.reg_write(X.UC_X86_REG_RIP, offset)
 
     def _deliver_long(self, vector, return_ip, software, push_error, error_code, external):
-        ctx = self.ctx.save()
+        ctx = self.snapshot()
         cpl = ctx.cpl
         raw, low, high, gate_type, gate_dpl, present, ext = self._gate(vector, 16, software, external)
         self._check_gate(vector, gate_type, gate_dpl, present, software, ext, cpl, (0xE, 0xF))
@@ -758,6 +822,7 @@ class X86Cpu:
         if not efer & EFER_SCE or not efer & EFER_LMA:
             raise Fault(UD)
         next_rip = self.rip
+        self._stale()
         star = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_STAR)
         lstar = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_LSTAR)
         fmask = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_SFMASK)
@@ -773,6 +838,7 @@ class X86Cpu:
         ctx.restore()
         self.uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~EFLAGS_RF)
         self.uc.reg_write(X.UC_X86_REG_RIP, lstar)
+        self._stale()
 
     def disassemble(self, count=4):
         """The next instructions at RIP, for error messages and traces (capstone)."""
@@ -790,4 +856,4 @@ class X86Cpu:
     def _linear_rip(self):
         if self.mode() == "long64":
             return self.rip
-        return (self.ctx.save().segment("cs")[1] + self.rip) & 0xFFFFFFFF
+        return (self.snapshot().segment("cs")[1] + self.rip) & 0xFFFFFFFF

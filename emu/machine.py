@@ -13,7 +13,7 @@ import time
 from . import _emuc
 from .clock import VirtualClock
 from .cpu import UD, Fault, TripleFault, X86Cpu
-from .device import PortBus
+from .device import Device, PortBus
 from .errors import GuestError
 from .memory import GuestRam
 
@@ -40,13 +40,15 @@ class Machine:
         self.cpu = X86Cpu(self.ram, self.ports, self.clock, self.cstate, self.ffi, self.clib,
                           icount=icount, has_lapic=has_lapic, trace=cpu_trace)
         self.devices = []
+        self._polled_devices = []  # the devices that have host-side work between slices
         self.interrupt_controller = None  # has_interrupt() / acknowledge()
         self.exit_status = None
         self.exit_message = None
         self.reset_requested = False
         self.boot = None  # callable that loads images and sets the CPU entry state
         self.selector = selectors.DefaultSelector()
-        self._inputs = {}  # fd -> (backend, consumer, pending bytearray)
+        self._input_states = []  # (backend, consumer, pending bytearray), one per input
+        self._inputs = {}  # fd -> one of _input_states
         self.stats = {"slices": 0, "halts": 0, "interrupts": 0, "exceptions": 0, "resets": 0}
         self.trace_file = sys.stderr
         if "unassigned" in self.trace_categories or "io" in self.trace_categories:
@@ -57,6 +59,8 @@ class Machine:
     def add_device(self, device, ports=(), mmio=None):
         """Attach a device: ``ports`` is a list of (base, count); ``mmio`` a (base, size)."""
         self.devices.append(device)
+        if type(device).poll is not Device.poll:
+            self._polled_devices.append(device)
         for base, count in ports:
             self.ports.register(base, count, device)
             for port in range(base, base + count):
@@ -84,6 +88,7 @@ class Machine:
     def add_input(self, backend, consumer):
         """Host input: bytes read from ``backend`` are offered to ``consumer(data) -> accepted``."""
         state = (backend, consumer, bytearray())
+        self._input_states.append(state)
         for fd in backend.read_fds():
             self._inputs[fd] = state
             self.selector.register(fd, selectors.EVENT_READ, state)
@@ -91,9 +96,9 @@ class Machine:
     def _refresh_inputs(self):
         """A backend's fds can change (a TCP client connects): re-register them."""
         wanted = {}
-        for backend, consumer, pending in {id(s): s for s in self._inputs.values()}.values():
-            for fd in backend.read_fds():
-                wanted[fd] = (backend, consumer, pending)
+        for state in self._input_states:
+            for fd in state[0].read_fds():
+                wanted[fd] = state
         for fd in list(self._inputs):
             if fd not in wanted:
                 try:
@@ -179,8 +184,7 @@ class Machine:
                 now = clock.now()
                 if until_ns is not None and now >= until_ns:
                     return None
-                if self._maybe_deliver_interrupt():
-                    continue
+                self._maybe_deliver_interrupt()  # then run its handler in this same iteration
                 deadline = clock.next_deadline()
                 if cpu.halted:
                     self._idle(deadline, until_ns)
@@ -232,12 +236,13 @@ class Machine:
         intc, cpu = self.interrupt_controller, self.cpu
         if intc is None or not intc.has_interrupt():
             return False
-        if not cpu.eflags & 0x200:
+        if not cpu.interrupts_enabled():
             return False
         if cpu.interrupt_shadow():
             # the instruction after sti / mov ss runs before any interrupt
             self._run_cpu(self.clock.now() + MAX_SLICE_NS, max_instructions=1)
-            return True
+            if self.exit_status is not None or not intc.has_interrupt() or not cpu.interrupts_enabled():
+                return False
         vector = intc.acknowledge()
         if vector is None:
             return False
@@ -267,23 +272,25 @@ class Machine:
 
     def _has_pending_input_work(self):
         intc = self.interrupt_controller
-        return intc is not None and intc.has_interrupt() and self.cpu.eflags & 0x200
+        return intc is not None and intc.has_interrupt() and self.cpu.interrupts_enabled()
 
     def _poll_devices(self):
-        for device in self.devices:
+        for device in self._polled_devices:
             device.poll()
 
     def _service_host_io(self, timeout):
         """Read host input (non-blocking when timeout is 0) and retry held-back bytes."""
-        for _backend, consumer, pending in {id(s): s for s in self._inputs.values()}.values():
+        held_back = False
+        for _backend, consumer, pending in self._input_states:
             if pending:
                 del pending[:consumer(bytes(pending))]
+                held_back = held_back or bool(pending)
+        if held_back:
+            timeout = min(timeout, 0.001)  # the guest may drain its FIFO any moment
         if not self._inputs:
             if timeout:
                 time.sleep(timeout)
             return
-        if any(state[2] for state in self._inputs.values()):
-            timeout = min(timeout, 0.001)
         changed = False
         for key, _ in self.selector.select(timeout):
             backend, consumer, pending = key.data
