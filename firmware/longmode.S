@@ -148,6 +148,10 @@ main:
     mov %eax, %cr0
     ljmp $SEL_KCODE64, $long_entry
 
+    .pushsection .rodata
+str_base_msr_skip: .asciz "SKIP lapic.base_msr: IA32_APIC_BASE reads 0 (not implemented by this CPU)"
+    .popsection
+
 /* ------------------------------------------------------------------ 64-bit kernel */
     .code64
 
@@ -244,7 +248,13 @@ test_lapic_timer:
     call pic_mask_all_64
     mov $MSR_APIC_BASE, %ecx
     rdmsr
-    push %rax
+    test %eax, %eax                 /* 0: a CPU without the IA32_APIC_BASE MSR (Unicorn) */
+    jnz 1f
+    mov $str_base_msr_skip, %esi
+    call puts_64
+    call put_crlf_64
+    jmp 2f
+1:  push %rax
     and $0xfffff000, %eax
     mov $LAPIC_BASE, %edx
     CHECK lapic.base_msr
@@ -253,6 +263,7 @@ test_lapic_timer:
     mov $MSR_APIC_BASE, %ecx
     xor %edx, %edx
     wrmsr
+2:
     mov $LAPIC_BASE, %ebx
     movl $0, LAPIC_TPR(%rbx)
     movl $0x100 | VEC_SPURIOUS, LAPIC_SVR(%rbx)

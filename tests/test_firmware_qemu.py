@@ -6,65 +6,12 @@ second, idle-default waits two virtual seconds).  Skipped when qemu-system-x86_6
 installed (`apt-get install qemu-system-x86`, or `make deps`).
 """
 
-import os
 import pathlib
-import select
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 from conftest import ROOT, firmware, qemu_binary
-from firmware_cases import CASES, CASES_BY_NAME, compute_result, qemu_command
-
-
-@dataclass
-class QemuRun:
-    output: bytes
-    status: int | None
-    seconds: float
-    timed_out: bool
-    stderr: bytes
-
-
-def run_on_qemu(case, qemu):
-    """Boot case on QEMU, type its input once the ready marker shows, wait for the exit."""
-    started = time.monotonic()
-    proc = subprocess.Popen(qemu_command(case, ROOT, qemu), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    output = bytearray()
-    sent = not case.input
-    timed_out = False
-    deadline = started + case.timeout
-    fd = proc.stdout.fileno()
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if not readable:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            output += chunk
-            if not sent and case.input_after in output:
-                proc.stdin.write(case.input)
-                proc.stdin.flush()
-                sent = True
-    finally:
-        if timed_out:
-            proc.kill()
-        status = proc.wait(timeout=10)
-        proc.stdin.close()
-        stderr = proc.stderr.read()
-        proc.stdout.close()
-        proc.stderr.close()
-    return QemuRun(bytes(output), None if timed_out else status, time.monotonic() - started,
-                   timed_out, stderr)
+from firmware_cases import CASES, CASES_BY_NAME, compute_result, qemu_command, run_guest
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +24,7 @@ def qemu_runs():
         firmware(pathlib.Path(case.image).name)
     longest_first = sorted(CASES, key=lambda case: not case.slow)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        runs = pool.map(lambda case: run_on_qemu(case, qemu), longest_first)
+        runs = pool.map(lambda case: run_guest(qemu_command(case, ROOT, qemu), case), longest_first)
         return {case.name: run for case, run in zip(longest_first, runs, strict=True)}
 
 
