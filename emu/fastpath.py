@@ -88,3 +88,26 @@ class UartFastPath(Device):
             s.out_kind[self.base + THR_OFFSET] = clib.OUT_PYTHON
             s.in_kind[self.base + LSR_OFFSET] = clib.IN_PYTHON
         self.fast = fast
+
+
+class PostCodeFastPath:
+    """Port 0x80 in C: Linux writes it as an I/O delay around slow port accesses, so it is
+    the hottest port of all.  Byte writes land in the C state's ``out_last[0x80]``; the
+    model's ``last_post_code`` is brought up to date before its state is saved or traced
+    (:meth:`to_model`) and pushed back after a load (:meth:`from_model`)."""
+
+    PORT = 0x80
+
+    def __init__(self, device, cstate, clib):
+        self.device = device
+        self.s = cstate
+        cstate.out_kind[self.PORT] = clib.OUT_STORE
+        cstate.in_kind[self.PORT] = clib.IN_CONST
+        cstate.in_value[self.PORT] = device.io_read(0, 1)
+        self.from_model()
+
+    def to_model(self):
+        self.device.last_post_code = self.s.out_last[self.PORT]
+
+    def from_model(self):
+        self.s.out_last[self.PORT] = self.device.last_post_code & 0xFF

@@ -41,6 +41,7 @@ class Machine:
                           icount=icount, has_lapic=has_lapic, trace=cpu_trace)
         self.devices = []
         self._polled_devices = []  # the devices that have host-side work between slices
+        self.fast_paths = []  # C shortcuts that hold device state: to_model() / from_model()
         self.interrupt_controller = None  # has_interrupt() / acknowledge()
         self.exit_status = None
         self.exit_message = None

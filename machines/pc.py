@@ -16,13 +16,14 @@ local APIC         0xfee00000 (MMIO)    -      emu.apic
 =================  ===================  =====  ==========================================
 """
 
+import sys
 import time
 
 from emu import chardev, loaders
 from emu.apic import LocalApic
 from emu.debugexit import IsaDebugExit
 from emu.errors import ConfigError
-from emu.fastpath import UartFastPath
+from emu.fastpath import PostCodeFastPath, UartFastPath
 from emu.fw_cfg import FwCfg
 from emu.i8254 import Pit8254, SystemControlPortB
 from emu.i8259 import Pic8259Pair
@@ -69,15 +70,16 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     clock = machine.clock
 
     pic = Pic8259Pair(int_output=lambda level: machine.notify_interrupt() if level else None)
-    for base, count, part in pic.port_ranges():
+    for part, base, count in pic.port_devices():
         machine.add_device(part, [(base, count)])
-    pit = Pit8254("pit", irq=pic.irq_line(0), clock=clock)
+    machine.pic = pic
+    pit = Pit8254(clock, irq=pic.irq_line(0))
     machine.add_device(pit, [(0x40, 4)])
-    machine.add_device(SystemControlPortB("port61", pit=pit, clock=clock), [(0x61, 1)])
+    machine.add_device(SystemControlPortB(pit, clock), [(0x61, 1)])
 
     if rtc_base is None:
         rtc_base = DETERMINISTIC_RTC_BASE if icount_shift is not None else int(time.time())
-    machine.add_device(Mc146818Rtc("rtc", irq=pic.irq_line(8), clock=clock, base_time=rtc_base,
+    machine.add_device(Mc146818Rtc("rtc@0x70", irq=pic.irq_line(8), clock=clock, base_time=rtc_base,
                                    ram_size=ram_size), [(0x70, 2)])
 
     if len(serial) > len(SERIAL_PORTS):
@@ -96,11 +98,12 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
         front.sync()
 
     machine.add_device(IsaDebugExit("debugexit@0xf4", on_exit=machine.request_exit), [(0xF4, 4)])
-    machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
+    post = machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
+    machine.fast_paths.append(PostCodeFastPath(post, machine.cstate, machine.clib))
     machine.add_device(SystemControlPortA("port92", on_reset=machine.request_reset), [(0x92, 1)])
     cmdline = append or ""
-    fw_cfg = FwCfg("fw_cfg", ram_size=ram_size, cmdline=cmdline.encode())
-    machine.add_device(fw_cfg, [(0x510, 2)])
+    fw_cfg = FwCfg("fw_cfg@0x510", ram_size=ram_size, cmdline=cmdline.encode(), dma_memory=machine.ram)
+    machine.add_device(fw_cfg, fw_cfg.port_ranges())
 
     local_apic = None
     if lapic:
@@ -117,7 +120,6 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
 def _boot_function(kernel, append, initrd, bios, flat):
     """Load the images; called at creation and again on every system reset (like QEMU's ROM reset)."""
     bios_rom = loaders.load_bios(bios) if bios else None
-    modules = [m for m in initrd.split(",")] if initrd else []
     if flat:
         path, _, address = flat.rpartition("@")
         try:
@@ -125,6 +127,7 @@ def _boot_function(kernel, append, initrd, bios, flat):
         except ValueError:
             raise ConfigError(f"-flat: bad address in {flat!r} (expected FILE@0xADDRESS)") from None
     mapped = {"rom": False}
+    notes_shown = []
 
     def boot(machine):
         entry = None
@@ -138,7 +141,11 @@ def _boot_function(kernel, append, initrd, bios, flat):
             mapped["rom"] = True
             entry = None  # the CPU's reset state F000:FFF0 is the BIOS entry
         if kernel:
-            entry = loaders.load_kernel(machine.ram, kernel, append, modules)
+            entry = loaders.load_kernel(machine.ram, kernel, append, initrd or "")
+            if not notes_shown:
+                for note in entry.notes:
+                    print(f"emu: {note}", file=sys.stderr)
+                notes_shown.append(True)
         elif flat:
             entry = loaders.load_flat(machine.ram, path, flat_address)
         if entry is not None:
