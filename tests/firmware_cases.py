@@ -284,6 +284,9 @@ CASES = [
         input=b"".join(line + b"\r\n" for line in SERVICE_LINES), input_after=b"service ready\r\n",
         expect_regex=service_transcript(SERVICE_LINES)),
     FirmwareCase("idle", "firmware/build/idle.elf", append="ticks=20", expect=b"idle ticks=20\r\n"),
+    FirmwareCase("portio", "firmware/build/portio.elf", append="n=5000", expect=b"portio n=5000\r\n"),
+    FirmwareCase("serialout", "firmware/build/serialout.elf", append="bytes=150",
+                 expect=(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n" * 3)[:150]),
     FirmwareCase("idle-default", "firmware/build/idle.elf", expect=b"idle ticks=200\r\n", slow=True),
 ]
 
