@@ -164,7 +164,6 @@ class LocalApic(Device):
         self.bsp = bool(bsp)
         self.phys_addr_bits = phys_addr_bits
         self.timer = clock.new_timer(self._on_timer, f"{name} timer")
-        self._timer_expiry = None  # derived: the deadline ``timer`` is armed for
         # host-side diagnostics, not guest state: what we were asked to do and did not
         self.ignored_messages = {}
         self.last_ignored_message = None
@@ -194,7 +193,6 @@ class LocalApic(Device):
         self.initial_count = 0
         self.initial_count_load_time = 0
         self.timer.cancel()
-        self._timer_expiry = None
 
     # ------------------------------------------------------------------ state predicates
     @property
@@ -566,18 +564,15 @@ class LocalApic(Device):
         if deadline is not None and after_expiry and self._periodic():
             if (self.initial_count + 1) << self.count_shift < MIN_PERIODIC_IRQ_INTERVAL_NS:
                 deadline = self._next_expiry_after(t + MIN_PERIODIC_IRQ_INTERVAL_NS - 1)
-        self._timer_expiry = deadline
         if deadline is None:
             self.timer.cancel()
         else:
             self.timer.arm(deadline)
 
     def _on_timer(self):
-        expiry = self._timer_expiry
-        now = self.clock.now()
         self._local_deliver(LVT_TIMER)
         # Periods that passed while the host was behind coalesce into the one IRR bit.
-        self._arm_timer(now if expiry is None else max(expiry, now), after_expiry=True)
+        self._arm_timer(self.clock.now(), after_expiry=True)
 
     # ------------------------------------------------------------------ state
     def _post_load(self, version_id):
@@ -615,7 +610,6 @@ class LocalApic(Device):
             if deadline <= self.initial_count_load_time:
                 bad("timer", f"deadline {deadline} is not after the count load time {self.initial_count_load_time}")
         self.count_shift = count_shift_for(self.divide_config)
-        self._timer_expiry = deadline
 
     VMSTATE = VMStateDescription(
         "apic", version_id=1, minimum_version_id=1,

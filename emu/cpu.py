@@ -104,6 +104,7 @@ class X86Cpu:
         self.insn_invalid = False
         self.stop_requested = False
         self.running = False  # inside emu_start: only then does a stop request reach the engine
+        self._counted_slice_start = None  # RIP before a slice limited by an instruction count
 
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._real_mode_context = bytes(Uc(UC_ARCH_X86, UC_MODE_16).context_save())
@@ -417,6 +418,7 @@ class X86Cpu:
         ctx = self.snapshot()
         cr2 = ctx.u64("cr", 2)
         rip = ctx.u64("eip")
+        self._counted_slice_start = rip if max_instructions is not None else None
         self.stop_requested = False
         s.deadline_ns = deadline_ns
         if self.icount:
@@ -471,6 +473,8 @@ class X86Cpu:
         """True when the engine returned because the guest executed ``hlt``."""
         if self.s.stop_reason or self.stop_requested or self.events:
             return False
+        if self._counted_slice_start is not None and self.rip != self._counted_slice_start + 1:
+            return False  # a counted slice ends by itself: only a 1-byte instruction can be the hlt
         result = self.clib.after_hlt(self.s, self._uc_handle)  # reads the context into self.ctx
         self._fresh = result >= 0
         return result == 1

@@ -498,6 +498,15 @@ def test_timer_counts_while_masked_and_unmasking_arms_it(board):
     assert board.notified == [1001]
 
 
+def test_unmasking_while_the_count_reads_zero_still_fires(board):
+    start_timer(board, 1000, lvt=MASKED | 0x30)
+    board.clock.step(1000)
+    assert board.r(CURRENT_COUNT) == 0
+    board.w(LVT_TIMER, 0x30)
+    board.clock.step(1)
+    assert board.notified == [1001]
+
+
 def test_unmasking_after_one_shot_expiry_does_not_fire(board):
     start_timer(board, 1000, lvt=MASKED | 0x30)
     board.clock.step(5000)
