@@ -107,7 +107,7 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
 
     local_apic = None
     if lapic:
-        local_apic = LocalApic("lapic", clock, notify=machine.notify_interrupt)
+        local_apic = LocalApic("lapic@0xfee00000", clock, notify=machine.notify_interrupt)
         machine.add_device(local_apic, mmio=(LAPIC_BASE, 0x1000))
     machine.interrupt_controller = InterruptRouter(pic, local_apic)
 
