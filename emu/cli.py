@@ -9,7 +9,7 @@ import os
 import pathlib
 import sys
 
-from .errors import ConfigError, EmuError
+from .errors import ConfigError, EmuError, StateError
 
 TRACE_CATEGORIES = {
     "int": "interrupt and exception delivery",
@@ -46,6 +46,9 @@ def _run_parser():
     p.add_argument("-monitor", metavar="DEV", help="accepted for QEMU compatibility ('none')")
     p.add_argument("-no-lapic", action="store_true", help="build the machine without a local APIC")
     p.add_argument("-rtc-base", metavar="EPOCH", type=int, help="RTC start time (seconds since 1970, UTC)")
+    p.add_argument("-savevm-at", nargs=2, metavar=("MS", "FILE"),
+                   help="after MS milliseconds of guest time, save a snapshot to FILE and go on")
+    p.add_argument("-loadvm", metavar="FILE", help="start from a snapshot saved with -savevm-at")
     return p
 
 
@@ -107,11 +110,44 @@ def build_from_args(args):
     )
 
 
+def _savevm_at(args):
+    if args.savevm_at is None:
+        return None
+    ms, path = args.savevm_at
+    try:
+        when = float(ms)
+    except ValueError:
+        raise ConfigError(f"-savevm-at: bad time {ms!r} (milliseconds of guest time)") from None
+    if when < 0:
+        raise ConfigError(f"-savevm-at: negative time {ms!r}")
+    return int(when * 1_000_000), path
+
+
 def cmd_run(argv):
     args = _run_parser().parse_args(argv)
+    savevm = _savevm_at(args)
+    snapshot = None
+    if args.loadvm is not None:
+        try:
+            with open(args.loadvm, "rb") as f:
+                snapshot = f.read()
+        except OSError as e:
+            raise ConfigError(f"-loadvm: cannot read {args.loadvm!r}: {e.strerror}") from None
     machine = build_from_args(args)
     try:
-        status = machine.run()
+        if snapshot is not None:
+            try:
+                machine.load_state(snapshot)
+            except StateError as e:
+                raise ConfigError(f"-loadvm: {args.loadvm}: {e}") from None
+        status = None
+        if savevm is not None:
+            status = machine.run(until_ns=savevm[0])
+            if status is None:
+                with open(savevm[1], "wb") as f:
+                    f.write(machine.save_state(ram_pages="all"))
+        if status is None:
+            status = machine.run()
     except KeyboardInterrupt:
         status = 130
     finally:

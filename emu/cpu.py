@@ -19,7 +19,7 @@ import struct
 
 from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
                      UC_ERR_READ_UNMAPPED,
-                     UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
+                     UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_MEM_WRITE,
                      UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_16,
                      UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc, UcError)
 from unicorn import x86_const as X
@@ -162,6 +162,13 @@ class X86Cpu:
         self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         self._cpuid_table = self._native_cpuid()
+
+    def add_c_memory_write_hook(self, fn_name, begin, end):
+        return self._c_hook(UC_HOOK_MEM_WRITE, fn_name, begin=begin, end=end)
+
+    def remove_hook(self, handle):
+        uclib.uc_hook_del(self.uc._uch, handle)
+        self._keep.remove(handle)
 
     def _setup_fast_delivery(self):
         """Hand the C delivery path what it needs: our context buffer and its layout, RAM."""

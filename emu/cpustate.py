@@ -26,7 +26,7 @@ MSRS = {
     **{f"mtrr_fix4k_{0xC0000 + 0x8000 * i:05x}": 0x268 + i for i in range(8)},
     **{f"mtrr_phys{'base' if i % 2 == 0 else 'mask'}{i // 2}": 0x200 + i for i in range(16)},
 }
-X87 = [f"st{i}" for i in range(8)]
+X87 = [f"fp{i}" for i in range(8)]  # the physical x87 registers (mantissa, exponent)
 XMM = [f"xmm{i}" for i in range(16)]
 
 

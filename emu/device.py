@@ -38,6 +38,10 @@ class Device:
     def poll(self):
         """Service host-side backends between CPU slices (optional)."""
 
+    def state_objects(self):
+        """The objects whose ``VMSTATE`` make up this device's guest-visible state."""
+        return [self] if self.VMSTATE is not None else []
+
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
 

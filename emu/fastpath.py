@@ -31,6 +31,9 @@ class UartFastPath(Device):
         self.fast = False
         cstate.out_last[base + THR_OFFSET] = ring
 
+    def state_objects(self):
+        return [self.uart]
+
     # the machine registers this object on the UART's 8 ports
     def io_read(self, offset, size):
         self.drain()

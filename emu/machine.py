@@ -10,11 +10,13 @@ import selectors
 import sys
 import time
 
-from . import _emuc
+import numpy as np
+
+from . import _emuc, machinestate
 from .clock import VirtualClock
 from .cpu import UD, Fault, TripleFault, X86Cpu
 from .device import Device, PortBus
-from .errors import GuestError
+from .errors import EmuError, GuestError
 from .memory import GuestRam
 
 MAX_SLICE_NS = 10_000_000  # host input is looked at least every 10 ms of guest time
@@ -42,6 +44,10 @@ class Machine:
         self.devices = []
         self._polled_devices = []  # the devices that have host-side work between slices
         self.fast_paths = []  # C shortcuts that hold device state: to_model() / from_model()
+        self.after_load = []  # board hooks run once all state is loaded (re-drive IRQ lines)
+        self.pause_requested = False
+        self._dirty_hook = None
+        self._dirty_map = None
         self.interrupt_controller = None  # has_interrupt() / acknowledge()
         self.exit_status = None
         self.exit_message = None
@@ -122,6 +128,59 @@ class Machine:
         self.reset_requested = True
         self.cpu.request_stop()
 
+    # ------------------------------------------------------------------ replication surface
+    def pause(self):
+        """Make run() return at the next slice boundary (guest time stops with it)."""
+        self.pause_requested = True
+        self.cpu.request_stop()
+
+    def resume(self):
+        """Allow run() to continue; call run() again to let the guest go on."""
+        self.pause_requested = False
+
+    def save_state(self, ram_pages=None):
+        """Device state (CPU, clock, devices) as a checked stream; RAM pages if asked
+        ("all" or page numbers).  Never changes the machine."""
+        return machinestate.save(self, ram_pages)
+
+    def load_state(self, data):
+        """Load a stream from :meth:`save_state`; rejected whole, machine untouched, if bad."""
+        machinestate.load(self, data)
+
+    def save_ram(self, pages):
+        return machinestate.save_ram(self, pages)
+
+    def load_ram(self, data):
+        return machinestate.load_ram(self, data)
+
+    def state_digest(self):
+        return machinestate.digest(self)
+
+    def start_dirty_log(self):
+        """Track every page written from now on, by the CPU (C write hook) or the host."""
+        if self._dirty_hook is not None:
+            return
+        self._dirty_map = np.zeros(self.ram.npages, dtype=np.uint8)
+        self.cstate.dirty_map = self.ffi.cast("uint8_t *", self._dirty_map.ctypes.data)
+        self.cstate.ram_pages = self.ram.npages
+        self.ram.host_dirty[:] = 0
+        self._dirty_hook = self.cpu.add_c_memory_write_hook("on_mem_write", 0, self.ram.size - 1)
+
+    def dirty_pages(self):
+        """Page numbers written since the last call (or the start); clears the log."""
+        if self._dirty_hook is None:
+            raise EmuError("machine: the dirty log is not running")
+        out = np.empty(self.ram.npages, dtype=np.uint32)
+        n = self.clib.collect_dirty(self.ffi.cast("uint8_t *", self._dirty_map.ctypes.data),
+                                    self.ffi.cast("uint8_t *", self.ram.host_dirty.ctypes.data),
+                                    self.ram.npages, self.ffi.cast("uint32_t *", out.ctypes.data))
+        return out[:n].copy()
+
+    def stop_dirty_log(self):
+        if self._dirty_hook is not None:
+            self.cpu.remove_hook(self._dirty_hook)
+            self._dirty_hook = None
+
     def notify_interrupt(self):
         """A device raised an interrupt: end the CPU slice so that it is delivered promptly."""
         self.cpu.request_stop()
@@ -184,6 +243,8 @@ class Machine:
                     break
                 now = clock.now()
                 if until_ns is not None and now >= until_ns:
+                    return None
+                if self.pause_requested:
                     return None
                 self._maybe_deliver_interrupt()  # then run its handler in this same iteration
                 deadline = clock.next_deadline()

@@ -76,11 +76,13 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     pit = Pit8254(clock, irq=pic.irq_line(0))
     machine.add_device(pit, [(0x40, 4)])
     machine.add_device(SystemControlPortB(pit, clock), [(0x61, 1)])
+    machine.after_load.append(pit.sync_irq)
 
     if rtc_base is None:
         rtc_base = DETERMINISTIC_RTC_BASE if icount_shift is not None else int(time.time())
-    machine.add_device(Mc146818Rtc("rtc@0x70", irq=pic.irq_line(8), clock=clock, base_time=rtc_base,
-                                   ram_size=ram_size), [(0x70, 2)])
+    rtc = Mc146818Rtc("rtc@0x70", irq=pic.irq_line(8), clock=clock, base_time=rtc_base, ram_size=ram_size)
+    machine.add_device(rtc, [(0x70, 2)])
+    machine.after_load.append(lambda: rtc.irq.set_level(rtc.irq_level()))
 
     if len(serial) > len(SERIAL_PORTS):
         raise ConfigError(f"-serial: at most {len(SERIAL_PORTS)} serial ports")
@@ -96,6 +98,7 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
         machine.add_input(backend, front.receive)
         machine.serial_backends.append(backend)
         front.sync()
+        machine.after_load += [uart.refresh_irq, front.sync]
 
     machine.add_device(IsaDebugExit("debugexit@0xf4", on_exit=machine.request_exit), [(0xF4, 4)])
     post = machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
@@ -110,6 +113,7 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
         local_apic = LocalApic("lapic@0xfee00000", clock, notify=machine.notify_interrupt)
         machine.add_device(local_apic, mmio=(LAPIC_BASE, 0x1000))
     machine.interrupt_controller = InterruptRouter(pic, local_apic)
+    machine.after_load.append(pic.sync_outputs)  # last: the inputs above are driven by now
 
     machine.boot = _boot_function(kernel=kernel, append=append, initrd=initrd, bios=bios, flat=flat)
     machine.reset()
