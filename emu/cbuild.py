@@ -88,6 +88,7 @@ uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *
 int deliver_fast(emu_state *s, void *uc, int vector, int software, uint64_t return_ip, int push_error,
                  uint32_t error_code);
 int after_hlt(emu_state *s, void *uc);
+uint64_t mark_nonzero_pages(const uint8_t *ram, const int64_t *pages, uint64_t n, uint8_t *out);
 """
 
 SOURCE = r"""
@@ -492,6 +493,21 @@ int after_hlt(emu_state *s, void *uc) {
     uint8_t byte;
     if (vread(s, lin, &byte, 1)) return -1;
     return byte == 0xf4;
+}
+
+/* out[i] = 1 when page pages[i] holds any non-zero byte; stops at the first one found. */
+uint64_t mark_nonzero_pages(const uint8_t *ram, const int64_t *pages, uint64_t n, uint8_t *out) {
+    uint64_t count = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        const uint64_t *w = (const uint64_t *)(ram + ((uint64_t)pages[i] << 12));
+        uint8_t any = 0;
+        for (int k = 0; k < 512; k += 8) {
+            if (w[k] | w[k + 1] | w[k + 2] | w[k + 3] | w[k + 4] | w[k + 5] | w[k + 6] | w[k + 7]) { any = 1; break; }
+        }
+        out[i] = any;
+        count += any;
+    }
+    return count;
 }
 """
 

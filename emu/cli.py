@@ -145,7 +145,7 @@ def cmd_run(argv):
             status = machine.run(until_ns=savevm[0])
             if status is None:
                 with open(savevm[1], "wb") as f:
-                    f.write(machine.save_state(ram_pages="all"))
+                    machine.save_state(ram_pages="all", out=f)
         if status is None:
             status = machine.run()
     except KeyboardInterrupt:

@@ -138,10 +138,11 @@ class Machine:
         """Allow run() to continue; call run() again to let the guest go on."""
         self.pause_requested = False
 
-    def save_state(self, ram_pages=None):
+    def save_state(self, ram_pages=None, out=None):
         """Device state (CPU, clock, devices) as a checked stream; RAM pages if asked
-        ("all" or page numbers).  Never changes the machine."""
-        return machinestate.save(self, ram_pages)
+        ("all" or page numbers); written to the binary file ``out`` if given.  Never
+        changes the machine."""
+        return machinestate.save(self, ram_pages, out)
 
     def load_state(self, data):
         """Load a stream from :meth:`save_state`; rejected whole, machine untouched, if bad."""

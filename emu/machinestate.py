@@ -55,8 +55,9 @@ def _prepare(machine):
         device.poll()
 
 
-def save(machine, ram_pages=None):
-    """The machine's state as one stream; ``ram_pages``: None (no RAM), "all" or page numbers."""
+def save(machine, ram_pages=None, out=None):
+    """The machine's state as one stream; ``ram_pages``: None (no RAM), "all" or page numbers.
+    With ``out`` (a binary file) the stream is written there and its size returned."""
     _prepare(machine)
     writer = snapshot.StreamWriter(machine.machine_type, machine.ram.size)
     writer.device("cpu", 0, CPU_VMSTATE.version_id, CPU_VMSTATE.save(CpuState(machine.cpu)))
@@ -67,7 +68,7 @@ def save(machine, ram_pages=None):
         if isinstance(ram_pages, str) and ram_pages == "all":
             ram_pages = np.arange(machine.ram.npages)
         writer.ram(machine.ram.buf, ram_pages)
-    return writer.finish()
+    return writer.finish(out)
 
 
 def decode(machine, data):
@@ -92,18 +93,15 @@ def decode(machine, data):
 
 
 def apply(machine, parsed, decoded):
-    """Write a decoded stream into the machine (it must not be running)."""
+    """Write a decoded stream into the machine (it must not be running).
+
+    Device state goes first, RAM last: only a device's post_load can still refuse, and
+    then no page has been written yet."""
     cpu_state = CpuState.__new__(CpuState)
     cpu_state.cpu = machine.cpu
     CPU_VMSTATE.apply(cpu_state, decoded[("cpu", 0)])
     clock_state = ClockState()
     CLOCK_VMSTATE.apply(clock_state, decoded[("clock", 0)])
-    if parsed.ram_pages is not None:
-        pages, data, zero = parsed.ram_pages
-        view = machine.ram.buf.reshape(-1, PAGE_SIZE)
-        data[zero] = 0
-        view[pages] = data
-        machine.ram.host_dirty[pages] = 1
     cpu_state.apply()  # sets the work counter the deterministic clock is based on
     machine.clock.set_now(clock_state.now_ns)
     for name, obj in state_objects(machine):
@@ -112,14 +110,20 @@ def apply(machine, parsed, decoded):
         fast.from_model()
     for hook in machine.after_load:
         hook()
+    if parsed.ram_pages is not None:
+        _write_pages(machine, parsed.ram_pages)
+
+
+def _write_pages(machine, ram_pages):
+    ram_pages.write_into(machine.ram.buf)
+    machine.ram.host_dirty[ram_pages.pages] = 1
     machine.cpu.uc.ctl_flush_tb()
 
 
 def load(machine, data):
     """Load a stream; on any error the machine is left exactly as it was."""
     parsed, decoded = decode(machine, data)
-    pages = parsed.ram_pages[0] if parsed.ram_pages is not None else None
-    rollback = save(machine, ram_pages=pages)
+    rollback = save(machine)  # device state only: RAM is written last, after every check
     try:
         apply(machine, parsed, decoded)
     except Exception:
@@ -141,12 +145,8 @@ def load_ram(machine, data):
         raise StateError(f"RAM stream carries device sections: {sorted(k[0] for k in parsed.devices)}")
     if parsed.ram_pages is None:
         raise StateError("RAM stream has no RAM section")
-    pages, data_rows, zero = parsed.ram_pages
-    data_rows[zero] = 0
-    machine.ram.buf.reshape(-1, PAGE_SIZE)[pages] = data_rows
-    machine.ram.host_dirty[pages] = 1
-    machine.cpu.uc.ctl_flush_tb()
-    return len(pages)
+    _write_pages(machine, parsed.ram_pages)
+    return len(parsed.ram_pages.pages)
 
 
 def digest(machine):

@@ -7,21 +7,23 @@ Layout (all integers big-endian; the full description is ``docs/state-format.md`
              version u32 | payload length u64 | payload | footer u32 0x454e4421 ("END!") |
              section index u32
     ...
-    end      kind u8 0xff | SHA-256 over every byte before it (32 bytes)
+    end      kind u8 0xff | XXH3-128 over every byte before it (16 bytes, big-endian)
 
-A RAM payload is: page size u32 | page count u32 | per page: page number u32, encoding u8
-(0 zero page, 1 raw 4 KiB follow).  Zero pages cost five bytes.
+A RAM payload is: page size u32 | page count N u32 | N page numbers u32 | N encodings u8
+(0 zero page, 1 data) | the 4 KiB of every data page, in list order.  Zero pages cost five
+bytes, and both directions are whole-array operations.
 
 Reading is two steps: :func:`parse` checks the whole stream (magic, version, checksum,
 every length and footer) without touching anything, and only then does the machine apply
 the result.  A stream is hostile until proven otherwise.
 """
 
-import hashlib
 import struct
 
 import numpy as np
+import xxhash
 
+from . import _emuc
 from .errors import StateError
 
 MAGIC = b"EMUCOLO\0"
@@ -32,63 +34,68 @@ KIND_DEVICE = 1
 KIND_RAM = 2
 KIND_END = 0xFF
 PAGE_SIZE = 4096
-DIGEST_SIZE = 32
+DIGEST_SIZE = 16
 MAX_SECTIONS = 4096
 
 
 class StreamWriter:
-    """Builds one stream in memory (the size is known before anything is sent)."""
+    """Builds one stream in memory (so that its size is known before anything is sent).
+
+    Parts are kept as a list and joined once; the checksum is computed as they come."""
 
     def __init__(self, machine_type, ram_size):
-        self.buf = bytearray()
+        self.parts = []
+        self.hash = xxhash.xxh3_128()
         self.sections = 0
+        self.ram_size = ram_size
         name = machine_type.encode()
-        self.buf += MAGIC + struct.pack(">I", FORMAT_VERSION) + struct.pack(">H", len(name)) + name
-        self.buf += struct.pack(">Q", ram_size)
+        self._add(MAGIC + struct.pack(">IH", FORMAT_VERSION, len(name)) + name + struct.pack(">Q", ram_size))
 
-    def _section(self, kind, section_id, instance, version, payload):
+    def _add(self, data):
+        self.parts.append(data)
+        self.hash.update(data)
+
+    def _section(self, kind, section_id, instance, version, payload_parts):
         name = section_id.encode()
-        self.buf += struct.pack(">BH", kind, len(name)) + name
-        self.buf += struct.pack(">IIQ", instance, version, len(payload))
-        self.buf += payload
-        self.buf += struct.pack(">II", FOOTER, self.sections)
+        length = sum(len(p) for p in payload_parts)
+        self._add(struct.pack(">BH", kind, len(name)) + name + struct.pack(">IIQ", instance, version, length))
+        for part in payload_parts:
+            self._add(part)
+        self._add(struct.pack(">II", FOOTER, self.sections))
         self.sections += 1
 
     def device(self, section_id, instance, version, payload):
-        self._section(KIND_DEVICE, section_id, instance, version, payload)
+        self._section(KIND_DEVICE, section_id, instance, version, [payload])
 
     def ram(self, ram_buf, pages):
         """Pages of ``ram_buf`` (a numpy uint8 array); all-zero pages are stored as a flag."""
-        pages = np.asarray(pages, dtype=np.int64)
+        pages = np.ascontiguousarray(pages, dtype=np.int64)
+        npages = len(ram_buf) // PAGE_SIZE
+        if len(pages) and (pages.min() < 0 or pages.max() >= npages):
+            raise StateError("RAM section: page number outside RAM")
+        nonzero = np.zeros(len(pages), dtype=np.uint8)
+        _emuc.lib.mark_nonzero_pages(_emuc.ffi.cast("uint8_t *", ram_buf.ctypes.data),
+                                     _emuc.ffi.cast("int64_t *", pages.ctypes.data), len(pages),
+                                     _emuc.ffi.cast("uint8_t *", nonzero.ctypes.data))
         view = ram_buf.reshape(-1, PAGE_SIZE)
-        chosen = view[pages]
-        nonzero = chosen.view(np.uint64).any(axis=1) if len(pages) else np.zeros(0, dtype=bool)
-        parts = [struct.pack(">II", PAGE_SIZE, len(pages))]
-        head = np.zeros(len(pages), dtype=[("page", ">u4"), ("enc", "u1")])
-        head["page"] = pages
-        head["enc"] = nonzero
-        raw_heads = head.tobytes()
-        # interleave: header, then data for non-zero pages
-        data_rows = chosen[nonzero]
-        if nonzero.all():
-            entry = np.zeros(len(pages), dtype=[("page", ">u4"), ("enc", "u1"), ("data", "u1", PAGE_SIZE)])
-            entry["page"], entry["enc"], entry["data"] = pages, 1, chosen
-            parts.append(entry.tobytes())
+        data_pages = pages[nonzero.astype(bool)]
+        if len(data_pages) == npages and (data_pages == np.arange(npages)).all():
+            data = memoryview(ram_buf)  # every page, in order: no copy
         else:
-            pos, row = 0, 0
-            for i, is_data in enumerate(nonzero):
-                parts.append(raw_heads[pos:pos + 5])
-                pos += 5
-                if is_data:
-                    parts.append(data_rows[row].tobytes())
-                    row += 1
-                del i
-        self._section(KIND_RAM, "ram", 0, 1, b"".join(parts))
+            data = memoryview(view[data_pages].reshape(-1))
+        self._section(KIND_RAM, "ram", 0, 1, [struct.pack(">II", PAGE_SIZE, len(pages)),
+                                              pages.astype(">u4").tobytes(), nonzero.tobytes(), data])
 
-    def finish(self):
-        self.buf.append(KIND_END)
-        self.buf += hashlib.sha256(self.buf).digest()
-        return bytes(self.buf)
+    def finish(self, out=None):
+        """The stream as bytes, or, with ``out`` (a binary file), written there part by
+        part without joining (returns the size)."""
+        self._add(bytes([KIND_END]))
+        self.parts.append(self.hash.digest())
+        if out is None:
+            return b"".join(self.parts)
+        for part in self.parts:
+            out.write(part)
+        return sum(len(p) for p in self.parts)
 
 
 class ParsedStream:
@@ -109,7 +116,7 @@ def _need(buf, pos, n, what):
 
 def parse(data, expect_machine=None, expect_ram_size=None):
     """Check a whole stream and split it into sections; touches nothing."""
-    buf = memoryview(bytes(data))
+    buf = memoryview(data).cast("B")
     _need(buf, 0, len(MAGIC) + 4, "header")
     if bytes(buf[:len(MAGIC)]) != MAGIC:
         raise StateError(f"not an emu-colo state stream (magic {bytes(buf[:len(MAGIC)])!r})")
@@ -121,7 +128,7 @@ def parse(data, expect_machine=None, expect_ram_size=None):
     if len(buf) < DIGEST_SIZE + 1:
         raise StateError("state stream truncated (no checksum)")
     body, digest = buf[:-DIGEST_SIZE], bytes(buf[-DIGEST_SIZE:])
-    if hashlib.sha256(body).digest() != digest:
+    if xxhash.xxh3_128(body).digest() != digest:
         raise StateError("state stream checksum mismatch (corrupted or truncated)")
     pos = len(MAGIC) + 4
     _need(buf, pos, 2, "machine type")
@@ -186,28 +193,41 @@ def _parse_ram(payload, ram_size):
     npages = ram_size // PAGE_SIZE
     if count > npages:
         raise StateError(f"RAM section: {count} pages for a RAM of {npages}")
-    pages = np.empty(count, dtype=np.int64)
-    zero = np.zeros(count, dtype=bool)
-    data = np.zeros((count, PAGE_SIZE), dtype=np.uint8)
+    _need(payload, 8, 5 * count, "RAM page list")
     raw = np.frombuffer(payload, dtype=np.uint8)
-    pos = 8
-    for i in range(count):
-        _need(payload, pos, 5, "RAM page header")
-        page, enc = struct.unpack_from(">IB", payload, pos)
-        pos += 5
-        if page >= npages:
-            raise StateError(f"RAM section: page {page} beyond RAM ({npages} pages)")
-        if enc == 0:
-            zero[i] = True
-        elif enc == 1:
-            _need(payload, pos, PAGE_SIZE, f"RAM page {page}")
-            data[i] = raw[pos:pos + PAGE_SIZE]
-            pos += PAGE_SIZE
-        else:
-            raise StateError(f"RAM section: page {page} has unknown encoding {enc}")
-        pages[i] = page
-    if pos != len(payload):
-        raise StateError(f"RAM section: {len(payload) - pos} trailing bytes")
+    pages = np.frombuffer(payload, dtype=">u4", count=count, offset=8).astype(np.int64)
+    enc = raw[8 + 4 * count:8 + 5 * count]
+    if count and pages.max() >= npages:
+        raise StateError(f"RAM section: page {int(pages.max())} beyond RAM ({npages} pages)")
+    if (enc > 1).any():
+        raise StateError(f"RAM section: unknown page encoding {int(enc.max())}")
     if len(np.unique(pages)) != count:
         raise StateError("RAM section: a page appears twice")
-    return pages, data, zero
+    nonzero = enc == 1
+    data_start = 8 + 5 * count
+    expected = data_start + int(nonzero.sum()) * PAGE_SIZE
+    if len(payload) != expected:
+        raise StateError(f"RAM section: {len(payload)} bytes, the page list says {expected}")
+    return RamPages(pages, nonzero, raw[data_start:].reshape(-1, PAGE_SIZE))
+
+
+class RamPages:
+    """The pages of a RAM section: page numbers, which carry data, and that data (a view)."""
+
+    def __init__(self, pages, nonzero, data):
+        self.pages, self.nonzero, self.data = pages, nonzero, data
+
+    def write_into(self, ram_buf):
+        view = ram_buf.reshape(-1, PAGE_SIZE)
+        if len(self.pages) == len(view) and self.nonzero.all() and (self.pages == np.arange(len(view))).all():
+            view[:] = self.data
+        else:
+            view[self.pages[self.nonzero]] = self.data
+            # a zero page only needs writing where RAM is not zero already: touching untouched
+            # host memory would make the kernel allocate it
+            zero_pages = np.ascontiguousarray(self.pages[~self.nonzero])
+            dirty = np.zeros(len(zero_pages), dtype=np.uint8)
+            _emuc.lib.mark_nonzero_pages(_emuc.ffi.cast("uint8_t *", ram_buf.ctypes.data),
+                                         _emuc.ffi.cast("int64_t *", zero_pages.ctypes.data), len(zero_pages),
+                                         _emuc.ffi.cast("uint8_t *", dirty.ctypes.data))
+            view[zero_pages[dirty.astype(bool)]] = 0
