@@ -15,7 +15,6 @@ from . import snapshot
 from .cpustate import VMSTATE as CPU_VMSTATE
 from .cpustate import CpuState
 from .errors import StateError
-from .memory import PAGE_SIZE
 from .vmstate import I64, VMStateDescription
 
 
