@@ -60,7 +60,7 @@ bench: setup
 	$(PY) -m bench
 
 soak: setup
-	EMU_SOAK=1 $(PY) -m pytest -m soak
+	EMU_SOAK=1 $(PY) -m pytest -m soak -p no:cacheprovider
 
 lint: setup
 	$(VENV)/bin/ruff check .
