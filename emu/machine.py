@@ -46,6 +46,10 @@ class Machine:
         self.fast_paths = []  # C shortcuts that hold device state: to_model() / from_model()
         self.after_load = []  # board hooks run once all state is loaded (re-drive IRQ lines)
         self.pause_requested = False
+        self.status = "running"  # QEMU's RunState names: running, paused, prelaunch, inmigrate, ...
+        self.event_listeners = []
+        self.background_jobs = []  # callables run between slices (live migration passes)
+        self._fd_handlers = {}
         self._dirty_hook = None
         self._dirty_map = None
         self.interrupt_controller = None  # has_interrupt() / acknowledge()
@@ -234,11 +238,14 @@ class Machine:
                 clock.run_due_timers()
                 self._poll_devices()
                 self._service_host_io(0)
+                for job in list(self.background_jobs):
+                    job()
                 if self.reset_requested:
                     if self.no_reboot:
                         self.request_exit(0, "guest requested a reset; stopping (-no-reboot)")
                         break
                     self.reset()
+                    self.emit("RESET", {"guest": True, "reason": "guest-reset"})
                     continue
                 if self.exit_status is not None:
                     break
@@ -342,7 +349,8 @@ class Machine:
             device.poll()
 
     def _service_host_io(self, timeout):
-        """Read host input (non-blocking when timeout is 0) and retry held-back bytes."""
+        """Read host input (non-blocking when timeout is 0), retry held-back bytes, and run
+        the handlers of other host file descriptors (monitor, migration)."""
         held_back = False
         for _backend, consumer, pending in self._input_states:
             if pending:
@@ -350,12 +358,15 @@ class Machine:
                 held_back = held_back or bool(pending)
         if held_back:
             timeout = min(timeout, 0.001)  # the guest may drain its FIFO any moment
-        if not self._inputs:
+        if not self._inputs and not self._fd_handlers:
             if timeout:
                 time.sleep(timeout)
             return
         changed = False
         for key, _ in self.selector.select(timeout):
+            if callable(key.data):
+                key.data()
+                continue
             backend, consumer, pending = key.data
             data = backend.on_readable(key.fd)
             changed = True
@@ -364,3 +375,49 @@ class Machine:
                 del pending[:consumer(bytes(pending))]
         if changed:
             self._refresh_inputs()
+
+    # ------------------------------------------------------------------ host side services
+    def add_fd_handler(self, fd, callback):
+        """Call ``callback()`` between slices whenever ``fd`` is readable (monitor, migration)."""
+        self._fd_handlers[fd] = callback
+        self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_fd_handler(self, fd):
+        if self._fd_handlers.pop(fd, None) is not None:
+            try:
+                self.selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def emit(self, event, data=None):
+        """A machine event (STOP, RESUME, RESET, SHUTDOWN, ...) for the monitor."""
+        for listener in list(self.event_listeners):
+            listener(event, data or {})
+
+    def stop(self):
+        """Pause the guest (QMP ``stop``): guest time stops too."""
+        if self.status == "running":
+            self.status = "paused"
+            self.pause()
+            self.emit("STOP")
+
+    def cont(self):
+        """Resume the guest (QMP ``cont``)."""
+        if self.status in ("paused", "prelaunch", "postmigrate"):
+            self.status = "running"
+            self.resume()
+            self.emit("RESUME")
+
+    def main_loop(self):
+        """Run until the guest exits; while paused only the host side (monitor...) is served."""
+        while self.exit_status is None:
+            if self.status != "running":
+                self._service_host_io(IDLE_WAIT_CAP_S / 5)
+                for job in list(self.background_jobs):
+                    job()
+                continue
+            self.resume()
+            self.run()
+        self.status = "shutdown"
+        self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        return self.exit_status
