@@ -642,8 +642,9 @@ class X86Cpu:
         return_ip = next_ip if software and next_ip is not None else self.rip
         push_error = (not software and not external and vector in HAS_ERROR_CODE)
         if self.trace:
+            where = "" if external else f" at [{self.disassemble(1)}]"
             self.trace("int", f"deliver {EXCEPTION_NAMES.get(vector, 'vector')} {vector:#x} mode={mode} "
-                              f"rip={self.rip:#x} ret={return_ip:#x}"
+                              f"rip={self.rip:#x}{where} ret={return_ip:#x}"
                               + (f" err={error_code:#x}" if push_error else "") + (" (external)" if external else ""))
         if self.fast_delivery and mode in ("protected32", "long64"):
             # the common case in C; anything unusual (a fault on the way...) comes back here

@@ -399,6 +399,7 @@ class Machine:
         if self.status == "running":
             self.status = "paused"
             self.pause()
+            self.clock.stop()  # guest time stops now, not when the loop gets to return
             self.emit("STOP")
 
     def cont(self):

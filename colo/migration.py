@@ -1,0 +1,512 @@
+"""Live migration between two emulator processes (precopy), driven from the run loop.
+
+Source (QMP ``migrate``): HELLO, then a full RAM pass in chunks while the guest keeps
+running, then passes over the pages the guest dirtied meanwhile; when the remaining pages
+fit the downtime limit (or after ``MAX_DIRTY_PASSES``) the guest stops, the last pages
+and the device state go over, and the destination answers DONE; the source ends as
+``postmigrate``.  Any failure or ``migrate_cancel`` abandons: the source runs on as
+before and the destination exits with a clear error.
+
+Destination (``-incoming tcp:HOST:PORT``): waits in ``inmigrate``, checks HELLO (machine
+type, RAM size, protocol version), writes RAM streams into its RAM as they arrive, loads
+the device state on COMPLETE and runs.
+
+Both sides use only the machine's public surface (pause/stop/cont, save_state,
+load_state, save_ram, load_ram, the dirty log).
+"""
+
+import socket
+import subprocess
+import time
+
+import numpy as np
+
+from emu.errors import EmuError, StateError
+
+from . import wire
+
+CAPABILITIES = ("events", "return-path", "x-colo", "xbzrle", "postcopy-ram", "auto-converge",
+                "pause-before-switchover")
+SUPPORTED_CAPABILITIES = {"events", "return-path", "x-colo"}
+DEFAULT_PARAMETERS = {
+    "max-bandwidth": 128 << 20,     # bytes/s, QEMU's default
+    "downtime-limit": 300,          # ms, QEMU's default
+    "x-checkpoint-delay": 20000,    # ms, QEMU's default (COLO)
+}
+MAX_DIRTY_PASSES = 30
+CHUNK_PAGES = 4096                  # 16 MiB of RAM per step of the first pass
+REPLY_TIMEOUT_S = 30.0
+
+
+class MigrationState:
+    """What query-migrate reports (QEMU's MigrationInfo)."""
+
+    def __init__(self):
+        self.status = "none"
+        self.error = None
+        self.start = None
+        self.setup_time_ms = 0
+        self.total_time_ms = None
+        self.downtime_ms = None
+        self.transferred = 0
+        self.normal_pages = 0
+        self.zero_pages = 0
+        self.passes = 0
+        self.remaining_pages = 0
+        self.dirty_rate = 0.0
+
+    def info(self, ram_size):
+        if self.status == "none":
+            return {}
+        elapsed = self.total_time_ms if self.total_time_ms is not None else (time.monotonic() - self.start) * 1e3
+        info = {
+            "status": self.status,
+            "total-time": int(elapsed),
+            "setup-time": int(self.setup_time_ms),
+            "ram": {
+                "transferred": self.transferred,
+                "total": ram_size,
+                "remaining": self.remaining_pages * 4096,
+                "duplicate": self.zero_pages,
+                "normal": self.normal_pages,
+                "normal-bytes": self.normal_pages * 4096,
+                "dirty-sync-count": self.passes,
+                "dirty-pages-rate": int(self.dirty_rate),
+                "mbps": (self.transferred * 8 / 1e6) / max(elapsed / 1e3, 1e-6),
+                "page-size": 4096,
+            },
+        }
+        if self.downtime_ms is not None:
+            info["downtime"] = round(self.downtime_ms, 3)
+        if self.error:
+            info["error-desc"] = self.error
+        return info
+
+
+class MigrationController:
+    """The source side, and the capabilities/parameters QMP sets on either side."""
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.capabilities = {name: False for name in CAPABILITIES}
+        self.parameters = dict(DEFAULT_PARAMETERS)
+        self.state = MigrationState()
+        self.parameter_listeners = []  # callables(name, value) (COLO reacts to x-checkpoint-delay)
+        self._job = None
+
+    # ------------------------------------------------------------------ QMP surface
+    def set_capabilities(self, entries):
+        if self.active():
+            raise EmuError("There's a migration process in progress")
+        updates = {}
+        for entry in entries:
+            name, state = entry.get("capability"), entry.get("state")
+            if name not in self.capabilities:
+                raise EmuError(f"Parameter 'capability' does not accept value '{name}'")
+            if not isinstance(state, bool):
+                raise EmuError("Parameter 'state' expects boolean")
+            if state and name not in SUPPORTED_CAPABILITIES:
+                raise EmuError(f"capability {name!r} is not supported by emu-colo")
+            updates[name] = state
+        self.capabilities.update(updates)
+
+    def query_capabilities(self):
+        return [{"capability": name, "state": state} for name, state in self.capabilities.items()]
+
+    def set_parameters(self, params):
+        checked = {}
+        for name, value in params.items():
+            if name not in self.parameters:
+                raise EmuError(f"Parameter '{name}' is unexpected")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise EmuError(f"Parameter '{name}' expects a non-negative integer")
+            if name == "max-bandwidth" and value == 0:
+                raise EmuError("Parameter 'max-bandwidth' must be positive")
+            checked[name] = value
+        self.parameters.update(checked)
+        for name, value in checked.items():
+            for listener in self.parameter_listeners:
+                listener(name, value)
+
+    def query_parameters(self):
+        return dict(self.parameters)
+
+    def query(self):
+        return self.state.info(self.machine.ram.size)
+
+    def active(self):
+        return self.state.status in ("setup", "active", "device")
+
+    def start(self, uri):
+        if self.active():
+            raise EmuError("There's a migration process in progress")
+        if self.machine.status not in ("running", "paused"):
+            raise EmuError(f"cannot migrate a machine in state {self.machine.status!r}")
+        if uri.startswith("tcp:"):
+            host, port = wire.parse_tcp_uri(uri, "migrate")
+            self._job = PrecopyJob(self, _tcp_channel(host, port))
+        elif uri.startswith("exec:") or uri.startswith("file:"):
+            self._job = OneWayJob(self, _sink_channel(uri))
+        else:
+            raise EmuError(f"migrate: unsupported URI {uri!r} (tcp:HOST:PORT, exec:COMMAND or file:PATH)")
+        self.state = MigrationState()
+        self.state.start = time.monotonic()
+        self._set_status("setup")
+        self._job.begin()
+
+    def cancel(self):
+        if self._job is not None and self.active():
+            self._job.abandon("cancelled", "migration cancelled by the user")
+
+    # ------------------------------------------------------------------ helpers for jobs
+    def _set_status(self, status):
+        self.state.status = status
+        if self.capabilities["events"]:  # as QEMU: MIGRATION events only with this capability
+            self.machine.emit("MIGRATION", {"status": status})
+
+    def _finish(self, status, error=None):
+        st = self.state
+        st.total_time_ms = (time.monotonic() - st.start) * 1e3
+        st.error = error
+        self._set_status(status)
+        if self._job in self.machine.background_jobs:
+            self.machine.background_jobs.remove(self._job)
+        self.machine.stop_dirty_log()
+
+
+def _tcp_channel(host, port):
+    try:
+        sock = socket.create_connection((host, port), timeout=5)
+    except OSError as e:
+        raise EmuError(f"migrate: failed to connect to {host}:{port}: {e.strerror or e}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class _PipeSink:
+    """exec:/file: targets: a one-way byte sink."""
+
+    def __init__(self, uri):
+        self.proc = None
+        if uri.startswith("file:"):
+            self.f = open(uri[5:], "wb")  # noqa: SIM115 - closed in close()
+        else:
+            self.proc = subprocess.Popen(uri[5:], shell=True, stdin=subprocess.PIPE)
+            self.f = self.proc.stdin
+
+    def sendall(self, data):
+        self.f.write(data)
+
+    def close(self):
+        self.f.close()
+        if self.proc is not None and self.proc.wait(timeout=30) != 0:
+            raise EmuError(f"migrate: the exec command exited with status {self.proc.returncode}")
+
+
+def _sink_channel(uri):
+    try:
+        return _PipeSink(uri)
+    except OSError as e:
+        raise EmuError(f"migrate: cannot open {uri!r}: {e.strerror or e}") from None
+
+
+class PrecopyJob:
+    """One outgoing live migration, advanced a step at a time between CPU slices."""
+
+    def __init__(self, controller, sock):
+        self.c = controller
+        self.m = controller.machine
+        self.sock = sock
+        self.next_full_page = 0
+        self.phase = "full"
+        self.bytes_at = (time.monotonic(), 0)
+        self.last_pass = None
+        self.was_running = None
+
+    def begin(self):
+        m = self.m
+        try:
+            self._send(wire.HELLO, wire.hello_payload(m.machine_type, m.ram.size))
+            kind, payload = wire.recv_frame(self.sock, REPLY_TIMEOUT_S)
+            if kind == wire.ABANDON:
+                raise wire.ChannelError(f"destination refused: {payload.decode(errors='replace')}")
+            if kind != wire.ACCEPT:
+                raise wire.ChannelError(f"destination answered {wire.NAMES[kind]} to HELLO")
+        except wire.ChannelError as e:
+            self._fail(str(e))
+            raise EmuError(f"migrate: {e}") from None
+        m.start_dirty_log()
+        self.c.state.setup_time_ms = (time.monotonic() - self.c.state.start) * 1e3
+        self.c._set_status("active")
+        m.background_jobs.append(self)
+
+    def __call__(self):
+        """One step (from the run loop): a chunk of the first pass or one dirty pass."""
+        try:
+            if not self._bandwidth_allows():
+                return
+            if self.phase == "full":
+                self._full_pass_step()
+            else:
+                self._dirty_pass()
+        except (wire.ChannelError, OSError) as e:
+            self._fail(f"connection lost: {e}")
+
+    def _bandwidth_allows(self):
+        since, sent = self.bytes_at
+        limit = self.c.parameters["max-bandwidth"]
+        elapsed = time.monotonic() - since
+        return self.c.state.transferred - sent <= limit * elapsed
+
+    def _send(self, kind, payload=b""):
+        self.sock.sendall(wire.frame(kind, payload))
+        self.c.state.transferred += len(payload) + wire.HEADER.size
+
+    def _send_pages(self, pages):
+        if len(pages) == 0:
+            return
+        stream = self.m.save_ram(pages)
+        zero = int(np.count_nonzero(~self._nonzero(pages)))
+        self.c.state.zero_pages += zero
+        self.c.state.normal_pages += len(pages) - zero
+        self._send(wire.RAM, stream)
+
+    def _nonzero(self, pages):
+        view = self.m.ram.buf.reshape(-1, 4096)[pages]
+        return view.view(np.uint64).any(axis=1)
+
+    def _full_pass_step(self):
+        npages = self.m.ram.npages
+        end = min(npages, self.next_full_page + CHUNK_PAGES)
+        self._send_pages(np.arange(self.next_full_page, end))
+        self.next_full_page = end
+        self.c.state.remaining_pages = npages - end
+        if end == npages:
+            self.phase = "dirty"
+            self.last_pass = time.monotonic()
+
+    def _dirty_pass(self):
+        st = self.c.state
+        pages = self.m.dirty_pages()
+        now = time.monotonic()
+        st.passes += 1
+        st.dirty_rate = len(pages) / max(now - self.last_pass, 1e-6)
+        self.last_pass = now
+        st.remaining_pages = len(pages)
+        bandwidth = self.c.parameters["max-bandwidth"]
+        expected_ms = len(pages) * 4096 / bandwidth * 1e3
+        if expected_ms <= self.c.parameters["downtime-limit"] or st.passes >= MAX_DIRTY_PASSES:
+            self._stop_and_copy(pages)
+        else:
+            self._send_pages(pages)
+
+    def _stop_and_copy(self, pages):
+        m, st = self.m, self.c.state
+        stopped_at = time.monotonic()
+        self.was_running = m.status == "running"
+        if self.was_running:
+            m.stop()
+        self.c._set_status("device")
+        try:
+            pages = np.union1d(pages, m.dirty_pages())
+            self._send_pages(pages)
+            self._send(wire.STATE, m.save_state())
+            self._send(wire.COMPLETE)
+            kind, payload = wire.recv_frame(self.sock, REPLY_TIMEOUT_S)
+            if kind == wire.ABANDON:
+                raise wire.ChannelError(f"destination abandoned: {payload.decode(errors='replace')}")
+            if kind != wire.DONE:
+                raise wire.ChannelError(f"destination answered {wire.NAMES[kind]} to COMPLETE")
+        except (wire.ChannelError, OSError) as e:
+            self._fail(f"{e}")
+            return
+        st.downtime_ms = (time.monotonic() - stopped_at) * 1e3
+        st.remaining_pages = 0
+        self.sock.close()
+        m.status = "postmigrate"
+        self.c._finish("completed")
+
+    def abandon(self, status, reason):
+        try:
+            self._send(wire.ABANDON, reason.encode())
+        except OSError:
+            pass
+        self._close_and_resume()
+        self.c._finish(status, reason if status == "failed" else None)
+
+    def _fail(self, reason):
+        try:
+            self.sock.sendall(wire.frame(wire.ABANDON, reason.encode()))
+        except OSError:
+            pass
+        self._close_and_resume()
+        self.c._finish("failed", reason)
+
+    def _close_and_resume(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.was_running:
+            self.m.cont()
+
+
+class OneWayJob(PrecopyJob):
+    """exec:/file: targets: the guest stops, everything is written once (no replies)."""
+
+    def begin(self):
+        m, st = self.m, self.c.state
+        self.was_running = m.status == "running"
+        if self.was_running:
+            m.stop()
+        stopped_at = time.monotonic()
+        try:
+            self._send(wire.HELLO, wire.hello_payload(m.machine_type, m.ram.size))
+            self._send_pages(np.arange(m.ram.npages))
+            self._send(wire.STATE, m.save_state())
+            self._send(wire.COMPLETE)
+            self.sock.close()
+        except (OSError, EmuError) as e:
+            self._fail(str(e))
+            raise EmuError(f"migrate: {e}") from None
+        st.downtime_ms = (time.monotonic() - stopped_at) * 1e3
+        m.status = "postmigrate"
+        self.c._finish("completed")
+
+
+class IncomingMigration:
+    """The destination of ``-incoming``: takes one migration stream, then runs."""
+
+    def __init__(self, machine, uri, autostart=True, on_error=None):
+        self.machine = machine
+        self.autostart = autostart
+        self.on_error = on_error or self._exit_with_error
+        self.reader = wire.FrameReader()
+        self.conn = None
+        self.listener = None
+        self.hello_ok = False
+        self.state_stream = None
+        self.pages_received = 0
+        machine.status = "inmigrate"
+        if uri.startswith("tcp:"):
+            host, port = wire.parse_tcp_uri(uri, "-incoming")
+            self.listener = socket.create_server((host, port), reuse_port=False)
+            self.listener.setblocking(False)
+            self.port = self.listener.getsockname()[1]
+            machine.add_fd_handler(self.listener.fileno(), self._accept)
+        elif uri.startswith("exec:") or uri.startswith("file:"):
+            self._read_one_way(uri)
+        else:
+            raise EmuError(f"-incoming: unsupported URI {uri!r} (tcp:HOST:PORT, exec:COMMAND or file:PATH)")
+
+    def _accept(self):
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        self.machine.remove_fd_handler(self.listener.fileno())
+        self.listener.close()
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = conn
+        self.machine.add_fd_handler(conn.fileno(), self._readable)
+
+    def _readable(self):
+        try:
+            data = self.conn.recv(8 << 20)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._error(f"connection lost: {e}")
+            return
+        if not data:
+            self._error("the source closed the connection before the migration completed")
+            return
+        try:
+            self.reader.feed(data)
+            for kind, payload in self.reader.frames():
+                self._message(kind, payload)
+        except (wire.ChannelError, StateError) as e:
+            self._refuse(str(e))
+
+    def _reply(self, kind, payload=b""):
+        self.conn.setblocking(True)
+        try:
+            self.conn.sendall(wire.frame(kind, payload))
+        finally:
+            self.conn.setblocking(False)
+
+    def _message(self, kind, payload, reply=True):
+        m = self.machine
+        if kind == wire.ABANDON:
+            raise wire.ChannelError(f"the source abandoned the migration: {payload.decode(errors='replace')}")
+        if not self.hello_ok:
+            if kind != wire.HELLO:
+                raise wire.ChannelError(f"expected HELLO, got {wire.NAMES[kind]}")
+            version, machine_type, ram_size = wire.parse_hello(payload)
+            if version != wire.PROTOCOL_VERSION:
+                raise wire.ChannelError(f"protocol version {version}, this side speaks {wire.PROTOCOL_VERSION}")
+            if machine_type != m.machine_type:
+                raise wire.ChannelError(f"machine type {machine_type!r}, this machine is {m.machine_type!r}")
+            if ram_size != m.ram.size:
+                raise wire.ChannelError(f"RAM size {ram_size >> 20} MiB, this machine has {m.ram.size >> 20} MiB")
+            self.hello_ok = True
+            if reply:
+                self._reply(wire.ACCEPT)
+            return
+        if kind == wire.RAM:
+            self.pages_received += m.load_ram(payload)
+        elif kind == wire.STATE:
+            self.state_stream = payload
+        elif kind == wire.COMPLETE:
+            if self.state_stream is None:
+                raise wire.ChannelError("COMPLETE without device state")
+            m.load_state(self.state_stream)
+            if reply:
+                self._reply(wire.DONE)
+                self._close()
+            m.status = "paused"
+            if self.autostart:
+                m.cont()
+        else:
+            raise wire.ChannelError(f"unexpected {wire.NAMES[kind]}")
+
+    def _refuse(self, reason):
+        try:
+            self._reply(wire.ABANDON, reason.encode())
+        except OSError:
+            pass
+        self._error(reason)
+
+    def _error(self, reason):
+        self._close()
+        self.on_error(reason)
+
+    def _close(self):
+        if self.conn is not None:
+            self.machine.remove_fd_handler(self.conn.fileno())
+            self.conn.close()
+            self.conn = None
+
+    def _exit_with_error(self, reason):
+        self.machine.emit("MIGRATION", {"status": "failed"})
+        self.machine.request_exit(1, f"incoming migration failed: {reason}")
+
+    def _read_one_way(self, uri):
+        try:
+            if uri.startswith("file:"):
+                with open(uri[5:], "rb") as f:
+                    data = f.read()
+            else:
+                data = subprocess.run(uri[5:], shell=True, stdout=subprocess.PIPE, check=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise EmuError(f"-incoming: cannot read {uri!r}: {e}") from None
+        self.reader.feed(data)
+        try:
+            frames = self.reader.frames()
+            for kind, payload in frames:
+                self._message(kind, payload, reply=False)
+        except (wire.ChannelError, StateError) as e:
+            raise EmuError(f"-incoming: {uri}: {e}") from None
+        if self.machine.status == "inmigrate":
+            raise EmuError(f"-incoming: {uri}: the stream ends before the migration completed")

@@ -1,0 +1,125 @@
+"""Framing for the migration and replication channel.
+
+Every message is ``type u8 | length u64 | payload`` (big-endian).  Lengths are checked
+against a limit before anything is buffered, so a hostile peer cannot make us allocate
+without bound.  :class:`FrameReader` reassembles frames from a non-blocking socket.
+"""
+
+import socket
+import struct
+
+from emu.errors import EmuError
+
+HEADER = struct.Struct(">BQ")
+MAX_FRAME = 1 << 31  # a whole 1 GiB machine's RAM fits
+
+# message types
+HELLO = 1          # source -> destination: protocol version, machine type, RAM size
+ACCEPT = 2         # destination -> source: the stream will be taken
+RAM = 3            # a RAM stream (emu.snapshot format, pages only)
+STATE = 4          # a device-state stream
+COMPLETE = 5       # source: that was the last of it, apply and run
+DONE = 6           # destination: applied, running
+ABANDON = 7        # either side: give up; payload is the reason (UTF-8)
+
+NAMES = {HELLO: "HELLO", ACCEPT: "ACCEPT", RAM: "RAM", STATE: "STATE", COMPLETE: "COMPLETE", DONE: "DONE",
+         ABANDON: "ABANDON"}
+
+MAGIC = b"EMUMIGR\0"
+PROTOCOL_VERSION = 1
+
+
+class ChannelError(EmuError):
+    """The peer broke the protocol, went away, or abandoned."""
+
+
+def frame(kind, payload=b""):
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def hello_payload(machine_type, ram_size):
+    name = machine_type.encode()
+    return MAGIC + struct.pack(">IH", PROTOCOL_VERSION, len(name)) + name + struct.pack(">Q", ram_size)
+
+
+def parse_hello(payload):
+    """(protocol version, machine type, RAM size) of a HELLO; ChannelError if malformed."""
+    try:
+        if payload[:len(MAGIC)] != MAGIC:
+            raise ChannelError("not an emu-colo migration stream")
+        version, nlen = struct.unpack_from(">IH", payload, len(MAGIC))
+        pos = len(MAGIC) + 6
+        name = payload[pos:pos + nlen].decode("ascii")
+        (ram_size,) = struct.unpack_from(">Q", payload, pos + nlen)
+        if pos + nlen + 8 != len(payload):
+            raise ChannelError("HELLO has trailing bytes")
+        return version, name, ram_size
+    except (struct.error, UnicodeDecodeError):
+        raise ChannelError("malformed HELLO") from None
+
+
+class FrameReader:
+    """Incremental frame assembly; feed() bytes, take complete (type, payload) frames."""
+
+    def __init__(self, max_frame=MAX_FRAME):
+        self.buf = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data):
+        self.buf += data
+
+    def frames(self):
+        out = []
+        while len(self.buf) >= HEADER.size:
+            kind, length = HEADER.unpack_from(self.buf, 0)
+            if kind not in NAMES:
+                raise ChannelError(f"unknown message type {kind}")
+            if length > self.max_frame:
+                raise ChannelError(f"{NAMES[kind]} of {length} bytes exceeds the limit of {self.max_frame}")
+            if len(self.buf) < HEADER.size + length:
+                break
+            out.append((kind, bytes(self.buf[HEADER.size:HEADER.size + length])))
+            del self.buf[:HEADER.size + length]
+        return out
+
+
+def recv_frame(sock, timeout):
+    """Blocking receive of one frame (used where the protocol waits for a reply)."""
+    sock.settimeout(timeout)
+    try:
+        header = _recv_exact(sock, HEADER.size)
+        kind, length = HEADER.unpack(header)
+        if kind not in NAMES:
+            raise ChannelError(f"unknown message type {kind}")
+        if length > MAX_FRAME:
+            raise ChannelError(f"{NAMES[kind]} of {length} bytes exceeds the limit")
+        return kind, _recv_exact(sock, length)
+    except socket.timeout:
+        raise ChannelError(f"no reply within {timeout} s") from None
+    except OSError as e:
+        raise ChannelError(f"connection lost: {e}") from None
+
+
+def _recv_exact(sock, n):
+    chunks = bytearray()
+    while len(chunks) < n:
+        data = sock.recv(min(n - len(chunks), 1 << 20))
+        if not data:
+            raise ChannelError("connection closed by the peer")
+        chunks += data
+    return bytes(chunks)
+
+
+def parse_tcp_uri(uri, what):
+    """'tcp:HOST:PORT' -> (host, port); HOST defaults to 127.0.0.1 (loopback only)."""
+    if not uri.startswith("tcp:"):
+        raise EmuError(f"{what}: unsupported URI {uri!r} (expected tcp:HOST:PORT)")
+    rest = uri[4:].split(",")[0]
+    host, _, port = rest.rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise EmuError(f"{what}: bad port in {uri!r}") from None
+    if not 0 <= port <= 65535:
+        raise EmuError(f"{what}: port {port} out of range in {uri!r}")
+    return host or "127.0.0.1", port
