@@ -8,6 +8,8 @@
  * Then it folds the buffer, dword by dword in address order, into a 32-bit sum:
  * sum = 0x811c9dc5; sum = rol32((sum ^ dword) * 0x01000193 mod 2^32, 15).
  * Prints "store passes=<N> bytes=<N * 16777216> sum=<8 hex digits>\r\n", exit 0.
+ * With "progress=1" it also prints "pass <p>\r\n" after each pass, so that the guest
+ * writes to its serial port all along (migration and replication tests).
  */
 #define BUF_START   0x01000000
 #define BUF_SIZE    0x01000000
@@ -28,6 +30,11 @@ main:
     jnc 2f
     xor %eax, %eax
 2:  mov %eax, use_rep
+    mov $key_progress, %esi
+    call cmdline_uint
+    jnc 8f
+    xor %eax, %eax
+8:  mov %eax, progress
 
     xor %esi, %esi                  /* pass number */
 3:  cmp passes, %esi
@@ -47,14 +54,22 @@ main:
     add $16, %edi
     cmp %edx, %edi
     jb 4b
-    inc %esi
-    jmp 3b
+    jmp 9f
 5:  mov $BUF_START, %edi
     mov $BUF_SIZE / 4, %ecx
     mov %ebp, %eax
     cld
     rep stosl
-    inc %esi
+9:  inc %esi
+    cmpl $0, progress
+    je 3b
+    push %esi
+    mov $str_pass, %esi
+    call puts
+    mov (%esp), %eax
+    call put_dec32
+    call put_crlf
+    pop %esi
     jmp 3b
 
 6:  mov $BUF_START, %esi
@@ -89,6 +104,8 @@ main:
     .section .rodata
 key_passes: .asciz "passes="
 key_rep:    .asciz "rep="
+key_progress: .asciz "progress="
+str_pass:   .asciz "pass "
 str_passes: .asciz "store passes="
 str_bytes:  .asciz " bytes="
 str_sum:    .asciz " sum="
@@ -97,3 +114,4 @@ str_sum:    .asciz " sum="
     .balign 4
 passes:     .skip 4
 use_rep:    .skip 4
+progress:   .skip 4

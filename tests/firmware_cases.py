@@ -277,6 +277,9 @@ CASES = [
         "store-rep", "firmware/build/store.elf", append="passes=2 rep=1",
         expect=b"store passes=2 bytes=33554432 sum=%08x\r\n" % STORE_SUMS[(2, True)]),
     FirmwareCase(
+        "store-progress", "firmware/build/store.elf", append="passes=3 progress=1",
+        expect=b"pass 1\r\npass 2\r\npass 3\r\nstore passes=3 bytes=50331648 sum=a052a02f\r\n"),
+    FirmwareCase(
         "store-default", "firmware/build/store.elf",
         expect=b"store passes=10 bytes=167772160 sum=%08x\r\n" % STORE_SUMS[(10, False)], slow=True),
     FirmwareCase(
