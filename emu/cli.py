@@ -49,6 +49,10 @@ def _run_parser():
     p.add_argument("-savevm-at", nargs=2, metavar=("MS", "FILE"),
                    help="after MS milliseconds of guest time, save a snapshot to FILE and go on")
     p.add_argument("-loadvm", metavar="FILE", help="start from a snapshot saved with -savevm-at")
+    p.add_argument("-qmp", metavar="ADDR", help="QMP monitor on unix:PATH,server,nowait or tcp:HOST:PORT,server,nowait")
+    p.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest until QMP 'cont'")
+    p.add_argument("-incoming", metavar="URI",
+                   help="wait for a migration: tcp:HOST:PORT (loopback unless HOST is given), exec:CMD or file:PATH")
     return p
 
 
@@ -134,7 +138,16 @@ def cmd_run(argv):
         except OSError as e:
             raise ConfigError(f"-loadvm: cannot read {args.loadvm!r}: {e.strerror}") from None
     machine = build_from_args(args)
+    monitor = None
     try:
+        from colo.migration import IncomingMigration, MigrationController
+
+        migration = MigrationController(machine)
+        if args.qmp is not None:
+            from .qmp import QmpServer
+            monitor = QmpServer(machine, args.qmp, migration=migration)
+        if args.incoming is not None:
+            IncomingMigration(machine, args.incoming, autostart=not args.start_paused)
         if snapshot is not None:
             try:
                 machine.load_state(snapshot)
@@ -146,11 +159,16 @@ def cmd_run(argv):
             if status is None:
                 with open(savevm[1], "wb") as f:
                     machine.save_state(ram_pages="all", out=f)
+        if args.start_paused and machine.status == "running":
+            machine.status = "prelaunch"
         if status is None:
-            status = machine.run()
+            interactive = monitor is not None or args.start_paused or args.incoming is not None
+            status = machine.main_loop() if interactive else machine.run()
     except KeyboardInterrupt:
         status = 130
     finally:
+        if monitor is not None:
+            monitor.close()
         machine.close()
     if machine.exit_message:
         print(f"emu: {machine.exit_message}", file=sys.stderr)

@@ -220,7 +220,8 @@ class Machine:
         self.reset_requested = False
         self.stats["resets"] += 1
 
-    def _sync_c_time(self):
+    def sync_time(self):
+        """Hand the clock's offsets to the C hooks (virtual TSC, deadlines)."""
         s, clock = self.cstate, self.clock
         if clock.mode == "icount":
             s.icount_base_ns = clock._icount_base
@@ -234,7 +235,7 @@ class Machine:
         clock.start()
         try:
             while self.exit_status is None:
-                self._sync_c_time()
+                self.sync_time()
                 clock.run_due_timers()
                 self._poll_devices()
                 self._service_host_io(0)
