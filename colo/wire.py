@@ -21,9 +21,11 @@ STATE = 4          # a device-state stream
 COMPLETE = 5       # source: that was the last of it, apply and run
 DONE = 6           # destination: applied, running
 ABANDON = 7        # either side: give up; payload is the reason (UTF-8)
+SYNC = 8           # source: tell me when you have applied everything up to here (u64 sequence)
+SYNCED = 9         # destination: applied up to that SYNC
 
 NAMES = {HELLO: "HELLO", ACCEPT: "ACCEPT", RAM: "RAM", STATE: "STATE", COMPLETE: "COMPLETE", DONE: "DONE",
-         ABANDON: "ABANDON"}
+         ABANDON: "ABANDON", SYNC: "SYNC", SYNCED: "SYNCED"}
 
 MAGIC = b"EMUMIGR\0"
 PROTOCOL_VERSION = 1

@@ -135,6 +135,13 @@ def _check(state, version_id):
         raise StateError(f"cpu: field msr_efer: long mode active ({state.msr_efer:#x}) without paging")
     if not 0 <= state.hflags & 3 <= 3:
         raise StateError("cpu: field hflags: bad CPL")
+    for seg in SEGMENTS + ["ldt", "tr"]:
+        # the engine's segment cache holds a 16-bit selector and 32-bit limit and flags
+        selector, _base, limit, flags = getattr(state, f"seg_{seg}")
+        if selector > 0xFFFF:
+            raise StateError(f"cpu: field seg_{seg}: selector {selector:#x} is wider than 16 bits")
+        if limit > 0xFFFFFFFF or flags > 0xFFFFFFFF:
+            raise StateError(f"cpu: field seg_{seg}: limit {limit:#x} or flags {flags:#x} wider than 32 bits")
 
 
 def _fields():

@@ -148,9 +148,9 @@ class Machine:
         changes the machine."""
         return machinestate.save(self, ram_pages, out)
 
-    def load_state(self, data):
+    def load_state(self, data, rollback=True):
         """Load a stream from :meth:`save_state`; rejected whole, machine untouched, if bad."""
-        machinestate.load(self, data)
+        machinestate.load(self, data, rollback)
 
     def save_ram(self, pages):
         return machinestate.save_ram(self, pages)

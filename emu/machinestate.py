@@ -120,9 +120,13 @@ def _write_pages(machine, ram_pages):
     machine.cpu.uc.ctl_flush_tb()
 
 
-def load(machine, data):
-    """Load a stream; on any error the machine is left exactly as it was."""
+def load(machine, data, rollback=True):
+    """Load a stream; on any error the machine is left exactly as it was (``rollback``:
+    an incoming migration, whose machine holds nothing yet, skips taking the copy)."""
     parsed, decoded = decode(machine, data)
+    if not rollback:
+        apply(machine, parsed, decoded)
+        return
     rollback = save(machine)  # device state only: RAM is written last, after every check
     try:
         apply(machine, parsed, decoded)

@@ -131,13 +131,14 @@ def parse(data, expect_machine=None, expect_ram_size=None):
     if xxhash.xxh3_128(body).digest() != digest:
         raise StateError("state stream checksum mismatch (corrupted or truncated)")
     pos = len(MAGIC) + 4
-    _need(buf, pos, 2, "machine type")
-    (nlen,) = struct.unpack_from(">H", buf, pos)
+    # bounds against the body: the checksum after it is not part of the header
+    _need(body, pos, 2, "machine type")
+    (nlen,) = struct.unpack_from(">H", body, pos)
     pos += 2
-    _need(buf, pos, nlen + 8, "machine type")
-    machine_type = bytes(buf[pos:pos + nlen]).decode("ascii", "replace")
+    _need(body, pos, nlen + 8, "machine type")
+    machine_type = bytes(body[pos:pos + nlen]).decode("ascii", "replace")
     pos += nlen
-    (ram_size,) = struct.unpack_from(">Q", buf, pos)
+    (ram_size,) = struct.unpack_from(">Q", body, pos)
     pos += 8
     if expect_machine is not None and machine_type != expect_machine:
         raise StateError(f"state stream is for machine {machine_type!r}, this machine is {expect_machine!r}")
