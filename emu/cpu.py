@@ -364,6 +364,15 @@ class X86Cpu:
         self.uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
         self.uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
         self.uc.reg_write(X.UC_X86_REG_CR0, 0x60000010)
+        # x87 and SSE control words as after RESET/FINIT (Unicorn leaves them 0)
+        self.uc.reg_write(X.UC_X86_REG_FPCW, 0x37F)
+        self.uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
+        # LDTR and TR caches as QEMU's x86_cpu_reset: present, LDT type 2, busy 32-bit TSS
+        ctx = self.ctx.save()
+        ctx.load_system_segment("ldt", 0, 0, 0xFFFF, xc.DESC_P | (2 << 8))
+        ctx.load_system_segment("tr", 0, 0, 0xFFFF, xc.DESC_P | (11 << 8))
+        ctx.restore()
+        self._stale()
 
     def enter(self, entry):
         """Start from a loader's :class:`~emu.loaders.EntryState`."""

@@ -9,7 +9,6 @@ deterministic work counter.
 
 from unicorn import x86_const as X
 
-from . import x86context as xc
 from .errors import StateError
 from .vmstate import I64, U32, U64, Array, Bool, VMStateDescription
 
@@ -104,7 +103,7 @@ class CpuState:
         for seg in SEGMENTS:
             ctx.load_segment(seg, *getattr(self, f"seg_{seg}"))
         for seg in ("ldt", "tr"):
-            self._write_system_segment(ctx, seg, getattr(self, f"seg_{seg}"))
+            ctx.load_system_segment(seg, *getattr(self, f"seg_{seg}"))
         ctx.set_u32("hflags", self.hflags)  # exact: CPL, interrupt shadow, modes
         ctx.set_u32("hflags2", self.hflags2)
         ctx.set_i32("old_exception", -1)
@@ -114,13 +113,6 @@ class CpuState:
         cpu.s.icount = self.work_counter
         cpu._after_restore()
         cpu.halted = self.halted
-
-    @staticmethod
-    def _write_system_segment(ctx, name, values):
-        import ctypes
-        import struct
-
-        ctypes.memmove(ctx.address + xc.OFFSETS[name], struct.pack("<I4xQII", *values), xc.SEGMENT_SIZE)
 
 
 def _check(state, version_id):

@@ -166,6 +166,11 @@ class ContextView:
             derived |= int((self.segment("ds")[1] | self.segment("es")[1] | self.segment("ss")[1]) != 0) << 6
         self.set_u32("hflags", (hf & ~(HF_SS32 | HF_ADDSEG)) | derived)
 
+    def load_system_segment(self, name, selector, base, limit, flags):
+        """Set the LDTR or TR cache (no hflags depend on them)."""
+        ctypes.memmove(self.address + OFFSETS[name], struct.pack("<I4xQII", selector, base, limit, flags),
+                       SEGMENT_SIZE)
+
     def set_cpl(self, cpl):
         self.set_u32("hflags", (self.hflags & ~HF_CPL_MASK) | cpl)
 
