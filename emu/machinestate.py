@@ -81,6 +81,10 @@ def decode(machine, data):
         raise StateError(f"state stream has unknown sections: {', '.join(unknown)}")
     if missing:
         raise StateError(f"state stream lacks sections: {', '.join(missing)}")
+    for position, (want, got) in enumerate(zip(descriptions, parsed.devices, strict=True)):
+        if want != got:
+            raise StateError(f"state stream sections out of order: expected {want[0]!r} at position {position}, "
+                             f"found {got[0]!r}")
     decoded = {}
     for key, description in descriptions.items():
         version, payload = parsed.devices[key]
