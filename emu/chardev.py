@@ -338,6 +338,26 @@ class TcpServerBackend(CharBackend):
 SPEC_HELP = "expected stdio, null, none, file:PATH or tcp:[HOST]:PORT,server[,nowait]"
 
 
+def parse_socket_options(options, fail, ignored=()):
+    """QEMU's socket chardev options (``server[=on|off]``, ``wait[=on|off]``, ``nowait``),
+    as -serial and -qmp take them: returns (server, wait); ``fail(reason)`` makes the error."""
+    server, wait = False, True
+    for option in options:
+        name, _, value = option.partition("=")
+        if value not in ("", "on", "off"):
+            raise fail(f"bad value in option {option!r} (on or off)")
+        enabled = value != "off"
+        if name == "server":
+            server = enabled
+        elif name == "wait":
+            wait = enabled
+        elif name == "nowait" and not value:
+            wait = False
+        elif name not in ignored:
+            raise fail(f"unsupported option {option!r}")
+    return server, wait
+
+
 def parse_serial_spec(spec):
     """Open the backend a QEMU ``-serial`` string names; ``None`` for ``none`` (no port).
 
@@ -383,22 +403,9 @@ def _parse_tcp(spec):
         raise ConfigError(f"-serial {spec!r}: bad port {port_text!r}") from None
     if not 0 <= port <= 0xFFFF:
         raise ConfigError(f"-serial {spec!r}: port {port} out of range 0..65535")
-    server, wait = False, True
-    for option in options:
-        name, _, value = option.partition("=")
-        if value not in ("", "on", "off"):
-            raise ConfigError(f"-serial {spec!r}: bad value in option {option!r} (on or off)")
-        enabled = value != "off"
-        if name == "server":
-            server = enabled
-        elif name == "wait":
-            wait = enabled
-        elif name == "nowait" and not value:
-            wait = False
-        elif name == "nodelay":
-            pass  # client sockets always use TCP_NODELAY
-        else:
-            raise ConfigError(f"-serial {spec!r}: unsupported option {option!r}")
+    # nodelay: accepted, client sockets always use TCP_NODELAY
+    server, wait = parse_socket_options(options, lambda reason: ConfigError(f"-serial {spec!r}: {reason}"),
+                                        ignored=("nodelay",))
     if not server:
         raise ConfigError(f"-serial {spec!r}: only server sockets are supported (add ',server')")
     return host, port, wait

@@ -22,6 +22,7 @@ import stat
 import sys
 import time
 
+from .chardev import parse_socket_options
 from .errors import ConfigError, EmuError
 
 QEMU_VERSION = {"micro": 0, "minor": 2, "major": 7}  # the QEMU whose protocol this follows
@@ -57,20 +58,7 @@ def parse_address(spec):
     if not sep or kind not in ("unix", "tcp"):
         raise bad("expected unix:PATH,server,nowait or tcp:HOST:PORT,server,nowait")
     target, *options = rest.split(",")
-    server, wait = False, True
-    for option in options:
-        name, _, value = option.partition("=")
-        if value not in ("", "on", "off"):
-            raise bad(f"bad value in option {option!r} (on or off)")
-        enabled = value != "off"
-        if name == "server":
-            server = enabled
-        elif name == "wait":
-            wait = enabled
-        elif name == "nowait" and not value:
-            wait = False
-        else:
-            raise bad(f"unsupported option {option!r}")
+    server, wait = parse_socket_options(options, bad)
     if not server:
         raise bad("only server sockets are supported (add ',server,nowait')")
     if kind == "unix":
