@@ -84,9 +84,10 @@ class Machine:
     def _configure_unassigned_fast_path(self):
         """Unclaimed ports are counted in C (all ones on read) unless they are traced."""
         traced = "unassigned" in self.trace_categories
-        for port in range(0x10000):
-            self.cstate.in_kind[port] = self.clib.IN_PYTHON if traced else self.clib.IN_UNASSIGNED
-            self.cstate.out_kind[port] = self.clib.OUT_PYTHON if traced else self.clib.OUT_UNASSIGNED
+        in_kind = self.clib.IN_PYTHON if traced else self.clib.IN_UNASSIGNED
+        out_kind = self.clib.OUT_PYTHON if traced else self.clib.OUT_UNASSIGNED
+        self.ffi.buffer(self.cstate.in_kind)[:] = bytes([in_kind]) * 0x10000
+        self.ffi.buffer(self.cstate.out_kind)[:] = bytes([out_kind]) * 0x10000
 
     def unassigned_counts(self):
         counts = dict(self.ports.unassigned)

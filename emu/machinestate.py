@@ -100,6 +100,10 @@ def apply(machine, parsed, decoded):
 
     Device state goes first, RAM last: only a device's post_load can still refuse, and
     then no page has been written yet."""
+    # the loaded state is a live machine again, whatever this one was doing (even exiting)
+    machine.exit_status = machine.exit_message = None
+    machine.reset_requested = False
+    machine.cstate.frozen = 0
     cpu_state = CpuState.__new__(CpuState)
     cpu_state.cpu = machine.cpu
     CPU_VMSTATE.apply(cpu_state, decoded[("cpu", 0)])
@@ -161,7 +165,7 @@ def digest(machine):
     """SHA-256 of the whole guest-visible state (device state and all of RAM)."""
     h = hashlib.sha256()
     h.update(device_state_digest_bytes(machine))
-    h.update(machine.ram.buf.tobytes())
+    h.update(memoryview(machine.ram.buf))
     return h.hexdigest()
 
 
