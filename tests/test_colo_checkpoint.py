@@ -1,0 +1,318 @@
+"""The COLO checkpoint transaction, two pc machines in this process over a socketpair.
+
+Both run store.elf (it rewrites a 16 MiB buffer pass after pass) in deterministic mode.
+The secondary starts from the primary's full state; then both run for different lengths
+of guest time (so they diverge, and the secondary writes pages the primary has not
+written yet), and a checkpoint must make the secondary's full state digest equal to the
+primary's at the moment it paused.  A checkpoint that is corrupted or cut short is
+refused and changes nothing of the secondary's last good state; the pages it carried go
+out again with the next one.  The secondary side runs in a thread, driven one checkpoint
+at a time.
+"""
+
+import socket
+import struct
+import threading
+
+import numpy as np
+import pytest
+import xxhash
+from conftest import firmware
+
+from colo import checkpoint as ck
+from colo.wire import HEADER, ChannelError
+from emu import machinestate
+from machines import pc
+
+MS = 1_000_000
+APPEND = "passes=100000 progress=1"
+
+
+def build():
+    return pc.build(kernel=firmware("store.elf"), append=APPEND, serial=["null"], icount_shift=0)
+
+
+def advance(machine, ns):
+    assert machine.run(until_ns=machine.clock.now() + ns) is None, "the guest must still be running"
+
+
+def state_fingerprint(machine):
+    """What Machine.state_digest() covers, hashed with XXH3 (milliseconds, not 0.1 s)."""
+    h = xxhash.xxh3_128(machinestate.device_state_digest_bytes(machine))
+    h.update(machine.ram.buf)
+    return h.hexdigest()
+
+
+def ram_hash(buf):
+    return xxhash.xxh3_128(buf).hexdigest()
+
+
+class Pair:
+    def __init__(self, primary_cls=ck.CheckpointPrimary, debug=True, timeout=10.0):
+        self.pm = build()
+        advance(self.pm, 3 * MS)
+        self.sm = build()
+        self.sm.load_state(self.pm.save_state(ram_pages="all"))
+        assert state_fingerprint(self.sm) == state_fingerprint(self.pm)
+        a, b = socket.socketpair()
+        self.primary = primary_cls(self.pm, a, debug=debug, timeout=timeout)
+        self.secondary = ck.CheckpointSecondary(self.sm, b, timeout=timeout)
+        both(self.secondary.handshake, self.primary.handshake)
+
+    def checkpoint(self):
+        """(primary record or exception, secondary record or exception)."""
+        return both(self.secondary.serve_one, self.primary.checkpoint, capture=True)
+
+    def good_checkpoint(self):
+        prec, srec = self.checkpoint()
+        assert not isinstance(prec, Exception), prec
+        assert not isinstance(srec, Exception), srec
+        assert prec.status == srec.status == "ok"
+        assert prec.primary_digest is not None  # the secondary checked its state digest against it
+        assert state_fingerprint(self.sm) == state_fingerprint(self.pm)
+        assert ram_hash(self.secondary.cache) == ram_hash(self.pm.ram.buf)
+        assert self.pm.status == self.sm.status == "running"
+        return prec, srec
+
+    def close(self):
+        self.primary.close()
+        self.secondary.close()
+
+
+def both(secondary_fn, primary_fn, capture=False):
+    """Run ``secondary_fn`` in a thread and ``primary_fn`` here; results (or, with
+    ``capture``, the exceptions) of both."""
+    out = {}
+
+    def run_secondary():
+        try:
+            out["s"] = secondary_fn()
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["s"] = e
+
+    t = threading.Thread(target=run_secondary)
+    t.start()
+    try:
+        p = primary_fn()
+    except Exception as e:
+        if not capture:
+            raise
+        p = e
+    finally:
+        t.join(20)
+    assert not t.is_alive(), "the secondary side hung"
+    if not capture and isinstance(out["s"], Exception):
+        raise out["s"]
+    return p, out["s"]
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+def test_checkpoint_makes_the_diverged_secondary_equal_to_the_paused_primary(pair):
+    advance(pair.pm, 3 * MS)
+    advance(pair.sm, 5 * MS)  # ahead of the primary: it writes pages the primary has not
+    assert state_fingerprint(pair.sm) != state_fingerprint(pair.pm)
+    prec, srec = pair.good_checkpoint()
+    assert pair.sm.state_digest() == prec.primary_digest
+    assert 0 < prec.pages < pair.pm.ram.npages // 2, "only the dirtied pages travel"
+    assert srec.pages == prec.pages and srec.device_bytes == prec.device_bytes > 0
+    assert srec.restored > 0, "pages only the secondary wrote must be restored from the cache"
+    assert srec.own_dirty > srec.restored
+    # from the same state, in deterministic mode, both continue identically
+    advance(pair.pm, 2 * MS)
+    advance(pair.sm, 2 * MS)
+    assert state_fingerprint(pair.sm) == state_fingerprint(pair.pm)
+
+
+def test_several_checkpoints_in_a_row(pair):
+    for i, (p_ns, s_ns) in enumerate([(2 * MS, 1 * MS), (1 * MS, 3 * MS), (0, 2 * MS), (2 * MS, 0)], start=1):
+        advance(pair.pm, p_ns) if p_ns else None
+        advance(pair.sm, s_ns) if s_ns else None
+        prec, srec = pair.good_checkpoint()
+        assert prec.seq == srec.seq == i
+        if p_ns == 0:
+            assert prec.pages == 0, "an idle primary has nothing to send"
+    assert pair.secondary.applied_seq == 4
+    assert not pair.primary.unacked.any()
+
+
+class CorruptingPrimary(ck.CheckpointPrimary):
+    """Sends one checkpoint altered by ``self.corrupt(checkpoint)``, or cut off after
+    ``self.cut_after`` bytes of its device state."""
+
+    corrupt = None
+    cut_after = None
+
+    def send_checkpoint(self, c):
+        if self.corrupt is not None:
+            c, self.corrupt = self.corrupt(c), None
+        if self.cut_after is None:
+            return super().send_checkpoint(c)
+        ch = self.channel
+        ch.send(ck.VMSTATE_SEND, ck.SEND.pack(c.seq, len(c.ram_stream)), c.ram_stream)
+        ch.send(ck.VMSTATE_SIZE, ck.SEQ.pack(len(c.device_state)), c.device_state[:self.cut_after])
+        self.channel.sock.shutdown(socket.SHUT_WR)  # the primary dies here
+
+
+@pytest.fixture
+def cpair():
+    p = Pair(primary_cls=CorruptingPrimary)
+    yield p
+    p.close()
+
+
+def wrong_digest(c):
+    c.digest = bytes([c.digest[0] ^ 1]) + c.digest[1:]
+    return c
+
+
+def truncated_device_state(c):
+    """A shorter device buffer, consistently announced and digested: only parsing catches it."""
+    c.device_state = c.device_state[:len(c.device_state) // 2]
+    c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state)
+    return c
+
+
+def stale_digest(c):
+    """A digest made for another sequence number (a replayed checkpoint)."""
+    c.digest = ck.checkpoint_digest(c.seq - 1, c.ram_stream, c.device_state)
+    return c
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (wrong_digest, "digest mismatch"),
+    (truncated_device_state, "truncated"),
+    (stale_digest, "digest mismatch"),
+])
+def test_refused_checkpoint_changes_nothing_and_its_pages_go_again(cpair, corrupt, message):
+    advance(cpair.pm, 2 * MS)
+    cpair.good_checkpoint()
+    good_digest = state_fingerprint(cpair.sm)
+    good_cache = ram_hash(cpair.secondary.cache)
+    advance(cpair.pm, 2 * MS)
+    cpair.primary.corrupt = corrupt
+    prec, srec = cpair.checkpoint()
+    assert isinstance(srec, ck.CheckpointRejected) and message in str(srec), srec
+    assert isinstance(prec, ck.CheckpointAbandoned) and message in prec.reason, prec
+    assert cpair.primary.records[-1].status == "abandoned"
+    refused_pages = set(np.flatnonzero(cpair.primary.unacked).tolist())
+    assert len(refused_pages) == cpair.primary.records[-1].pages > 0
+    # nothing applied: state, cache and the last applied checkpoint are those of the good one
+    assert state_fingerprint(cpair.sm) == good_digest
+    assert ram_hash(cpair.secondary.cache) == good_cache
+    assert cpair.secondary.applied_seq == 1
+    assert cpair.pm.status == cpair.sm.status == "running"
+    # the primary did not run: the next checkpoint carries exactly the refused pages, and they make it
+    prec, _ = cpair.good_checkpoint()
+    assert prec.seq == 3 and prec.pages == len(refused_pages)
+
+
+def test_checkpoint_cut_off_mid_device_state_is_not_applied(cpair):
+    advance(cpair.pm, 2 * MS)
+    advance(cpair.sm, 1 * MS)
+    cpair.good_checkpoint()
+    good_digest = state_fingerprint(cpair.sm)
+    good_cache = ram_hash(cpair.secondary.cache)
+    advance(cpair.pm, 2 * MS)
+    advance(cpair.sm, 3 * MS)  # the secondary runs on meanwhile
+    cpair.primary.cut_after = 100
+    prec, srec = cpair.checkpoint()
+    assert isinstance(srec, ChannelError) and "connection closed" in str(srec), srec
+    assert isinstance(prec, (ChannelError, ck.CheckpointAbandoned)), prec  # a live primary hears why
+    assert cpair.secondary.records[-1].status == "failed"
+    assert cpair.sm.status == "paused"
+    assert ram_hash(cpair.secondary.cache) == good_cache
+    assert cpair.secondary.applied_seq == 1
+    # a failover resumes from the last applied checkpoint
+    cpair.secondary.restore_last_checkpoint()
+    assert state_fingerprint(cpair.sm) == good_digest
+
+
+def test_secondary_that_ran_on_goes_back_to_the_last_checkpoint(pair):
+    pair.good_checkpoint()
+    good_digest = state_fingerprint(pair.sm)
+    advance(pair.sm, 3 * MS)
+    assert state_fingerprint(pair.sm) != good_digest
+    pair.sm.stop()
+    pair.secondary.restore_last_checkpoint()
+    assert state_fingerprint(pair.sm) == good_digest
+
+
+def test_debug_mode_catches_an_inconsistent_secondary(pair, monkeypatch):
+    advance(pair.pm, 1 * MS)
+    advance(pair.sm, 2 * MS)
+    monkeypatch.setattr(pair.secondary, "_flush", lambda pages: pair.sm.dirty_pages())
+    prec, srec = pair.checkpoint()
+    assert isinstance(srec, ck.ConsistencyError), srec
+    assert isinstance(prec, ck.CheckpointAbandoned) and "differs" in prec.reason
+    assert pair.primary.unacked.any(), "an unconfirmed checkpoint keeps its pages"
+
+
+# ---------------------------------------------------------------- hostile peers, raw frames
+def frame(kind, payload=b""):
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+@pytest.fixture
+def raw_secondary():
+    """A secondary fed by hand-made frames (no guest needs to run)."""
+    machine = build()
+    a, b = socket.socketpair()
+    secondary = ck.CheckpointSecondary(machine, b, timeout=5.0)
+    digest = state_fingerprint(machine)
+    yield secondary, a, digest
+    a.close()
+    secondary.close()
+
+
+def reply(sock):
+    kind, length = HEADER.unpack(sock.recv(HEADER.size, socket.MSG_WAITALL))
+    return kind, sock.recv(length, socket.MSG_WAITALL) if length else b""
+
+
+def test_handshake_refuses_another_protocol_version(raw_secondary):
+    secondary, peer, _ = raw_secondary
+    bad = bytearray(ck.ready_payload(secondary.machine))
+    bad[len(ck.MAGIC):len(ck.MAGIC) + 4] = struct.pack(">I", 2)
+    peer.sendall(frame(ck.CHECKPOINT_READY, bytes(bad)))
+    with pytest.raises(ChannelError, match="protocol 2"):
+        secondary.handshake()
+    kind, payload = reply(peer)
+    assert kind == ck.ABANDON and b"protocol 2" in payload
+
+
+@pytest.mark.parametrize("frames, message", [
+    ([frame(ck.CHECKPOINT_REQUEST, ck.SEQ.pack(1)), frame(ck.VMSTATE_SEND, ck.SEND.pack(1, 1 << 40))],
+     "exceeds"),
+    ([frame(ck.CHECKPOINT_REQUEST, ck.SEQ.pack(1)), frame(ck.VMSTATE_SEND, ck.SEND.pack(1, 0)),
+      frame(ck.VMSTATE_SIZE, ck.SEQ.pack(1 << 40))], "exceeds the limit"),
+    ([frame(ck.CHECKPOINT_REQUEST, ck.SEQ.pack(1)), frame(ck.VMSTATE_SEND, ck.SEND.pack(7, 0))],
+     "checkpoint 7 inside checkpoint 1"),
+    ([frame(ck.CHECKPOINT_REQUEST, ck.SEQ.pack(1) + b"x")], "payload of 9 bytes"),
+    ([HEADER.pack(ck.CHECKPOINT_REQUEST, 1 << 40)], "payload of"),
+    ([frame(77)], "unknown message type 77"),
+    ([frame(ck.VMSTATE_LOADED, ck.SEQ.pack(1))], "expected CHECKPOINT_REQUEST"),
+])
+def test_hostile_frames_are_refused_before_use(raw_secondary, frames, message):
+    secondary, peer, digest = raw_secondary
+    peer.sendall(b"".join(frames))
+    with pytest.raises(ChannelError, match=message):
+        secondary.serve_one()
+    assert secondary.applied_seq == 0
+    assert state_fingerprint(secondary.machine) == digest
+
+
+def test_replayed_sequence_number_is_refused(raw_secondary):
+    secondary, peer, digest = raw_secondary
+    secondary.last_seq = 5  # as after five checkpoints
+    peer.sendall(frame(ck.CHECKPOINT_REQUEST, ck.SEQ.pack(5)))
+    with pytest.raises(ck.CheckpointRejected, match="not newer"):
+        secondary.serve_one()
+    kind, _ = reply(peer)
+    assert kind == ck.ABANDON
+    assert state_fingerprint(secondary.machine) == digest
