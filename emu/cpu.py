@@ -43,9 +43,8 @@ EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6
 EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM, EFLAGS_AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
 CR4_PSE, CR4_PAE = 1 << 4, 1 << 5
-EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
-MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
-MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC0000102
+EFER_SCE, EFER_LME, EFER_LMA = 1, 1 << 8, 1 << 10
+MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
 
 TSC_HZ = 1_000_000_000  # the virtual TSC ticks once per guest nanosecond (1 GHz, constant)
 
@@ -101,7 +100,6 @@ class X86Cpu:
         self.mmio = []  # (base, size, device)
         self._keep = []  # cffi callbacks and hook handles that must outlive the engine
         self.exception_counts = {}
-        self.insn_invalid = False
         self.stop_requested = False
         self.running = False  # inside emu_start: only then does a stop request reach the engine
         self._counted_slice_start = None  # RIP before a slice limited by an instruction count
@@ -497,9 +495,6 @@ class X86Cpu:
 
     def interrupt_shadow(self):
         return bool(self.snapshot().hflags & xc.HF_INHIBIT_IRQ)
-
-    def can_take_interrupt(self):
-        return self.interrupts_enabled() and not self.interrupt_shadow()
 
     # ------------------------------------------------------------------ memory through the MMU
     def translate(self, linear, write=False, user=False):
