@@ -9,7 +9,7 @@ CHELPER := emu/_emuc.stamp
 FIRMWARE_STAMP := firmware/build/.stamp
 APT_PACKAGES := gcc binutils make qemu-system-x86
 
-.PHONY: all setup deps venv cffi firmware test demo bench soak lint clean
+.PHONY: all setup deps venv cffi firmware test demo bench soak lint clean linux
 
 all: test
 
@@ -61,6 +61,10 @@ bench: setup
 
 soak: setup
 	EMU_SOAK=1 $(PY) -m pytest -m soak -p no:cacheprovider
+
+# Debian's 6.1 kernel and a busybox initramfs, fetched and built in ~/.cache/emu-colo/linux
+linux: setup
+	$(PY) -m linux.build
 
 lint: setup
 	$(VENV)/bin/ruff check .

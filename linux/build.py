@@ -1,0 +1,216 @@
+"""Fetch Debian's Linux kernel and build a busybox initramfs for the ``pc`` machine.
+
+    python -m linux.build [--cache DIR] [--force]
+
+Downloads ``linux-image-amd64``'s kernel package and ``busybox-static`` with
+``apt-get download``, unpacks them with ``dpkg-deb -x`` and writes a gzip-compressed newc
+cpio initramfs (busybox, its applet links and an ``/init`` script) in pure Python.  Everything
+goes to a cache directory outside the repository (``$EMU_LINUX_CACHE`` or
+``~/.cache/emu-colo/linux``); a second run only prints the paths.  The last two lines of the
+output are ``kernel=PATH`` and ``initrd=PATH``.
+"""
+
+import argparse
+import glob
+import gzip
+import io
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+
+KERNEL_META_PACKAGE = "linux-image-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+INIT_MARKER = "emu-colo initramfs: init started"
+SHELL_MARKER = "emu-colo shell ready"
+
+INIT_SCRIPT = f"""#!/bin/sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+/bin/busybox mount -t tmpfs tmpfs /tmp
+echo "{INIT_MARKER}"
+export PATH=/bin:/sbin HOME=/root PS1='# '
+cd /root
+while true; do
+    echo "{SHELL_MARKER}"
+    /bin/busybox setsid /bin/busybox cttyhack /bin/sh
+    echo "shell exited; restarting"
+done
+"""
+
+#: busybox applet links placed in /bin (busybox --list may fail on hosts that cannot run it).
+APPLETS = (
+    "sh", "ash", "cat", "echo", "ls", "mount", "umount", "uname", "date", "dmesg", "ps", "mkdir",
+    "rm", "cp", "mv", "sleep", "setsid", "cttyhack", "poweroff", "reboot", "halt", "sync", "head",
+    "tail", "grep", "wc", "free", "uptime", "env", "true", "false", "test", "[", "hexdump", "od",
+    "stat", "touch", "ln", "chmod", "df", "md5sum", "sha256sum", "seq", "yes", "dd", "tr", "sed",
+    "awk", "vi", "find", "xargs", "sort", "uniq", "cut", "kill", "top", "hwclock", "devmem",
+)
+
+
+def default_cache():
+    return os.environ.get("EMU_LINUX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "emu-colo", "linux")
+
+
+class BuildError(Exception):
+    pass
+
+
+def _run(cmd, cwd=None):
+    try:
+        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise BuildError(f"{cmd[0]}: not found (a Debian host with apt-get and dpkg-deb is needed)") from None
+    if result.returncode:
+        raise BuildError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
+    return result.stdout
+
+
+def kernel_package_name():
+    """The concrete kernel package the meta package depends on (linux-image-6.1.0-N-amd64)."""
+    out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Depends:"):
+            name = line.split(":", 1)[1].strip()
+            if name.startswith("linux-image-") and name.endswith("-amd64"):
+                return name
+    raise BuildError(f"apt-cache depends {KERNEL_META_PACKAGE}: no linux-image-*-amd64 dependency "
+                     f"(run apt-get update?)")
+
+
+def fetch_package(name, cache):
+    """``apt-get download`` NAME into CACHE/debs and unpack it under CACHE/pkg/NAME."""
+    debs = os.path.join(cache, "debs")
+    root = os.path.join(cache, "pkg", name)
+    done = os.path.join(root, ".unpacked")
+    if os.path.exists(done):
+        return root
+    os.makedirs(debs, exist_ok=True)
+    found = glob.glob(os.path.join(debs, f"{name}_*.deb"))
+    if not found:
+        _run(["apt-get", "download", name], cwd=debs)
+        found = glob.glob(os.path.join(debs, f"{name}_*.deb"))
+        if not found:
+            raise BuildError(f"apt-get download {name}: no .deb appeared in {debs}")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    _run(["dpkg-deb", "-x", sorted(found)[-1], root])
+    open(done, "w").close()
+    return root
+
+
+# ---------------------------------------------------------------------------- newc cpio
+
+@dataclass
+class CpioEntry:
+    name: str
+    mode: int
+    data: bytes = b""
+    rdev: tuple = (0, 0)
+
+
+def _newc_header(ino, entry, nlink):
+    name = entry.name.encode() + b"\0"
+    fields = (ino, entry.mode, 0, 0, nlink, 0, len(entry.data), 0, 0,
+              entry.rdev[0], entry.rdev[1], len(name), 0)
+    return b"070701" + b"".join(b"%08X" % v for v in fields) + name
+
+
+def _pad4(buf):
+    buf.write(b"\0" * (-buf.tell() % 4))
+
+
+def write_newc(entries):
+    """A newc ("070701") cpio archive of the entries, ending with TRAILER!!!."""
+    buf = io.BytesIO()
+    for ino, entry in enumerate(entries, start=1):
+        nlink = 2 if stat.S_ISDIR(entry.mode) else 1
+        buf.write(_newc_header(ino, entry, nlink))
+        _pad4(buf)
+        buf.write(entry.data)
+        _pad4(buf)
+    buf.write(_newc_header(0, CpioEntry("TRAILER!!!", 0), 1))
+    _pad4(buf)
+    return buf.getvalue()
+
+
+def initramfs_entries(busybox):
+    entries = [CpioEntry(d, stat.S_IFDIR | 0o755)
+               for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "root", "etc")]
+    entries.append(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
+    entries.append(CpioEntry("dev/ttyS0", stat.S_IFCHR | 0o660, rdev=(4, 64)))
+    entries.append(CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)))
+    entries.append(CpioEntry("bin/busybox", stat.S_IFREG | 0o755, busybox))
+    for applet in APPLETS:
+        entries.append(CpioEntry(f"bin/{applet}", stat.S_IFLNK | 0o777, b"busybox"))
+    entries.append(CpioEntry("init", stat.S_IFREG | 0o755, INIT_SCRIPT.encode()))
+    return entries
+
+
+def build_initramfs(busybox_path, out):
+    with open(busybox_path, "rb") as f:
+        busybox = f.read()
+    archive = write_newc(initramfs_entries(busybox))
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(gzip.compress(archive, compresslevel=9, mtime=0))
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------------------- driver
+
+def build(cache=None, force=False, log=print):
+    """Fetch and build (cached); returns (kernel path, initrd path)."""
+    cache = cache or default_cache()
+    if force:
+        shutil.rmtree(os.path.join(cache, "pkg"), ignore_errors=True)
+    os.makedirs(cache, exist_ok=True)
+    kernel_out = os.path.join(cache, "bzImage")
+    initrd_out = os.path.join(cache, "initramfs.cpio.gz")
+    if not force and os.path.exists(kernel_out) and os.path.exists(initrd_out):
+        return kernel_out, initrd_out
+
+    kpkg = kernel_package_name()
+    log(f"fetching {kpkg}")
+    kroot = fetch_package(kpkg, cache)
+    kernels = sorted(glob.glob(os.path.join(kroot, "boot", "vmlinuz-*")))
+    if not kernels:
+        raise BuildError(f"{kpkg}: no boot/vmlinuz-* in the package")
+    log(f"fetching {BUSYBOX_PACKAGE}")
+    broot = fetch_package(BUSYBOX_PACKAGE, cache)
+    busybox = os.path.join(broot, "bin", "busybox")
+    if not os.path.exists(busybox):
+        raise BuildError(f"{BUSYBOX_PACKAGE}: no bin/busybox in the package")
+
+    build_initramfs(busybox, initrd_out)
+    tmp = kernel_out + ".tmp"
+    shutil.copyfile(kernels[-1], tmp)
+    os.replace(tmp, kernel_out)
+    with open(os.path.join(cache, "VERSION"), "w") as f:
+        f.write(f"{kpkg} {os.path.basename(kernels[-1])}\n")
+    return kernel_out, initrd_out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m linux.build", description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", default=None, help="cache directory (default ~/.cache/emu-colo/linux)")
+    parser.add_argument("--force", action="store_true", help="unpack and rebuild even if cached")
+    args = parser.parse_args(argv)
+    try:
+        kernel, initrd = build(args.cache, args.force, log=lambda m: print(m, file=sys.stderr))
+    except BuildError as e:
+        print(f"linux/build.py: {e}", file=sys.stderr)
+        return 1
+    print(f"kernel={kernel}")
+    print(f"initrd={initrd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
