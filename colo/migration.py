@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from emu import snapshot
 from emu.errors import EmuError, StateError
 
 from . import wire
@@ -280,14 +281,10 @@ class PrecopyJob:
         if len(pages) == 0:
             return
         stream = self.m.save_ram(pages)
-        zero = int(np.count_nonzero(~self._nonzero(pages)))
+        zero = len(pages) - int(np.count_nonzero(snapshot.nonzero_pages(self.m.ram.buf, pages)))
         self.c.state.zero_pages += zero
         self.c.state.normal_pages += len(pages) - zero
         self._send(wire.RAM, stream)
-
-    def _nonzero(self, pages):
-        view = self.m.ram.buf.reshape(-1, 4096)[pages]
-        return view.view(np.uint64).any(axis=1)
 
     def _full_pass_step(self):
         npages = self.m.ram.npages

@@ -231,20 +231,7 @@ class TcpServerBackend(CharBackend):
         self.dropped = 0
         self._pending = bytearray()
         self._client_broken = False
-        try:
-            family, socktype, proto, _, address = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-            listener = socket.socket(family, socktype, proto)
-        except OSError as e:
-            raise BackendOpenError("serial", f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(address)
-            listener.listen(1)
-            listener.setblocking(False)
-        except OSError as e:
-            listener.close()
-            raise BackendOpenError("serial", f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        listener = listen_tcp(host, port, 1, lambda reason: BackendOpenError("serial", reason))
         self.listener = listener
         self.port = listener.getsockname()[1]
         if wait:
@@ -336,6 +323,25 @@ class TcpServerBackend(CharBackend):
 
 
 SPEC_HELP = "expected stdio, null, none, file:PATH or tcp:[HOST]:PORT,server[,nowait]"
+
+
+def listen_tcp(host, port, backlog, fail):
+    """A non-blocking listening TCP socket on host:port; ``fail(reason)`` makes the error."""
+    try:
+        family, socktype, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socktype, proto)
+    except OSError as e:
+        raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def parse_socket_options(options, fail, ignored=()):

@@ -22,7 +22,7 @@ import stat
 import sys
 import time
 
-from .chardev import parse_socket_options
+from .chardev import listen_tcp, parse_socket_options
 from .errors import ConfigError, EmuError
 
 QEMU_VERSION = {"micro": 0, "minor": 2, "major": 7}  # the QEMU whose protocol this follows
@@ -435,21 +435,7 @@ class QmpServer:
                 raise EmuError(f"{where}: cannot listen on {target}: {e.strerror or e}") from None
             return sock
         host, port = target
-        try:
-            family, socktype, proto, _, sockaddr = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-            sock = socket.socket(family, socktype, proto)
-        except OSError as e:
-            raise EmuError(f"{where}: cannot listen on {host}:{port}: {e.strerror or e}") from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(16)
-            sock.setblocking(False)
-        except OSError as e:
-            sock.close()
-            raise EmuError(f"{where}: cannot listen on {host}:{port}: {e.strerror or e}") from None
-        return sock
+        return listen_tcp(host, port, 16, lambda reason: EmuError(f"{where}: {reason}"))
 
     def _on_accept(self):
         for _ in range(MAX_CLIENTS):

@@ -38,6 +38,16 @@ DIGEST_SIZE = 16
 MAX_SECTIONS = 4096
 
 
+def nonzero_pages(ram_buf, pages):
+    """Boolean mask: which of ``pages`` of ``ram_buf`` hold a non-zero byte (C, early exit)."""
+    pages = np.ascontiguousarray(pages, dtype=np.int64)
+    mask = np.zeros(len(pages), dtype=np.uint8)
+    _emuc.lib.mark_nonzero_pages(_emuc.ffi.cast("uint8_t *", ram_buf.ctypes.data),
+                                 _emuc.ffi.cast("int64_t *", pages.ctypes.data), len(pages),
+                                 _emuc.ffi.cast("uint8_t *", mask.ctypes.data))
+    return mask.astype(bool)
+
+
 class StreamWriter:
     """Builds one stream in memory (so that its size is known before anything is sent).
 
@@ -73,18 +83,16 @@ class StreamWriter:
         npages = len(ram_buf) // PAGE_SIZE
         if len(pages) and (pages.min() < 0 or pages.max() >= npages):
             raise StateError("RAM section: page number outside RAM")
-        nonzero = np.zeros(len(pages), dtype=np.uint8)
-        _emuc.lib.mark_nonzero_pages(_emuc.ffi.cast("uint8_t *", ram_buf.ctypes.data),
-                                     _emuc.ffi.cast("int64_t *", pages.ctypes.data), len(pages),
-                                     _emuc.ffi.cast("uint8_t *", nonzero.ctypes.data))
+        nonzero = nonzero_pages(ram_buf, pages)
         view = ram_buf.reshape(-1, PAGE_SIZE)
-        data_pages = pages[nonzero.astype(bool)]
+        data_pages = pages[nonzero]
         if len(data_pages) == npages and (data_pages == np.arange(npages)).all():
             data = memoryview(ram_buf)  # every page, in order: no copy
         else:
             data = memoryview(view[data_pages].reshape(-1))
         self._section(KIND_RAM, "ram", 0, 1, [struct.pack(">II", PAGE_SIZE, len(pages)),
-                                              pages.astype(">u4").tobytes(), nonzero.tobytes(), data])
+                                              pages.astype(">u4").tobytes(), nonzero.astype(np.uint8).tobytes(),
+                                              data])
 
     def finish(self, out=None):
         """The stream as bytes, or, with ``out`` (a binary file), written there part by
@@ -226,9 +234,5 @@ class RamPages:
             view[self.pages[self.nonzero]] = self.data
             # a zero page only needs writing where RAM is not zero already: touching untouched
             # host memory would make the kernel allocate it
-            zero_pages = np.ascontiguousarray(self.pages[~self.nonzero])
-            dirty = np.zeros(len(zero_pages), dtype=np.uint8)
-            _emuc.lib.mark_nonzero_pages(_emuc.ffi.cast("uint8_t *", ram_buf.ctypes.data),
-                                         _emuc.ffi.cast("int64_t *", zero_pages.ctypes.data), len(zero_pages),
-                                         _emuc.ffi.cast("uint8_t *", dirty.ctypes.data))
-            view[zero_pages[dirty.astype(bool)]] = 0
+            zero_pages = self.pages[~self.nonzero]
+            view[zero_pages[nonzero_pages(ram_buf, zero_pages)]] = 0
