@@ -290,6 +290,8 @@ CASES = [
     FirmwareCase("portio", "firmware/build/portio.elf", append="n=5000", expect=b"portio n=5000\r\n"),
     FirmwareCase("serialout", "firmware/build/serialout.elf", append="bytes=150",
                  expect=(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n" * 3)[:150]),
+    FirmwareCase("dirty", "firmware/build/dirty.elf", append="ticks=20",
+                 expect=b"dirty: 20 ticks, 300 page writes\r\n"),
     FirmwareCase("idle-default", "firmware/build/idle.elf", expect=b"idle ticks=200\r\n", slow=True),
 ]
 
