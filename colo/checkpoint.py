@@ -20,6 +20,15 @@ Message sequence (after QEMU's ``migration/colo.c``), every message a frame
                                          <-   VMSTATE_LOADED seq
     resumes
 
+Both sides send ``HEARTBEAT`` while idle; any frame counts as a sign of life and a
+receiver skips heartbeats wherever it waits.  ``VMSTATE_LOADED`` carries the secondary's
+own pause (stop to resume, in microseconds) for the records.
+
+With a shared key every frame is followed by an HMAC-SHA256 tag over a per-direction
+counter, the frame header and its payload; the raw buffers are covered through the
+SHA-256 checkpoint digest inside the (tagged) ``VMSTATE_DIGEST``.  A frame with a bad or
+missing tag breaks the channel: only the paired peer can drive the secondary.
+
 Either side may send ``ABANDON seq | reason`` in place of its next message.  A checkpoint
 whose content is refused (digest, sizes, a stream that does not parse, a sequence number
 already seen) is abandoned and the channel goes on in step; a framing or transport error
@@ -39,6 +48,7 @@ while paused, and the secondary checks that its own state digest equals it once 
 
 import hashlib
 import hmac
+import select
 import socket
 import struct
 import time
@@ -64,14 +74,17 @@ VMSTATE_DIGEST = 6
 VMSTATE_RECEIVED = 7
 VMSTATE_LOADED = 8
 ABANDON = 9
+HEARTBEAT = 10
 
 NAMES = {CHECKPOINT_READY: "CHECKPOINT_READY", CHECKPOINT_REQUEST: "CHECKPOINT_REQUEST",
          CHECKPOINT_REPLY: "CHECKPOINT_REPLY", VMSTATE_SEND: "VMSTATE_SEND", VMSTATE_SIZE: "VMSTATE_SIZE",
          VMSTATE_DIGEST: "VMSTATE_DIGEST", VMSTATE_RECEIVED: "VMSTATE_RECEIVED",
-         VMSTATE_LOADED: "VMSTATE_LOADED", ABANDON: "ABANDON"}
+         VMSTATE_LOADED: "VMSTATE_LOADED", ABANDON: "ABANDON", HEARTBEAT: "HEARTBEAT"}
 
 SEQ = struct.Struct(">Q")
 SEND = struct.Struct(">QQ")
+LOADED = struct.Struct(">QQ")  # seq, the secondary's pause in microseconds
+TAG_SIZE = 32
 DIGEST_SIZE = hashlib.sha256().digest_size
 MAX_REASON = 4096
 MAX_READY = 512
@@ -82,7 +95,7 @@ REPLY_TIMEOUT_S = 30.0
 _PAYLOAD_SIZES = {
     CHECKPOINT_READY: (len(MAGIC) + 4 + 2 + 8, MAX_READY),
     CHECKPOINT_REQUEST: SEQ.size, CHECKPOINT_REPLY: SEQ.size, VMSTATE_RECEIVED: SEQ.size,
-    VMSTATE_LOADED: SEQ.size, VMSTATE_SEND: SEND.size, VMSTATE_SIZE: SEQ.size,
+    VMSTATE_LOADED: LOADED.size, VMSTATE_SEND: SEND.size, VMSTATE_SIZE: SEQ.size, HEARTBEAT: 0,
     VMSTATE_DIGEST: (DIGEST_SIZE + 1, DIGEST_SIZE + 1 + DIGEST_SIZE),
     ABANDON: (SEQ.size, SEQ.size + MAX_REASON),
 }
@@ -108,27 +121,36 @@ class ConsistencyError(CheckpointError):
     """Debug mode: the secondary's state after loading differs from the primary's."""
 
 
-def ready_payload(machine):
+READY_PASSIVE = 1  # CHECKPOINT_READY flag: the secondary stays stopped between checkpoints
+
+
+def ready_payload(machine, flags=0):
     name = machine.machine_type.encode()
-    return MAGIC + struct.pack(">IH", PROTOCOL_VERSION, len(name)) + name + SEQ.pack(machine.ram.size)
+    return (MAGIC + struct.pack(">IH", PROTOCOL_VERSION, len(name)) + name + SEQ.pack(machine.ram.size)
+            + bytes([flags]))
 
 
 def check_ready(payload, machine):
-    """Refuse a peer that speaks another protocol version or runs another machine."""
+    """Refuse a peer that speaks another protocol version or runs another machine; returns
+    the peer's flags."""
     if payload[:len(MAGIC)] != MAGIC:
         raise ChannelError("colo: not a COLO checkpoint channel")
     version, nlen = struct.unpack_from(">IH", payload, len(MAGIC))
     pos = len(MAGIC) + 6
-    if pos + nlen + 8 != len(payload):
-        raise ChannelError(f"colo: malformed CHECKPOINT_READY ({len(payload)} bytes)")
     if version != PROTOCOL_VERSION:
         raise ChannelError(f"colo: peer speaks checkpoint protocol {version}, this side {PROTOCOL_VERSION}")
+    if pos + nlen + 9 != len(payload):
+        raise ChannelError(f"colo: malformed CHECKPOINT_READY ({len(payload)} bytes)")
     name = payload[pos:pos + nlen].decode("ascii", "replace")
     (ram_size,) = SEQ.unpack_from(payload, pos + nlen)
+    flags = payload[-1]
     if name != machine.machine_type:
         raise ChannelError(f"colo: peer machine type {name!r}, this machine is {machine.machine_type!r}")
     if ram_size != machine.ram.size:
         raise ChannelError(f"colo: peer has {ram_size >> 20} MiB of RAM, this machine {machine.ram.size >> 20} MiB")
+    if flags & ~READY_PASSIVE:
+        raise ChannelError(f"colo: CHECKPOINT_READY with unknown flags {flags:#x}")
+    return flags
 
 
 def checkpoint_digest(seq, ram_stream, device_state):
@@ -145,30 +167,50 @@ def max_ram_stream(machine):
 
 
 class Channel:
-    """Framed messages and raw buffers on a blocking socket with a timeout."""
+    """Framed messages and raw buffers on a blocking socket with a timeout.
 
-    def __init__(self, sock, timeout=REPLY_TIMEOUT_S):
+    ``last_heard`` is when the peer last sent anything (heartbeats included);
+    ``last_sent`` when this side last did.  With ``key`` every frame carries an HMAC tag."""
+
+    def __init__(self, sock, timeout=REPLY_TIMEOUT_S, key=None, role="primary"):
         self.sock = sock
         self.timeout = timeout
         self.closed = False
+        self.key = key
+        self.send_label, self.recv_label = (b"P", b"S") if role == "primary" else (b"S", b"P")
+        self.send_count = self.recv_count = 0
+        self.last_heard = self.last_sent = time.monotonic()
+        self.heartbeats_received = 0
         sock.settimeout(timeout)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the replies are small
+
+    def _tag(self, label, count, header_and_payload):
+        mac = hmac.new(self.key, label + SEQ.pack(count), hashlib.sha256)
+        mac.update(header_and_payload)
+        return mac.digest()
 
     def send(self, kind, payload=b"", raw=None):
         """One frame, optionally followed by a raw buffer (one send call for small ones)."""
         try:
             data = HEADER.pack(kind, len(payload)) + payload
+            if self.key is not None:
+                self.send_count += 1
+                data += self._tag(self.send_label, self.send_count, data)
             if raw is not None and len(raw) <= 65536:
                 self.sock.sendall(data + bytes(raw))
-                return
-            self.sock.sendall(data)
-            if raw is not None:
-                self.sock.sendall(raw)
+            else:
+                self.sock.sendall(data)
+                if raw is not None:
+                    self.sock.sendall(raw)
+            self.last_sent = time.monotonic()
         except socket.timeout:
             raise ChannelError(f"colo: sending {NAMES[kind]} timed out after {self.timeout} s") from None
         except OSError as e:
             raise ChannelError(f"colo: connection lost sending {NAMES[kind]}: {e}") from None
+
+    def heartbeat(self):
+        self.send(HEARTBEAT)
 
     def abandon(self, seq, reason):
         """Best effort: the peer may already be gone."""
@@ -177,10 +219,11 @@ class Channel:
         except ChannelError:
             pass
 
-    def recv(self, expected):
-        """The next frame, which must be of a type in ``expected``; an ABANDON raises
-        :class:`CheckpointAbandoned`.  Lengths are checked before the payload is read."""
-        kind, length = HEADER.unpack(self.recv_exact(HEADER.size))
+    def recv_frame(self):
+        """The next frame, heartbeats included: (type, payload).  Lengths are checked before
+        the payload is read; an ABANDON raises :class:`CheckpointAbandoned`."""
+        header = bytes(self.recv_exact(HEADER.size))
+        kind, length = HEADER.unpack(header)
         if kind not in NAMES:
             raise ChannelError(f"colo: unknown message type {kind}")
         size = _PAYLOAD_SIZES[kind]
@@ -188,9 +231,44 @@ class Channel:
         if not low <= length <= high:
             raise ChannelError(f"colo: {NAMES[kind]} with a payload of {length} bytes (expected {low}..{high})")
         payload = bytes(self.recv_exact(length))
-        if kind == ABANDON:
+        if self.key is not None:
+            tag = bytes(self.recv_exact(TAG_SIZE))
+            self.recv_count += 1
+            if not hmac.compare_digest(tag, self._tag(self.recv_label, self.recv_count, header + payload)):
+                raise ChannelError(f"colo: {NAMES[kind]} with a bad authentication tag "
+                                   "(wrong key, or not the paired peer)")
+        self.last_heard = time.monotonic()
+        if kind == HEARTBEAT:
+            self.heartbeats_received += 1
+        elif kind == ABANDON:
             (seq,) = SEQ.unpack_from(payload)
             raise CheckpointAbandoned(seq, payload[SEQ.size:].decode("utf-8", "replace"))
+        return kind, payload
+
+    def recv_any(self):
+        """The next frame other than a heartbeat (for waits inside a transaction)."""
+        while True:
+            kind, payload = self.recv_frame()
+            if kind != HEARTBEAT:
+                return kind, payload
+
+    def poll(self):
+        """Frames the peer has already sent, without waiting for more: a list of
+        (type, payload), heartbeats left out; an ABANDON is returned as (ABANDON, exception)."""
+        frames = []
+        while self.readable():
+            try:
+                kind, payload = self.recv_frame()
+            except CheckpointAbandoned as e:
+                frames.append((ABANDON, e))
+                continue
+            if kind != HEARTBEAT:
+                frames.append((kind, payload))
+        return frames
+
+    def recv(self, expected):
+        """The next frame, which must be of a type in ``expected``."""
+        kind, payload = self.recv_any()
         if kind not in expected:
             names = " or ".join(NAMES[k] for k in expected)
             raise ChannelError(f"colo: expected {names}, got {NAMES[kind]}")
@@ -198,9 +276,17 @@ class Channel:
 
     def recv_seq(self, kind, seq):
         _, payload = self.recv((kind,))
-        (got,) = SEQ.unpack(payload)
+        (got,) = SEQ.unpack_from(payload)
         if got != seq:
             raise ChannelError(f"colo: {NAMES[kind]} for checkpoint {got}, expected {seq}")
+        return payload
+
+    def readable(self):
+        """Has the peer sent something (a frame may be read without waiting long)?"""
+        if self.closed:
+            return False
+        r, _, _ = select.select([self.sock], [], [], 0)
+        return bool(r)
 
     def recv_exact(self, n):
         buf = bytearray(n)
@@ -212,6 +298,7 @@ class Channel:
                 if not got:
                     raise ChannelError(f"colo: connection closed by the peer ({pos} of {n} bytes received)")
                 pos += got
+                self.last_heard = time.monotonic()
         except socket.timeout:
             raise ChannelError(f"colo: nothing from the peer within {self.timeout} s "
                                f"({pos} of {n} bytes received)") from None
@@ -245,16 +332,27 @@ class CheckpointRecord:
     """One checkpoint as one side saw it (times in ms)."""
 
     seq: int
+    trigger: str = "forced"  # periodic / output / mismatch / timeout / forced
+    time: float = 0.0        # seconds since the pair entered COLO
     status: str = "started"  # ok / abandoned / rejected / failed
     error: str | None = None
     pages: int = 0
     ram_bytes: int = 0
     device_bytes: int = 0
     pause_ms: float = 0.0
+    secondary_pause_ms: float | None = None  # primary: as the secondary reported it
     phases: dict = field(default_factory=dict)
     primary_digest: str | None = None  # primary, debug mode: its state digest while paused
     own_dirty: int = 0  # secondary: pages it wrote itself since the last checkpoint
     restored: int = 0   # secondary: of those, pages the primary did not send (taken from the cache)
+
+    def as_dict(self):
+        """The fields the records files and the report use."""
+        return {"seq": self.seq, "time": round(self.time, 6), "trigger": self.trigger, "status": self.status,
+                "pages": self.pages, "ram_bytes": self.ram_bytes, "device_bytes": self.device_bytes,
+                "pause_ms": round(self.pause_ms, 3),
+                "secondary_pause_ms": None if self.secondary_pause_ms is None else round(self.secondary_pause_ms, 3),
+                "phases": {k: round(v, 3) for k, v in self.phases.items()}, "error": self.error}
 
 
 class _Phases:
@@ -270,72 +368,159 @@ class _Phases:
 
 class CheckpointPrimary:
     """The primary side.  On construction the secondary's RAM must equal this machine's
-    RAM (after the initial full migration): the dirty log starts from here."""
+    RAM (after the initial full migration): the dirty log starts from here.
 
-    def __init__(self, machine, sock, debug=False, timeout=REPLY_TIMEOUT_S):
+    The transaction runs in steps so that the guest keeps running while the secondary
+    gets ready and while it applies: :meth:`request` sends CHECKPOINT_REQUEST;
+    :meth:`on_reply` (CHECKPOINT_REPLY has come) pauses, captures, sends, waits for
+    VMSTATE_RECEIVED and resumes; :meth:`on_loaded` ends it.  :meth:`checkpoint` does all
+    three in one blocking call.  ``on_pause(seq)`` / ``on_unpause(seq, ok)`` let the caller
+    mark the output stream (paused with the guest stopped, resumed with it)."""
+
+    def __init__(self, machine, sock, debug=False, timeout=REPLY_TIMEOUT_S, key=None):
         self.machine = machine
-        self.channel = Channel(sock, timeout)
+        self.channel = Channel(sock, timeout, key, role="primary")
         self.debug = debug
         self.seq = 0
         self.unacked = np.zeros(machine.ram.npages, dtype=bool)  # sent, not yet loaded by the peer
         self.records = []
+        self.pending = None  # the record of the transaction in progress
+        self.pending_phase = None  # "requested" (waiting for REPLY) or "loading" (waiting for LOADED)
+        self.started = time.monotonic()
+        self.on_pause = None
+        self.on_unpause = None
+        self.peer_passive = False
         machine.start_dirty_log()
         machine.dirty_pages()
 
     def handshake(self):
         self.channel.send(CHECKPOINT_READY, ready_payload(self.machine))
         _, payload = self.channel.recv((CHECKPOINT_READY,))
-        check_ready(payload, self.machine)
+        self.peer_passive = bool(check_ready(payload, self.machine) & READY_PASSIVE)
 
-    def checkpoint(self):
-        """One whole transaction; returns its record.  Raises :class:`CheckpointAbandoned`
-        (the secondary refused it, the channel goes on), :class:`CheckpointError` (this side
-        could not capture) or :class:`ChannelError` (the channel is broken).  The machine
-        runs on as before in every case."""
-        m, ch = self.machine, self.channel
-        self.seq += 1
-        seq = self.seq
-        record = CheckpointRecord(seq)
-        self.records.append(record)
-        phases = _Phases(record)
-        was_running = None
+    def checkpoint(self, trigger="forced"):
+        """One whole transaction, blocking; returns its record.  Raises
+        :class:`CheckpointAbandoned` (the secondary refused it, the channel goes on),
+        :class:`CheckpointError` (this side could not capture) or :class:`ChannelError` (the
+        channel is broken).  The machine runs on as before in every case."""
+        record = self.request(trigger)
+        kind, payload = self._recv_step()
+        self.step(kind, payload)
+        if self.pending is record:
+            kind, payload = self._recv_step()
+            self.step(kind, payload)
+        return record
+
+    def _recv_step(self):
         try:
-            ch.send(CHECKPOINT_REQUEST, SEQ.pack(seq))
-            ch.recv_seq(CHECKPOINT_REPLY, seq)
-            phases.mark("request")
-            paused_at = time.perf_counter()
-            was_running = m.status == "running"
-            m.stop()
+            return self.channel.recv_any()
+        except CheckpointAbandoned as e:
+            return ABANDON, e
+        except ChannelError as e:
+            self._fail(str(e))
+            raise
+
+    def request(self, trigger):
+        """Start checkpoint ``seq + 1``: ask the secondary to get ready."""
+        if self.pending is not None:
+            raise CheckpointError(f"colo: checkpoint {self.pending.seq} is still in progress")
+        self.seq += 1
+        record = CheckpointRecord(self.seq, trigger=trigger, time=time.monotonic() - self.started)
+        self.records.append(record)
+        self.pending, self.pending_phase = record, "requested"
+        self._phases = _Phases(record)
+        try:
+            self.channel.send(CHECKPOINT_REQUEST, SEQ.pack(self.seq))
+        except ChannelError as e:
+            self._fail(str(e))
+            raise
+        return record
+
+    def step(self, kind, payload):
+        """Act on a frame read from the channel (CHECKPOINT_REPLY, VMSTATE_LOADED, or an
+        ABANDON passed as the exception): the caller's loop reads, this side acts."""
+        record = self.pending
+        if kind == ABANDON:
+            if record is None:
+                return
+            record.status, record.error = "abandoned", str(payload)
+            self._end(ok=False)
+            raise payload
+        if record is None:
+            raise ChannelError(f"colo: unexpected {NAMES[kind]} with no checkpoint in progress")
+        (seq,) = SEQ.unpack_from(payload)
+        if seq != record.seq:
+            raise self._fail(f"colo: {NAMES[kind]} for checkpoint {seq}, expected {record.seq}")
+        if kind == CHECKPOINT_REPLY and self.pending_phase == "requested":
+            self.on_reply(record)
+        elif kind == VMSTATE_LOADED and self.pending_phase == "loading":
+            self.on_loaded(record, payload)
+        else:
+            raise self._fail(f"colo: unexpected {NAMES[kind]} while waiting for "
+                             f"{'CHECKPOINT_REPLY' if self.pending_phase == 'requested' else 'VMSTATE_LOADED'}")
+
+    def on_reply(self, record):
+        """The secondary is stopped and ready: pause, capture, send; resume once it has
+        received and checked everything."""
+        m, ch = self.machine, self.channel
+        seq = record.seq
+        self._phases.mark("request")
+        paused_at = time.perf_counter()
+        was_running = m.status == "running"
+        m.stop()
+        if self.on_pause is not None:
+            self.on_pause(seq)
+        try:
             try:
                 ck = self.capture(seq)
             except EmuError as e:
                 ch.abandon(seq, f"primary could not capture its state: {e}")
+                record.status, record.error = "failed", str(e)
+                self._end(ok=False)
                 raise CheckpointError(f"colo: checkpoint {seq}: {e}") from None
             record.pages = len(ck.pages)
             record.ram_bytes, record.device_bytes = len(ck.ram_stream), len(ck.device_state)
             if ck.state_digest is not None:
                 record.primary_digest = ck.state_digest.hex()
-            phases.mark("capture")
-            self.send_checkpoint(ck)
-            phases.mark("send")
-            ch.recv_seq(VMSTATE_RECEIVED, seq)
-            phases.mark("received")
-            ch.recv_seq(VMSTATE_LOADED, seq)
-            phases.mark("loaded")
-            self.unacked[:] = False
-            record.status = "ok"
-        except CheckpointAbandoned as e:
-            record.status, record.error = "abandoned", str(e)
-            raise
-        except (CheckpointError, ChannelError) as e:
-            record.status, record.error = "failed", str(e)
-            raise
+            self._phases.mark("capture")
+            try:
+                self.send_checkpoint(ck)
+                self._phases.mark("send")
+                ch.recv_seq(VMSTATE_RECEIVED, seq)
+            except CheckpointAbandoned as e:
+                record.status, record.error = "abandoned", str(e)
+                self._end(ok=False)
+                raise
+            except ChannelError as e:
+                self._fail(str(e))
+                raise
+            self._phases.mark("received")
+            self.pending_phase = "loading"
         finally:
-            if was_running is not None:
-                record.pause_ms = (time.perf_counter() - paused_at) * 1e3
-                if was_running:
-                    m.cont()
-        return record
+            record.pause_ms = (time.perf_counter() - paused_at) * 1e3
+            if was_running:
+                m.cont()
+
+    def on_loaded(self, record, payload):
+        _, pause_us = LOADED.unpack(payload)
+        record.secondary_pause_ms = pause_us / 1e3
+        self._phases.mark("loaded")
+        self.unacked[:] = False
+        record.status = "ok"
+        self._end(ok=True)
+
+    def _end(self, ok):
+        seq = self.pending.seq
+        self.pending = self.pending_phase = None
+        if self.on_unpause is not None:
+            self.on_unpause(seq, ok)
+
+    def _fail(self, reason):
+        """The channel broke in the middle of a transaction: end it (nothing acknowledged)."""
+        if self.pending is not None:
+            self.pending.status, self.pending.error = "failed", reason
+            self._end(ok=False)
+        return ChannelError(reason)
 
     def capture(self, seq):
         """Paused: the pages to send (this interval's and any not yet acknowledged), the
@@ -373,9 +558,11 @@ class CheckpointSecondary:
     (after the initial full migration): the RAM cache is copied from its RAM and its own
     dirty log starts."""
 
-    def __init__(self, machine, sock, timeout=REPLY_TIMEOUT_S):
+    def __init__(self, machine, sock, timeout=REPLY_TIMEOUT_S, key=None, passive=False):
         self.machine = machine
-        self.channel = Channel(sock, timeout)
+        self.channel = Channel(sock, timeout, key, role="secondary")
+        self.passive = passive
+        self.after_apply = None  # callable(seq): the state of checkpoint seq is loaded (before resuming)
         self.cache = machine.ram.buf.copy()
         self.last_state = machine.save_state()  # device state of the last applied checkpoint
         self.last_seq = 0      # highest sequence number seen (a replay is refused)
@@ -392,7 +579,7 @@ class CheckpointSecondary:
             self.channel.abandon(0, str(e))
             self.channel.close()
             raise
-        self.channel.send(CHECKPOINT_READY, ready_payload(self.machine))
+        self.channel.send(CHECKPOINT_READY, ready_payload(self.machine, READY_PASSIVE if self.passive else 0))
 
     def serve_one(self):
         """Wait for and take one checkpoint; returns its record.
@@ -402,9 +589,13 @@ class CheckpointSecondary:
         as it was, the channel goes on.  Raises :class:`ChannelError` when the channel broke
         (it is then closed): nothing applied and the VM left stopped, for the caller to
         decide (:meth:`restore_last_checkpoint` for a failover)."""
+        _, payload = self.channel.recv((CHECKPOINT_REQUEST,))
+        return self.take(payload)
+
+    def take(self, request_payload):
+        """Serve the checkpoint whose CHECKPOINT_REQUEST payload the caller has read."""
         m, ch = self.machine, self.channel
-        _, payload = ch.recv((CHECKPOINT_REQUEST,))
-        (seq,) = SEQ.unpack(payload)
+        (seq,) = SEQ.unpack(request_payload)
         record = CheckpointRecord(seq)
         self.records.append(record)
         phases = _Phases(record)
@@ -447,9 +638,11 @@ class CheckpointSecondary:
             ch.abandon(seq, str(e))
             ch.close()
             raise
+        if self.after_apply is not None:
+            self.after_apply(seq)
         self._resume(was_running, stopped_at, record)
-        ch.send(VMSTATE_LOADED, SEQ.pack(seq))
         record.status = "ok"
+        ch.send(VMSTATE_LOADED, LOADED.pack(seq, int(record.pause_ms * 1e3)))
         return record
 
     def _resume(self, was_running, stopped_at, record):

@@ -296,7 +296,7 @@ def test_handshake_refuses_another_protocol_version(raw_secondary):
     ([frame(ck.CHECKPOINT_REQUEST, ck.SEQ.pack(1) + b"x")], "payload of 9 bytes"),
     ([HEADER.pack(ck.CHECKPOINT_REQUEST, 1 << 40)], "payload of"),
     ([frame(77)], "unknown message type 77"),
-    ([frame(ck.VMSTATE_LOADED, ck.SEQ.pack(1))], "expected CHECKPOINT_REQUEST"),
+    ([frame(ck.VMSTATE_LOADED, ck.LOADED.pack(1, 0))], "expected CHECKPOINT_REQUEST"),
 ])
 def test_hostile_frames_are_refused_before_use(raw_secondary, frames, message):
     secondary, peer, digest = raw_secondary
