@@ -32,7 +32,7 @@ from . import wire
 CAPABILITIES = ("events", "return-path", "x-colo", "xbzrle", "postcopy-ram", "auto-converge",
                 "pause-before-switchover")
 SUPPORTED_CAPABILITIES = {"events", "return-path", "x-colo"}
-DEFAULT_PARAMETERS = {
+DEFAULT_PARAMETERS = {  # (COLO's heartbeat and lease settings are ColoSettings, set by `emu colo`)
     "max-bandwidth": 128 << 20,     # bytes/s, QEMU's default
     "downtime-limit": 300,          # ms, QEMU's default
     "x-checkpoint-delay": 20000,    # ms, QEMU's default (COLO)
@@ -97,6 +97,14 @@ class MigrationController:
         self.state = MigrationState()
         self.parameter_listeners = []  # callables(name, value) (COLO reacts to x-checkpoint-delay)
         self._job = None
+        # COLO: set up by `emu colo` (settings, the serial link) and by the pair once it runs
+        from .controller import ColoSettings, ColoStatus
+        self.colo_settings = ColoSettings()
+        self.colo_status = ColoStatus()
+        self.colo_link = None
+        self.colo_passive = False
+        self.colo = None  # the ColoPrimary / ColoSecondary once in COLO
+        self.incoming = None  # the IncomingMigration of -incoming, if any
 
     # ------------------------------------------------------------------ QMP surface
     def set_capabilities(self, entries):
@@ -136,7 +144,26 @@ class MigrationController:
         return dict(self.parameters)
 
     def query(self):
-        return self.state.info(self.machine.ram.size)
+        info = self.state.info(self.machine.ram.size)
+        if self.colo is not None:
+            info["x-colo"] = self.colo.info()
+        return info
+
+    def lost_heartbeat(self):
+        """QMP x-colo-lost-heartbeat: declare the peer lost (failover on a secondary, leave
+        COLO on a primary)."""
+        if self.colo is None or not self.colo.active:
+            raise EmuError("VM is not in COLO mode")
+        self.colo.peer_lost("x-colo-lost-heartbeat", "request")
+
+    def enter_colo_primary(self, sock):
+        from .controller import ColoPrimary
+        return ColoPrimary(self.machine, self, self.colo_settings, self.colo_link, sock)
+
+    def enter_colo_secondary(self, sock):
+        from .controller import ColoSecondary
+        return ColoSecondary(self.machine, self, self.colo_settings, self.colo_link, sock,
+                             passive=self.colo_passive)
 
     def active(self):
         return self.state.status in ("setup", "active", "device")
@@ -367,6 +394,16 @@ class PrecopyJob:
             return
         st.downtime_ms = (time.monotonic() - stopped_at) * 1e3
         st.remaining_pages = 0
+        if self.c.capabilities["x-colo"]:
+            self.c._finish("completed")
+            try:
+                self.c.enter_colo_primary(self.sock)
+            except EmuError as e:
+                self._fail(f"entering COLO: {e}")
+                return
+            if self.was_running:
+                m.cont()
+            return
         self.sock.close()
         m.status = "postmigrate"
         self.c._finish("completed")
@@ -422,8 +459,9 @@ class OneWayJob(PrecopyJob):
 class IncomingMigration:
     """The destination of ``-incoming``: takes one migration stream, then runs."""
 
-    def __init__(self, machine, uri, autostart=True, on_error=None):
+    def __init__(self, machine, uri, autostart=True, on_error=None, controller=None):
         self.machine = machine
+        self.controller = controller  # its capabilities say whether the pair goes on in COLO
         self.autostart = autostart
         self.on_error = on_error or self._exit_with_error
         self.reader = wire.FrameReader()
@@ -511,14 +549,30 @@ class IncomingMigration:
                 raise wire.ChannelError("COMPLETE without device state")
             # nothing to roll back to: a failed incoming migration ends this process
             m.load_state(self.state_stream, rollback=False)
+            colo = self.controller is not None and self.controller.capabilities["x-colo"] and reply
             if reply:
                 self._reply(wire.DONE)
+                if colo:
+                    self._enter_colo()
+                    return
                 self._close()
             m.status = "paused"
             if self.autostart:
                 m.cont()
         else:
             raise wire.ChannelError(f"unexpected {wire.NAMES[kind]}")
+
+    def _enter_colo(self):
+        """The pair goes on as primary and secondary: this connection is the checkpoint channel."""
+        conn, self.conn = self.conn, None
+        self.machine.remove_fd_handler(conn.fileno())
+        conn.setblocking(True)
+        self.machine.status = "paused"
+        try:
+            self.controller.enter_colo_secondary(conn)
+        except EmuError as e:
+            conn.close()
+            self._error(f"entering COLO: {e}")
 
     def _refuse(self, reason):
         try:

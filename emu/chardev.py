@@ -322,7 +322,8 @@ class TcpServerBackend(CharBackend):
         return f"<TcpServerBackend {self.host}:{self.port} client={'yes' if self.client else 'no'}>"
 
 
-SPEC_HELP = "expected stdio, null, none, file:PATH or tcp:[HOST]:PORT,server[,nowait]"
+SPEC_HELP = ("expected stdio, null, none, file:PATH, tcp:[HOST]:PORT,server[,nowait] "
+             "or colo:HOST:PORT[,role=primary|secondary][,mode=compare|passive]")
 
 
 def listen_tcp(host, port, backlog, fail):
@@ -385,6 +386,9 @@ def parse_serial_spec(spec):
             return FileBackend(path)
         except BackendOpenError as e:
             raise ConfigError(f"-serial {spec!r}: {e.reason}") from None
+    if spec.startswith("colo:"):
+        from colo.link import open_link  # the COLO client endpoint's protocol lives in colo/
+        return open_link(spec)
     if spec.startswith("tcp:"):
         host, port, wait = _parse_tcp(spec)
         try:

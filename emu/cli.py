@@ -128,7 +128,12 @@ def _savevm_at(args):
 
 
 def cmd_run(argv):
-    args = _run_parser().parse_args(argv)
+    return run_machine(_run_parser().parse_args(argv))
+
+
+def run_machine(args, configure=None):
+    """Build the machine ``args`` describe and run it; ``configure(machine, migration)``
+    runs before the guest starts (``emu colo`` sets up the pair there)."""
     savevm = _savevm_at(args)
     snapshot = None
     if args.loadvm is not None:
@@ -138,16 +143,21 @@ def cmd_run(argv):
         except OSError as e:
             raise ConfigError(f"-loadvm: cannot read {args.loadvm!r}: {e.strerror}") from None
     machine = build_from_args(args)
-    monitor = None
+    monitor = migration = None
     try:
         from colo.migration import IncomingMigration, MigrationController
 
         migration = MigrationController(machine)
+        for backend in getattr(machine, "serial_backends", ()):
+            if getattr(backend, "role", None) is not None:  # the serial link of a COLO pair
+                migration.colo_link = backend
+                migration.colo_passive = backend.mode == "passive"
         if args.qmp is not None:
             from .qmp import QmpServer
             monitor = QmpServer(machine, args.qmp, migration=migration)
         if args.incoming is not None:
-            IncomingMigration(machine, args.incoming, autostart=not args.start_paused)
+            migration.incoming = IncomingMigration(machine, args.incoming, autostart=not args.start_paused,
+                                                   controller=migration)
         if snapshot is not None:
             try:
                 machine.load_state(snapshot)
@@ -161,14 +171,19 @@ def cmd_run(argv):
                     machine.save_state(ram_pages="all", out=f)
         if args.start_paused and machine.status == "running":
             machine.status = "prelaunch"
+        if configure is not None:
+            configure(machine, migration)
         if status is None:
-            interactive = monitor is not None or args.start_paused or args.incoming is not None
+            interactive = (monitor is not None or args.start_paused or args.incoming is not None
+                           or configure is not None)
             status = machine.main_loop() if interactive else machine.run()
     except KeyboardInterrupt:
         status = 130
     finally:
         if monitor is not None:
             monitor.close()
+        if migration is not None and migration.colo is not None:
+            migration.colo.close()
         machine.close()
     if machine.exit_message:
         print(f"emu: {machine.exit_message}", file=sys.stderr)
@@ -188,14 +203,20 @@ def cmd_demo(argv):
     return 0 if ok else 1
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+def cmd_colo(argv):
+    from colo.cli import main
+    return main(argv)
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "colo": cmd_colo}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage: emu run [options]   run a guest (emu run --help)\n"
-              "       emu demo            run the demo guest")
+              "       emu demo            run the demo guest\n"
+              "       emu colo COMMAND    a fault-tolerant pair: arbiter, proxy, primary, secondary, report, demo")
         return 0 if argv else USAGE_EXIT
     command = COMMANDS.get(argv[0])
     try:

@@ -48,7 +48,8 @@ class Machine:
         self.pause_requested = False
         self.status = "running"  # QEMU's RunState names: running, paused, prelaunch, inmigrate, ...
         self.event_listeners = []
-        self.background_jobs = []  # callables run between slices (live migration passes)
+        self.background_jobs = []  # callables run between slices (live migration passes, COLO)
+        self.idle_wait_cap = IDLE_WAIT_CAP_S  # longest host sleep between runs of the background jobs
         self._fd_handlers = {}
         self._dirty_hook = None
         self._dirty_map = None
@@ -104,6 +105,13 @@ class Machine:
         for fd in backend.read_fds():
             self._inputs[fd] = state
             self.selector.register(fd, selectors.EVENT_READ, state)
+
+    def discard_pending_input(self, backend):
+        """Forget input from ``backend`` not yet taken by the guest (after a state load the
+        backend re-reads its stream from the loaded position)."""
+        for state in self._input_states:
+            if state[0] is backend:
+                state[2].clear()
 
     def _refresh_inputs(self):
         """A backend's fds can change (a TCP client connects): re-register them."""
@@ -335,12 +343,12 @@ class Machine:
                 if not self._inputs:
                     self.request_exit(1, "guest halted with no timer armed and no input possible")
                     return
-                self._service_host_io(IDLE_WAIT_CAP_S)
+                self._service_host_io(self.idle_wait_cap)
                 return
             clock.warp_to(deadline)
             return
-        timeout = IDLE_WAIT_CAP_S if deadline is None else max(0.0, (deadline - clock.now()) / 1e9)
-        self._service_host_io(min(timeout, IDLE_WAIT_CAP_S))
+        timeout = self.idle_wait_cap if deadline is None else max(0.0, (deadline - clock.now()) / 1e9)
+        self._service_host_io(min(timeout, self.idle_wait_cap))
 
     def _has_pending_input_work(self):
         intc = self.interrupt_controller
@@ -415,7 +423,7 @@ class Machine:
         """Run until the guest exits; while paused only the host side (monitor...) is served."""
         while self.exit_status is None:
             if self.status != "running":
-                self._service_host_io(IDLE_WAIT_CAP_S / 5)
+                self._service_host_io(min(IDLE_WAIT_CAP_S / 5, self.idle_wait_cap))
                 for job in list(self.background_jobs):
                     job()
                 continue

@@ -626,6 +626,8 @@ class QmpServer:
                 "query-migrate-capabilities": (self._migration_call("query_capabilities"), {}),
                 "migrate-set-parameters": (self._cmd_migrate_set_parameters, FREE_FORM),
                 "query-migrate-parameters": (self._migration_call("query_parameters"), {}),
+                "query-colo-status": (self._cmd_query_colo_status, {}),
+                "x-colo-lost-heartbeat": (self._migration_call("lost_heartbeat"), {}),
             })
         return table
 
@@ -690,6 +692,9 @@ class QmpServer:
             self.migration.start(args["uri"])
         except EmuError as e:
             raise QmpError(str(e)) from None
+
+    def _cmd_query_colo_status(self, client, args):
+        return self.migration.colo_status.info()
 
     def _cmd_migrate_set_capabilities(self, client, args):
         try:

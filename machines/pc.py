@@ -95,7 +95,10 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
         uart = Uart16550(f"serial@{base:#x}", irq=pic.irq_line(irq), clock=clock, backend=backend)
         front = UartFastPath(uart, base, machine.cstate, machine.clib, ring=index)
         machine.add_device(front, [(base, 8)])
-        machine.add_input(backend, front.receive)
+        consumer = front.receive
+        if hasattr(backend, "attach"):  # a backend with guest state of its own (the COLO link)
+            consumer = backend.attach(machine, consumer)
+        machine.add_input(backend, consumer)
         machine.serial_backends.append(backend)
         front.sync()
         machine.after_load += [uart.refresh_irq, front.sync]

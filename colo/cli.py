@@ -1,0 +1,188 @@
+"""``emu colo ...``: one command per process of a protected pair.
+
+``emu colo arbiter``   the lease holder that decides who may serve alone
+``emu colo proxy``     the client endpoint: mirrors input, compares and releases output
+``emu colo secondary`` ``emu run`` options + where to listen for the primary
+``emu colo primary``   ``emu run`` options + the secondary to migrate to, then checkpoint
+``emu colo report``    per-checkpoint records -> summary and PNG
+``emu colo demo``      all of the above, a client, and a killed primary
+
+The primary and secondary commands are shortcuts for what QMP does (QEMU's way):
+``migrate-set-capabilities x-colo`` on both, ``x-checkpoint-delay`` and ``migrate`` on
+the primary, with COM1 on the client endpoint (``-serial colo:HOST:PORT,role=...``).
+"""
+
+import signal
+import sys
+import time
+
+from emu.errors import ConfigError, EmuError
+
+from .wire import parse_tcp_uri
+
+USAGE = """usage: emu colo COMMAND [options]
+  arbiter    --listen tcp:HOST:PORT [--lease MS]
+  proxy      --client tcp:HOST:PORT --listen tcp:HOST:PORT [--compare-timeout MS]
+  secondary  [emu run options] --listen tcp:HOST:PORT --proxy tcp:HOST:PORT [--passive] ...
+  primary    [emu run options] --secondary tcp:HOST:PORT --proxy tcp:HOST:PORT [--checkpoint-delay MS] ...
+  report     FILE [-o OUT.png]
+  demo       [--requests N] [--kill-after N] ...
+(emu colo COMMAND --help for each)"""
+
+CONNECT_WAIT_S = 20.0
+
+
+def _pair_options(parser, role):
+    g = parser.add_argument_group("COLO")
+    g.add_argument("--proxy", metavar="tcp:HOST:PORT", help="client endpoint (emu colo proxy --listen) for COM1")
+    g.add_argument("--arbiter", metavar="tcp:HOST:PORT", help="lease arbiter (emu colo arbiter); without one the "
+                   "client endpoint alone decides between two takeovers")
+    g.add_argument("--group", default="colo", help="pair name at the arbiter")
+    g.add_argument("--node", default=role, help="this VM's name (arbiter, proxy, logs)")
+    g.add_argument("--heartbeat-period", type=float, default=100.0, metavar="MS")
+    g.add_argument("--heartbeat-timeout", type=float, default=1000.0, metavar="MS")
+    g.add_argument("--key-file", metavar="FILE", help="shared key: HMAC on every replication message")
+    g.add_argument("--records", metavar="FILE.json|FILE.csv", help="write one record per checkpoint")
+    g.add_argument("--status", dest="status_line", action="store_true", default=None,
+                   help="live status line (default when stderr is a terminal)")
+    g.add_argument("--no-status", dest="status_line", action="store_false")
+    g.add_argument("--debug-consistency", action="store_true",
+                   help="compare full state digests after every checkpoint (slow; for tests)")
+    if role == "primary":
+        g.add_argument("--secondary", required=True, metavar="tcp:HOST:PORT", help="the secondary's --listen")
+        g.add_argument("--checkpoint-delay", type=int, default=200, metavar="MS",
+                       help="periodic checkpoint interval (x-checkpoint-delay; default 200)")
+        g.add_argument("--output-delay", type=float, default=1.0, metavar="MS",
+                       help="passive pairs: checkpoint this soon after output appears (default 1)")
+    else:
+        g.add_argument("--listen", required=True, metavar="tcp:HOST:PORT",
+                       help="where the primary connects (loopback unless HOST is given)")
+        g.add_argument("--passive", action="store_true",
+                       help="stay stopped between checkpoints (Remus); default: run and compare (COLO)")
+
+
+def _settings(args):
+    from .controller import ColoSettings
+
+    key = None
+    if args.key_file:
+        try:
+            with open(args.key_file, "rb") as f:
+                key = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"--key-file: cannot read {args.key_file!r}: {e.strerror}") from None
+        if not key:
+            raise ConfigError(f"--key-file: {args.key_file!r} is empty")
+    if args.heartbeat_period <= 0 or args.heartbeat_timeout <= args.heartbeat_period:
+        raise ConfigError("--heartbeat-timeout must be above --heartbeat-period (both > 0)")
+    arbiter = parse_tcp_uri(args.arbiter, "--arbiter") if args.arbiter else None
+    return ColoSettings(heartbeat_period_ms=args.heartbeat_period, heartbeat_timeout_ms=args.heartbeat_timeout,
+                        output_delay_ms=getattr(args, "output_delay", 1.0), arbiter=arbiter, group=args.group,
+                        node=args.node, key=key, debug=args.debug_consistency, records=args.records,
+                        status_line=args.status_line)
+
+
+def _serial_for(args, role, mode="compare"):
+    if args.proxy:
+        host, port = parse_tcp_uri(args.proxy, "--proxy")
+        args.serial = [f"colo:{host}:{port},role={role},mode={mode},node={args.node}"] + (args.serial or [])[1:]
+
+
+def _stop_on_sigterm():
+    """SIGTERM ends the VM like Ctrl-C: records flushed, sockets closed."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+
+
+def cmd_secondary(argv):
+    from emu.cli import _run_parser, run_machine
+
+    parser = _run_parser()
+    parser.prog = "emu colo secondary"
+    _pair_options(parser, "secondary")
+    args = parser.parse_args(argv)
+    settings = _settings(args)
+    parse_tcp_uri(args.listen, "--listen")
+    _serial_for(args, "secondary", "passive" if args.passive else "compare")
+    args.incoming = args.listen
+
+    def configure(machine, migration):
+        migration.colo_settings = settings
+        migration.colo_passive = args.passive
+        migration.set_capabilities([{"capability": "x-colo", "state": True}])
+        host, _ = parse_tcp_uri(args.listen, "--listen")
+        print(f"colo secondary: waiting for the primary on tcp:{host}:{migration.incoming.port}",
+              file=sys.stderr, flush=True)
+
+    _stop_on_sigterm()
+    return run_machine(args, configure)
+
+
+def cmd_primary(argv):
+    from emu.cli import _run_parser, run_machine
+
+    parser = _run_parser()
+    parser.prog = "emu colo primary"
+    _pair_options(parser, "primary")
+    args = parser.parse_args(argv)
+    settings = _settings(args)
+    parse_tcp_uri(args.secondary, "--secondary")
+    if args.checkpoint_delay < 1:
+        raise ConfigError("--checkpoint-delay must be at least 1 ms")
+    _serial_for(args, "primary")
+
+    def configure(machine, migration):
+        migration.colo_settings = settings
+        migration.set_capabilities([{"capability": "x-colo", "state": True},
+                                    {"capability": "return-path", "state": True}])
+        migration.set_parameters({"x-checkpoint-delay": args.checkpoint_delay})
+        deadline = time.monotonic() + CONNECT_WAIT_S
+        while True:
+            try:
+                migration.start(args.secondary)
+                break
+            except EmuError as e:
+                if "failed to connect" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+        print(f"colo primary: migrating to {args.secondary}, then checkpoints every {args.checkpoint_delay} ms",
+              file=sys.stderr, flush=True)
+
+    _stop_on_sigterm()
+    return run_machine(args, configure)
+
+
+def cmd_proxy(argv):
+    from .proxy import main
+    return main(argv)
+
+
+def cmd_arbiter(argv):
+    from .arbiter import main
+    return main(argv)
+
+
+def cmd_report(argv):
+    from .report import main
+    return main(argv)
+
+
+def cmd_demo(argv):
+    from .demo import main
+    return main(argv)
+
+
+COMMANDS = {"primary": cmd_primary, "secondary": cmd_secondary, "proxy": cmd_proxy, "arbiter": cmd_arbiter,
+            "report": cmd_report, "demo": cmd_demo}
+
+
+def main(argv):
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        raise ConfigError(f"colo: unknown command {argv[0]!r} (try: {', '.join(COMMANDS)})")
+    return command(argv[1:])
+

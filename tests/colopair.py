@@ -1,0 +1,190 @@
+"""A whole COLO deployment in real processes: arbiter, client endpoint, secondary, primary,
+and a line client talking to the service firmware through the endpoint."""
+
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, firmware
+from emuproc import Qmp
+
+SERVICE = "service.elf"
+
+
+class Proc:
+    """One ``python -m emu ...`` process, stderr to a file we can wait on."""
+
+    def __init__(self, tmp_path, name, args):
+        self.name = name
+        self.err_path = pathlib.Path(tmp_path) / f"{name}.err"
+        self.out_path = pathlib.Path(tmp_path) / f"{name}.out"
+        cmd = [sys.executable, "-m", "emu", *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=open(self.out_path, "wb"),
+                                     stderr=open(self.err_path, "wb"))
+
+    def stderr(self):
+        return self.err_path.read_text(errors="replace")
+
+    def wait_for(self, pattern, timeout=30):
+        """The first match of ``pattern`` in stderr (fails with the log if the process dies)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.stderr())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before {pattern!r}:\n"
+                                     f"{self.stderr()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no {pattern!r} within {timeout} s:\n{self.stderr()}")
+            time.sleep(0.02)
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+
+class LineClient:
+    """The client of the service: sends lines, reads answers, keeps every byte received."""
+
+    def __init__(self, port, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.received = bytearray()
+        self.sock.settimeout(0.2)
+
+    def send(self, text):
+        self.sock.sendall(text.encode())
+
+    def read_until(self, predicate, timeout=30):
+        """Read until ``predicate(received)`` holds; returns the received bytes."""
+        deadline = time.monotonic() + timeout
+        while not predicate(bytes(self.received)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"client: timed out; received so far: {bytes(self.received)[-400:]!r}")
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise AssertionError(f"client: the endpoint closed; received: {bytes(self.received)[-400:]!r}")
+            self.received += chunk
+        return bytes(self.received)
+
+    def lines(self):
+        return bytes(self.received).decode(errors="replace").split("\r\n")
+
+    def close(self):
+        self.sock.close()
+
+
+def fnv1a(data, h=0x811C9DC5):
+    for b in data:
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+class ServiceModel:
+    """What the service firmware must answer (counter and running checksum)."""
+
+    def __init__(self):
+        self.counter = 0
+        self.checksum = 0x811C9DC5
+
+    def expect(self, line):
+        self.counter += 1
+        self.checksum = fnv1a(line.encode(), self.checksum)
+        return f"{self.counter} {self.checksum:08x} {line}"
+
+
+class ColoDeployment:
+    """Start what a test needs; ``close()`` kills whatever is left."""
+
+    def __init__(self, tmp_path, guest=SERVICE, mode="compare", checkpoint_delay=200, arbiter=True,
+                 primary_args=(), secondary_args=(), proxy_args=(), heartbeat=(50, 500), memory="32M",
+                 records=True):
+        self.tmp = pathlib.Path(tmp_path)
+        self.procs = []
+        self.arbiter = None
+        if arbiter:
+            self.arbiter = self._start("arbiter", ["colo", "arbiter", "--listen", "tcp:127.0.0.1:0", "--lease", "1000"])
+            self.arbiter_port = int(self.arbiter.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+        self.proxy = self._start("proxy", ["colo", "proxy", "--client", "tcp:127.0.0.1:0", "--listen",
+                                           "tcp:127.0.0.1:0", *proxy_args])
+        m = self.proxy.wait_for(r"client on [\d.]+:(\d+), VMs on [\d.]+:(\d+)")
+        self.client_port, self.vm_port = int(m.group(1)), int(m.group(2))
+        common = ["-kernel", str(firmware(guest)), "-m", memory, "-no-reboot", "--proxy",
+                  f"tcp:127.0.0.1:{self.vm_port}", "--heartbeat-period", str(heartbeat[0]),
+                  "--heartbeat-timeout", str(heartbeat[1]), "--no-status"]
+        if arbiter:
+            common += ["--arbiter", f"tcp:127.0.0.1:{self.arbiter_port}"]
+        self.qmp_paths = {role: self.tmp / f"{role}.qmp" for role in ("primary", "secondary")}
+        self.records = {role: self.tmp / f"{role}.json" for role in ("primary", "secondary")}
+        sec = ["colo", "secondary", *common, "--listen", "tcp:127.0.0.1:0",
+               "-qmp", f"unix:{self.qmp_paths['secondary']},server,nowait", *secondary_args]
+        if records:
+            sec += ["--records", str(self.records["secondary"])]
+        if mode == "passive":
+            sec.append("--passive")
+        self.secondary = self._start("secondary", sec)
+        listen = int(self.secondary.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
+        pri = ["colo", "primary", *common, "--secondary", f"tcp:127.0.0.1:{listen}",
+               "--checkpoint-delay", str(checkpoint_delay),
+               "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait", *primary_args]
+        if records:
+            pri += ["--records", str(self.records["primary"])]
+        self.primary = self._start("primary", pri)
+        self._qmp = {}
+
+    def _start(self, name, args):
+        proc = Proc(self.tmp, name, args)
+        self.procs.append(proc)
+        return proc
+
+    def qmp(self, role):
+        if role not in self._qmp:
+            self._qmp[role] = Qmp(self.qmp_paths[role])
+        return self._qmp[role]
+
+    def wait_colo(self, timeout=30):
+        """Until both sides report COLO."""
+        deadline = time.monotonic() + timeout
+        for role in ("primary", "secondary"):
+            while self.qmp(role)("query-colo-status")["mode"] != role:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{role} never entered COLO:\n{getattr(self, role).stderr()}")
+                time.sleep(0.05)
+
+    def client(self):
+        return LineClient(self.client_port)
+
+    def close(self):
+        for qmp in self._qmp.values():
+            try:
+                qmp.close()
+            except Exception:
+                pass
+        for proc in self.procs:
+            proc.kill(signal.SIGKILL)
+
+    def logs(self):
+        return "\n".join(f"--- {p.name} ---\n{p.stderr()}" for p in self.procs)
