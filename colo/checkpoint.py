@@ -464,6 +464,7 @@ class CheckpointPrimary:
         received and checked everything."""
         m, ch = self.machine, self.channel
         seq = record.seq
+        self._fault("after-request", seq)
         self._phases.mark("request")
         paused_at = time.perf_counter()
         was_running = m.status == "running"
@@ -487,6 +488,7 @@ class CheckpointPrimary:
                 self.send_checkpoint(ck)
                 self._phases.mark("send")
                 ch.recv_seq(VMSTATE_RECEIVED, seq)
+                self._fault("after-received", seq)
             except CheckpointAbandoned as e:
                 record.status, record.error = "abandoned", str(e)
                 self._end(ok=False)
@@ -536,10 +538,33 @@ class CheckpointPrimary:
 
     def send_checkpoint(self, ck):
         ch = self.channel
+        self._fault("before-send", ck.seq)
+        if self._fault_armed("mid-ram", ck.seq):
+            ch.send(VMSTATE_SEND, SEND.pack(ck.seq, len(ck.ram_stream)))
+            ch.sock.sendall(ck.ram_stream[:len(ck.ram_stream) // 2])
+            self._fault("mid-ram", ck.seq)
         ch.send(VMSTATE_SEND, SEND.pack(ck.seq, len(ck.ram_stream)), ck.ram_stream)
+        if self._fault_armed("mid-device", ck.seq):  # between VMSTATE_SIZE and the end of the buffer
+            ch.send(VMSTATE_SIZE, SEQ.pack(len(ck.device_state)))
+            ch.sock.sendall(ck.device_state[:len(ck.device_state) // 2])
+            self._fault("mid-device", ck.seq)
         ch.send(VMSTATE_SIZE, SEQ.pack(len(ck.device_state)), ck.device_state)
+        self._fault("before-digest", ck.seq)
         extra = b"\x01" + ck.state_digest if ck.state_digest is not None else b"\x00"
         ch.send(VMSTATE_DIGEST, ck.digest + extra)
+
+    # Fault injection for the failover tests: ``fault_at = (phase, seq)`` and ``fault`` a
+    # callable (the test kills this process there).  Phases: after-request, before-send,
+    # mid-ram, mid-device, before-digest, after-received.
+    fault_at = None
+    fault = None
+
+    def _fault_armed(self, phase, seq):
+        return self.fault_at is not None and self.fault_at[0] == phase and seq >= self.fault_at[1]
+
+    def _fault(self, phase, seq):
+        if self._fault_armed(phase, seq) and self.fault is not None:
+            self.fault(phase, seq)
 
     def close(self):
         self.channel.close()

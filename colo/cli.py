@@ -30,6 +30,7 @@ USAGE = """usage: emu colo COMMAND [options]
 (emu colo COMMAND --help for each)"""
 
 CONNECT_WAIT_S = 20.0
+KILL_PHASES = ("after-request", "before-send", "mid-ram", "mid-device", "before-digest", "after-received")
 
 
 def _pair_options(parser, role):
@@ -54,6 +55,9 @@ def _pair_options(parser, role):
                        help="periodic checkpoint interval (x-checkpoint-delay; default 200)")
         g.add_argument("--output-delay", type=float, default=1.0, metavar="MS",
                        help="passive pairs: checkpoint this soon after output appears (default 1)")
+        g.add_argument("--x-kill-at", metavar="PHASE:SEQ", help="fault injection: SIGKILL this process at PHASE "
+                       "(after-request, before-send, mid-ram, mid-device, before-digest, after-received) of "
+                       "checkpoint SEQ or later")
     else:
         g.add_argument("--listen", required=True, metavar="tcp:HOST:PORT",
                        help="where the primary connects (loopback unless HOST is given)")
@@ -76,10 +80,16 @@ def _settings(args):
     if args.heartbeat_period <= 0 or args.heartbeat_timeout <= args.heartbeat_period:
         raise ConfigError("--heartbeat-timeout must be above --heartbeat-period (both > 0)")
     arbiter = parse_tcp_uri(args.arbiter, "--arbiter") if args.arbiter else None
+    kill_at = None
+    if getattr(args, "x_kill_at", None):
+        phase, _, seq = args.x_kill_at.partition(":")
+        if phase not in KILL_PHASES or not seq.isdigit():
+            raise ConfigError(f"--x-kill-at: expected PHASE:SEQ with PHASE one of {', '.join(KILL_PHASES)}")
+        kill_at = (phase, int(seq))
     return ColoSettings(heartbeat_period_ms=args.heartbeat_period, heartbeat_timeout_ms=args.heartbeat_timeout,
                         output_delay_ms=getattr(args, "output_delay", 1.0), arbiter=arbiter, group=args.group,
                         node=args.node, key=key, debug=args.debug_consistency, records=args.records,
-                        status_line=args.status_line)
+                        status_line=args.status_line, kill_at=kill_at)
 
 
 def _serial_for(args, role, mode="compare"):

@@ -19,6 +19,8 @@ machines keep running their loops; this module drives the transaction from there
   every released byte it produced itself; an incomplete checkpoint was never applied.
 """
 
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class ColoSettings:
     debug: bool = False                # compare full state digests after every checkpoint
     records: str | None = None         # per-checkpoint records file (.json / .csv)
     status_line: bool | None = None    # live status line (default: when stderr is a terminal)
+    kill_at: tuple | None = None       # (phase, seq): the primary SIGKILLs itself there (failover tests)
 
 
 class ColoStatus:
@@ -253,6 +256,9 @@ class ColoPrimary(_Side):
         self.cp.started = self.started
         self.cp.handshake()
         self.passive = self.cp.peer_passive
+        if settings.kill_at is not None:
+            self.cp.fault_at = settings.kill_at
+            self.cp.fault = _kill_self
         self.cp.on_pause = self._on_pause
         self.cp.on_unpause = self._on_unpause
         self.forced = None
@@ -358,6 +364,13 @@ class ColoPrimary(_Side):
                               "(exactly one side may serve)")
         self.failover_ms = (time.monotonic() - lost_at) * 1e3
         self._exit_event(reason)
+
+
+def _kill_self(phase, seq):
+    """Die the way a crashed host does: no goodbye on any socket."""
+    print(f"colo primary: killing this process at {phase} of checkpoint {seq} (--x-kill-at)",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ColoSecondary(_Side):

@@ -20,6 +20,7 @@ load_state, save_ram, load_ram, the dirty log).
 
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -477,6 +478,8 @@ class IncomingMigration:
             self.listener.setblocking(False)
             self.port = self.listener.getsockname()[1]
             machine.add_fd_handler(self.listener.fileno(), self._accept)
+            if port == 0:  # the caller needs to learn the port the system chose
+                print(f"emu: listening for a migration on {host}:{self.port}", file=sys.stderr, flush=True)
         elif uri.startswith("exec:") or uri.startswith("file:"):
             self._read_one_way(uri)
         else:
