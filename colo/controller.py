@@ -111,6 +111,9 @@ class _Side:
         self.status_line = None
         self.last_status = 0.0
         self.failover_ms = None
+        self.serving = False  # took over (or never had a peer to lose): renews its lease while it serves
+        self.last_renew = time.monotonic()
+        self.lease_warned = False
 
     def _begin(self, channel):
         m = self.machine
@@ -157,6 +160,24 @@ class _Side:
         self.migration.state.status = "completed"
         self._say(f"leaving COLO ({reason}): {reason_text}")
 
+    def _renew_lease(self, now):
+        """Keep the lease while this side serves or protects; losing it means another side
+        was granted the right to serve: stop at once."""
+        if self.lease is None or now - self.last_renew < self.settings.heartbeat_period_ms / 1e3:
+            return
+        self.last_renew = now
+        try:
+            self.lease.renew()
+        except EmuError as e:
+            from .arbiter import LeaseLost
+            if isinstance(e, LeaseLost):
+                self._say(f"lost the lease: {e}; stopping")
+                self.machine.stop()
+                self.machine.request_exit(1, f"colo: lost the arbiter lease ({e}): another side serves")
+            elif not self.lease_warned:
+                self.lease_warned = True
+                self._say(f"cannot renew the lease: {e}")
+
     def _exit_event(self, reason):
         self.machine.emit("COLO_EXIT", {"mode": self.mode, "reason": reason})
 
@@ -176,11 +197,14 @@ class _Side:
         self.takeover_answer = None
         self.link.on_takeover_reply = self._takeover_reply
         self.link.takeover(epoch)
+        self.serving = True
+        self.last_renew = time.monotonic()
         return True
 
     def _takeover_reply(self, accepted, reason):
         self.takeover_answer = (accepted, reason)
         if not accepted:
+            self.serving = False
             self._say(f"the client endpoint refused the takeover: {reason}; stopping")
             self.machine.stop()
             self.machine.request_exit(1, f"colo: fenced off by the client endpoint: {reason}")
@@ -265,7 +289,6 @@ class ColoPrimary(_Side):
         self.next_periodic = time.monotonic() + self.delay_s()
         self.captured_out = link.out_offset if link is not None else 0
         self.output_since = None
-        self.last_renew = time.monotonic()
         if link is not None:
             link.on_checkpoint_request = self._proxy_request
         migration.parameter_listeners.append(self._parameter_changed)
@@ -314,16 +337,13 @@ class ColoPrimary(_Side):
     def _tick(self):
         now = time.monotonic()
         if not self.active:
-            self._update_status_line(now, serving=True)
+            if self.serving:
+                self._renew_lease(now)
+            self._update_status_line(now, serving=self.serving)
             return
         if not self._heartbeat(now):
             return
-        if now - self.last_renew >= self.settings.heartbeat_period_ms / 1e3:
-            self.last_renew = now
-            try:
-                self.lease.renew()
-            except EmuError as e:
-                self._say(f"lease: {e}")
+        self._renew_lease(now)
         if self.cp.pending is None and self.machine.status == "running":
             trigger = self._due_trigger(now)
             if trigger is not None:
@@ -343,7 +363,10 @@ class ColoPrimary(_Side):
             if self.link.out_offset > self.captured_out:
                 if self.output_since is None:
                     self.output_since = now
+                    # a halted guest must not sleep past the output delay
+                    self.machine.idle_wait_cap = self.settings.output_delay_ms / 1e3
                 elif now - self.output_since >= self.settings.output_delay_ms / 1e3:
+                    self.machine.idle_wait_cap = self.settings.heartbeat_period_ms / 2e3
                     return "output"
         if now >= self.next_periodic:
             return "periodic"
@@ -422,7 +445,9 @@ class ColoSecondary(_Side):
     def _tick(self):
         now = time.monotonic()
         if not self.active:
-            self._update_status_line(now, serving=True)
+            if self.serving:
+                self._renew_lease(now)
+            self._update_status_line(now, serving=self.serving)
             return
         if self._heartbeat(now):
             self._flush_records()

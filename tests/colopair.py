@@ -116,12 +116,69 @@ class ServiceModel:
         return f"{self.counter} {self.checksum:08x} {line}"
 
 
+class Workload:
+    """Numbered requests, one at a time, every answer checked against the model as it
+    arrives; every ``time_every``-th request is a TIME (its answer differs between the
+    two VMs: a source of divergence).  The whole received stream must be exactly the
+    answers in order: nothing lost, nothing twice."""
+
+    def __init__(self, client, time_every=0):
+        self.client = client
+        self.model = ServiceModel()
+        self.time_every = time_every
+        self.sent = 0
+        self.expected_end = 0  # bytes of the stream accounted for
+        self.gaps = []         # seconds between a request and its answer
+
+    def ready(self, timeout=30):
+        self.client.read_until(lambda b: b"service ready\r\n" in b, timeout)
+        self.expected_end = len(b"service ready\r\n")
+        assert bytes(self.client.received[:self.expected_end]) == b"service ready\r\n"
+
+    def step(self, timeout=30):
+        i = self.sent
+        self.sent += 1
+        is_time = self.time_every and i % self.time_every == self.time_every - 1
+        line = "TIME" if is_time else f"req {i} {'x' * (i % 7)}"
+        expected = self.model.expect(line)
+        started = time.monotonic()
+        self.client.send(line + "\r\n")
+        if is_time:
+            pattern = re.compile(rb"%d T (\d+)\r\n" % self.model.counter)
+            got = self.client.read_until(lambda b: len(b) > self.expected_end and b"\r\n" in b[self.expected_end:],
+                                         timeout)
+            answer = got[self.expected_end:got.index(b"\r\n", self.expected_end) + 2]
+            assert pattern.fullmatch(answer), f"request {i}: TIME answered {answer!r}"
+        else:
+            answer = (expected + "\r\n").encode()
+            got = self.client.read_until(lambda b: len(b) >= self.expected_end + len(answer), timeout)
+            actual = got[self.expected_end:self.expected_end + len(answer)]
+            assert actual == answer, f"request {i}: expected {answer!r}, got {actual!r} (stream lost or repeated bytes)"
+        self.expected_end += len(answer)
+        self.gaps.append(time.monotonic() - started)
+
+    def finish(self, settle=0.3):
+        """Nothing more may arrive after the last answer (a duplicate would)."""
+        time.sleep(settle)
+        self.client.sock.settimeout(0.05)
+        try:
+            while True:
+                chunk = self.client.sock.recv(65536)
+                if not chunk:
+                    break
+                self.client.received += chunk
+        except OSError:
+            pass
+        extra = bytes(self.client.received[self.expected_end:])
+        assert not extra, f"unexpected bytes after the last answer: {extra[:200]!r}"
+
+
 class ColoDeployment:
     """Start what a test needs; ``close()`` kills whatever is left."""
 
     def __init__(self, tmp_path, guest=SERVICE, mode="compare", checkpoint_delay=200, arbiter=True,
                  primary_args=(), secondary_args=(), proxy_args=(), heartbeat=(50, 500), memory="32M",
-                 records=True):
+                 records=True, secondary_port_hook=None):
         self.tmp = pathlib.Path(tmp_path)
         self.procs = []
         self.arbiter = None
@@ -147,6 +204,8 @@ class ColoDeployment:
             sec.append("--passive")
         self.secondary = self._start("secondary", sec)
         listen = int(self.secondary.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
+        if secondary_port_hook is not None:  # e.g. a relay the test can cut
+            listen = secondary_port_hook(listen)
         pri = ["colo", "primary", *common, "--secondary", f"tcp:127.0.0.1:{listen}",
                "--checkpoint-delay", str(checkpoint_delay),
                "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait", *primary_args]

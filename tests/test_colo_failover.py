@@ -1,0 +1,196 @@
+"""Failover with a client in front: every request answered exactly once, in order, right.
+
+A whole deployment in processes (arbiter, client endpoint, secondary, primary running the
+service firmware); the primary is SIGKILLed at each phase of a checkpoint (it kills itself
+at the injected point) and at random moments; the secondary is killed too; and the
+replication link is cut while both live (only the lease holder may serve).
+"""
+
+import random
+import re
+import signal
+import socket
+import threading
+
+import pytest
+from colopair import ColoDeployment, Workload
+
+PHASES = ["after-request", "before-send", "mid-ram", "mid-device", "before-digest", "after-received"]
+
+
+def _serving_checkpoint(deployment):
+    m = deployment.secondary.wait_for(r"serving alone from checkpoint (\d+)", timeout=30)
+    return int(m.group(1))
+
+
+def _run_until_dead(workload, proc, steps_after=8, limit=300):
+    """Requests until ``proc`` has died, then ``steps_after`` more."""
+    for _ in range(limit):
+        workload.step()
+        if not proc.alive():
+            break
+    assert not proc.alive(), f"{proc.name} never died"
+    for _ in range(steps_after):
+        workload.step()
+    workload.finish()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_passive_pair_survives_primary_death_in_every_phase(tmp_path, phase):
+    """Passive (Remus): a checkpoint that did not arrive whole is never applied; one that
+    was received is applied even if the primary dies before hearing VMSTATE_LOADED."""
+    d = ColoDeployment(tmp_path, mode="passive", primary_args=["--x-kill-at", f"{phase}:3"])
+    try:
+        d.wait_colo()
+        w = Workload(d.client())
+        w.ready()
+        _run_until_dead(w, d.primary)
+        assert d.primary.proc.returncode == -signal.SIGKILL
+        assert f"killing this process at {phase} of checkpoint 3" in d.primary.stderr()
+        assert _serving_checkpoint(d) == (3 if phase == "after-received" else 2), d.logs()
+        assert d.qmp("secondary")("query-colo-status") == {"mode": "none", "last-mode": "secondary",
+                                                            "reason": "error"}
+    except BaseException:
+        print(d.logs())
+        raise
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("phase", ["mid-device", "after-received"])
+def test_compare_pair_survives_primary_death_mid_checkpoint(tmp_path, phase):
+    d = ColoDeployment(tmp_path, mode="compare", checkpoint_delay=40,
+                       primary_args=["--x-kill-at", f"{phase}:4"])
+    try:
+        d.wait_colo()
+        w = Workload(d.client(), time_every=4)
+        w.ready()
+        _run_until_dead(w, d.primary)
+        assert d.primary.proc.returncode == -signal.SIGKILL
+        _serving_checkpoint(d)
+    except BaseException:
+        print(d.logs())
+        raise
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("mode,seed", [("compare", 1), ("passive", 2)])
+def test_client_survives_sigkill_of_the_primary_at_a_random_moment(tmp_path, mode, seed):
+    rng = random.Random(seed)
+    d = ColoDeployment(tmp_path, mode=mode, checkpoint_delay=30)
+    try:
+        d.wait_colo()
+        w = Workload(d.client(), time_every=5)
+        w.ready()
+        killer = threading.Timer(rng.uniform(0.2, 0.8), d.primary.kill)
+        killer.start()
+        try:
+            _run_until_dead(w, d.primary, steps_after=10, limit=100000)
+        finally:
+            killer.cancel()
+        _serving_checkpoint(d)
+    except BaseException:
+        print(d.logs())
+        raise
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("mode", ["compare", "passive"])
+def test_primary_serves_alone_when_the_secondary_dies(tmp_path, mode):
+    d = ColoDeployment(tmp_path, mode=mode, checkpoint_delay=30)
+    try:
+        d.wait_colo()
+        w = Workload(d.client(), time_every=5)
+        w.ready()
+        for _ in range(10):
+            w.step()
+        d.secondary.kill()
+        for _ in range(15):
+            w.step()
+        w.finish()
+        status = d.qmp("primary")("query-colo-status")
+        assert status == {"mode": "none", "last-mode": "primary", "reason": "error"}
+        assert d.qmp("primary")("query-status")["status"] == "running"
+        d.proxy.wait_for(r"takeover by primary \S+ with epoch 2 accepted")
+    except BaseException:
+        print(d.logs())
+        raise
+    finally:
+        d.close()
+
+
+class Relay:
+    """A TCP relay standing for the replication link, so a test can cut it."""
+
+    def __init__(self, target_port):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target_port = target_port
+        self.socks = []
+        self.cut_event = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        a, _ = self.listener.accept()
+        b = socket.create_connection(("127.0.0.1", self.target_port))
+        self.socks = [a, b]
+        for src, dst in ((a, b), (b, a)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while not self.cut_event.is_set():
+                data = src.recv(1 << 20)
+                if not data or self.cut_event.is_set():
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self):
+        """Both ends see the link die; both processes live on."""
+        self.cut_event.set()
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.listener.close()
+
+
+def test_partition_only_the_lease_holder_serves(tmp_path):
+    """Cut the link between two live VMs: the primary keeps its lease and serves alone; the
+    secondary is refused by the arbiter and does not serve (split brain averted)."""
+    relays = []
+
+    def through_relay(port):
+        relays.append(Relay(port))
+        return relays[0].port
+    d = ColoDeployment(tmp_path, mode="compare", checkpoint_delay=50, secondary_port_hook=through_relay)
+    try:
+        d.wait_colo()
+        w = Workload(d.client(), time_every=5)
+        w.ready()
+        for _ in range(10):
+            w.step()
+        relays[0].cut()
+        for _ in range(20):
+            w.step()
+        d.secondary.wait_for(r"split brain averted", timeout=30)
+        assert d.secondary.proc.wait(10) == 1
+        for _ in range(5):
+            w.step()
+        w.finish()
+        assert d.primary.alive()
+        assert d.qmp("primary")("query-colo-status")["mode"] == "none"
+        assert re.search(r"takeover by primary \S+ with epoch \d+ accepted", d.proxy.stderr())
+        assert "takeover by secondary" not in d.proxy.stderr()
+        assert re.search(r"acquire.*refused|lease held by primary", d.secondary.stderr() + d.arbiter.stderr())
+    except BaseException:
+        print(d.logs())
+        raise
+    finally:
+        d.close()
