@@ -244,7 +244,8 @@ class _Side:
             by_trigger[r.trigger] = by_trigger.get(r.trigger, 0) + 1
         return {
             "mode": self.status.mode, "checkpoints": len(records), "ok": len(ok),
-            "failed": sum(r.status in ("failed", "abandoned", "rejected") for r in records),
+            "failed": sum(r.status in ("failed", "abandoned") for r in records),
+            "rejected": sum(r.status == "rejected" for r in records),  # corrupted, truncated or replayed
             "triggers": by_trigger,
             "pause-ms-median": pauses[len(pauses) // 2] if pauses else None,
             "pause-ms-max": pauses[-1] if pauses else None,
