@@ -11,14 +11,15 @@ Message sequence (after QEMU's ``migration/colo.c``), every message a frame
     pauses; dirty pages, device state
     VMSTATE_SEND seq, n | RAM stream (n bytes, raw)
     VMSTATE_SIZE m | device state (m bytes, raw)
-    VMSTATE_DIGEST SHA-256(seq | RAM stream | device state) [| state digest]
+    VMSTATE_DIGEST kind | digest(seq | RAM stream | device state) [| state digest]
                                               RAM stream -> staging, device state -> its own
-                                              buffer; sizes, digest, both streams checked
+                                              buffer; sizes and digest checked
                                          <-   VMSTATE_RECEIVED seq
-                                              cache updated, flushed into RAM, state loaded,
+    resumes                                   both streams parsed (a bad one is abandoned
+                                              whole), cache updated, flushed into RAM, state loaded,
                                               resumes
                                          <-   VMSTATE_LOADED seq
-    resumes
+    clears the dirty bits it sent
 
 Both sides send ``HEARTBEAT`` while idle; any frame counts as a sign of life and a
 receiver skips heartbeats wherever it waits.  ``VMSTATE_LOADED`` carries the secondary's
@@ -55,6 +56,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import xxhash
 
 from emu import machinestate, snapshot
 from emu.errors import EmuError, StateError
@@ -85,18 +87,20 @@ SEQ = struct.Struct(">Q")
 SEND = struct.Struct(">QQ")
 LOADED = struct.Struct(">QQ")  # seq, the secondary's pause in microseconds
 TAG_SIZE = 32
-DIGEST_SIZE = hashlib.sha256().digest_size
+DIGEST_SIZES = {0: 16, 1: 32}  # by digest kind
+STATE_DIGEST_SIZE = hashlib.sha256().digest_size  # Machine.state_digest()
 MAX_REASON = 4096
 MAX_READY = 512
 MAX_DEVICE_STATE = 64 << 20
 REPLY_TIMEOUT_S = 30.0
+SOCKET_BUFFER = 8 << 20
 
 # exact payload sizes, or (minimum, maximum)
 _PAYLOAD_SIZES = {
     CHECKPOINT_READY: (len(MAGIC) + 4 + 2 + 8, MAX_READY),
     CHECKPOINT_REQUEST: SEQ.size, CHECKPOINT_REPLY: SEQ.size, VMSTATE_RECEIVED: SEQ.size,
     VMSTATE_LOADED: LOADED.size, VMSTATE_SEND: SEND.size, VMSTATE_SIZE: SEQ.size, HEARTBEAT: 0,
-    VMSTATE_DIGEST: (DIGEST_SIZE + 1, DIGEST_SIZE + 1 + DIGEST_SIZE),
+    VMSTATE_DIGEST: (1 + 16 + 1, 1 + 32 + 1 + STATE_DIGEST_SIZE),  # kind | digest | flag [| state digest]
     ABANDON: (SEQ.size, SEQ.size + MAX_REASON),
 }
 
@@ -153,9 +157,14 @@ def check_ready(payload, machine):
     return flags
 
 
-def checkpoint_digest(seq, ram_stream, device_state):
-    """SHA-256 over the whole checkpoint; the sequence number makes a replay fail it."""
-    h = hashlib.sha256(SEQ.pack(seq))
+DIGEST_XXH3 = 0    # XXH3-128: catches corruption, truncation and replay at 20 GB/s
+DIGEST_SHA256 = 1  # with a shared key: the (tagged) digest then vouches for the raw buffers too
+
+
+def checkpoint_digest(seq, ram_stream, device_state, kind=DIGEST_XXH3):
+    """A digest of the whole checkpoint; the sequence number makes a replay fail it."""
+    h = hashlib.sha256() if kind == DIGEST_SHA256 else xxhash.xxh3_128()
+    h.update(SEQ.pack(seq))
     h.update(ram_stream)
     h.update(device_state)
     return h.digest()
@@ -184,6 +193,8 @@ class Channel:
         sock.settimeout(timeout)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the replies are small
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # a whole checkpoint in flight at once
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
 
     def _tag(self, label, count, header_and_payload):
         mac = hmac.new(self.key, label + SEQ.pack(count), hashlib.sha256)
@@ -390,6 +401,7 @@ class CheckpointPrimary:
         self.on_pause = None
         self.on_unpause = None
         self.peer_passive = False
+        self.digest_kind = DIGEST_SHA256 if key is not None else DIGEST_XXH3
         machine.start_dirty_log()
         machine.dirty_pages()
 
@@ -473,7 +485,8 @@ class CheckpointPrimary:
             self.on_pause(seq)
         try:
             try:
-                ck = self.capture(seq)
+                self._phases.mark("stop")
+                ck = self.capture(seq, self._phases)
             except EmuError as e:
                 ch.abandon(seq, f"primary could not capture its state: {e}")
                 record.status, record.error = "failed", str(e)
@@ -483,7 +496,6 @@ class CheckpointPrimary:
             record.ram_bytes, record.device_bytes = len(ck.ram_stream), len(ck.device_state)
             if ck.state_digest is not None:
                 record.primary_digest = ck.state_digest.hex()
-            self._phases.mark("capture")
             try:
                 self.send_checkpoint(ck)
                 self._phases.mark("send")
@@ -524,17 +536,22 @@ class CheckpointPrimary:
             self._end(ok=False)
         return ChannelError(reason)
 
-    def capture(self, seq):
+    def capture(self, seq, phases=None):
         """Paused: the pages to send (this interval's and any not yet acknowledged), the
         device state in a buffer, the digest over both."""
         m = self.machine
+        mark = phases.mark if phases is not None else (lambda name: None)
         self.unacked[m.dirty_pages()] = True
         pages = np.flatnonzero(self.unacked)
+        mark("dirty-log")
         ram_stream = m.save_ram(pages)
+        mark("save-ram")
         device_state = m.save_state()
+        mark("save-devices")
         state_digest = bytes.fromhex(m.state_digest()) if self.debug else None
-        return Checkpoint(seq, pages, ram_stream, device_state, checkpoint_digest(seq, ram_stream, device_state),
-                          state_digest)
+        digest = checkpoint_digest(seq, ram_stream, device_state, self.digest_kind)
+        mark("digest")
+        return Checkpoint(seq, pages, ram_stream, device_state, digest, state_digest)
 
     def send_checkpoint(self, ck):
         ch = self.channel
@@ -551,7 +568,7 @@ class CheckpointPrimary:
         ch.send(VMSTATE_SIZE, SEQ.pack(len(ck.device_state)), ck.device_state)
         self._fault("before-digest", ck.seq)
         extra = b"\x01" + ck.state_digest if ck.state_digest is not None else b"\x00"
-        ch.send(VMSTATE_DIGEST, ck.digest + extra)
+        ch.send(VMSTATE_DIGEST, bytes([self.digest_kind]) + ck.digest + extra)
 
     # Fault injection for the failover tests: ``fault_at = (phase, seq)`` and ``fault`` a
     # callable (the test kills this process there).  Phases: after-request, before-send,
@@ -571,6 +588,14 @@ class CheckpointPrimary:
 
 
 @dataclass
+class _Received:
+    seq: int
+    ram_stream: bytearray
+    device_state: bytes
+    state_digest: bytes | None
+
+
+@dataclass
 class _Incoming:
     seq: int
     ram: snapshot.RamPages
@@ -587,6 +612,7 @@ class CheckpointSecondary:
         self.machine = machine
         self.channel = Channel(sock, timeout, key, role="secondary")
         self.passive = passive
+        self.digest_kind = DIGEST_SHA256 if key is not None else DIGEST_XXH3
         self.after_apply = None  # callable(seq): the state of checkpoint seq is loaded (before resuming)
         self.cache = machine.ram.buf.copy()
         self.last_state = machine.save_state()  # device state of the last applied checkpoint
@@ -635,9 +661,10 @@ class CheckpointSecondary:
         m.stop()
         try:
             ch.send(CHECKPOINT_REPLY, SEQ.pack(seq))
-            incoming = self._receive(seq, record)
+            received = self._receive(seq, record)
             phases.mark("receive")
             ch.send(VMSTATE_RECEIVED, SEQ.pack(seq))
+            incoming = self._parse(received, record)
             self._apply(incoming, record)
             phases.mark("apply")
             if incoming.state_digest is not None:
@@ -693,13 +720,24 @@ class CheckpointSecondary:
                                f"of {MAX_DEVICE_STATE}")
         device_state = bytes(ch.recv_exact(state_len))
         _, payload = ch.recv((VMSTATE_DIGEST,))
-        digest, flag = payload[:DIGEST_SIZE], payload[DIGEST_SIZE]
-        if flag not in (0, 1) or len(payload) != DIGEST_SIZE + 1 + flag * DIGEST_SIZE:
+        kind = payload[0]
+        if kind != self.digest_kind:
+            raise ChannelError(f"colo: checkpoint {seq}: digest kind {kind}, expected {self.digest_kind}"
+                               f"{' (a keyed channel needs SHA-256)' if self.channel.key else ''}")
+        size = DIGEST_SIZES[kind]
+        digest, flag = payload[1:1 + size], payload[1 + size] if len(payload) > 1 + size else None
+        if flag not in (0, 1) or len(payload) != 1 + size + 1 + flag * STATE_DIGEST_SIZE:
             raise ChannelError(f"colo: checkpoint {seq}: malformed VMSTATE_DIGEST")
-        state_digest = payload[DIGEST_SIZE + 1:] if flag else None
+        state_digest = payload[2 + size:] if flag else None
         record.ram_bytes, record.device_bytes = ram_len, state_len
-        if not hmac.compare_digest(digest, checkpoint_digest(seq, ram_stream, device_state)):
+        if not hmac.compare_digest(digest, checkpoint_digest(seq, ram_stream, device_state, kind)):
             raise CheckpointRejected(f"colo: checkpoint {seq}: digest mismatch (corrupted, truncated or replayed)")
+        return _Received(seq, ram_stream, device_state, state_digest)
+
+    def _parse(self, received, record):
+        """The buffers of a verified checkpoint, parsed (refused whole if anything is off)."""
+        m, seq = self.machine, received.seq
+        ram_stream, device_state = received.ram_stream, received.device_state
         try:
             parsed_ram = snapshot.parse(ram_stream, m.machine_type, m.ram.size)
             if parsed_ram.devices:
@@ -712,7 +750,7 @@ class CheckpointSecondary:
         except StateError as e:
             raise CheckpointRejected(f"colo: checkpoint {seq}: {e}") from None
         record.pages = len(parsed_ram.ram_pages.pages)
-        return _Incoming(seq, parsed_ram.ram_pages, device_state, state_digest)
+        return _Incoming(seq, parsed_ram.ram_pages, device_state, received.state_digest)
 
     def _apply(self, incoming, record):
         """Device state first (the load checks it all again and rolls back by itself if a

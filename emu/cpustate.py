@@ -33,6 +33,11 @@ def _reg_id(name):
     return getattr(X, "UC_X86_REG_" + name.upper())
 
 
+_PLAIN = GENERAL + CONTROL + DEBUG
+_PLAIN_IDS = [_reg_id(name) for name in _PLAIN]
+_XMM_IDS = [_reg_id(name) for name in XMM]
+
+
 class CpuState:
     """The fields of the CPU as attributes, filled from and applied to an :class:`X86Cpu`."""
 
@@ -42,8 +47,8 @@ class CpuState:
 
     def capture(self):
         uc = self.cpu.uc
-        for name in GENERAL + CONTROL + DEBUG:
-            setattr(self, name, uc.reg_read(_reg_id(name)))
+        for name, value in zip(_PLAIN, uc.reg_read_batch(_PLAIN_IDS)):  # one engine call, not 60
+            setattr(self, name, value)
         ctx = self.cpu.ctx.save()
         for seg in SEGMENTS:
             setattr(self, f"seg_{seg}", list(ctx.segment(seg)))
@@ -66,8 +71,7 @@ class CpuState:
             mantissa, exponent = uc.reg_read(_reg_id(name))
             self.x87 += [mantissa, exponent]
         self.xmm = []
-        for name in XMM:
-            value = uc.reg_read(_reg_id(name))
+        for value in uc.reg_read_batch(_XMM_IDS):
             self.xmm += [value & (2**64 - 1), value >> 64]
         self.halted = self.cpu.halted
         self.tsc_offset = self.cpu.s.tsc_offset

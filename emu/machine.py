@@ -417,6 +417,7 @@ class Machine:
         if self.status in ("paused", "prelaunch", "postmigrate"):
             self.status = "running"
             self.resume()
+            self.clock.start()  # a stop/cont pair inside the loop (a checkpoint) must not freeze guest time
             self.emit("RESUME")
 
     def main_loop(self):

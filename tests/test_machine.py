@@ -35,3 +35,27 @@ def test_unclaimed_ports_read_all_ones_and_are_counted():
             assert "port 0x002e" in log and "no device" in log
         else:
             assert log == ""
+
+
+def test_guest_time_flows_after_a_stop_and_cont_inside_the_loop():
+    """A checkpoint stops and resumes the guest from a job between slices: guest time must
+    go on from there (it once stayed frozen until the loop itself restarted)."""
+    import time
+
+    from conftest import firmware
+    from machines import pc
+
+    m = pc.build(kernel=firmware("idle.elf"), serial=["null"], no_reboot=True)
+    started = time.monotonic()
+    calls = []
+
+    def checkpoint_like():
+        calls.append(m.clock.now())
+        if len(calls) == 1:
+            m.stop()
+            m.cont()
+        if time.monotonic() - started > 5:
+            m.request_exit(99, "guest time did not advance")
+    m.background_jobs.append(checkpoint_like)
+    assert m.run(until_ns=30_000_000) is None
+    assert m.clock.now() >= 30_000_000
