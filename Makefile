@@ -54,7 +54,7 @@ test: setup
 	$(PY) -m pytest
 
 demo: setup
-	$(PY) -m emu demo
+	$(PY) -m emu colo demo
 
 bench: setup
 	$(PY) -m bench

@@ -63,7 +63,10 @@ class MigrationState:
     def info(self, ram_size):
         if self.status == "none":
             return {}
-        elapsed = self.total_time_ms if self.total_time_ms is not None else (time.monotonic() - self.start) * 1e3
+        if self.total_time_ms is not None:
+            elapsed = self.total_time_ms
+        else:  # (the secondary of a COLO pair has no outgoing migration of its own)
+            elapsed = (time.monotonic() - self.start) * 1e3 if self.start is not None else 0.0
         info = {
             "status": self.status,
             "total-time": int(elapsed),

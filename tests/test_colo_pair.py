@@ -55,6 +55,7 @@ def test_pair_set_up_over_qmp_as_with_qemu(tmp_path, connect):
         wait(lambda: pq("query-colo-status")["mode"] == "primary", what="primary in COLO")
         assert pq("query-colo-status") == {"mode": "primary", "last-mode": "none", "reason": "processing"}
         assert sq("query-colo-status")["mode"] == "secondary"
+        assert sq("query-migrate")["status"] == "colo"
         info = wait(lambda: (i := pq("query-migrate")) and i["x-colo"]["ok"] >= 3 and i, what="3 checkpoints")
         assert info["status"] == "colo"
         assert info["x-colo"]["triggers"]["periodic"] >= 3

@@ -1,0 +1,60 @@
+"""``emu colo demo`` end to end: the whole deployment in processes, a primary SIGKILLed
+mid-run, and the client's verdict that every request was answered exactly once."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, firmware
+
+
+def _demo(tmp_path, *args, timeout=60):
+    firmware("service.elf")
+    return subprocess.run([sys.executable, "-m", "emu", "colo", "demo", "--records", str(tmp_path), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _processes_mentioning(text):
+    """Live processes whose command line contains ``text``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.parametrize("mode", ["compare", "passive"])
+def test_demo_fails_over_without_losing_or_repeating_a_request(tmp_path, mode):
+    r = _demo(tmp_path, "--requests", "60", "--kill-after", "20", "--no-live", "--mode", mode)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    assert re.search(r"requests +60 of 60 sent, 60 answered correctly, lost 0, duplicated 0", out), out
+    assert re.search(r"served by +the primary for requests 1-20, then the former secondary \(vm-b, alone, "
+                     r"epoch \d+\) for requests 21-60", out), out
+    assert re.search(r"SIGKILL primary vm-a \(pid \d+\) after 20 requests", out), out
+    assert "result       OK" in out, out
+    assert re.search(r"checkpoints +[1-9]\d* \(ok [1-9]", out), out
+    # the logs and per-checkpoint records are where --records said, and nothing is left running
+    for name in ("arbiter.log", "proxy.log", "primary.log", "secondary.log", "primary.csv"):
+        assert (tmp_path / name).exists(), name
+    assert "takeover by secondary vm-b" in (tmp_path / "proxy.log").read_text()
+    assert _processes_mentioning(str(tmp_path / "secondary.csv")) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--requests", "10", "--kill-after", "10"], "--kill-after must be from 0 to 9"),
+    (["--reprotect"], "--reprotect is not supported yet"),
+    (["--mode", "active"], "invalid choice"),
+])
+def test_demo_refuses_bad_options(tmp_path, args, message):
+    r = _demo(tmp_path, *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert not (tmp_path / "arbiter.log").exists()  # nothing was started
