@@ -10,10 +10,11 @@ the client only once the pair can no longer take it back.
   ``SYNC`` (a re-synced secondary is sent input again from there), or in solo mode from what
   the active VM has been sent.  More than 1 MiB not yet sent to every VM stops reading the
   client.
-* Output.  ``OUT`` is appended to that connection's stream; bytes already held or released
-  are dropped, a gap is a protocol error.  ``R`` (``released``) counts the bytes written to
-  the client socket; bytes decided but not yet written (no client, or a slow one) are held
-  and go to whichever client comes next.  Every change of ``R`` is sent as ``RELEASED``.
+* Output.  ``OUT`` is appended to that connection's stream (which starts wherever its first
+  ``OUT`` does); bytes already held or released are dropped, a gap is a protocol error.
+  ``R`` (``released``) counts the bytes written to the client socket; bytes decided but not
+  yet written (no client, or a slow one) are held and go to whichever client comes next.
+  Every change of ``R`` is sent as ``RELEASED``.
 * Modes.  ``waiting``: nothing is released before the first ``SYNC`` or ``TAKEOVER``.
   ``paired`` (after a ``SYNC``): in compare mode the primary's and the secondary's streams
   are compared and the common prefix is released; at the first difference the primary is
@@ -168,7 +169,7 @@ class ColoProxy:
         self._sel.register(self._client_listener, selectors.EVENT_READ, self._accept_client)
         self._sel.register(self._vm_listener, selectors.EVENT_READ, self._accept_vm)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # a signal handler may call close() while the loop holds it
         self._stop = False
         self._closed = False
         self._thread = None
@@ -413,7 +414,7 @@ class ColoProxy:
             self._lost(conn, f"connection lost: {e.strerror or e}")
             return
         if not data:
-            self._lost(conn, "closed its connection")
+            self._lost(conn, "closed its connection", error=False)
             return
         now = time.monotonic()
         conn.reader.feed(data)
@@ -443,7 +444,7 @@ class ColoProxy:
             conn.events = events
             self._sel.modify(conn.sock, events, conn)
 
-    def _lost(self, conn, why):
+    def _lost(self, conn, why, error=True):
         """A VM connection ends (closed, broken, or closed by us for cause): everything it sent is kept."""
         if not conn.open:
             return
@@ -451,7 +452,7 @@ class ColoProxy:
             self._lost_at[conn.role] = time.monotonic()
             held = " (it was serving alone: output is held until a takeover)" if conn is self._active else ""
             self._log(f"{conn} {why}{held}")
-        elif conn.role != "monitor":
+        elif error or conn.role != "monitor":
             self._log(f"{conn} {why}")
         self._close_conn(conn)
 
@@ -507,7 +508,7 @@ class ColoProxy:
         self._vms[role] = self._last[role] = conn
         conn.in_sent = self._in_base
         mode = f", {conn.mode}" if role == "secondary" else ""
-        self._log(f"{role} {conn.node} connected from {conn.peer}{mode}")
+        self._log(f"{conn} connected from {conn.peer}{mode}")
         if self.released:
             conn.send(pw.offset_message(pw.RELEASED, self.released))
 
@@ -566,12 +567,14 @@ class ColoProxy:
         self._mismatch_requested = False
         self._timeout_requested_at = None
         conn.send(pw.frame(pw.ACTIVE))
-        fenced = ""
         if other is not None:
-            fenced = f"; {other} fenced off (its connection closed)"
+            how = f"{other} was still connected: fenced off, its connection closed"
             self._close_conn(other)
-        self._log(f"takeover by {conn} with epoch {epoch} accepted ({self.failover_ms:.1f} ms after the "
-                  f"{other_role} was lost){fenced}")
+        elif self._lost_at[other_role] is not None:
+            how = f"{self.failover_ms:.1f} ms after the {other_role}'s connection closed"
+        else:
+            how = f"no {other_role} was ever connected"
+        self._log(f"takeover by {conn} with epoch {epoch} accepted ({how})")
         self._set_mode("solo", f"{conn} serves alone")
 
     def _set_mode(self, mode, why):
@@ -691,7 +694,7 @@ class ColoProxy:
 # ---------------------------------------------------------------------- command
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise ConfigError(message)
+        raise ConfigError(f"proxy: {message}")
 
 
 def _write_status(path, text):
@@ -718,13 +721,13 @@ def main(argv):
             client = parse_tcp_uri(args.client, "--client")
             listen = parse_tcp_uri(args.listen, "--listen")
         except EmuError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"proxy: {e}") from None
         proxy = ColoProxy(client, listen, args.compare_timeout, sys.stderr)
     except ConfigError as e:
-        print(f"proxy: {e}", file=sys.stderr)
+        print(e, file=sys.stderr)
         return 2
     except EmuError as e:
-        print(f"{e}", file=sys.stderr)
+        print(e, file=sys.stderr)
         return 1
     written = None
     if args.status_file:
