@@ -379,6 +379,9 @@ class PrecopyJob:
         self.was_running = m.status == "running"
         if self.was_running:
             m.stop()
+        link = self.c.colo_link if self.c.capabilities["x-colo"] else None
+        if link is not None:
+            link.mark(0)  # output beyond this point waits for the pair (checkpoint 0)
         self.c._set_status("device")
         try:
             mask = np.zeros(m.ram.npages, dtype=bool)  # (np.union1d's lazy import costs 11 ms)
@@ -394,6 +397,8 @@ class PrecopyJob:
             if kind != wire.DONE:
                 raise wire.ChannelError(f"destination answered {wire.NAMES[kind]} to COMPLETE")
         except (wire.ChannelError, OSError) as e:
+            if link is not None:
+                link.unmark(0)
             self._fail(f"{e}")
             return
         st.downtime_ms = (time.monotonic() - stopped_at) * 1e3
@@ -403,6 +408,8 @@ class PrecopyJob:
             try:
                 self.c.enter_colo_primary(self.sock)
             except EmuError as e:
+                if link is not None:
+                    link.unmark(0)  # no pair after all: serve unprotected
                 self._fail(f"entering COLO: {e}")
                 return
             if self.was_running:

@@ -15,7 +15,10 @@ the client only once the pair can no longer take it back.
   ``R`` (``released``) counts the bytes written to the client socket; bytes decided but not
   yet written (no client, or a slow one) are held and go to whichever client comes next.
   Every change of ``R`` is sent as ``RELEASED``.
-* Modes.  ``waiting``: nothing is released before the first ``SYNC`` or ``TAKEOVER``.
+* Modes.  ``waiting`` (no pair yet): the primary serves unprotected, its output released as
+  it comes, up to a ``MARK``: the primary marks its stream when it pauses for the end of
+  the initial migration (checkpoint 0), so that nothing beyond what the secondary will hold
+  goes out before that checkpoint's ``SYNC``.
   ``paired`` (after a ``SYNC``): in compare mode the primary's and the secondary's streams
   are compared and the common prefix is released; at the first difference the primary is
   asked for a checkpoint (``CHECKPOINT mismatch ...``) and nothing more goes out until the
@@ -590,6 +593,8 @@ class ColoProxy:
             self._advance_paired()
         elif self.mode == "solo":
             self._advance_solo()
+        else:
+            self._advance_waiting()
         decided = self.released + len(self._held)
         for conn in self._vms.values():
             if conn is not None:  # what is decided is never needed again
@@ -666,6 +671,20 @@ class ColoProxy:
             self._log(f"{conn} streams output from offset {conn.stream.base}, but the client has been given "
                       f"only {decided} bytes: BYTES [{decided}, {conn.stream.base}) ARE MISSING, holding its output")
         return True
+
+    def _advance_waiting(self):
+        """No pair yet: the primary's output goes out unprotected, up to its first MARK."""
+        conn = self._vms["primary"]
+        if conn is None or not conn.open or conn.stream.base is None:
+            return
+        decided = self.released + len(self._held)
+        conn.stream.drop_below(decided)
+        if self._gap(conn, decided):
+            return
+        limit = min([conn.stream.end] + list(self._marks.values()))
+        if limit > decided:
+            self._held += conn.stream.view(decided, limit)
+            conn.stream.drop_below(limit)
 
     def _advance_solo(self):
         conn = self._active
