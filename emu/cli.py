@@ -35,6 +35,8 @@ def _run_parser():
     p.add_argument("-initrd", metavar="FILES", help="multiboot modules 'a arg,b' or a Linux initrd")
     p.add_argument("-bios", metavar="FILE", help="ROM image mapped below 4 GiB and at 0xE0000")
     p.add_argument("-flat", metavar="FILE@ADDR", help="raw binary loaded at ADDR, entered in 32-bit protected mode")
+    p.add_argument("-fw_cfg", action="append", metavar="[name=]NAME,string=STR|file=PATH",
+                   help="add a file to the fw_cfg directory (names should start with 'opt/'; repeatable)")
     p.add_argument("-serial", action="append", metavar="DEV",
                    help="stdio | file:PATH | tcp:HOST:PORT,server[,nowait] | null | none (repeat for COM2)")
     p.add_argument("-no-reboot", action="store_true", help="stop instead of resetting on a reset or triple fault")
@@ -111,6 +113,7 @@ def build_from_args(args):
         trace=trace,
         lapic=not args.no_lapic,
         rtc_base=args.rtc_base,
+        fw_cfg_files=args.fw_cfg or (),
     )
 
 

@@ -15,12 +15,16 @@ Follows QEMU ``docs/specs/fw_cfg.rst`` and ``hw/nvram/fw_cfg.c``:
   initrd / setup / command line (size includes the NUL, as ``-append``), and the file
   directory (big-endian count, then size / select / reserved / 56-byte name records, files
   sorted by name as in QEMU's non-legacy order, 32 slots from selector 0x20).
+* the user's files, QEMU's ``-fw_cfg [name=]NAME,string=STR`` / ``file=PATH`` option, read
+  by :func:`parse_user_file` with the rules of QEMU's parse_fw_cfg (softmmu/vl.c).
 
 Item contents are machine configuration, not guest state: only the selector, the offset
 and the DMA address register are saved.
 """
 
+import os
 import struct
+from dataclasses import dataclass
 
 from .device import Device
 from .errors import ConfigError, GuestError, StateError
@@ -71,6 +75,82 @@ DMA_CTL_SELECT = 0x08
 DMA_CTL_WRITE = 0x10
 
 
+USER_FILE_PREFIX = "opt/"  # QEMU warns about user file names outside it (docs/specs/fw_cfg.rst)
+
+
+@dataclass(frozen=True)
+class UserFile:
+    """One ``-fw_cfg`` option: the file's name and contents, and QEMU's warning if any."""
+
+    spec: str
+    name: str
+    data: bytes
+    warning: str | None = None
+
+
+def _split_options(text):
+    """QemuOpts syntax: comma-separated parts, ``,,`` stands for a literal comma."""
+    parts, current, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def parse_user_file(spec):
+    """``-fw_cfg [name=]NAME,string=STR`` or ``...,file=PATH`` as QEMU's parse_fw_cfg reads it.
+
+    The name is required, with exactly one non-empty ``string`` or ``file``; it may be at
+    most 55 bytes (FW_CFG_MAX_FILE_PATH with its NUL).  ``string`` contents are the bytes of
+    the string without a NUL; ``file`` contents are the whole file.  A name outside "opt/"
+    is accepted with a warning, as QEMU does.
+    """
+    option = f"-fw_cfg {spec}"
+    values = {}
+    for index, part in enumerate(_split_options(spec)):
+        key, equals, value = part.partition("=")
+        if not equals:
+            if index:
+                raise ConfigError(f"{option}: expected KEY=VALUE, got {part!r}")
+            key, value = "name", part  # the implied option, as QEMU's "[name=]NAME"
+        if key == "gen_id":
+            raise ConfigError(f"{option}: gen_id is not supported (there are no data generator objects)")
+        if key not in ("name", "file", "string"):
+            raise ConfigError(f"{option}: invalid parameter {key!r} (expected name, file or string)")
+        values[key] = value  # a repeated key: the last one counts, as in QemuOpts
+    name, path, text = (values.get(key, "") for key in ("name", "file", "string"))
+    if not name or bool(path) + bool(text) != 1:
+        raise ConfigError(f"{option}: name, plus exactly one of file and string, are needed")
+    try:
+        length = len(name.encode())
+    except UnicodeEncodeError:
+        raise ConfigError(f"{option}: the name is not UTF-8") from None
+    if length > FILE_NAME_LENGTH - 1:
+        raise ConfigError(f"{option}: name too long ({length} bytes, max. {FILE_NAME_LENGTH - 1})")
+    warning = None
+    if not name.startswith(USER_FILE_PREFIX):
+        warning = (f"{option}: warning: externally provided fw_cfg item names should be prefixed "
+                   f"with \"{USER_FILE_PREFIX}\"")
+    if text:
+        data = os.fsencode(text)  # the command line's bytes, NUL terminator not included
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ConfigError(f"{option}: can't load {path}: {e.strerror}") from None
+    return UserFile(spec, name, data, warning)
+
+
 class FwCfg(Device):
     """fw_cfg at 0x510-0x511 (and DMA at 0x514-0x51b when ``dma_memory`` is given).
 
@@ -99,7 +179,7 @@ class FwCfg(Device):
         self.add_item(FW_CFG_MAX_CPUS, struct.pack("<H", nb_cpus))
         self.add_item(FW_CFG_BOOT_MENU, struct.pack("<H", 0))
         if cmdline:
-            self._add_cmdline(cmdline)
+            self.add_cmdline(cmdline)
 
     # ------------------------------------------------------------------ configuration
     def add_item(self, key, data):
@@ -113,7 +193,8 @@ class FwCfg(Device):
             raise ConfigError(f"{self.name}: item {key:#x} added twice")
         self._items[slot] = bytes(data)
 
-    def _add_cmdline(self, cmdline):
+    def add_cmdline(self, cmdline):
+        """The kernel command line items (QEMU adds them for a Linux kernel only, even an empty one)."""
         if isinstance(cmdline, str):
             cmdline = cmdline.encode()
         data = bytes(cmdline) + b"\0"
@@ -137,7 +218,7 @@ class FwCfg(Device):
         if cmdline_addr is not None:
             self.add_item(FW_CFG_CMDLINE_ADDR, struct.pack("<I", cmdline_addr))
         if FW_CFG_CMDLINE_SIZE not in self._items:
-            self._add_cmdline(b"")  # QEMU always passes a command line with a kernel
+            self.add_cmdline(b"")  # QEMU always passes a command line with a kernel
 
     def add_file(self, name, data):
         """Add a named file (e.g. ``etc/e820``); selectors follow the sorted name order."""
@@ -168,6 +249,13 @@ class FwCfg(Device):
             if existing == name:
                 return FW_CFG_FILE_FIRST + number
         return None
+
+    def add_user_file(self, user_file):
+        """Add a parsed ``-fw_cfg`` file; errors (duplicate name, directory full) name the option."""
+        try:
+            self.add_file(user_file.name, user_file.data)
+        except ConfigError as e:
+            raise ConfigError(f"-fw_cfg {user_file.spec}: {e}") from None
 
     # ------------------------------------------------------------------ item access
     @staticmethod
@@ -302,10 +390,9 @@ class FwCfg(Device):
     def _post_load(self, version_id):
         if self.cur_entry != FW_CFG_INVALID and self._slot(self.cur_entry) is None:
             raise StateError(f"{self.name}: cur_entry {self.cur_entry:#x} is not a valid selector")
-        length = len(self._current_item())
-        if self.cur_offset > length:
-            raise StateError(f"{self.name}: cur_offset {self.cur_offset} is past the end of item "
-                             f"{self.cur_entry:#x} ({length} bytes)")
+        # cur_offset is not checked against the item's length: items are host configuration and
+        # may differ on the destination (the two VMs of a COLO pair, say), as QEMU allows; an
+        # offset past the end reads as the end of the item.
         if self.dma_addr and not self.dma_enabled:
             raise StateError(f"{self.name}: dma_addr {self.dma_addr:#x} set but this fw_cfg has no DMA")
 

@@ -425,11 +425,16 @@ def _write_boot_area(ram, cmdline_addr, bootloader_addr, mods_addr, mods_count):
 LINUX_HEADER_MAGIC = b"HdrS"      # at 0x202 of a bzImage (Documentation/arch/x86/boot.rst)
 
 
+def is_linux_image(image):
+    """Whether ``-kernel`` bytes (the first 0x206 are enough) are booted as Linux, not multiboot."""
+    return image[0x202:0x206] == LINUX_HEADER_MAGIC
+
+
 def load_kernel(ram, path, cmdline="", modules=()):
     """``-kernel``: a Linux bzImage is recognised first, as QEMU's x86_load_linux does."""
     path = os.fspath(path)
     image = _read_image(path, "kernel")
-    if image[0x202:0x206] == LINUX_HEADER_MAGIC:
+    if is_linux_image(image):
         return load_linux(ram, path, image, cmdline, modules)
     header = find_multiboot_header(image, path)
     if header is None:

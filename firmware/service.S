@@ -11,7 +11,15 @@
  *   "QUIT"        -> "bye\r\n", exit 0
  *   "TIME"        -> "<n> T <RTC seconds since midnight>\r\n"  (deliberately not
  *                    deterministic: it depends on when the line arrives)
+ *   "NODE"        -> "<n> N <node text>\r\n", the contents of the fw_cfg file
+ *                    "opt/emu-colo/node" as the host configured it (QEMU's and our
+ *                    -fw_cfg name=opt/emu-colo/node,string=TEXT), looked up in the fw_cfg
+ *                    file directory and read at answer time, never from guest RAM: the
+ *                    two VMs of a replicated pair configured with different texts answer
+ *                    differently, a deterministic divergence.  Up to NODE_MAX bytes of
+ *                    the file, whatever they are; no such file gives "<n> N \r\n".
  *   anything else -> "<n> <checksum, 8 lowercase hex digits> <line>\r\n"
+ * QUIT, TIME and NODE lines count and enter the checksum like any other line.
  * Lines longer than LINE_MAX bytes are answered with their first LINE_MAX bytes (the
  * checksum still covers all of them).
  */
@@ -22,6 +30,14 @@
 #define FNV_PRIME       0x01000193
 #define WORD_QUIT       0x54495551  /* "QUIT" as a little-endian dword */
 #define WORD_TIME       0x454d4954  /* "TIME" */
+#define WORD_NODE       0x45444f4e  /* "NODE" */
+#define NODE_MAX        200
+
+/* QEMU fw_cfg, x86 I/O-port interface (docs/specs/fw_cfg.rst) */
+#define FW_CFG_PORT_SEL     0x510   /* 16-bit write: select an item, data offset 0 */
+#define FW_CFG_PORT_DATA    0x511   /* 8-bit read: next byte, 0 past the end */
+#define FW_CFG_FILE_DIR     0x19    /* directory: be32 count, then 64-byte records of */
+#define FW_CFG_NAME_LEN     56      /* be32 size, be16 select, be16 reserved, name[56] */
 
     .text
     .code32
@@ -70,13 +86,21 @@ answer_line:
     xor %eax, %eax
     jmp debug_exit
 1:  cmpl $WORD_TIME, line_buf
-    jne 2f
+    jne 5f
     mov counter, %eax
     call put_dec32
     mov $str_time, %esi
     call puts
     call rtc_seconds_of_day
     call put_dec32
+    jmp put_crlf
+5:  cmpl $WORD_NODE, line_buf
+    jne 2f
+    mov counter, %eax
+    call put_dec32
+    mov $str_node, %esi
+    call puts
+    call put_node_file
     jmp put_crlf
 2:  mov counter, %eax
     call put_dec32
@@ -98,6 +122,78 @@ answer_line:
     dec %ecx
     jmp 3b
 4:  jmp put_crlf
+
+/* Print the fw_cfg file node_file: at most NODE_MAX bytes, nothing if there is no such
+ * file.  Walks the file directory as a guest driver does (the selectors depend on which
+ * other files the host added), on every call, so the answer is this host's configuration. */
+put_node_file:
+    push %eax
+    push %ebx
+    push %ecx
+    push %edx
+    push %esi
+    push %edi
+    push %ebp
+    mov $FW_CFG_FILE_DIR, %ax
+    call fw_cfg_select
+    mov $4, %ecx
+    call fw_cfg_read_be
+    mov %eax, %ebx                  /* directory records left */
+1:  test %ebx, %ebx
+    jz 4f                           /* no such file */
+    dec %ebx
+    mov $4, %ecx
+    call fw_cfg_read_be
+    mov %eax, %edi                  /* the file's size */
+    mov $4, %ecx
+    call fw_cfg_read_be             /* select, reserved */
+    shr $16, %eax
+    mov %eax, %ebp                  /* the file's selector */
+    mov $node_file, %esi
+    mov $FW_CFG_NAME_LEN, %ecx
+    xor %ah, %ah                    /* AH: nonzero once a name byte differs */
+2:  in %dx, %al                     /* all 56 bytes, to stay at the next record */
+    xor (%esi), %al
+    or %al, %ah
+    inc %esi
+    loop 2b
+    test %ah, %ah
+    jnz 1b
+    mov %ebp, %eax
+    call fw_cfg_select
+    mov %edi, %ecx
+    cmp $NODE_MAX, %ecx
+    jbe 3f
+    mov $NODE_MAX, %ecx
+3:  test %ecx, %ecx
+    jz 4f
+    in %dx, %al
+    call putc
+    dec %ecx
+    jmp 3b
+4:  pop %ebp
+    pop %edi
+    pop %esi
+    pop %edx
+    pop %ecx
+    pop %ebx
+    pop %eax
+    ret
+
+/* EAX = the next ECX (1-4) bytes of the selected item, big-endian; DX at the data port.
+ * Clobbers ECX. */
+fw_cfg_read_be:
+1:  shl $8, %eax
+    in %dx, %al
+    loop 1b
+    ret
+
+/* Select fw_cfg item AX; leaves DX at the data port. */
+fw_cfg_select:
+    mov $FW_CFG_PORT_SEL, %dx
+    out %ax, %dx
+    mov $FW_CFG_PORT_DATA, %dx
+    ret
 
 /* Read RTC register AL into AL. */
 rtc_read:
@@ -191,6 +287,9 @@ rtc_seconds_of_day:
 str_ready:  .asciz "service ready\r\n"
 str_bye:    .asciz "bye\r\n"
 str_time:   .asciz " T "
+str_node:   .asciz " N "
+node_file:  .ascii "opt/emu-colo/node"   /* the name as the directory holds it: NUL-padded */
+            .fill FW_CFG_NAME_LEN - (. - node_file), 1, 0
 
     .bss
     .balign 4

@@ -24,7 +24,7 @@ from emu.apic import LocalApic
 from emu.debugexit import IsaDebugExit
 from emu.errors import ConfigError
 from emu.fastpath import PostCodeFastPath, UartFastPath
-from emu.fw_cfg import FwCfg
+from emu.fw_cfg import FwCfg, parse_user_file
 from emu.i8254 import Pit8254, SystemControlPortB
 from emu.i8259 import Pic8259Pair
 from emu.machine import Machine
@@ -63,8 +63,12 @@ class InterruptRouter:
 
 
 def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, flat=None, serial=("stdio",),
-          icount_shift=None, no_reboot=False, trace=(), lapic=True, rtc_base=None):
-    """Create a ready-to-run ``pc`` machine (images loaded, CPU at its entry state)."""
+          icount_shift=None, no_reboot=False, trace=(), lapic=True, rtc_base=None, fw_cfg_files=()):
+    """Create a ready-to-run ``pc`` machine (images loaded, CPU at its entry state).
+
+    ``fw_cfg_files``: ``-fw_cfg`` option values, files added to the fw_cfg directory.
+    """
+    user_files = [parse_user_file(spec) for spec in fw_cfg_files]  # option errors before anything is built
     machine = Machine(MACHINE_TYPE, ram_size, icount=icount_shift is not None, no_reboot=no_reboot,
                       trace=trace, has_lapic=lapic, ns_per_unit=1 << (icount_shift or 0))
     clock = machine.clock
@@ -107,8 +111,13 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     post = machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
     machine.fast_paths.append(PostCodeFastPath(post, machine.cstate, machine.clib))
     machine.add_device(SystemControlPortA("port92", on_reset=machine.request_reset), [(0x92, 1)])
-    cmdline = append or ""
-    fw_cfg = FwCfg("fw_cfg@0x510", ram_size=ram_size, cmdline=cmdline.encode(), dma_memory=machine.ram)
+    fw_cfg = FwCfg("fw_cfg@0x510", ram_size=ram_size, dma_memory=machine.ram)
+    if kernel and _is_linux_kernel(kernel):
+        fw_cfg.add_cmdline(append or "")  # as x86_load_linux; QEMU's multiboot path gives none
+    for user_file in user_files:
+        if user_file.warning:
+            print(f"emu: {user_file.warning}", file=sys.stderr)
+        fw_cfg.add_user_file(user_file)
     machine.add_device(fw_cfg, fw_cfg.port_ranges())
 
     local_apic = None
@@ -122,6 +131,15 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     machine.reset()
     machine.stats["resets"] = 0
     return machine
+
+
+def _is_linux_kernel(path):
+    """Whether ``-kernel`` is a Linux bzImage; an unreadable file is left to the loader to report."""
+    try:
+        with open(path, "rb") as f:
+            return loaders.is_linux_image(f.read(0x206))
+    except OSError:
+        return False
 
 
 def _boot_function(kernel, append, initrd, bios, flat):

@@ -31,16 +31,18 @@ class FirmwareCase:
     """One guest run.
 
     image: path relative to the repository root.  kind: "kernel" (multiboot, -kernel)
-    or "bios" (-bios).  input is written to COM1 once the output contains input_after
-    (the guest prints that marker when its receiver is ready).  The output must equal
-    expect, or fully match the bytes regex expect_regex.  slow: takes seconds even on
-    QEMU (default-size workloads); emulator tests may leave such cases out.
+    or "bios" (-bios).  fw_cfg: -fw_cfg option values, files the guest can read.  input
+    is written to COM1 once the output contains input_after (the guest prints that
+    marker when its receiver is ready).  The output must equal expect, or fully match
+    the bytes regex expect_regex.  slow: takes seconds even on QEMU (default-size
+    workloads); emulator tests may leave such cases out.
     """
 
     name: str
     image: str
     kind: str = "kernel"
     append: str = ""
+    fw_cfg: tuple[str, ...] = ()
     input: bytes = b""
     input_after: bytes = b""
     expect: bytes | None = None
@@ -69,6 +71,8 @@ def qemu_command(case: FirmwareCase, root, qemu: str = "qemu-system-x86_64") -> 
         command += ["-kernel", image]
         if case.append:
             command += ["-append", case.append]
+    for spec in case.fw_cfg:
+        command += ["-fw_cfg", spec]
     return command
 
 
@@ -77,6 +81,8 @@ def emu_command(case: FirmwareCase, root, extra=()) -> list[str]:
     image = str(root / case.image)
     command = [sys.executable, "-m", "emu", "run", "-machine", "pc", "-m", case.memory, "-no-reboot",
                "-serial", "stdio", *extra]
+    for spec in case.fw_cfg:
+        command += ["-fw_cfg", spec]
     if case.kind == "bios":
         return command + ["-bios", image]
     command += ["-kernel", image]
@@ -166,8 +172,11 @@ def store_sum(passes: int, rep: bool = False) -> int:
     return total
 
 
-def service_transcript(lines: list[bytes]) -> bytes:
-    """service.elf's output for lines (each sent with CR LF): a regex, since TIME varies."""
+def service_transcript(lines: list[bytes], node: bytes = b"") -> bytes:
+    """service.elf's output for lines (each sent with CR LF): a regex, since TIME varies.
+
+    node: the regex NODE's answer must match (empty: no node file configured).
+    """
     out = [re.escape(b"service ready\r\n")]
     checksum = 0x811C9DC5
     for counter, line in enumerate(lines, 1):
@@ -178,6 +187,8 @@ def service_transcript(lines: list[bytes]) -> bytes:
             break
         if line == b"TIME":
             out.append(re.escape(b"%d T " % counter) + rb"\d{1,5}" + re.escape(b"\r\n"))
+        elif line == b"NODE":
+            out.append(re.escape(b"%d N " % counter) + node + re.escape(b"\r\n"))
         else:
             out.append(re.escape(b"%d %08x %s\r\n" % (counter, checksum, line[:1024])))
     return b"".join(out)
@@ -239,6 +250,26 @@ REALMODE_CHECKS = [
 ]
 
 SERVICE_LINES = [b"hello", b"world", b"", b"TIME", b"state survives", b"QUIT"]
+SERVICE_NODE_LINES = [b"NODE", b"hello", b"NODE", b"QUIT"]
+#: The fw_cfg file NODE answers with (its first 200 bytes).
+SERVICE_NODE_FILE = "opt/emu-colo/node"
+SERVICE_NODE_TEXT = "node=P, " + "x" * 200
+SERVICE_NODE_ANSWER = SERVICE_NODE_TEXT.encode()[:200]
+
+
+def service_node_option(text: str, name: str = SERVICE_NODE_FILE) -> str:
+    """The -fw_cfg value that gives service.elf's NODE text (commas doubled, QemuOpts' escape)."""
+    return f"name={name},string={text.replace(',', ',,')}"
+
+
+def service_node_case(text: str, name: str = SERVICE_NODE_FILE, case_name: str = "service-node") -> FirmwareCase:
+    """service.elf answering NODE from the fw_cfg file name holding text (QEMU and emu alike)."""
+    answer = text.encode()[:200] if name == SERVICE_NODE_FILE else b""
+    return FirmwareCase(
+        case_name, "firmware/build/service.elf", fw_cfg=(service_node_option(text, name),),
+        input=b"".join(line + b"\r\n" for line in SERVICE_NODE_LINES), input_after=b"service ready\r\n",
+        expect_regex=service_transcript(SERVICE_NODE_LINES, node=re.escape(answer)))
+
 
 # store.elf sums on fresh RAM, from store_sum() (kept literal: the model takes seconds).
 STORE_SUMS = {(2, False): 0xA0814BED, (2, True): 0xD33D0B08, (10, False): 0x5F030133}
@@ -286,6 +317,9 @@ CASES = [
         "service", "firmware/build/service.elf",
         input=b"".join(line + b"\r\n" for line in SERVICE_LINES), input_after=b"service ready\r\n",
         expect_regex=service_transcript(SERVICE_LINES)),
+    service_node_case(SERVICE_NODE_TEXT),
+    # a file whose name only starts like the node file's: NODE finds no file and answers empty
+    service_node_case("node=Q", name=SERVICE_NODE_FILE + "-b", case_name="service-node-absent"),
     FirmwareCase("idle", "firmware/build/idle.elf", append="ticks=20", expect=b"idle ticks=20\r\n"),
     FirmwareCase("portio", "firmware/build/portio.elf", append="n=5000", expect=b"portio n=5000\r\n"),
     FirmwareCase("serialout", "firmware/build/serialout.elf", append="bytes=150",

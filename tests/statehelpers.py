@@ -82,6 +82,7 @@ class Guest:
             options["bios"] = image
         else:
             options.update(kernel=image, append=case.append)
+        options["fw_cfg_files"] = case.fw_cfg
         self.machine = pc.build(**options)
         self.front = next(d for d in self.machine.devices if isinstance(d, UartFastPath))
         self.capture = CaptureBackend()
@@ -188,7 +189,9 @@ INPUT_CHUNKS = {
     "echo": [(0, b"hello\r"), (300_000, b"world\n"), (300_000, b"q")],
     "service": [(0, b"hello\r\n"), (300_000, b"world\r\n"), (300_000, b"\r\n"),
                 (1_300_000_000, b"TIME\r\n"), (300_000, b"state survives\r\n"), (300_000, b"QUIT\r\n")],
+    "service-node": [(0, b"NODE\r\n"), (300_000, b"hello\r\n"), (300_000, b"NODE\r\n"), (300_000, b"QUIT\r\n")],
 }
+INPUT_CHUNKS["service-node-absent"] = INPUT_CHUNKS["service-node"]
 
 
 def ready_time(case):

@@ -441,14 +441,15 @@ def dma_access(control, length, address, select=None):
 
 def test_fw_cfg_dma_writes_are_logged():
     ram_size = 32 << 20
-    cmdline = "dirty log dma test"
-    m = pc.build(ram_size=ram_size, serial=["null"], icount_shift=0, no_reboot=True, append=cmdline)
+    text = "dirty log dma test"
+    m = pc.build(ram_size=ram_size, serial=["null"], icount_shift=0, no_reboot=True,
+                 fw_cfg_files=[f"opt/dirty,string={text}"])
     load(m, DMA_GUEST)
     read, skip, write = 0x02, 0x04, 0x10
     w = m.ram.write
-    # the command line then zeros past its end, over a page the host filled: 0x290-0x293
+    # the file (the only one: selector 0x20) then zeros past its end, over a page the host filled: 0x290-0x293
     w(0x292000, b"\xff" * PAGE)
-    w(0x280000, dma_access(read, 0x2100, 0x290FF0, select=0x15))
+    w(0x280000, dma_access(read, 0x2100, 0x290FF0, select=0x20))
     # the 16 zero bytes of the UUID then zeros, onto zeros: 0x2a0 and 0x2a1 written, unchanged
     w(0x281000, dma_access(read, 0x1800, 0x2A0800, select=0x02))
     # a write to a read-only item fails: only the status goes back (error bit)
@@ -466,7 +467,7 @@ def test_fw_cfg_dma_writes_are_logged():
     shadow.check(written={0x280, 0x281, 0x282, 0x283, 0x284, 0x286, 0x290, 0x291, 0x292, 0x293, 0x2A0, 0x2A1,
                           (ram_size >> 12) - 1},
                  same={0x293, 0x2A0, 0x2A1})
-    assert m.ram.read(0x290FF0, len(cmdline) + 1) == cmdline.encode() + b"\0"
+    assert m.ram.read(0x290FF0, len(text) + 1) == text.encode() + b"\0"
     assert m.ram.read(0x292000, PAGE) == bytes(PAGE)
     assert m.ram.read(ram_size - 0x10, 4) == b"QEMU"
     status = [struct.unpack(">I", m.ram.read(d, 4))[0] for d in (0x280000, 0x281000, 0x282000, 0x283000,

@@ -35,3 +35,4 @@ def test_guest_on_emu(name, mode, emu_runs):
     assert case.output_matches(run.output), (
         f"{name}/{mode}: output differs\n got:    {run.output!r}\n wanted: {wanted!r}\n stderr: {run.stderr!r}")
     assert run.status == case.exit_status, f"{name}/{mode}: exit status {run.status}: {run.stderr!r}"
+

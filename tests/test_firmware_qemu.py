@@ -51,3 +51,4 @@ def test_case_table_is_consistent():
 
 def test_compute_reference_model_matches_table():
     assert CASES_BY_NAME["compute"].expect == b"compute n=100000 result=%08x\r\n" % compute_result(100000)
+

@@ -1,12 +1,15 @@
-"""fw_cfg through the guest's eyes: the selector/data ports, the file directory, DMA, state."""
+"""fw_cfg through the guest's eyes: the selector/data ports, the file directory, DMA, state,
+and the ``-fw_cfg`` option that puts the user's files in the directory."""
 
 import struct
 
 import pytest
+from conftest import firmware
 
+from emu.cli import _run_parser, build_from_args
 from emu.device import PortBus
 from emu.errors import ConfigError, GuestError, StateError
-from emu.fw_cfg import FwCfg
+from emu.fw_cfg import FwCfg, parse_user_file
 from emu.memory import GuestRam
 
 SELECTOR, DATA, DMA_HIGH, DMA_LOW = 0x510, 0x511, 0x514, 0x518
@@ -151,6 +154,91 @@ def test_bad_file_configuration():
         fw.add_file("one-too-many", b"")
 
 
+# ---------------------------------------------------------------------- -fw_cfg
+@pytest.mark.parametrize("spec, name, data", [
+    ("name=opt/a,string=hello", "opt/a", b"hello"),          # no NUL, as QEMU
+    ("opt/a,string=hello", "opt/a", b"hello"),               # the implied first option is the name
+    ("string=x,name=opt/a", "opt/a", b"x"),
+    ("opt/a,string=a,,b,,,,c", "opt/a", b"a,b,,c"),          # ",," is a literal comma
+    ("opt/a,string=first,string=last", "opt/a", b"last"),    # QemuOpts: the last one counts
+    ("opt/" + "n" * 51 + ",string=x", "opt/" + "n" * 51, b"x"),  # 55 bytes: the longest name
+])
+def test_user_file_option(spec, name, data):
+    user_file = parse_user_file(spec)
+    assert (user_file.name, user_file.data, user_file.warning) == (name, data, None)
+
+
+def test_user_file_from_a_file_keeps_every_byte(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"\0\xff\r\n" * 100)
+    assert parse_user_file(f"opt/blob,file={path}").data == b"\0\xff\r\n" * 100
+    path.write_bytes(b"")
+    assert parse_user_file(f"opt/blob,file={path}").data == b""
+
+
+def test_user_file_name_outside_opt_is_accepted_with_qemus_warning():
+    user_file = parse_user_file("etc/x,string=y")
+    assert user_file.data == b"y"
+    assert user_file.warning == ('-fw_cfg etc/x,string=y: warning: externally provided fw_cfg item names '
+                                 'should be prefixed with "opt/"')
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("opt/a", "name, plus exactly one of file and string, are needed"),
+    ("string=x", "name, plus exactly one of file and string, are needed"),
+    ("opt/a,string=", "name, plus exactly one of file and string, are needed"),  # empty is absent, as QEMU
+    ("opt/a,string=x,file=/etc/hostname", "name, plus exactly one of file and string, are needed"),
+    ("opt/" + "n" * 52 + ",string=x", r"name too long \(56 bytes, max. 55\)"),
+    ("opt/a,file=/nonexistent/blob", "can't load /nonexistent/blob: No such file or directory"),
+    ("opt/a,size=3", "invalid parameter 'size'"),
+    ("opt/a,string", "expected KEY=VALUE, got 'string'"),
+    ("opt/a,gen_id=g", "gen_id is not supported"),
+])
+def test_bad_user_file_option_names_the_option(spec, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_user_file(spec)
+    assert str(info.value).startswith(f"-fw_cfg {spec}: ")
+
+
+def test_user_files_in_the_directory_as_a_guest_reads_them():
+    fw, bus = make()
+    fw.add_file("etc/e820", b"E" * 20)  # a machine file first, as QEMU's
+    for spec in ("opt/b,string=bee", "name=opt/a,string=ay"):
+        fw.add_user_file(parse_user_file(spec))
+    select(bus, 0x19)
+    count, *records = struct.unpack(">I" + "IHH56s" * 3, read_bytes(bus, 4 + 64 * 3))
+    assert count == 3
+    entries = [(records[i], records[i + 1], records[i + 2], records[i + 3].rstrip(b"\0")) for i in range(0, 12, 4)]
+    assert entries == [(20, 0x20, 0, b"etc/e820"), (2, 0x21, 0, b"opt/a"), (3, 0x22, 0, b"opt/b")]
+    assert read_item(bus, find_file(bus, "opt/b")[0], 4) == b"bee\0"  # past the end: zeros
+
+
+def test_duplicate_user_file_names_the_option():
+    fw, _ = make()
+    fw.add_user_file(parse_user_file("opt/a,string=1"))
+    with pytest.raises(ConfigError, match=r"^-fw_cfg opt/a,string=2: .*duplicate file 'opt/a'"):
+        fw.add_user_file(parse_user_file("opt/a,string=2"))
+
+
+def test_emu_run_fw_cfg_option_reaches_the_machine(tmp_path, capsys):
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"from a file")
+    args = _run_parser().parse_args(["-kernel", firmware("hello.elf"), "-serial", "null",
+                                     "-fw_cfg", "opt/emu-colo/node,string=P", "-fw_cfg", f"name=x,file={blob}"])
+    machine = build_from_args(args)
+    try:
+        bus = machine.ports
+        assert read_item(bus, find_file(bus, "opt/emu-colo/node")[0], 2) == b"P\0"
+        assert read_item(bus, find_file(bus, "x")[0], 11) == b"from a file"
+    finally:
+        machine.close()
+    assert 'emu: -fw_cfg name=x,file=' in capsys.readouterr().err
+    args = _run_parser().parse_args(["-kernel", firmware("hello.elf"), "-serial", "null",
+                                     "-fw_cfg", "opt/a,string=1", "-fw_cfg", "opt/a,string=2"])
+    with pytest.raises(ConfigError, match="duplicate file 'opt/a'"):
+        build_from_args(args)
+
+
 def test_byte_writes_and_wide_reads_do_nothing():
     fw, bus = make()
     select(bus, 0x0000)
@@ -277,13 +365,15 @@ def test_state_round_trip_with_dma_address_half_written():
     assert other.VMSTATE.save(other) == data
 
 
-def test_load_rejects_offset_past_the_item():
+def test_load_accepts_an_offset_past_the_item_which_then_reads_as_its_end():
+    """Items are host configuration: the destination's may be shorter (QEMU does not check)."""
     fw, bus = make()
     select(bus, 0x0000)
     data = bytearray(fw.VMSTATE.save(fw))
     data[2:6] = struct.pack(">I", 5)  # "QEMU" has 4 bytes
-    with pytest.raises(StateError, match="fw_cfg: cur_offset 5 is past the end of item 0x0"):
-        fw.VMSTATE.load(fw, bytes(data), 1)
+    fw.VMSTATE.load(fw, bytes(data), 1)
+    assert fw.cur_offset == 5
+    assert bus.read(0x511, 1) == 0
 
 
 def test_load_rejects_invalid_selector():

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, firmware
 from guestasm import assemble
 
 from emu import loaders
@@ -183,6 +183,34 @@ def test_cpu_enters_the_kernel_as_the_protocol_says(files):
     machine = pc.build(ram_size=64 * MIB, kernel=kernel, initrd=initrd, append="bloop", serial=["null"],
                        icount_shift=0)
     assert machine.run(until_ns=10**7) == (0x10 << 1) | 1
+
+
+def _fw_cfg_command_line(machine):
+    """What a guest reads from fw_cfg's command line items (size 0: there are none)."""
+    machine.ports.write(0x510, 2, 0x14)
+    size = struct.unpack("<I", bytes(machine.ports.read(0x511, 1) for _ in range(4)))[0]
+    machine.ports.write(0x510, 2, 0x15)
+    return size, bytes(machine.ports.read(0x511, 1) for _ in range(size))
+
+
+@pytest.mark.parametrize("append", ["console=ttyS0 quiet", ""])
+def test_fw_cfg_has_the_command_line_of_a_linux_kernel(files, append):
+    """As QEMU's x86_load_linux: the items are there for a Linux kernel, an empty line too."""
+    kernel, _ = files()
+    machine = pc.build(ram_size=64 * MIB, kernel=kernel, append=append, serial=["null"], icount_shift=0)
+    try:
+        assert _fw_cfg_command_line(machine) == (len(append) + 1, append.encode() + b"\0")
+    finally:
+        machine.close()
+
+
+def test_fw_cfg_has_no_command_line_for_a_multiboot_kernel():
+    """QEMU's multiboot path returns before the command line items: the kernel has it in RAM only."""
+    machine = pc.build(kernel=firmware("hello.elf"), append="console=ttyS0", serial=["null"], icount_shift=0)
+    try:
+        assert _fw_cfg_command_line(machine) == (0, b"")
+    finally:
+        machine.close()
 
 
 def test_newc_archive_round_trip():
