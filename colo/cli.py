@@ -53,6 +53,8 @@ def _pair_options(parser, role):
         g.add_argument("--secondary", required=True, metavar="tcp:HOST:PORT", help="the secondary's --listen")
         g.add_argument("--checkpoint-delay", type=int, default=200, metavar="MS",
                        help="periodic checkpoint interval (x-checkpoint-delay; default 200)")
+        g.add_argument("--protect-after", type=float, default=0, metavar="MS",
+                       help="run unprotected for MS ms of host time before migrating to the secondary")
         g.add_argument("--output-delay", type=float, default=1.0, metavar="MS",
                        help="passive pairs: checkpoint this soon after output appears (default 1)")
         g.add_argument("--x-kill-at", metavar="PHASE:SEQ", help="fault injection: SIGKILL this process at PHASE "
@@ -147,17 +149,30 @@ def cmd_primary(argv):
         migration.set_capabilities([{"capability": "x-colo", "state": True},
                                     {"capability": "return-path", "state": True}])
         migration.set_parameters({"x-checkpoint-delay": args.checkpoint_delay})
-        deadline = time.monotonic() + CONNECT_WAIT_S
-        while True:
-            try:
-                migration.start(args.secondary)
-                break
-            except EmuError as e:
-                if "failed to connect" not in str(e) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
-        print(f"colo primary: migrating to {args.secondary}, then checkpoints every {args.checkpoint_delay} ms",
-              file=sys.stderr, flush=True)
+
+        def protect():
+            deadline = time.monotonic() + CONNECT_WAIT_S
+            while True:
+                try:
+                    migration.start(args.secondary)
+                    break
+                except EmuError as e:
+                    if "failed to connect" not in str(e) or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
+            print(f"colo primary: migrating to {args.secondary}, then checkpoints every {args.checkpoint_delay} ms",
+                  file=sys.stderr, flush=True)
+
+        if args.protect_after <= 0:
+            protect()
+            return
+        start_at = time.monotonic() + args.protect_after / 1e3
+
+        def protect_later():  # the guest runs unprotected until then (a boot, say)
+            if time.monotonic() >= start_at:
+                machine.background_jobs.remove(protect_later)
+                protect()
+        machine.background_jobs.append(protect_later)
 
     _stop_on_sigterm()
     return run_machine(args, configure)

@@ -194,3 +194,28 @@ def test_partition_only_the_lease_holder_serves(tmp_path):
         raise
     finally:
         d.close()
+
+
+def test_a_primary_serves_unprotected_until_protection_starts(tmp_path):
+    """--protect-after: the guest starts alone (a boot, say); its output reaches the client at
+    once; the pair forms later and a failover after that loses nothing."""
+    d = ColoDeployment(tmp_path, mode="compare", checkpoint_delay=50, primary_args=["--protect-after", "1500"])
+    try:
+        w = Workload(d.client(), time_every=5)
+        w.ready()
+        for _ in range(5):
+            w.step()
+        assert d.qmp("primary")("query-colo-status")["mode"] == "none"
+        d.wait_colo()
+        for _ in range(5):
+            w.step()
+        d.primary.kill()
+        for _ in range(10):
+            w.step()
+        w.finish()
+        _serving_checkpoint(d)
+    except BaseException:
+        print(d.logs())
+        raise
+    finally:
+        d.close()
