@@ -122,10 +122,12 @@ class Workload:
     two VMs: a source of divergence).  The whole received stream must be exactly the
     answers in order: nothing lost, nothing twice."""
 
-    def __init__(self, client, time_every=0):
+    def __init__(self, client, time_every=0, node_every=0, node=None):
         self.client = client
         self.model = ServiceModel()
         self.time_every = time_every
+        self.node_every = node_every  # every n-th request is NODE, answered with ``node`` (set by the test)
+        self.node = node
         self.sent = 0
         self.expected_end = 0  # bytes of the stream accounted for
         self.gaps = []         # seconds between a request and its answer
@@ -139,8 +141,11 @@ class Workload:
         i = self.sent
         self.sent += 1
         is_time = self.time_every and i % self.time_every == self.time_every - 1
-        line = "TIME" if is_time else f"req {i} {'x' * (i % 7)}"
+        is_node = not is_time and self.node_every and i % self.node_every == self.node_every - 1
+        line = "TIME" if is_time else "NODE" if is_node else f"req {i} {'x' * (i % 7)}"
         expected = self.model.expect(line)
+        if is_node:
+            expected = f"{self.model.counter} N {self.node}"
         started = time.monotonic()
         self.client.send(line + "\r\n")
         if is_time:

@@ -219,3 +219,32 @@ def test_a_primary_serves_unprotected_until_protection_starts(tmp_path):
         raise
     finally:
         d.close()
+
+
+def test_diverging_answers_force_checkpoints_and_the_client_gets_the_primary_version(tmp_path):
+    """NODE answers with host configuration, which differs between the two VMs: every such
+    answer is a mismatch; the client must only ever see the primary's version, and the
+    secondary's own once it serves alone."""
+    node = "name=opt/emu-colo/node,string="
+    d = ColoDeployment(tmp_path, mode="compare", checkpoint_delay=5000,
+                       primary_args=["-fw_cfg", node + "vm-a"], secondary_args=["-fw_cfg", node + "vm-b"])
+    try:
+        d.wait_colo()
+        w = Workload(d.client(), node_every=3, node="vm-a")
+        w.ready()
+        for _ in range(30):
+            w.step()
+        info = d.qmp("primary")("query-migrate")["x-colo"]
+        assert info["triggers"].get("mismatch", 0) >= 5, info
+        assert info["triggers"].get("periodic", 0) == 0  # the period is far off: mismatches alone
+        d.primary.kill()
+        w.node = "vm-b"
+        for _ in range(12):
+            w.step()
+        w.finish()
+        assert re.search(r"output differs at offset \d+ \(primary b'a', secondary b'b'\)", d.proxy.stderr())
+    except BaseException:
+        print(d.logs())
+        raise
+    finally:
+        d.close()
