@@ -4,7 +4,9 @@ One command starts what a deployment needs, each in its own process as an operat
 (``emu colo arbiter``, ``proxy``, ``secondary``, ``primary`` running the service firmware),
 then plays the client: numbered requests one at a time through the proxy, every answer
 checked against a model of the service (request counter and FNV-1a checksum; every K-th
-request is TIME, whose answer the two VMs may give differently).  After ``--kill-after``
+request is NODE, which each VM answers with its own host configuration (``-fw_cfg
+opt/emu-colo/node``): a deliberate divergence, so every such answer is an output mismatch
+and a checkpoint, and the client must only ever get the primary's version).  After ``--kill-after``
 requests the primary is SIGKILLed and the client carries on against the former secondary.
 The verdict is the client's own: the received byte stream must be exactly the expected
 answers, in order, nothing lost and nothing twice.
@@ -48,6 +50,7 @@ KILL_WINDOW = 10              # requests after the kill whose answer times count
 READY = b"service ready\r\n"
 ROLES = ("primary", "secondary")
 NODES = {"primary": "vm-a", "secondary": "vm-b"}  # names, so that "the former secondary" is visibly the same VM
+NODE_FILE = "opt/emu-colo/node"  # what service.elf's NODE answers with: each VM's own name
 UNIX_PATH_MAX = 100           # sun_path is 108 bytes on Linux; keep a margin
 
 
@@ -315,10 +318,11 @@ class ServiceClient:
     The model follows the firmware (firmware/service.S): every line counts, every line's
     bytes enter a running FNV-1a checksum; ``req ...`` lines are answered
     ``<n> <checksum> <line>``, TIME ``<n> T <seconds>`` (the seconds are not checked: they
-    depend on which VM answers and when).  ``self.end`` is how much of the received
+    depend on which VM answers and when), NODE ``<n> N <node>`` where node is the serving
+    VM's name (``self.node``: the primary's until it is killed).  ``self.end`` is how much of the received
     stream has been accounted for; anything else there is lost, repeated or wrong."""
 
-    def __init__(self, port, time_every, timeout=START_TIMEOUT_S):
+    def __init__(self, port, time_every, node_every=0, node=None, timeout=START_TIMEOUT_S):
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -330,6 +334,8 @@ class ServiceClient:
                 time.sleep(0.05)
         self.sock.settimeout(0.2)
         self.time_every = time_every
+        self.node_every = node_every
+        self.node = node
         self.received = bytearray()
         self.end = 0
         self.counter = 0
@@ -370,7 +376,8 @@ class ServiceClient:
         """Send the next request and check its answer (DemoFailure if it is not exactly right)."""
         i = self.sent
         is_time = self.time_every and i % self.time_every == self.time_every - 1
-        line = "TIME" if is_time else f"req {i} {'x' * (i % 7)}"
+        is_node = not is_time and self.node_every and i % self.node_every == self.node_every - 1
+        line = "TIME" if is_time else "NODE" if is_node else f"req {i} {'x' * (i % 7)}"
         self.counter += 1
         self.checksum = fnv1a(line.encode(), self.checksum)
         started = time.monotonic()
@@ -383,6 +390,9 @@ class ServiceClient:
             m = re.fullmatch(rb"(\d+) T (\d+)\r\n", answer)
             right = m is not None and int(m.group(1)) == self.counter and int(m.group(2)) < 86400
             expected = f"{self.counter} T <seconds>\r\n".encode()
+        elif is_node:
+            expected = f"{self.counter} N {self.node}\r\n".encode()
+            right = answer == expected
         else:
             expected = f"{self.counter} {self.checksum:08x} {line}\r\n".encode()
             right = answer == expected
@@ -473,10 +483,12 @@ class Demo:
         passive = ["--passive"] if a.mode == "passive" else []
         secondary = self._spawn("secondary", [
             "secondary", "--node", NODES["secondary"], *common, "--listen", "tcp:127.0.0.1:0", *passive,
+            "-fw_cfg", f"name={NODE_FILE},string={NODES['secondary']}",
             "--records", str(self.dir / "secondary.csv"), "-qmp", f"unix:{self.qmp_paths['secondary']},server,nowait"])
         listen = int(secondary.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
         self._spawn("primary", [
             "primary", "--node", NODES["primary"], *common, "--secondary", f"tcp:127.0.0.1:{listen}",
+            "-fw_cfg", f"name={NODE_FILE},string={NODES['primary']}",
             "--checkpoint-delay", str(a.checkpoint_delay), "--records", str(self.dir / "primary.csv"),
             "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait"])
         self.procs = {p.name: p for p in self.processes}
@@ -514,7 +526,7 @@ class Demo:
     def run(self):
         a = self.args
         self.start()
-        self.client = ServiceClient(self.client_port, a.time_every)
+        self.client = ServiceClient(self.client_port, a.time_every, a.node_every, NODES["primary"])
         self.client.ready()
         self.event("client: 'service ready' through the proxy")
         self.figures.poll()
@@ -552,6 +564,7 @@ class Demo:
         self.event(f"SIGKILL primary {NODES['primary']} (pid {primary.pid}) after {self.killed_after} requests")
         self.killed_at = time.monotonic()
         primary.kill(wait=False)  # the client goes on at once, as it would when a host crashes
+        self.client.node = NODES["secondary"]  # from now on the former secondary answers NODE
 
     def _served_after_kill(self):
         proxy = self.figures.proxy
@@ -748,8 +761,10 @@ def parse_args(argv):
     p.add_argument("--interval", type=int, default=40, metavar="MS",
                    help="a new request every MS ms at most (the client's pace; default 40, so that checkpoints "
                         "fall between requests)")
-    p.add_argument("--time-every", type=int, default=7, metavar="K",
-                   help="every K-th request is TIME, whose answer may differ between the VMs (0: none; default 7)")
+    p.add_argument("--node-every", type=int, default=7, metavar="K",
+                   help="every K-th request is NODE, which the two VMs answer differently (0: none; default 7)")
+    p.add_argument("--time-every", type=int, default=0, metavar="K",
+                   help="every K-th request is TIME, whose answer rarely differs between the VMs (default 0: none)")
     p.add_argument("--records", metavar="DIR", help="logs and per-checkpoint records here (default: a new temporary "
                                                     "directory)")
     p.add_argument("--no-live", action="store_true", help="plain progress lines instead of the live view")
@@ -767,8 +782,8 @@ def parse_args(argv):
         raise ConfigError("colo demo: --checkpoint-delay must be at least 1 ms")
     if args.interval < 0:
         raise ConfigError("colo demo: --interval must be 0 or more")
-    if args.time_every < 0:
-        raise ConfigError("colo demo: --time-every must be 0 (no TIME) or more")
+    if args.time_every < 0 or args.node_every < 0:
+        raise ConfigError("colo demo: --time-every and --node-every must be 0 (none) or more")
     if args.reprotect:
         raise ConfigError("colo demo: --reprotect is not supported yet: a VM that has left COLO cannot start a "
                           "new migration with x-colo to a fresh secondary")
