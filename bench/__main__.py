@@ -126,6 +126,19 @@ FIGURES = [
 ]
 
 
+def print_rows(rows):
+    """Rows of a group: a heading where ``section`` changes, ``notes`` under their row."""
+    section = None
+    for row in rows:
+        if row.get("section") and row["section"] != section:
+            section = row["section"]
+            print(f"  {section}:")
+        value = "-" if row.get("value") is None else f"{row['value']:,.2f}"
+        print(f"  {row['figure']:48s} {value:>12s} {row['unit']:5s} target {row.get('target', '')}", flush=True)
+        for note in row.get("notes", ()):
+            print(f"      note: {note}", flush=True)
+
+
 def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     print(f"emu-colo machine core benchmarks ({'QEMU ' + QEMU if QEMU else 'QEMU not installed'})")
@@ -140,16 +153,15 @@ def main():
               f"ratio {fmt(ratio):>6s}  target {target}", flush=True)
     (RESULTS / "core.json").write_text(json.dumps({"time": time.time(), "figures": rows}, indent=2))
     print(f"wrote {RESULTS / 'core.json'}")
-    for title, module in (("save helpers", "bench.state"), ("live migration", "bench.migration")):
+    for title, module in (("save helpers", "bench.state"), ("live migration", "bench.migration"),
+                          ("COLO", "bench.colo")):
         print(f"emu-colo {title}")
         try:
             extra = __import__(module, fromlist=["run"]).run()
         except Exception as e:  # one failing group does not hide the others
             print(f"  failed: {e}", file=sys.stderr)
             continue
-        for row in extra:
-            value = "-" if row.get("value") is None else f"{row['value']:,.2f}"
-            print(f"  {row['figure']:48s} {value:>12s} {row['unit']:5s} target {row.get('target', '')}", flush=True)
+        print_rows(extra)
         name = module.split(".")[1]
         (RESULTS / f"{name}.json").write_text(json.dumps({"time": time.time(), "figures": extra}, indent=2))
 
