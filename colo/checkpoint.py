@@ -49,9 +49,11 @@ while paused, and the secondary checks that its own state digest equals it once 
 
 import hashlib
 import hmac
+import queue
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -401,6 +403,11 @@ class CheckpointPrimary:
         self.on_pause = None
         self.on_unpause = None
         self.peer_passive = False
+        self.background_send = False
+        self.sending = False      # the sender thread has a checkpoint: nobody else may write to the channel
+        self.send_error = None
+        self._sender = None
+        self._send_queue = queue.Queue()
         self.digest_kind = DIGEST_SHA256 if key is not None else DIGEST_XXH3
         machine.start_dirty_log()
         machine.dirty_pages()
@@ -434,8 +441,8 @@ class CheckpointPrimary:
 
     def request(self, trigger):
         """Start checkpoint ``seq + 1``: ask the secondary to get ready."""
-        if self.pending is not None:
-            raise CheckpointError(f"colo: checkpoint {self.pending.seq} is still in progress")
+        if self.pending is not None or self.sending:
+            raise CheckpointError(f"colo: checkpoint {self.seq} is still in progress")
         self.seq += 1
         record = CheckpointRecord(self.seq, trigger=trigger, time=time.monotonic() - self.started)
         self.records.append(record)
@@ -463,17 +470,25 @@ class CheckpointPrimary:
         (seq,) = SEQ.unpack_from(payload)
         if seq != record.seq:
             raise self._fail(f"colo: {NAMES[kind]} for checkpoint {seq}, expected {record.seq}")
-        if kind == CHECKPOINT_REPLY and self.pending_phase == "requested":
-            self.on_reply(record)
-        elif kind == VMSTATE_LOADED and self.pending_phase == "loading":
-            self.on_loaded(record, payload)
-        else:
+        expected = {"requested": CHECKPOINT_REPLY, "sending": VMSTATE_RECEIVED, "loading": VMSTATE_LOADED}
+        if kind != expected[self.pending_phase]:
             raise self._fail(f"colo: unexpected {NAMES[kind]} while waiting for "
-                             f"{'CHECKPOINT_REPLY' if self.pending_phase == 'requested' else 'VMSTATE_LOADED'}")
+                             f"{NAMES[expected[self.pending_phase]]}")
+        if kind == CHECKPOINT_REPLY:
+            self.on_reply(record)
+        elif kind == VMSTATE_RECEIVED:
+            self._fault("after-received", seq)
+            self._phases.mark("received")
+            self.pending_phase = "loading"
+        else:
+            self.on_loaded(record, payload)
 
     def on_reply(self, record):
         """The secondary is stopped and ready: pause, capture, send; resume once it has
-        received and checked everything."""
+        received and checked everything.  With ``background_send`` the guest resumes as
+        soon as its state is copied into the checkpoint's buffers (Remus' speculative
+        execution: its later output is held until the checkpoint is applied anyway), and a
+        thread sends them while it runs."""
         m, ch = self.machine, self.channel
         seq = record.seq
         self._fault("after-request", seq)
@@ -496,6 +511,15 @@ class CheckpointPrimary:
             record.ram_bytes, record.device_bytes = len(ck.ram_stream), len(ck.device_state)
             if ck.state_digest is not None:
                 record.primary_digest = ck.state_digest.hex()
+            if self.background_send:
+                self.pending_phase = "sending"
+                self.sending = True
+                self.send_error = None
+                if self._sender is None:  # one long-lived thread: starting one costs a GIL hand-over
+                    self._sender = threading.Thread(target=self._sender_loop, daemon=True, name="checkpoint sender")
+                    self._sender.start()
+                self._send_queue.put(ck)
+                return
             try:
                 self.send_checkpoint(ck)
                 self._phases.mark("send")
@@ -514,6 +538,19 @@ class CheckpointPrimary:
             record.pause_ms = (time.perf_counter() - paused_at) * 1e3
             if was_running:
                 m.cont()
+
+    def _sender_loop(self):
+        while True:
+            ck = self._send_queue.get()
+            if ck is None:
+                return
+            try:
+                self.send_checkpoint(ck)
+                self._phases.mark("send")
+            except ChannelError as e:
+                self.send_error = e  # the run loop's next look at the channel reports it
+            finally:
+                self.sending = False
 
     def on_loaded(self, record, payload):
         _, pause_us = LOADED.unpack(payload)
@@ -584,6 +621,8 @@ class CheckpointPrimary:
             self.fault(phase, seq)
 
     def close(self):
+        if self._sender is not None:
+            self._send_queue.put(None)
         self.channel.close()
 
 

@@ -123,7 +123,8 @@ class _Side:
         self.status.reason = "processing"
         self.migration.colo = self
         self.migration.state.status = "colo"
-        m.add_fd_handler(channel.sock.fileno(), self._on_readable)
+        self._channel_fd = channel.sock.fileno()  # kept: a closed socket no longer tells its number
+        m.add_fd_handler(self._channel_fd, self._on_readable)
         m.background_jobs.append(self._tick)
         m.idle_wait_cap = min(m.idle_wait_cap, self.settings.heartbeat_period_ms / 2e3)
         if self.settings.records:
@@ -134,6 +135,8 @@ class _Side:
 
     def _heartbeat(self, now):
         ch, s = self.channel, self.settings
+        if self.sending():  # a checkpoint on its way: the data is the sign of life, and has the channel
+            return True
         if now - ch.last_sent >= s.heartbeat_period_ms / 1e3:
             try:
                 ch.heartbeat()
@@ -151,10 +154,7 @@ class _Side:
         self.active = False
         self.exit_reason = reason_text
         if self.channel is not None:
-            try:
-                m.remove_fd_handler(self.channel.sock.fileno())
-            except (OSError, ValueError):
-                pass
+            m.remove_fd_handler(self._channel_fd)
             self.channel.close()
         self.status.last_mode, self.status.mode, self.status.reason = self.mode, "none", reason
         self.migration.state.status = "completed"
@@ -177,6 +177,9 @@ class _Side:
             elif not self.lease_warned:
                 self.lease_warned = True
                 self._say(f"cannot renew the lease: {e}")
+
+    def sending(self):
+        return False
 
     def _exit_event(self, reason):
         self.machine.emit("COLO_EXIT", {"mode": self.mode, "reason": reason})
@@ -284,6 +287,7 @@ class ColoPrimary(_Side):
         if settings.kill_at is not None:
             self.cp.fault_at = settings.kill_at
             self.cp.fault = _kill_self
+        self.cp.background_send = True
         self.cp.on_pause = self._on_pause
         self.cp.on_unpause = self._on_unpause
         self.forced = None
@@ -297,6 +301,9 @@ class ColoPrimary(_Side):
 
     def records(self):
         return self.cp.records
+
+    def sending(self):
+        return self.cp.sending
 
     def delay_s(self):
         return self.migration.parameters["x-checkpoint-delay"] / 1e3
@@ -342,10 +349,13 @@ class ColoPrimary(_Side):
                 self._renew_lease(now)
             self._update_status_line(now, serving=self.serving)
             return
+        if self.cp.send_error is not None:
+            self.peer_lost(str(self.cp.send_error), "error")
+            return
         if not self._heartbeat(now):
             return
         self._renew_lease(now)
-        if self.cp.pending is None and self.machine.status == "running":
+        if not self.cp.sending and self.cp.pending is None and self.machine.status == "running":
             trigger = self._due_trigger(now)
             if trigger is not None:
                 self.forced = None
@@ -380,6 +390,7 @@ class ColoPrimary(_Side):
         lost_at = time.monotonic()
         self.cp._fail(reason_text)
         self._leave(reason_text, reason)
+        self.cp.close()  # the sender thread too
         self._flush_records()
         m = self.machine
         if self.link is not None and not self._takeover(bump=True):
