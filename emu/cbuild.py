@@ -23,6 +23,8 @@ typedef struct {
     uint32_t stop_reason;     /* STOP_* bits set by the hooks */
     uint32_t frozen;          /* the machine is exiting: the rest of the block has no effect on I/O */
     uint32_t irq_waiting;     /* an interrupt is pending but IF was clear: stop once IF is set */
+    uint32_t irq_skip_blocks; /* block starts irq_waiting lets pass first (the one-instruction block of an
+                                 interrupt shadow) */
     /* --- time ----------------------------------------------------------------- */
     uint32_t icount_mode;     /* 1: guest time = icount_base_ns + icount * ns_per_unit (per unit of work) */
     uint32_t ns_per_unit;
@@ -169,7 +171,9 @@ uint32_t on_in(void *uc, uint32_t port, int size, void *user) {
    exact and reproducible, also after a state restore. */
 void on_block(void *uc, uint64_t addr, uint32_t size, void *user) {
     emu_state *s = (emu_state *)user;
-    if (s->irq_waiting) {
+    if (s->irq_waiting && s->irq_skip_blocks) {
+        s->irq_skip_blocks--;
+    } else if (s->irq_waiting) {
         /* QEMU looks for interrupts at every block start; so do we while one waits for IF
            (sti, popf, iret end their block, so this stop comes right after them) */
         uint64_t flags = 0;

@@ -102,7 +102,6 @@ class X86Cpu:
         self.exception_counts = {}
         self.stop_requested = False
         self.running = False  # inside emu_start: only then does a stop request reach the engine
-        self._counted_slice_start = None  # RIP before a slice limited by an instruction count
 
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._real_mode_context = bytes(Uc(UC_ARCH_X86, UC_MODE_16).context_save())
@@ -234,11 +233,20 @@ class X86Cpu:
                              next_ip=ctx.u64("exception_next_eip"),
                              cr2=uc.reg_read(X.UC_X86_REG_CR2) if intno == PF else None)
         self.events.append(event)
-        self.request_stop()
+        self._stop_at_this_instruction()
 
     def _on_syscall(self, uc, user):
         self.events.append(PendingEvent("syscall"))
+        self._stop_at_this_instruction()
+
+    def _stop_at_this_instruction(self):
+        """An exception or syscall is an event of this very instruction: the engine stops here
+        in deterministic mode too (the stop point is the instruction itself, not a host
+        moment).  Left to the next block start, Unicorn would fetch a faulting instruction
+        again first, and its second #PF would become #DF."""
         self.request_stop()
+        if self.running and self.icount:
+            self.uc.emu_stop()
 
     def _on_unmapped(self, uc, access, address, size, value, user):
         kinds = {UC_MEM_WRITE_UNMAPPED: "write to", UC_MEM_FETCH_UNMAPPED: "instruction fetch from"}
@@ -421,34 +429,31 @@ class X86Cpu:
         self.uc.ctl_flush_tb()
 
     # ------------------------------------------------------------------ running
-    def run_slice(self, deadline_ns, max_instructions=None, interrupt_waiting=False):
+    def run_slice(self, deadline_ns, interrupt_waiting=False, past_shadow=False):
         """Run until the deadline (guest ns), a stop request, a halt or an event.
 
         ``interrupt_waiting``: an interrupt is pending while IF is clear; the slice then
-        ends at the first block that starts with IF set."""
+        ends at the first block that starts with IF set.  ``past_shadow``: the CPU is in an
+        interrupt shadow (after ``sti`` / ``mov ss``), where QEMU translates a block of that
+        one instruction; the slice ends at the block start after it.  (An instruction-count
+        limit would do the same, but Unicorn drops every translated block at the next
+        uncounted ``emu_start`` after one.)"""
         s = self.s
         s.stop_reason = 0
-        s.irq_waiting = 1 if interrupt_waiting else 0
+        s.irq_waiting = 1 if interrupt_waiting or past_shadow else 0
+        s.irq_skip_blocks = 1 if past_shadow else 0
         ctx = self.snapshot()
         cr2 = ctx.u64("cr", 2)
         rip = ctx.u64("eip")
-        self._counted_slice_start = rip if max_instructions is not None else None
         self.stop_requested = False
         s.deadline_ns = deadline_ns
         if self.icount:
             budget = max(1, (deadline_ns - self.clock.now() + self.clock.ns_per_unit - 1) // self.clock.ns_per_unit)
             s.icount_limit = s.icount + budget
-        if max_instructions is not None:
-            # a cached block was translated without Unicorn's counting hook: retranslate it
-            linear = self._linear_rip()
-            self.uc.ctl_remove_cache(linear, linear + 1)
         self._stale()
         self.running = True
         try:
-            if max_instructions is not None:
-                self.uc.emu_start(rip, NEVER, count=max_instructions)
-            else:
-                self.uc.emu_start(rip, NEVER)
+            self.uc.emu_start(rip, NEVER)
         except UcError as e:
             if not self.s.frozen:  # after an exit request the rest of the block does not matter
                 self._engine_error(e)
@@ -487,8 +492,6 @@ class X86Cpu:
         """True when the engine returned because the guest executed ``hlt``."""
         if self.s.stop_reason or self.stop_requested or self.events:
             return False
-        if self._counted_slice_start is not None and self.rip != self._counted_slice_start + 1:
-            return False  # a counted slice ends by itself: only a 1-byte instruction can be the hlt
         result = self.clib.after_hlt(self.s, self._uc_handle)  # reads the context into self.ctx
         self._fresh = result >= 0
         return result == 1

@@ -288,10 +288,10 @@ class Machine:
             self._poll_devices()
         return self.exit_status
 
-    def _run_cpu(self, limit_ns, max_instructions=None, interrupt_waiting=False):
+    def _run_cpu(self, limit_ns, interrupt_waiting=False, past_shadow=False):
         cpu = self.cpu
         self.stats["slices"] += 1
-        cpu.run_slice(limit_ns, max_instructions, interrupt_waiting)
+        cpu.run_slice(limit_ns, interrupt_waiting, past_shadow)
         events, cpu.events = cpu.events, []
         if self.exit_status is not None or self.reset_requested:
             return
@@ -320,7 +320,9 @@ class Machine:
             return False
         if cpu.interrupt_shadow():
             # the instruction after sti / mov ss runs before any interrupt
-            self._run_cpu(self.clock.now() + MAX_SLICE_NS, max_instructions=1)
+            limit = self.clock.now() + MAX_SLICE_NS
+            deadline = self.clock.next_deadline()
+            self._run_cpu(limit if deadline is None else min(limit, deadline), past_shadow=True)
             if self.exit_status is not None or not intc.has_interrupt() or not cpu.interrupts_enabled():
                 return False
         vector = intc.acknowledge()
