@@ -47,6 +47,7 @@ In debug mode the primary adds its full state digest (:meth:`Machine.state_diges
 while paused, and the secondary checks that its own state digest equals it once loaded.
 """
 
+import contextlib
 import hashlib
 import hmac
 import queue
@@ -95,6 +96,7 @@ MAX_REASON = 4096
 MAX_READY = 512
 MAX_DEVICE_STATE = 64 << 20
 REPLY_TIMEOUT_S = 30.0
+HANDSHAKE_TIMEOUT_S = 30.0
 SOCKET_BUFFER = 8 << 20
 
 # exact payload sizes, or (minimum, maximum)
@@ -224,6 +226,15 @@ class Channel:
 
     def heartbeat(self):
         self.send(HEARTBEAT)
+
+    @contextlib.contextmanager
+    def patience(self, timeout):
+        """A longer timeout for one exchange (set-up, not a sign of life)."""
+        self.sock.settimeout(max(timeout, self.timeout))
+        try:
+            yield
+        finally:
+            self.sock.settimeout(self.timeout)
 
     def abandon(self, seq, reason):
         """Best effort: the peer may already be gone."""
@@ -413,8 +424,9 @@ class CheckpointPrimary:
         machine.dirty_pages()
 
     def handshake(self):
-        self.channel.send(CHECKPOINT_READY, ready_payload(self.machine))
-        _, payload = self.channel.recv((CHECKPOINT_READY,))
+        with self.channel.patience(HANDSHAKE_TIMEOUT_S):  # the secondary first copies all of RAM into its cache
+            self.channel.send(CHECKPOINT_READY, ready_payload(self.machine))
+            _, payload = self.channel.recv((CHECKPOINT_READY,))
         self.peer_passive = bool(check_ready(payload, self.machine) & READY_PASSIVE)
 
     def checkpoint(self, trigger="forced"):
@@ -662,7 +674,8 @@ class CheckpointSecondary:
         machine.dirty_pages()
 
     def handshake(self):
-        _, payload = self.channel.recv((CHECKPOINT_READY,))
+        with self.channel.patience(HANDSHAKE_TIMEOUT_S):
+            _, payload = self.channel.recv((CHECKPOINT_READY,))
         try:
             check_ready(payload, self.machine)
         except ChannelError as e:

@@ -183,7 +183,7 @@ class ColoDeployment:
 
     def __init__(self, tmp_path, guest=SERVICE, mode="compare", checkpoint_delay=200, arbiter=True,
                  primary_args=(), secondary_args=(), proxy_args=(), heartbeat=(50, 500), memory="32M",
-                 records=True, secondary_port_hook=None):
+                 records=True, secondary_port_hook=None, guest_args=None, protect_by_qmp=False):
         self.tmp = pathlib.Path(tmp_path)
         self.procs = []
         self.arbiter = None
@@ -194,9 +194,10 @@ class ColoDeployment:
                                            "tcp:127.0.0.1:0", *proxy_args])
         m = self.proxy.wait_for(r"client on [\d.]+:(\d+), VMs on [\d.]+:(\d+)")
         self.client_port, self.vm_port = int(m.group(1)), int(m.group(2))
-        common = ["-kernel", str(firmware(guest)), "-m", memory, "-no-reboot", "--proxy",
-                  f"tcp:127.0.0.1:{self.vm_port}", "--heartbeat-period", str(heartbeat[0]),
-                  "--heartbeat-timeout", str(heartbeat[1]), "--no-status"]
+        machine = list(guest_args) if guest_args is not None else ["-kernel", str(firmware(guest))]
+        machine += ["-m", memory, "-no-reboot"]
+        common = machine + ["--proxy", f"tcp:127.0.0.1:{self.vm_port}", "--heartbeat-period", str(heartbeat[0]),
+                            "--heartbeat-timeout", str(heartbeat[1]), "--no-status"]
         if arbiter:
             common += ["--arbiter", f"tcp:127.0.0.1:{self.arbiter_port}"]
         self.qmp_paths = {role: self.tmp / f"{role}.qmp" for role in ("primary", "secondary")}
@@ -211,13 +212,27 @@ class ColoDeployment:
         listen = int(self.secondary.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
         if secondary_port_hook is not None:  # e.g. a relay the test can cut
             listen = secondary_port_hook(listen)
-        pri = ["colo", "primary", *common, "--secondary", f"tcp:127.0.0.1:{listen}",
-               "--checkpoint-delay", str(checkpoint_delay),
-               "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait", *primary_args]
-        if records:
-            pri += ["--records", str(self.records["primary"])]
+        self.secondary_uri = f"tcp:127.0.0.1:{listen}"
+        self.checkpoint_delay = checkpoint_delay
+        qmp = ["-qmp", f"unix:{self.qmp_paths['primary']},server,nowait"]
+        if protect_by_qmp:  # a plain `emu run` whose protection the test starts over QMP, as with QEMU
+            pri = ["run", *machine, "-serial", f"colo:127.0.0.1:{self.vm_port},role=primary,node=primary",
+                   *qmp, *primary_args]
+        else:
+            pri = ["colo", "primary", *common, "--secondary", self.secondary_uri,
+                   "--checkpoint-delay", str(checkpoint_delay), *qmp, *primary_args]
+            if records:
+                pri += ["--records", str(self.records["primary"])]
         self.primary = self._start("primary", pri)
         self._qmp = {}
+
+    def protect(self):
+        """QMP on the primary: x-colo, return-path, x-checkpoint-delay, migrate to the secondary."""
+        q = self.qmp("primary")
+        q("migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True},
+                                                    {"capability": "return-path", "state": True}])
+        q("migrate-set-parameters", **{"x-checkpoint-delay": self.checkpoint_delay})
+        q("migrate", uri=self.secondary_uri)
 
     def _start(self, name, args):
         proc = Proc(self.tmp, name, args)

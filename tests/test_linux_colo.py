@@ -1,0 +1,60 @@
+"""Debian's Linux under COLO: a shell on the pair survives the death of the primary.
+
+The primary boots alone (its console reaches the client unprotected), the pair is formed
+over QMP as with QEMU once the shell is up, a file is written in /tmp, the primary is
+SIGKILLed, and the same shell goes on answering on the former secondary, file included.
+"""
+
+import re
+
+import pytest
+from colopair import ColoDeployment
+from conftest import ROOT
+
+APPEND = "console=ttyS0 noapic nolapic nosmp panic=-1 quiet"
+
+
+@pytest.fixture(scope="module")
+def debian_linux():
+    import sys
+    sys.path.insert(0, str(ROOT))
+    from linux import build
+    try:
+        return build.build(log=lambda m: None)
+    except build.BuildError as e:
+        pytest.skip(f"cannot fetch Debian's kernel and busybox: {e}")
+
+
+def _command(client, line, marker, timeout=60):
+    """Type ``line`` (which must print ``marker``) and wait for its output."""
+    start = len(client.received)
+    client.send(line + "\n")
+    client.read_until(lambda b: marker.encode() in b[start:], timeout)  # the typed line has $((...)), not it
+    return bytes(client.received[start:]).decode("latin1")
+
+
+@pytest.mark.parametrize("mode", ["passive", "compare"])
+def test_a_shell_on_the_pair_survives_the_primary(debian_linux, tmp_path, mode):
+    kernel, initrd = debian_linux
+    d = ColoDeployment(tmp_path, guest_args=["-kernel", kernel, "-initrd", initrd, "-append", APPEND],
+                       memory="256M", mode=mode, arbiter=False, protect_by_qmp=True, checkpoint_delay=200,
+                       heartbeat=(100, 2000))
+    try:
+        client = d.client()
+        client.read_until(lambda b: b"built-in shell (ash)" in b, 240)
+        _command(client, "echo kept > /tmp/f; echo WROTE-$((40+2))", "WROTE-42")
+        d.protect()
+        d.wait_colo(timeout=120)
+        out = _command(client, "echo more >> /tmp/f; cat /tmp/f; echo SYNCED-$((3*3))", "SYNCED-9")
+        assert "kept\r\nmore" in out
+        d.primary.kill()
+        out = _command(client, "cat /tmp/f; uname -sm; echo AFTER-$((6*7))", "AFTER-42", timeout=120)
+        assert "kept\r\nmore" in out and "Linux x86_64" in out, out
+        assert re.search(r"serving alone from checkpoint \d+", d.secondary.stderr())
+        out = _command(client, "cat /proc/interrupts; echo STILL-$((5+5))", "STILL-10")
+        assert re.search(r"^\s*0:\s+\d+", out, re.M), out
+    except BaseException:
+        print(d.logs())
+        raise
+    finally:
+        d.close()
