@@ -50,7 +50,7 @@ firmware: $(FIRMWARE_STAMP)
 
 setup: deps venv cffi firmware
 
-test: setup
+test: setup linux
 	$(PY) -m pytest
 
 demo: setup

@@ -70,15 +70,31 @@ def _run(cmd, cwd=None):
     return result.stdout
 
 
+def _refresh_package_lists():
+    """A fresh machine may have no package lists yet: fetch them once, if we may."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and not getattr(_refresh_package_lists, "done", False):
+        _refresh_package_lists.done = True
+        _run(["apt-get", "update", "-qq"])
+        return True
+    return False
+
+
 def kernel_package_name():
     """The concrete kernel package the meta package depends on (linux-image-6.1.0-N-amd64)."""
-    out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+    try:
+        out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+    except BuildError:
+        if not _refresh_package_lists():
+            raise
+        out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("Depends:"):
             name = line.split(":", 1)[1].strip()
             if name.startswith("linux-image-") and name.endswith("-amd64"):
                 return name
+    if _refresh_package_lists():
+        return kernel_package_name()
     raise BuildError(f"apt-cache depends {KERNEL_META_PACKAGE}: no linux-image-*-amd64 dependency "
                      f"(run apt-get update?)")
 
@@ -93,7 +109,12 @@ def fetch_package(name, cache):
     os.makedirs(debs, exist_ok=True)
     found = glob.glob(os.path.join(debs, f"{name}_*.deb"))
     if not found:
-        _run(["apt-get", "download", name], cwd=debs)
+        try:
+            _run(["apt-get", "download", name], cwd=debs)
+        except BuildError:
+            if not _refresh_package_lists():
+                raise
+            _run(["apt-get", "download", name], cwd=debs)
         found = glob.glob(os.path.join(debs, f"{name}_*.deb"))
         if not found:
             raise BuildError(f"apt-get download {name}: no .deb appeared in {debs}")
