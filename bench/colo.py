@@ -13,6 +13,9 @@ Every figure runs real ``emu colo`` processes on loopback, as a deployment would
   CPUs) and stopped (passive: only the checkpoints cost); each measured as two runs of
   different length, whose difference cancels start-up and, for COLO, the migration that
   starts the pair.
+* Latency.  service.elf answering one request at a time: alone, and through the client
+  endpoint as a compare pair (identical answers; every 7th answer different, NODE) and as
+  a passive pair; with checkpoints per minute.
 * Failover.  A whole deployment (arbiter, proxy, secondary, primary) serving service.elf with
   the default heartbeat settings; a client sends a line every 10 ms while the primary is
   killed (SIGKILL).  Figures: the proxy's ``failover_ms`` (the primary's link closed ->
@@ -449,10 +452,116 @@ def failover_figures(runs=FAILOVER_RUNS):
     return rows
 
 
+# --- 4. latency added by the pair ------------------------------------------------------------------
+
+LATENCY_REQUESTS = 150
+LATENCY_PACE_S = 0.01
+NODE_FILE = "name=opt/emu-colo/node,string="
+
+
+def _read_line(sock, buf):
+    while b"\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the service's connection closed")
+        buf += chunk
+    line, _, rest = buf.partition(b"\r\n")
+    return line, rest
+
+
+def request_latencies(port, node_every=0, n=LATENCY_REQUESTS):
+    """One request at a time (every ``node_every``-th a NODE, answered differently by the
+    two VMs), a new one every 10 ms at most; the answer times in ms and the wall time."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            sock = socket.create_connection((HOST, port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot connect to the service on port {port}") from None
+            time.sleep(0.05)
+    with sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        while True:
+            line, buf = _read_line(sock, buf)
+            if line == b"service ready":
+                break
+        times = []
+        started = time.monotonic()
+        for i in range(n):
+            request = b"NODE" if node_every and i % node_every == node_every - 1 else b"req %d" % i
+            t0 = time.monotonic()
+            sock.sendall(request + b"\r")
+            line, buf = _read_line(sock, buf)
+            times.append((time.monotonic() - t0) * 1e3)
+            if not line.startswith(b"%d " % (i + 1)):
+                raise RuntimeError(f"request {i + 1}: unexpected answer {line!r}")
+            time.sleep(max(0.0, LATENCY_PACE_S - (time.monotonic() - t0)))
+        return times, time.monotonic() - started
+
+
+def latency_alone(tmp):
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    with Processes(tmp) as ps:
+        ps.start("alone", "run", "-kernel", str(FW / "service.elf"), "-m", "32M", "-no-reboot",
+                 "-serial", f"tcp:{HOST}:{port},server,nowait")
+        times, _ = request_latencies(port)
+    return times, None
+
+
+def latency_pair(tmp, mode, node_every):
+    service = str(FW / "service.elf")
+    with Processes(tmp) as ps:
+        proxy = ps.start("proxy", "colo", "proxy", "--client", f"tcp:{HOST}:0", "--listen", f"tcp:{HOST}:0")
+        m = proxy.wait_for(r"client on [\d.]+:(\d+), VMs on [\d.]+:(\d+)")
+        client_port, vm_port = int(m.group(1)), int(m.group(2))
+        common = ["-kernel", service, "-m", "32M", "-no-reboot", "--no-status", "--proxy", f"tcp:{HOST}:{vm_port}"]
+        passive = ["--passive"] if mode == "passive" else []
+        sec = ps.start("secondary", "colo", "secondary", *common, "--listen", f"tcp:{HOST}:0", *passive,
+                       "-fw_cfg", NODE_FILE + "vm-b")
+        port = sec.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1)
+        ps.start("primary", "colo", "primary", *common, "--secondary", f"tcp:{HOST}:{port}",
+                 "--checkpoint-delay", str(CHECKPOINT_DELAY_MS), "-fw_cfg", NODE_FILE + "vm-a")
+        wait_paired(vm_port)
+        before = proxy_status(vm_port)["syncs"]
+        times, wall = request_latencies(client_port, node_every)
+        status = proxy_status(vm_port)
+    return times, {"per_minute": (status["syncs"] - before) / wall * 60, "mismatches": status["mismatches"]}
+
+
+def latency_figures():
+    runs = [("alone (emu run, -serial tcp)", lambda tmp: latency_alone(tmp)),
+            ("COLO compare, identical answers", lambda tmp: latency_pair(tmp, "compare", 0)),
+            ("COLO compare, every 7th answer differs (NODE)", lambda tmp: latency_pair(tmp, "compare", 7)),
+            ("COLO passive (output commit per answer)", lambda tmp: latency_pair(tmp, "passive", 0))]
+    section = (f"service.elf request latency, {LATENCY_REQUESTS} requests, one every 10 ms at most, "
+               f"checkpoint every {CHECKPOINT_DELAY_MS} ms")
+    rows, alone = [], None
+    for label, measure in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            times, extra = measure(tmp)
+        median = _median(times)
+        alone = median if alone is None else alone
+        p90 = sorted(times)[int(len(times) * 0.9)]
+        added = "" if extra is None else f", {median - alone:+.2f} ms on alone"
+        rows.append({"figure": f"{label}: median (p90 {p90:.1f} ms{added})", "unit": "ms", "value": median,
+                     "target": ""})
+        if extra is not None:
+            rows.append({"figure": f"  checkpoints per minute ({extra['mismatches']} mismatches)", "unit": "/min",
+                         "value": extra["per_minute"], "target": ""})
+    for row in rows:
+        row["section"] = section
+    return rows
+
+
 # --- all ---------------------------------------------------------------------------------------
 
 GROUPS = (("checkpoint pause", checkpoint_figures), ("throughput", throughput_figures),
-          ("failover", failover_figures))
+          ("failover", failover_figures), ("latency", latency_figures))
 
 
 def run():
