@@ -35,18 +35,16 @@ A line that is too long, is not JSON or is not a valid request gets ``{"ok": fal
 and its connection is closed (which frees the leases it held).
 """
 
-import argparse
 import json
 import selectors
-import signal
 import socket
 import sys
-import threading
 import time
 
 from emu.chardev import listen_tcp
 from emu.errors import ConfigError, EmuError
 
+from .netloop import BufferedConn, CommandParser, SelectorServer, failed_to_start, serve_until_signalled
 from .wire import parse_tcp_uri
 
 MAX_LINE = 4096               # bytes of one request line, without its newline
@@ -90,13 +88,10 @@ class _Group:
         self.refused = set()      # nodes refused under the current epoch (each is logged once)
 
 
-class _Conn:
+class _Conn(BufferedConn):
     def __init__(self, sock, peer):
-        self.sock = sock
-        self.peer = peer
+        super().__init__(sock, peer)
         self.rbuf = bytearray()
-        self.wbuf = bytearray()
-        self.events = selectors.EVENT_READ
         self.groups = set()       # names of the groups whose lease this connection holds
         self.closing = False      # rejected: send the error reply, then close
         self.linger_until = None  # after the reply went out: drain input until EOF or this time
@@ -106,11 +101,10 @@ def _ms(seconds):
     return max(0, round(seconds * 1000))
 
 
-class Arbiter:
-    """The lease server: a single thread multiplexing every client with ``selectors``.
+class Arbiter(SelectorServer):
+    """The lease server: one thread serves every client.
 
-    ``step(timeout)`` runs one round; ``serve_forever()`` runs rounds until ``close()`` (which
-    may be called from another thread or a signal handler).
+    ``step``, ``serve_forever`` and ``close`` are :class:`colo.netloop.SelectorServer`'s.
     """
 
     def __init__(self, listen=("127.0.0.1", 0), lease_ms=1000, log=None):
@@ -119,112 +113,35 @@ class Arbiter:
         self.lease_ms = lease_ms
         self._log_file = sys.stderr if log is None else log
         host, port = listen
-        self._listener = listen_tcp(host, port, 64, lambda reason: EmuError(f"arbiter: {reason}"))
-        self.host, self.port = self._listener.getsockname()[:2]
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
+        listener = listen_tcp(host, port, 64, lambda reason: EmuError(f"arbiter: {reason}"))
+        self.host, self.port = listener.getsockname()[:2]
         self._groups = {}
-        self._conns = set()
-        self._lock = threading.RLock()   # a signal handler may call close() while the loop holds it
-        self._stop = False
-        self._closed = False
-        self._server_thread = None
-        self._stopped = threading.Event()
+        super().__init__()
+        self._listen(listener, "accept", lambda sock, peer: self._add(_Conn(sock, peer)))
         self._log(f"listening on {self.host}:{self.port} (lease {lease_ms} ms)")
 
     # ------------------------------------------------------------------ loop
-    def serve_forever(self):
-        with self._lock:
-            if self._stop:
-                return
-            self._server_thread = threading.get_ident()
-        try:
-            while not self._stop:
-                self.step(None)
-        finally:
-            with self._lock:
-                self._server_thread = None
-            self._teardown()
-            self._stopped.set()
-
-    def step(self, timeout=None):
-        """Wait up to ``timeout`` seconds (None: until something happens), serve what came, expire leases."""
-        for key, events in self._sel.select(self._wait(timeout)):
-            if isinstance(key.data, _Conn):
-                self._service(key.data, events)
-            else:
-                key.data()
-        now = time.monotonic()
+    def _round(self, now):
+        """After the I/O of a round: expire leases, end the lingering of rejected connections."""
         for name, group in self._groups.items():
             self._expire(name, group, now)
         for conn in [c for c in self._conns if c.linger_until is not None and c.linger_until <= now]:
             self._drop(conn)
 
-    def close(self):
-        """Stop serving and close every socket; from another thread, returns once the loop has ended."""
-        with self._lock:
-            self._stop = True
-            server = self._server_thread
-        if server is None:
-            self._teardown()
-            return
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass  # the wake pipe is full: the loop is waking anyway
-        if server != threading.get_ident():
-            self._stopped.wait()
-
-    def _wait(self, timeout):
+    def _deadline(self):
         deadlines = [g.deadline for g in self._groups.values() if g.holder is not None]
         deadlines += [c.linger_until for c in self._conns if c.linger_until is not None]
-        if not deadlines:
-            return timeout
-        until_next = max(0.0, min(deadlines) - time.monotonic())
-        return until_next if timeout is None else min(timeout, until_next)
+        return min(deadlines) if deadlines else None
 
-    def _teardown(self):
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+    def _close_peers(self):
         for conn in list(self._conns):
             self._drop(conn)
-        for sock in (self._listener, self._wake_r, self._wake_w):
-            sock.close()
-        self._sel.close()
 
     def _log(self, message):
         print(f"arbiter: {message}", file=self._log_file, flush=True)
 
     # ------------------------------------------------------------------ connections
-    def _accept(self):
-        while True:
-            try:
-                sock, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self._log(f"accept failed: {e.strerror or e}")
-                return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, f"{peer[0]}:{peer[1]}")
-            self._conns.add(conn)
-            self._sel.register(sock, selectors.EVENT_READ, conn)
-
-    def _drain_wake(self):
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    def _service(self, conn, events):
+    def _serve(self, conn, events):
         if events & selectors.EVENT_WRITE:
             self._flush(conn)
             if conn not in self._conns:
@@ -262,22 +179,18 @@ class Arbiter:
             self._flush(conn)
 
     def _send(self, conn, reply):
-        conn.wbuf += json.dumps(reply).encode() + b"\n"
+        conn.send(json.dumps(reply).encode() + b"\n")
 
     def _flush(self, conn):
-        if conn.wbuf:
-            try:
-                sent = conn.sock.send(conn.wbuf)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._drop(conn)
-                return
-            del conn.wbuf[:sent]
-            if len(conn.wbuf) > MAX_REPLY:
-                self._log(f"dropping {conn.peer}: it does not read its replies")
-                self._drop(conn)
-                return
+        try:
+            conn.flush(self._sel)
+        except OSError:
+            self._drop(conn)
+            return
+        if len(conn.wbuf) > MAX_REPLY:
+            self._log(f"dropping {conn.peer}: it does not read its replies")
+            self._drop(conn)
+            return
         if conn.closing and not conn.wbuf and conn.linger_until is None:
             # half-close and drain: closing with unread input would reset the connection and
             # could destroy the error reply before the client reads it
@@ -286,10 +199,6 @@ class Arbiter:
             except OSError:
                 pass
             conn.linger_until = time.monotonic() + LINGER_S
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wbuf else 0)
-        if events != conn.events:
-            conn.events = events
-            self._sel.modify(conn.sock, events, conn)
 
     def _reject(self, conn, message):
         self._log(f"rejected a request from {conn.peer}: {message}")
@@ -301,9 +210,7 @@ class Arbiter:
     def _drop(self, conn):
         if conn not in self._conns:
             return
-        self._conns.discard(conn)
-        self._sel.unregister(conn.sock)
-        conn.sock.close()
+        self._remove(conn)
         self._free_leases_of(conn, "freed: its connection closed")
 
     def _free_leases_of(self, conn, how):
@@ -569,36 +476,20 @@ def parse_arbiter_address(text):
 
 
 # ---------------------------------------------------------------------- command
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(message)
-
-
 def main(argv):
     """``emu colo arbiter --listen tcp:HOST:PORT [--lease MS]``: serve leases until SIGTERM or SIGINT."""
-    parser = _Parser(prog="emu colo arbiter", allow_abbrev=False,
-                     description="Grant the lease a COLO VM must hold before it serves alone.")
+    parser = CommandParser("arbiter", "Grant the lease a COLO VM must hold before it serves alone.")
     parser.add_argument("--listen", required=True, metavar="tcp:HOST:PORT",
                         help="address to listen on (HOST defaults to 127.0.0.1)")
     parser.add_argument("--lease", type=int, default=1000, metavar="MS",
                         help="a lease not renewed within MS milliseconds expires (default 1000)")
     try:
         args = parser.parse_args(argv)
-        try:
-            host, port = parse_tcp_uri(args.listen, "--listen")
-        except EmuError as e:
-            raise ConfigError(str(e)) from None
-        arbiter = Arbiter((host, port), args.lease, sys.stderr)
-    except ConfigError as e:
-        print(f"arbiter: {e}", file=sys.stderr)
-        return 2
+        arbiter = Arbiter(parser.tcp_address(args.listen, "--listen"), args.lease, sys.stderr)
     except EmuError as e:
-        print(f"{e}", file=sys.stderr)
-        return 1
-    previous = {sig: signal.signal(sig, lambda *_: arbiter.close()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return failed_to_start(e)
     try:
-        arbiter.serve_forever()
+        serve_until_signalled(arbiter)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        arbiter.close()
     return 0

@@ -38,22 +38,18 @@ the client only once the pair can no longer take it back.
 Single-threaded (``selectors``, non-blocking sockets); :meth:`ColoProxy.step` is one round.
 """
 
-import argparse
 import collections
 import json
 import os
 import selectors
-import signal
-import socket
 import sys
-import threading
 import time
 
 from emu.chardev import listen_tcp
 from emu.errors import ConfigError, EmuError
 
 from . import proxywire as pw
-from .wire import parse_tcp_uri
+from .netloop import BufferedConn, CommandParser, SelectorServer, failed_to_start, serve_until_signalled
 
 INPUT_BACKLOG = 1 << 20        # client input not yet sent to every VM beyond which the client is not read
 VM_QUEUE = 256 << 10           # IN is queued for a VM only while less than this waits in its socket buffer
@@ -115,15 +111,12 @@ class _Stream:
         return self.data[start - self.base:stop - self.base]
 
 
-class _Conn:
+class _Conn(BufferedConn):
     """A connection on the VM listener: a primary, a secondary or a monitor once it said HELLO."""
 
     def __init__(self, sock, peer):
-        self.sock = sock
-        self.peer = peer
+        super().__init__(sock, peer)
         self.reader = pw.FrameReader()
-        self.wbuf = bytearray()
-        self.events = selectors.EVENT_READ
         self.open = True
         self.role = None
         self.node = ""
@@ -134,18 +127,14 @@ class _Conn:
         self.arrivals = collections.deque()    # (stream end, monotonic time) of each OUT, primary only
         self.gap_logged = False
 
-    def send(self, message):
-        self.wbuf += message
-
     def __str__(self):
         return f"{self.role} {self.node}" if self.role else f"unidentified peer {self.peer}"
 
 
-class ColoProxy:
+class ColoProxy(SelectorServer):
     """The endpoint: a client listener, a VM listener and the release decisions between them.
 
-    ``step(timeout)`` runs one round; ``serve_forever(stop_event)`` runs rounds until ``close()``
-    (from any thread, or a signal handler) or until ``stop_event`` is set.
+    ``step``, ``serve_forever`` and ``close`` are :class:`colo.netloop.SelectorServer`'s.
     """
 
     def __init__(self, client=("127.0.0.1", 0), listen=("127.0.0.1", 0), compare_timeout_ms=100, log=None):
@@ -155,30 +144,18 @@ class ColoProxy:
                               f"not {compare_timeout_ms!r}")
         self.compare_timeout = compare_timeout_ms / 1000
         self._log_file = log
-        self._client_listener = listen_tcp(client[0], client[1], 16,
-                                           lambda reason: EmuError(f"proxy: client side: {reason}"))
+        client_listener = listen_tcp(client[0], client[1], 16, lambda reason: EmuError(f"proxy: client side: {reason}"))
         try:
-            self._vm_listener = listen_tcp(listen[0], listen[1], 16,
-                                           lambda reason: EmuError(f"proxy: VM side: {reason}"))
+            vm_listener = listen_tcp(listen[0], listen[1], 16, lambda reason: EmuError(f"proxy: VM side: {reason}"))
         except EmuError:
-            self._client_listener.close()
+            client_listener.close()
             raise
-        self.client_host, self.client_port = self._client_listener.getsockname()[:2]
-        self.listen_host, self.listen_port = self._vm_listener.getsockname()[:2]
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._client_listener, selectors.EVENT_READ, self._accept_client)
-        self._sel.register(self._vm_listener, selectors.EVENT_READ, self._accept_vm)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
-        self._lock = threading.RLock()   # a signal handler may call close() while the loop holds it
-        self._stop = False
-        self._closed = False
-        self._thread = None
-        self._stopped = threading.Event()
-        # connections
-        self._conns = set()                              # every VM-listener connection
+        self.client_host, self.client_port = client_listener.getsockname()[:2]
+        self.listen_host, self.listen_port = vm_listener.getsockname()[:2]
+        super().__init__()
+        self._listen(client_listener, "accepting a client", self._client_connected)
+        self._listen(vm_listener, "accepting a VM connection", lambda sock, peer: self._add(_Conn(sock, peer)))
+        # connections (self._conns: every VM-listener connection)
         self._vms = {"primary": None, "secondary": None}  # the live connection of each role
         self._last = {"primary": None, "secondary": None}  # the latest connection of each role (for status)
         self._lost_at = {"primary": None, "secondary": None}
@@ -216,82 +193,11 @@ class ColoProxy:
         self.failover_ms = None
 
     # ------------------------------------------------------------------ loop
-    def serve_forever(self, stop_event=None):
-        """Run rounds until close() or until ``stop_event`` is set (then the caller closes)."""
-        with self._lock:
-            if self._stop:
-                return
-            self._thread = threading.get_ident()
-            self._stopped.clear()
-        try:
-            while not self._stop and not (stop_event is not None and stop_event.is_set()):
-                self.step(None if stop_event is None else 0.05)
-        finally:
-            with self._lock:
-                self._thread = None
-                self._stopped.set()
-            if self._stop:
-                self._teardown()
-
-    def step(self, timeout=None):
-        """One round: wait up to ``timeout`` seconds (None: until something happens), serve, release."""
-        if self._closed:
-            return
-        for key, events in self._sel.select(self._wait(timeout)):
-            if isinstance(key.data, _Conn):
-                self._vm_io(key.data, events)
-            else:
-                key.data(events)
-            if self._stop:
-                return
-        self._advance(time.monotonic())
-
-    def wake(self):
-        """Make a step() that is waiting return (safe from a signal handler)."""
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass  # full: it is waking anyway, or already closed
-
-    def close(self):
-        """Stop serving and close every socket; from another thread, returns once the loop has ended."""
-        with self._lock:
-            self._stop = True
-            thread = self._thread
-        if thread is None:
-            self._teardown()
-            return
-        self.wake()
-        if thread != threading.get_ident():
-            self._stopped.wait()
-            self._teardown()
-
-    def _teardown(self):
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+    def _close_peers(self):
         for conn in list(self._conns):
             conn.sock.close()
         if self._client is not None:
             self._client.close()
-        for sock in (self._client_listener, self._vm_listener, self._wake_r, self._wake_w):
-            sock.close()
-        self._sel.close()
-
-    def _wait(self, timeout):
-        deadline = self._timeout_deadline()
-        if deadline is None:
-            return timeout
-        until = max(0.0, deadline - time.monotonic())
-        return until if timeout is None else min(timeout, until)
-
-    def _drain_wake(self, events):
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
 
     def _log(self, message):
         print(f"proxy: {message}", file=sys.stderr if self._log_file is None else self._log_file, flush=True)
@@ -313,25 +219,14 @@ class ColoProxy:
                 "failover_ms": self.failover_ms, "client_connected": self._client is not None}
 
     # ------------------------------------------------------------------ the client
-    def _accept_client(self, events):
-        while True:
-            try:
-                sock, peer = self._client_listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self._log(f"accepting a client failed: {e.strerror or e}")
-                return
-            peer = f"{peer[0]}:{peer[1]}"
-            if self._client is not None:
-                self._log(f"refused a second client from {peer}: {self._client_peer} is connected")
-                sock.close()
-                continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._client, self._client_peer, self._client_events = sock, peer, 0
-            self._log(f"client connected from {peer}" + (f" ({len(self._held)} bytes held for it)"
-                                                          if self._held else ""))
+    def _client_connected(self, sock, peer):
+        if self._client is not None:
+            self._log(f"refused a second client from {peer}: {self._client_peer} is connected")
+            sock.close()
+            return
+        self._client, self._client_peer, self._client_events = sock, peer, 0
+        self._log(f"client connected from {peer}" + (f" ({len(self._held)} bytes held for it)"
+                                                      if self._held else ""))
 
     def _client_io(self, events):
         if self._client is None or not events & selectors.EVENT_READ:
@@ -387,22 +282,7 @@ class ColoProxy:
         self._client_events = events
 
     # ------------------------------------------------------------------ VM connections
-    def _accept_vm(self, events):
-        while True:
-            try:
-                sock, peer = self._vm_listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self._log(f"accepting a VM connection failed: {e.strerror or e}")
-                return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, f"{peer[0]}:{peer[1]}")
-            self._conns.add(conn)
-            self._sel.register(sock, selectors.EVENT_READ, conn)
-
-    def _vm_io(self, conn, events):
+    def _serve(self, conn, events):
         if not conn.open:
             return
         if events & selectors.EVENT_WRITE:
@@ -430,22 +310,13 @@ class ColoProxy:
             self._lost(conn, f"protocol error: {str(e).removeprefix('proxy: ')}; closing its connection")
 
     def _flush_conn(self, conn):
-        if conn.wbuf:
-            try:
-                n = conn.sock.send(conn.wbuf)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
-                self._lost(conn, f"connection lost: {e.strerror or e}")
-                return
-            del conn.wbuf[:n]
-            if len(conn.wbuf) > MAX_QUEUE:
-                self._lost(conn, f"does not read what it is sent ({len(conn.wbuf)} bytes wait); closing its connection")
-                return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wbuf else 0)
-        if events != conn.events:
-            conn.events = events
-            self._sel.modify(conn.sock, events, conn)
+        try:
+            conn.flush(self._sel)
+        except OSError as e:
+            self._lost(conn, f"connection lost: {e.strerror or e}")
+            return
+        if len(conn.wbuf) > MAX_QUEUE:
+            self._lost(conn, f"does not read what it is sent ({len(conn.wbuf)} bytes wait); closing its connection")
 
     def _lost(self, conn, why, error=True):
         """A VM connection ends (closed, broken, or closed by us for cause): everything it sent is kept."""
@@ -461,11 +332,9 @@ class ColoProxy:
 
     def _close_conn(self, conn):
         conn.open = False
-        self._conns.discard(conn)
         if conn.role in VM_ROLES and self._vms[conn.role] is conn:
             self._vms[conn.role] = None
-        self._sel.unregister(conn.sock)
-        conn.sock.close()
+        self._remove(conn)
 
     # ------------------------------------------------------------------ messages
     def _message(self, conn, kind, payload, now):
@@ -588,7 +457,8 @@ class ColoProxy:
             self._active, self._active_role = None, None
 
     # ------------------------------------------------------------------ release decisions
-    def _advance(self, now):
+    def _round(self, now):
+        """After the I/O of a round: decide what is released, ask for checkpoints, move input and output."""
         if self.mode == "paired":
             self._advance_paired()
         elif self.mode == "solo":
@@ -601,7 +471,7 @@ class ColoProxy:
                 conn.stream.drop_below(decided)
                 while conn.arrivals and conn.arrivals[0][0] <= decided:
                     conn.arrivals.popleft()
-        deadline = self._timeout_deadline()
+        deadline = self._deadline()
         if deadline is not None and now >= deadline:
             self._timeout_requested_at = now
             self._request_checkpoint(self._vms["primary"], "timeout",
@@ -648,7 +518,7 @@ class ColoProxy:
             self._mismatch_requested = True
             self._request_checkpoint(p, "mismatch", f"mismatch at offset {self._diverged_at}")
 
-    def _timeout_deadline(self):
+    def _deadline(self):
         """When unmatched primary output asks for a checkpoint (None: nothing waits, or nothing to compare)."""
         p, s = self._vms["primary"], self._synced
         if self.mode != "paired" or self._paired_mode != "compare" or p is None or s is None or not s.open \
@@ -711,11 +581,6 @@ class ColoProxy:
 
 
 # ---------------------------------------------------------------------- command
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(f"proxy: {message}")
-
-
 def _write_status(path, text):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -725,8 +590,7 @@ def _write_status(path, text):
 
 def main(argv):
     """``emu colo proxy --client tcp:HOST:PORT --listen tcp:HOST:PORT``: serve until SIGTERM or SIGINT."""
-    parser = _Parser(prog="emu colo proxy", allow_abbrev=False,
-                     description="The client endpoint of a COLO pair: mirror input, compare and release output.")
+    parser = CommandParser("proxy", "The client endpoint of a COLO pair: mirror input, compare and release output.")
     parser.add_argument("--client", required=True, metavar="tcp:HOST:PORT",
                         help="where the client connects (HOST defaults to 127.0.0.1)")
     parser.add_argument("--listen", required=True, metavar="tcp:HOST:PORT",
@@ -736,18 +600,11 @@ def main(argv):
     parser.add_argument("--status-file", metavar="PATH", help="keep the figures here as JSON (every 100 ms at most)")
     try:
         args = parser.parse_args(argv)
-        try:
-            client = parse_tcp_uri(args.client, "--client")
-            listen = parse_tcp_uri(args.listen, "--listen")
-        except EmuError as e:
-            raise ConfigError(f"proxy: {e}") from None
+        client = parser.tcp_address(args.client, "--client")
+        listen = parser.tcp_address(args.listen, "--listen")
         proxy = ColoProxy(client, listen, args.compare_timeout, sys.stderr)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
     except EmuError as e:
-        print(e, file=sys.stderr)
-        return 1
+        return failed_to_start(e)
     written = None
     if args.status_file:
         written = json.dumps(proxy.status())
@@ -759,31 +616,28 @@ def main(argv):
             return 2
     print(f"proxy: client on {proxy.client_host}:{proxy.client_port}, VMs on {proxy.listen_host}:{proxy.listen_port}",
           file=sys.stderr, flush=True)
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-        proxy.wake()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     next_write = time.monotonic() + STATUS_INTERVAL_S
+
+    def update_status_file():
+        nonlocal next_write, written
+        now = time.monotonic()
+        if now >= next_write:
+            next_write = now + STATUS_INTERVAL_S
+            text = json.dumps(proxy.status())
+            if text != written:
+                try:
+                    _write_status(args.status_file, text)
+                    written = text
+                except OSError as e:
+                    print(f"proxy: --status-file: cannot write {args.status_file!r}: {e.strerror or e}",
+                          file=sys.stderr, flush=True)
+
     try:
-        while not stop.is_set():
-            proxy.step(STATUS_INTERVAL_S if args.status_file else None)
-            now = time.monotonic()
-            if args.status_file and now >= next_write:
-                next_write = now + STATUS_INTERVAL_S
-                text = json.dumps(proxy.status())
-                if text != written:
-                    try:
-                        _write_status(args.status_file, text)
-                        written = text
-                    except OSError as e:
-                        print(f"proxy: --status-file: cannot write {args.status_file!r}: {e.strerror or e}",
-                              file=sys.stderr, flush=True)
+        if args.status_file:
+            serve_until_signalled(proxy, STATUS_INTERVAL_S, update_status_file)
+        else:
+            serve_until_signalled(proxy)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if args.status_file:
             try:
                 _write_status(args.status_file, json.dumps(proxy.status()))
