@@ -94,6 +94,17 @@ def _settings(args):
                         status_line=args.status_line, kill_at=kill_at)
 
 
+def _pair_args(role, argv):
+    """``emu run`` options plus the pair's, parsed; and the COLO settings they give."""
+    from emu.cli import _run_parser
+
+    parser = _run_parser()
+    parser.prog = f"emu colo {role}"
+    _pair_options(parser, role)
+    args = parser.parse_args(argv)
+    return args, _settings(args)
+
+
 def _serial_for(args, role, mode="compare"):
     if args.proxy:
         host, port = parse_tcp_uri(args.proxy, "--proxy")
@@ -108,13 +119,9 @@ def _stop_on_sigterm():
 
 
 def cmd_secondary(argv):
-    from emu.cli import _run_parser, run_machine
+    from emu.cli import run_machine
 
-    parser = _run_parser()
-    parser.prog = "emu colo secondary"
-    _pair_options(parser, "secondary")
-    args = parser.parse_args(argv)
-    settings = _settings(args)
+    args, settings = _pair_args("secondary", argv)
     parse_tcp_uri(args.listen, "--listen")
     _serial_for(args, "secondary", "passive" if args.passive else "compare")
     args.incoming = args.listen
@@ -132,13 +139,9 @@ def cmd_secondary(argv):
 
 
 def cmd_primary(argv):
-    from emu.cli import _run_parser, run_machine
+    from emu.cli import run_machine
 
-    parser = _run_parser()
-    parser.prog = "emu colo primary"
-    _pair_options(parser, "primary")
-    args = parser.parse_args(argv)
-    settings = _settings(args)
+    args, settings = _pair_args("primary", argv)
     parse_tcp_uri(args.secondary, "--secondary")
     if args.checkpoint_delay < 1:
         raise ConfigError("--checkpoint-delay must be at least 1 ms")

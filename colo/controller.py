@@ -181,6 +181,16 @@ class _Side:
     def sending(self):
         return False
 
+    def _tick(self):
+        """Between slices: heartbeats, lease, triggers (while in COLO); the lease alone after."""
+        now = time.monotonic()
+        if self.active:
+            self._tick_active(now)
+            return
+        if self.serving:
+            self._renew_lease(now)
+        self._update_status_line(now, serving=self.serving)
+
     def _exit_event(self, reason):
         self.machine.emit("COLO_EXIT", {"mode": self.mode, "reason": reason})
 
@@ -342,13 +352,7 @@ class ColoPrimary(_Side):
         except ChannelError as e:
             self.peer_lost(str(e), "error")
 
-    def _tick(self):
-        now = time.monotonic()
-        if not self.active:
-            if self.serving:
-                self._renew_lease(now)
-            self._update_status_line(now, serving=self.serving)
-            return
+    def _tick_active(self, now):
         if self.cp.send_error is not None:
             self.peer_lost(str(self.cp.send_error), "error")
             return
@@ -454,13 +458,7 @@ class ColoSecondary(_Side):
             self.peer_lost(str(e), "error")
         self._flush_records()
 
-    def _tick(self):
-        now = time.monotonic()
-        if not self.active:
-            if self.serving:
-                self._renew_lease(now)
-            self._update_status_line(now, serving=self.serving)
-            return
+    def _tick_active(self, now):
         if self._heartbeat(now):
             self._flush_records()
             self._update_status_line(now, serving=False)

@@ -193,11 +193,7 @@ class ColoLink(Device):
     def close(self):
         if self.connected:
             self.flush_all(0.5)
-        self.connected = False
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self._disconnect()
 
     # ------------------------------------------------------------------ COLO messages
     def mark(self, seq):
@@ -246,6 +242,9 @@ class ColoLink(Device):
     def _lost(self, reason):
         if self.connected:
             self._say(f"lost the proxy: {reason}")
+        self._disconnect()
+
+    def _disconnect(self):
         self.connected = False
         try:
             self.sock.close()

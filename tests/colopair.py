@@ -182,7 +182,7 @@ class ColoDeployment:
     """Start what a test needs; ``close()`` kills whatever is left."""
 
     def __init__(self, tmp_path, guest=SERVICE, mode="compare", checkpoint_delay=200, arbiter=True,
-                 primary_args=(), secondary_args=(), proxy_args=(), heartbeat=(50, 500), memory="32M",
+                 primary_args=(), secondary_args=(), proxy_args=(), heartbeat=(50, 1000), memory="32M",
                  records=True, secondary_port_hook=None, guest_args=None, protect_by_qmp=False):
         self.tmp = pathlib.Path(tmp_path)
         self.procs = []
