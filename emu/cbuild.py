@@ -99,10 +99,12 @@ SOURCE = r"""
 #include <time.h>
 """ + CDEF.split("void on_out")[0] + r"""
 #define RING_SIZE 65536u
-#define UC_X86_REG_EAX 19
-#define UC_X86_REG_ECX 22
-#define UC_X86_REG_EDX 24
 #define UC_X86_REG_EFLAGS 25
+/* RDTSC and RDTSCP write whole registers: in 64-bit mode they clear bits 63:32 of RAX, RDX
+   and RCX (Unicorn's EAX keeps them, and Linux ORs RAX into the TSC it reads) */
+#define UC_X86_REG_RAX 35
+#define UC_X86_REG_RCX 38
+#define UC_X86_REG_RDX 40
 
 uint64_t host_monotonic_ns(void) {
     struct timespec ts;
@@ -210,8 +212,8 @@ int on_rdtsc(void *uc, void *user) {
     emu_state *s = (emu_state *)user;
     uint64_t t = guest_tsc(s), lo = t & 0xffffffffu, hi = t >> 32;
     s->rdtsc_count++;
-    s->reg_write(uc, UC_X86_REG_EAX, &lo);
-    s->reg_write(uc, UC_X86_REG_EDX, &hi);
+    s->reg_write(uc, UC_X86_REG_RAX, &lo);
+    s->reg_write(uc, UC_X86_REG_RDX, &hi);
     return 1;  /* skip the host's rdtsc */
 }
 
@@ -219,7 +221,7 @@ int on_rdtscp(void *uc, void *user) {
     emu_state *s = (emu_state *)user;
     uint64_t zero = 0;
     on_rdtsc(uc, user);
-    s->reg_write(uc, UC_X86_REG_ECX, &zero);  /* TSC_AUX of CPU 0 */
+    s->reg_write(uc, UC_X86_REG_RCX, &zero);  /* TSC_AUX of CPU 0 */
     return 1;
 }
 

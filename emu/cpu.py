@@ -15,6 +15,7 @@ register is reachable in every mode; ``emu_start`` then takes RIP (not a linear 
 """
 
 import ctypes
+import fractions
 import struct
 
 from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
@@ -47,6 +48,9 @@ EFER_SCE, EFER_LME, EFER_LMA = 1, 1 << 8, 1 << 10
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
 
 TSC_HZ = 1_000_000_000  # the virtual TSC ticks once per guest nanosecond (1 GHz, constant)
+# The core crystal of CPUID leaf 0x15, which Linux also takes as the local APIC timer's input
+# clock: emu/apic.py's timer counts guest nanoseconds, a 1 GHz bus clock as in QEMU.
+CRYSTAL_HZ = 1_000_000_000
 
 
 class Fault(Exception):
@@ -280,12 +284,33 @@ class X86Cpu:
         c &= ~((1 << 21) | (1 << 24) | (1 << 3))  # no x2APIC, no TSC-deadline, no MONITOR
         c |= 1 << 31  # hypervisor present
         b &= 0x0000FFFF  # initial APIC id 0, one logical processor
+        if self.icount:
+            # Unicorn's RDRAND and RDSEED return host entropy: a deterministic machine offers neither
+            # (Linux seeds from them and its paths then differ from run to run, timing included)
+            c &= ~(1 << 30)
+            table[(7, 0)][1] &= ~(1 << 18)
         table[(1, 0)] = [a, b, c, d]
         # hypervisor leaves: vendor "emu-colo    ", no features
         vendor = struct.unpack("<III", b"EmuColoEmuCo")
         table[(0x40000000, 0)] = [0x40000000, *vendor]
+        max_basic = self._add_frequency_leaves(table, max_basic)
         self._max_basic, self._max_ext = max_basic, max_ext
         return table
+
+    @staticmethod
+    def _add_frequency_leaves(table, max_basic):
+        """Leaves 0x15 (TSC = crystal * EBX / EAX, crystal in ECX) and 0x16 (base, max and bus
+        MHz), as real Intel CPUs and QEMU/KVM report them: Linux then knows the TSC rate
+        without timing it against the PIT, which fails in real-time mode (guest time runs on
+        while code is translated, so the calibration loops see gaps).  Leaves 0xE-0x14 in
+        between stay zero: no feature they describe is emulated."""
+        ratio = fractions.Fraction(TSC_HZ, CRYSTAL_HZ)
+        table[(0x15, 0)] = [ratio.denominator, ratio.numerator, CRYSTAL_HZ, 0]
+        mhz = TSC_HZ // 1_000_000
+        table[(0x16, 0)] = [mhz, mhz, CRYSTAL_HZ // 1_000_000, 0]
+        max_basic = max(max_basic, 0x16)
+        table[(0, 0)] = [max_basic, *table[(0, 0)][1:]]
+        return max_basic
 
     def cpuid(self, leaf, sub):
         if leaf in (4, 7, 0xB, 0xD):

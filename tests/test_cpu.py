@@ -9,6 +9,9 @@ import struct
 
 from guestasm import assemble, bare_machine, entry
 
+from emu.apic import LocalApic
+from emu.clock import VirtualClock
+
 
 class ScriptedInterrupts:
     """An interrupt controller that raises given vectors at given guest times (ns)."""
@@ -472,3 +475,194 @@ def test_host_write_of_guest_code_is_seen():
     m.ram.write(sym["patched"] + 1, b"Y")  # host rewrites the immediate ('X' -> 'Y')
     status, out = run(m)
     assert out.endswith(b"Y") and status == 1
+
+
+# ----------------------------------------------------------------------------- TSC frequency
+FREQUENCY = r"""
+.equ results, 0x200000
+start:
+    xor eax, eax
+    cpuid
+    mov [results], eax          # the highest basic leaf
+    mov [results+4], ebx        # vendor: EBX, EDX, ECX
+    mov [results+8], edx
+    mov [results+12], ecx
+    mov eax, 0x15
+    cpuid
+    mov [results+16], eax       # denominator
+    mov [results+20], ebx       # numerator
+    mov [results+24], ecx       # crystal Hz
+    mov eax, 0x16
+    cpuid
+    mov [results+28], eax       # base MHz
+    mov [results+32], ebx       # max MHz
+    mov [results+36], ecx       # bus MHz
+    mov ecx, 100000
+spin:
+    dec ecx
+    jnz spin
+    rdtsc
+    mov [results+40], eax
+    mov [results+44], edx
+    mov al, 0
+    out 0xf4, al
+"""
+
+
+def test_cpuid_leaves_0x15_and_0x16_give_the_rate_rdtsc_counts_at():
+    """Linux's native_calibrate_tsc() takes the TSC rate from these leaves (Intel, max leaf >= 0x15)
+    instead of timing it against the PIT, and the crystal as the local APIC timer's clock."""
+    code, _ = assemble(FREQUENCY, 0x100000)
+    m = bare_machine(icount=True)
+    m.ram.write(0x100000, code)
+    m.cpu.enter(entry("protected32", 0x100000))
+    assert run(m)[0] == 1
+    max_leaf, *vendor = struct.unpack("<IIII", m.ram.read(0x200000, 16))
+    assert max_leaf >= 0x16 and struct.pack("<III", *vendor) == b"GenuineIntel"
+    denominator, numerator, crystal_hz, base_mhz, max_mhz, bus_mhz = struct.unpack("<6I", m.ram.read(0x200010, 24))
+    assert denominator and numerator and crystal_hz
+    tsc_hz = crystal_hz * numerator // denominator
+    assert base_mhz == max_mhz == tsc_hz // 1_000_000 and bus_mhz == crystal_hz // 1_000_000
+    # the TSC read after ~100000 loop iterations is guest time at the advertised rate
+    tsc = struct.unpack("<Q", m.ram.read(0x200028, 8))[0]
+    expected = m.clock.now() * tsc_hz // 1_000_000_000
+    assert expected > 100_000 and abs(tsc - expected) <= expected // 100, (tsc, expected)
+    # the crystal is the local APIC timer's input clock (divide by 1)
+    clock = VirtualClock("manual")
+    apic = LocalApic("lapic", clock, lambda: None)
+    apic.mmio_write(0xF0, 4, 0x1FF)         # software enable
+    apic.mmio_write(0x3E0, 4, 0xB)          # divide by 1
+    apic.mmio_write(0x380, 4, 1_000_000)    # initial count
+    clock.step(10_000)
+    assert 1_000_000 - apic.mmio_read(0x390, 4) == 10_000 * crystal_hz // 1_000_000_000
+
+
+# ----------------------------------------------------------------------------- long mode with 4 KiB pages
+PML4, PDPT, PD, PT = 0x10000, 0x11000, 0x12000, 0x13000
+LONG_GDT = r"""
+.align 8
+gdt: .quad 0
+     .quad 0x00af9a000000ffff   # 0x08 kernel code 64
+     .quad 0x00cf92000000ffff   # 0x10 kernel data
+gdt_end:
+gdtr: .word gdt_end - gdt - 1
+      .quad gdt
+idtr: .word 256*16-1
+      .quad 0x20000
+"""
+
+
+def long_mode_machine(source, absent_page=None):
+    """An icount machine in long mode at 0x100000: the first 16 MiB identity mapped with 2 MiB
+    pages, except 0x400000-0x5fffff, mapped with 4 KiB pages where ``absent_page`` is not present."""
+    code, sym = assemble(source + LONG_GDT, 0x100000, bits=64)
+    m = bare_machine(icount=True)
+    m.ram.write(0x100000, code)
+    m.ram.write(PML4, struct.pack("<Q", PDPT | 3))
+    m.ram.write(PDPT, struct.pack("<Q", PD | 3))
+    m.ram.write(PD, b"".join(struct.pack("<Q", PT | 3 if i == 2 else (i << 21) | 0x83) for i in range(8)))
+    m.ram.write(PT, b"".join(struct.pack("<Q", (0x400000 + (i << 12)) | (0 if 0x400000 + (i << 12) == absent_page
+                                                                           else 3)) for i in range(512)))
+    m.cpu.enter(entry("long64", 0x100000, cr3=PML4))
+    return m, sym
+
+
+RDTSC64 = r"""
+.code64
+.equ results, 0x200000
+start:
+    mov rax, -1
+    mov rdx, -1
+    rdtsc
+    mov [results], rax
+    mov [results+8], rdx
+    mov rax, -1
+    mov rdx, -1
+    mov rcx, -1
+    rdtscp
+    mov [results+16], rax
+    mov [results+24], rdx
+    mov [results+32], rcx
+    mov al, 0
+    out 0xf4, al
+"""
+
+
+def test_rdtsc_and_rdtscp_clear_the_upper_halves_in_long_mode():
+    """Linux reads the TSC as RAX | RDX << 32: stale bits 63:32 of RAX would corrupt it."""
+    m, _ = long_mode_machine(RDTSC64)
+    assert run(m)[0] == 1
+    rax, rdx, rax2, rdx2, rcx2 = struct.unpack("<5Q", m.ram.read(0x200000, 40))
+    assert rdx == rdx2 == 0 and rcx2 == 0            # TSC < 2^32 this early; TSC_AUX of CPU 0
+    assert 0 < rax <= rax2 < 1 << 32
+
+
+FETCH_FAULT = r"""
+.code64
+.equ pte, 0x13000 + 8            # the PTE of 0x401000
+.equ error_code, 0x200000        # results on a data page apart from the code
+.equ fault_address, 0x200008
+.equ faults, 0x200010
+start:
+    lgdt [gdtr]
+    lidt [idtr]
+    mov rsp, 0x90000
+    mov ecx, 0xC0000080          # EFER.NXE: a fetch fault's error code then has the I/D bit
+    rdmsr
+    or eax, 0x800
+    wrmsr
+    mov rax, 0x401000
+    call rax                     # #PF on the fetch; the handler maps the page and returns to it
+    cmp byte ptr [faults], 1
+    jne fail
+    mov al, 'K'
+    out 0xe9, al
+    mov al, 0
+    out 0xf4, al
+    jmp .                        # the exit takes effect at the end of the block
+fail:
+    mov al, 'F'
+    out 0xe9, al
+    mov al, 1
+    out 0xf4, al
+    jmp .
+pf_handler:
+    pop qword ptr [error_code]
+    mov rax, cr2
+    mov [fault_address], rax
+    inc byte ptr [faults]
+    or qword ptr [pte], 1
+    invlpg [rax]
+    iretq
+df_handler:
+    mov al, 'D'
+    out 0xe9, al
+    mov al, 2
+    out 0xf4, al
+    jmp .
+"""
+
+
+def test_instruction_fetch_page_fault_is_delivered_once_under_icount():
+    """An exception stops the engine at the faulting instruction in deterministic mode too.
+    Left to the next block start, Unicorn fetched the unmapped instruction again, and that
+    second #PF became a #DF (Linux under -icount at its first user-space page fault)."""
+    m, sym = long_mode_machine(FETCH_FAULT, absent_page=0x401000)
+    m.ram.write(0x401000, b"\xb0R\xe6\xe9\xc3")     # mov al, 'R'; out 0xe9, al; ret
+    _gate64(m, 14, sym["pf_handler"])
+    _gate64(m, 8, sym["df_handler"])
+    status, out = run(m)
+    assert out == b"RK" and status == 1, out
+    error_code, cr2, faults = struct.unpack("<QQB", m.ram.read(0x200000, 17))
+    assert error_code == 0x10 and cr2 == 0x401000                # not present, supervisor, instruction fetch
+    assert faults == 1
+    assert m.cpu.exception_counts == {14: 1}
+
+
+def test_deterministic_machine_offers_no_host_entropy():
+    """Unicorn's RDRAND returns host randomness: under -icount Linux's boot then differed from run
+    to run (printk times from sched_clock on); a real-time machine keeps the instruction."""
+    rdrand, rdseed = 1 << 30, 1 << 18
+    assert not bare_machine(icount=True).cpu.cpuid(1, 0)[2] & rdrand
+    assert not bare_machine(icount=True).cpu.cpuid(7, 0)[1] & rdseed
+    assert bare_machine(icount=False).cpu.cpuid(1, 0)[2] & rdrand
