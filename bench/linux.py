@@ -70,7 +70,118 @@ def run():
                      "value": boot_to_shell(qemu), "target": "(reference)"})
     else:
         rows[0]["notes"] = ["QEMU not installed: no reference figure"]
+    for mode in ("compare", "passive"):
+        try:
+            rows += colo_pause_rows(kernel, initrd, mode)
+        except Exception as e:  # reported, the other figures stand
+            rows.append({"figure": f"checkpoint pause with Linux running ({mode}): failed", "unit": "",
+                         "value": None, "target": "", "notes": [str(e)]})
     return rows
+
+
+COLO_RUN_S = 6.0
+
+
+def colo_pause_rows(kernel, initrd, mode):
+    """A Linux shell as a COLO pair formed over QMP once it has booted (as a QEMU user
+    would): the checkpoint figures of ``COLO_RUN_S`` seconds at a 200 ms delay."""
+    import tempfile
+
+    from bench.colo import HOST, Processes, proxy_status
+
+    with tempfile.TemporaryDirectory() as tmp, Processes(tmp) as ps:
+        proxy = ps.start("proxy", "colo", "proxy", "--client", f"tcp:{HOST}:0", "--listen", f"tcp:{HOST}:0")
+        m = proxy.wait_for(r"client on [\d.]+:(\d+), VMs on [\d.]+:(\d+)")
+        client_port, vm_port = int(m.group(1)), int(m.group(2))
+        guest = ["-m", "256M", "-kernel", kernel, "-initrd", initrd, "-append", APPEND + " quiet", "-no-reboot"]
+        passive = ["--passive"] if mode == "passive" else []
+        sec = ps.start("secondary", "colo", "secondary", *guest, "--no-status", "--proxy", f"tcp:{HOST}:{vm_port}",
+                       "--listen", f"tcp:{HOST}:0", "--heartbeat-timeout", "2000", *passive)
+        port = sec.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1)
+        qmp_path = pathlib.Path(tmp) / "primary.qmp"
+        ps.start("primary", "run", *guest, "-serial", f"colo:{HOST}:{vm_port},role=primary",
+                 "-qmp", f"unix:{qmp_path},server,nowait")
+        _wait_for_shell(client_port)
+        qmp = _Monitor(qmp_path)
+        qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True}])
+        qmp.execute("migrate-set-parameters", **{"x-checkpoint-delay": 200})
+        qmp.execute("migrate", uri=f"tcp:{HOST}:{port}")
+        deadline = time.monotonic() + 60
+        while proxy_status(vm_port)["mode"] != "paired":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Linux pair did not form within 60 s")
+            time.sleep(0.1)
+        time.sleep(COLO_RUN_S)
+        info = qmp.execute("query-migrate")["x-colo"]
+        qmp.close()
+    label = f"checkpoint pause with Linux idle at its shell ({mode}, 200 ms delay)"
+    return [{"figure": f"{label}, median", "unit": "ms", "value": info["pause-ms-median"], "target": "<= 5 ms"},
+            {"figure": f"{label}, max", "unit": "ms", "value": info["pause-ms-max"], "target": ""},
+            {"figure": f"  dirty pages at the last checkpoint ({info['ok']} checkpoints)", "unit": "pages",
+             "value": info["last-dirty-pages"], "target": ""}]
+
+
+def _wait_for_shell(port):
+    import socket
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("cannot reach the proxy") from None
+            time.sleep(0.1)
+    with sock:
+        seen = b""
+        sock.settimeout(TIMEOUT_S)
+        while SHELL_BANNER not in seen:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("the proxy closed the client connection during the boot")
+            seen += chunk
+
+
+class _Monitor:
+    """Just enough QMP (JSON lines over the unix socket) for the figures above."""
+
+    def __init__(self, path):
+        import json
+        import socket
+
+        self.json = json
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.file = self.sock.makefile("rwb")
+        self.file.readline()  # greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command, **arguments):
+        message = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self.file.write(self.json.dumps(message).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = self.json.loads(self.file.readline())
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"QMP {command}: {reply['error']['desc']}")
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
 
 
 if __name__ == "__main__":
