@@ -19,6 +19,7 @@ machines keep running their loops; this module drives the transaction from there
   every released byte it produced itself; an incomplete checkpoint was never applied.
 """
 
+import collections
 import os
 import signal
 import sys
@@ -31,6 +32,7 @@ from . import checkpoint as ck
 from .wire import ChannelError
 
 LEASE_RETRY_S = 0.02
+RECENT_RECORDS = 1000
 
 
 @dataclass
@@ -107,7 +109,8 @@ class _Side:
         self.lease = None
         self.started = time.monotonic()
         self.writer = None
-        self.written = 0
+        self.totals = {"checkpoints": 0, "ok": 0, "failed": 0, "rejected": 0, "bytes": 0, "triggers": {}}
+        self.recent = collections.deque(maxlen=RECENT_RECORDS)  # finished records, for medians
         self.status_line = None
         self.last_status = 0.0
         self.failover_ms = None
@@ -223,24 +226,40 @@ class _Side:
             self.machine.request_exit(1, f"colo: fenced off by the client endpoint: {reason}")
 
     def _flush_records(self, force=False):
+        """Finished records go to the records file and into the totals; only the last
+        RECENT_RECORDS stay in memory (a pair may run for days)."""
         records = self.records()
-        while self.written < len(records) and records[self.written].status != "started":
+        done = 0
+        while done < len(records) and records[done].status != "started":
+            record = records[done]
             if self.writer is not None:
-                self.writer.write(records[self.written].as_dict())
-            self.written += 1
+                self.writer.write(record.as_dict())
+            t = self.totals
+            t["checkpoints"] += 1
+            t["triggers"][record.trigger] = t["triggers"].get(record.trigger, 0) + 1
+            if record.status == "ok":
+                t["ok"] += 1
+                t["bytes"] += record.ram_bytes + record.device_bytes
+            elif record.status == "rejected":
+                t["rejected"] += 1
+            else:
+                t["failed"] += 1
+            self.recent.append(record)
+            done += 1
+        del records[:done]
         if force and self.writer is not None:
             self.writer.close()
             self.writer = None
 
     def _update_status_line(self, now, serving):
-        if self.status_line is None or now - self.last_status < 0.1:
+        if self.status_line is None or not self.status_line.enabled or now - self.last_status < 0.1:
             return
         self.last_status = now
-        records = self.records()
-        ok = [r for r in records if r.status == "ok"]
+        self._flush_records()
+        ok = [r for r in self.recent if r.status == "ok"]
         pauses = sorted(r.pause_ms for r in ok)
         self.status_line.update(role=self.mode if self.active else f"{self.status.last_mode}, alone",
-                                checkpoints=len(records), ok=len(ok),
+                                checkpoints=self.totals["checkpoints"], ok=self.totals["ok"],
                                 last_pause_ms=ok[-1].pause_ms if ok else None,
                                 median_pause_ms=pauses[len(pauses) // 2] if pauses else None,
                                 dirty_pages=ok[-1].pages if ok else None,
@@ -248,23 +267,21 @@ class _Side:
                                 state="serving" if serving else "protected")
 
     def info(self):
-        """The COLO figures of query-migrate."""
-        records = self.records()
-        ok = [r for r in records if r.status == "ok"]
+        """The COLO figures of query-migrate (counts since the start; pauses over the last
+        RECENT_RECORDS checkpoints)."""
+        self._flush_records()
+        t = self.totals
+        ok = [r for r in self.recent if r.status == "ok"]
         pauses = sorted(r.pause_ms for r in ok)
-        by_trigger = {}
-        for r in records:
-            by_trigger[r.trigger] = by_trigger.get(r.trigger, 0) + 1
         return {
-            "mode": self.status.mode, "checkpoints": len(records), "ok": len(ok),
-            "failed": sum(r.status in ("failed", "abandoned") for r in records),
-            "rejected": sum(r.status == "rejected" for r in records),  # corrupted, truncated or replayed
-            "triggers": by_trigger,
+            "mode": self.status.mode, "checkpoints": t["checkpoints"], "ok": t["ok"],
+            "failed": t["failed"], "rejected": t["rejected"],  # rejected: corrupted, truncated or replayed
+            "triggers": dict(t["triggers"]),
             "pause-ms-median": pauses[len(pauses) // 2] if pauses else None,
             "pause-ms-max": pauses[-1] if pauses else None,
             "last-pause-ms": ok[-1].pause_ms if ok else None,
             "last-dirty-pages": ok[-1].pages if ok else None,
-            "bytes": sum(r.ram_bytes + r.device_bytes for r in ok),
+            "bytes": t["bytes"],
             "heartbeats-received": self.channel.heartbeats_received if self.channel else 0,
             "failover-ms": self.failover_ms,
             "exit-reason": self.exit_reason,
