@@ -314,3 +314,32 @@ def test_debian_kernel_boots_to_a_busybox_shell(debian_linux, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_debian_kernel_boots_with_the_local_apic(debian_linux):
+    """Without ``nolapic`` the kernel enables our local APIC (virtual wire mode: with no MP
+    or ACPI tables it routes the 8259's interrupts through LINT0), and the timer and serial
+    interrupts still arrive, now through the APIC."""
+    kernel, initrd = debian_linux
+    append = APPEND.replace(" nolapic", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emu", "run", "-m", "256M", "-kernel", kernel, "-initrd", initrd,
+         "-append", append, "-serial", "stdio", "-no-reboot"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    console = Console(proc)
+    try:
+        console.expect("built-in shell (ash)", 240)
+        console.send("dmesg | grep -c 'Switch to virtual wire mode'; grep -E '^ *(0|4):' /proc/interrupts; "
+                     "sleep 1; grep -E '^ *0:' /proc/interrupts; echo APIC-$((3*5))")
+        text = console.expect("APIC-15", 60).decode("latin1")
+        after = text[text.rindex("dmesg | grep"):]
+        timer = [int(line.split()[1]) for line in after.splitlines() if line.strip().startswith("0:")]
+        serial = [int(line.split()[1]) for line in after.splitlines() if line.strip().startswith("4:")]
+        assert "1" in [line.strip() for line in after.splitlines()], after  # the virtual wire message, once
+        assert len(timer) == 2 and timer[1] > timer[0] > 0 and serial and serial[0] > 0, after
+        console.send("printf '\\x07' | dd of=/dev/port bs=1 seek=244 count=1")
+        assert proc.wait(timeout=60) == (7 << 1) | 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
