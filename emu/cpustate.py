@@ -47,7 +47,7 @@ class CpuState:
 
     def capture(self):
         uc = self.cpu.uc
-        for name, value in zip(_PLAIN, uc.reg_read_batch(_PLAIN_IDS)):  # one engine call, not 60
+        for name, value in zip(_PLAIN, uc.reg_read_batch(_PLAIN_IDS), strict=True):  # one engine call, not 60
             setattr(self, name, value)
         ctx = self.cpu.ctx.save()
         for seg in SEGMENTS:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from .device import Device
 from .errors import ConfigError, GuestError, StateError
+from .qemuopts import split_commas
 from .vmstate import U16, U32, U64, Subsection, VMStateDescription
 
 # selector keys (docs/specs/fw_cfg.rst)
@@ -88,24 +89,6 @@ class UserFile:
     warning: str | None = None
 
 
-def _split_options(text):
-    """QemuOpts syntax: comma-separated parts, ``,,`` stands for a literal comma."""
-    parts, current, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1:i + 2] == ",":
-                current.append(",")
-                i += 2
-                continue
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(text[i])
-        i += 1
-    parts.append("".join(current))
-    return parts
-
-
 def parse_user_file(spec):
     """``-fw_cfg [name=]NAME,string=STR`` or ``...,file=PATH`` as QEMU's parse_fw_cfg reads it.
 
@@ -116,7 +99,7 @@ def parse_user_file(spec):
     """
     option = f"-fw_cfg {spec}"
     values = {}
-    for index, part in enumerate(_split_options(spec)):
+    for index, part in enumerate(split_commas(spec)):
         key, equals, value = part.partition("=")
         if not equals:
             if index:

@@ -42,6 +42,7 @@ from elftools.elf.elffile import ELFFile
 
 from .errors import ConfigError
 from .memory import PAGE_SIZE
+from .qemuopts import split_commas
 
 
 @dataclass
@@ -250,22 +251,7 @@ def _aout_pieces(image, header, path):
 
 def parse_module_list(text):
     """QEMU's ``-initrd`` multiboot syntax: ``"file args,file2"``; ``,,`` is a literal comma."""
-    if not text:
-        return []
-    modules, current, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1:i + 2] == ",":
-                current.append(",")
-                i += 2
-                continue
-            modules.append("".join(current))
-            current = []
-        else:
-            current.append(text[i])
-        i += 1
-    modules.append("".join(current))
-    return modules
+    return split_commas(text) if text else []
 
 
 def memory_map(ram_size):

@@ -26,3 +26,13 @@ def run_emu(*args, input=None, timeout=60):
 
 def qemu_binary():
     return shutil.which("qemu-system-x86_64")
+
+
+@pytest.fixture(scope="session")
+def debian_linux():
+    """(bzImage, initramfs) of Debian's kernel and busybox (`make linux`, cached in ~/.cache)."""
+    from linux import build
+    try:
+        return build.build(log=lambda m: None)
+    except build.BuildError as e:
+        pytest.skip(f"cannot fetch Debian's kernel and busybox: {e}")

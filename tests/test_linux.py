@@ -242,16 +242,6 @@ RTC_BASE = 1700000000  # 2023-11-14 22:13:20 UTC: `date` must follow the RTC, no
 APPEND = "console=ttyS0 earlyprintk=serial,ttyS0,115200 noapic nolapic nosmp panic=-1 lpj=1000000"
 
 
-@pytest.fixture(scope="module")
-def debian_linux():
-    sys.path.insert(0, str(ROOT))
-    from linux import build
-    try:
-        return build.build(log=lambda m: None)
-    except build.BuildError as e:
-        pytest.skip(f"cannot fetch Debian's kernel and busybox: {e}")
-
-
 class Console:
     def __init__(self, proc):
         self.proc, self.text = proc, b""

@@ -9,20 +9,8 @@ import re
 
 import pytest
 from colopair import ColoDeployment
-from conftest import ROOT
 
 APPEND = "console=ttyS0 noapic nolapic nosmp panic=-1 quiet"
-
-
-@pytest.fixture(scope="module")
-def debian_linux():
-    import sys
-    sys.path.insert(0, str(ROOT))
-    from linux import build
-    try:
-        return build.build(log=lambda m: None)
-    except build.BuildError as e:
-        pytest.skip(f"cannot fetch Debian's kernel and busybox: {e}")
 
 
 def _command(client, line, marker, timeout=60):
