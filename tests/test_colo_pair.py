@@ -2,12 +2,12 @@
 leave the secondary equal to the primary, heartbeats, failover requests and the shared key."""
 
 import json
-import time
 
 import pytest
 from colopair import Proc
 from conftest import firmware
 from emuproc import Qmp
+from emuproc import wait_for as wait
 
 
 @pytest.fixture
@@ -24,17 +24,6 @@ def connect():
             qmp.close()
         except Exception:
             pass
-
-
-def wait(predicate, timeout=20, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_pair_set_up_over_qmp_as_with_qemu(tmp_path, connect):
