@@ -98,6 +98,7 @@ MAX_DEVICE_STATE = 64 << 20
 REPLY_TIMEOUT_S = 30.0
 HANDSHAKE_TIMEOUT_S = 30.0
 SOCKET_BUFFER = 8 << 20
+SEND_PIECE = 1 << 20
 
 # exact payload sizes, or (minimum, maximum)
 _PAYLOAD_SIZES = {
@@ -216,8 +217,10 @@ class Channel:
                 self.sock.sendall(data + bytes(raw))
             else:
                 self.sock.sendall(data)
-                if raw is not None:
-                    self.sock.sendall(raw)
+                if raw is not None:  # in pieces: the timeout then means "no progress", not "too big"
+                    view = memoryview(raw)
+                    for start in range(0, len(view), SEND_PIECE):
+                        self.sock.sendall(view[start:start + SEND_PIECE])
             self.last_sent = time.monotonic()
         except socket.timeout:
             raise ChannelError(f"colo: sending {NAMES[kind]} timed out after {self.timeout} s") from None
@@ -561,6 +564,8 @@ class CheckpointPrimary:
                 self._phases.mark("send")
             except ChannelError as e:
                 self.send_error = e  # the run loop's next look at the channel reports it
+            except BaseException as e:  # noqa: BLE001 (the thread must report, not vanish)
+                self.send_error = ChannelError(f"colo: sending checkpoint {ck.seq} failed: {e!r}")
             finally:
                 self.sending = False
 
@@ -713,7 +718,8 @@ class CheckpointSecondary:
         m.stop()
         try:
             ch.send(CHECKPOINT_REPLY, SEQ.pack(seq))
-            received = self._receive(seq, record)
+            with ch.patience(REPLY_TIMEOUT_S):  # the primary may take a while to capture (debug mode)
+                received = self._receive(seq, record)
             phases.mark("receive")
             ch.send(VMSTATE_RECEIVED, SEQ.pack(seq))
             incoming = self._parse(received, record)

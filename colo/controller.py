@@ -146,8 +146,11 @@ class _Side:
             except ChannelError as e:
                 self.peer_lost(f"{e}", "error")
                 return False
-        if now - ch.last_heard > s.heartbeat_timeout_ms / 1e3:
-            self.peer_lost(f"colo: no heartbeat from the peer for {s.heartbeat_timeout_ms:.0f} ms", "error")
+        # the peer sends nothing while it takes a checkpoint: a dead one closes its socket,
+        # a hung one is given the transaction's own, longer timeout
+        limit = ck.REPLY_TIMEOUT_S if self.busy() else s.heartbeat_timeout_ms / 1e3
+        if now - ch.last_heard > limit:
+            self.peer_lost(f"colo: no heartbeat from the peer for {limit * 1e3:.0f} ms", "error")
             return False
         return True
 
@@ -182,6 +185,10 @@ class _Side:
                 self._say(f"cannot renew the lease: {e}")
 
     def sending(self):
+        return False
+
+    def busy(self):
+        """Whether the peer is working on a checkpoint (and so silent)."""
         return False
 
     def _tick(self):
@@ -331,6 +338,9 @@ class ColoPrimary(_Side):
 
     def sending(self):
         return self.cp.sending
+
+    def busy(self):
+        return self.cp.sending or self.cp.pending_phase in ("sending", "loading")
 
     def delay_s(self):
         return self.migration.parameters["x-checkpoint-delay"] / 1e3
