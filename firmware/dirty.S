@@ -59,7 +59,7 @@ main:
 
     call interrupts_init
     mov $IRQ_BASE, %eax
-    mov $irq0_handler, %edx
+    mov $irq0_count, %edx
     mov $0x8e, %cl
     call idt32_set
     mov $PIT_DIV_100HZ, %eax
@@ -74,7 +74,7 @@ main:
     je 4f
     cmp tick_limit, %eax
     jae 6f
-4:  cmp ticks, %eax
+4:  cmp irq0_ticks, %eax
     jne 5f
     sti
     hlt
@@ -150,14 +150,6 @@ dirty_pages:
     mov %edx, cursor
 2:  ret
 
-irq0_handler:
-    push %eax
-    incl ticks
-    mov $PIC_EOI, %al
-    out %al, $PIC1_CMD
-    pop %eax
-    iret
-
     .section .rodata
 key_pages:  .asciz "pages="
 key_span:   .asciz "span="
@@ -178,7 +170,6 @@ pages_per_tick: .skip 4
 span_mib:   .skip 4
 span_pages: .skip 4
 tick_limit: .skip 4
-ticks:      .skip 4             /* IRQ0 ticks counted by the handler */
 done:       .skip 4             /* ticks whose writes are done */
 cursor:     .skip 4             /* next page index in the span */
     .balign 8

@@ -15,7 +15,7 @@ main:
 1:  mov %eax, %ecx
     call interrupts_init
     mov $IRQ_BASE, %eax
-    mov $irq0_handler, %edx
+    mov $irq0_count, %edx
     push %ecx
     mov $0x8e, %cl
     call idt32_set
@@ -25,7 +25,7 @@ main:
     xor %eax, %eax
     call pic_unmask
 2:  cli
-    cmp %ecx, ticks
+    cmp %ecx, irq0_ticks
     jae 3f
     sti
     hlt
@@ -39,18 +39,9 @@ main:
     xor %eax, %eax
     ret
 
-irq0_handler:
-    push %eax
-    incl ticks
-    mov $PIC_EOI, %al
-    out %al, $PIC1_CMD
-    pop %eax
-    iret
-
     .section .rodata
 key_ticks:  .asciz "ticks="
 str_idle:   .asciz "idle ticks="
 
     .bss
     .balign 4
-ticks:      .skip 4

@@ -31,7 +31,7 @@ def _symbol(path, name):
         return ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)[0]["st_value"]
 
 
-TICKS = _symbol(IDLE, "ticks")
+TICKS = _symbol(IDLE, "irq0_ticks")
 
 
 # ---------------------------------------------------------------------------- helpers

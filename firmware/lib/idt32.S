@@ -14,6 +14,17 @@
     .text
     .code32
 
+/* An IRQ0 handler for the timer guests: counts ticks in irq0_ticks and acknowledges the
+   master PIC. */
+    .globl irq0_count
+irq0_count:
+    push %eax
+    incl irq0_ticks
+    mov $PIC_EOI, %al
+    out %al, $PIC1_CMD
+    pop %eax
+    iret
+
 /* Install handler EDX for vector EAX with type/attribute byte CL (e.g. 0x8e, 0xee, 0x8f). */
     .globl idt32_set
 idt32_set:
@@ -114,6 +125,10 @@ str_err:    .asciz " err="
 str_eip:    .asciz " eip="
 
     .bss
+    .balign 4
+    .globl irq0_ticks
+irq0_ticks:
+    .skip 4
     .balign 8
     .globl idt32
 idt32:
