@@ -102,10 +102,10 @@ def colo_pause_rows(kernel, initrd, mode):
         ps.start("primary", "run", *guest, "-serial", f"colo:{HOST}:{vm_port},role=primary",
                  "-qmp", f"unix:{qmp_path},server,nowait")
         _wait_for_shell(client_port)
-        qmp = _Monitor(qmp_path)
-        qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True}])
-        qmp.execute("migrate-set-parameters", **{"x-checkpoint-delay": 200})
-        qmp.execute("migrate", uri=f"tcp:{HOST}:{port}")
+        qmp = _connect_qmp(qmp_path)
+        qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-colo", "state": True}]})
+        qmp.execute("migrate-set-parameters", {"x-checkpoint-delay": 200})
+        qmp.execute("migrate", {"uri": f"tcp:{HOST}:{port}"})
         deadline = time.monotonic() + 60
         while proxy_status(vm_port)["mode"] != "paired":
             if time.monotonic() > deadline:
@@ -143,48 +143,14 @@ def _wait_for_shell(port):
             seen += chunk
 
 
-class _Monitor:
-    """Just enough QMP (JSON lines over the unix socket) for the figures above."""
+def _connect_qmp(path, timeout=30):
+    from colo.demo import QmpClient
 
-    def __init__(self, path):
-        import json
-        import socket
-
-        self.json = json
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.file = self.sock.makefile("rwb")
-        self.file.readline()  # greeting
-        self.execute("qmp_capabilities")
-
-    def execute(self, command, **arguments):
-        message = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        self.file.write(self.json.dumps(message).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply = self.json.loads(self.file.readline())
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                raise RuntimeError(f"QMP {command}: {reply['error']['desc']}")
-
-    def close(self):
-        self.file.close()
-        self.sock.close()
-
-
-if __name__ == "__main__":
-    from bench.__main__ import print_rows
-
-    print_rows(run())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return QmpClient(path)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
