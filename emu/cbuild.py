@@ -8,6 +8,7 @@ module is not linked against libunicorn: the few engine functions it calls are p
 as pointers from Python.
 """
 
+import os
 import pathlib
 import shutil
 
@@ -528,7 +529,9 @@ def build():
     workdir.mkdir(parents=True, exist_ok=True)
     built = pathlib.Path(ffi.compile(tmpdir=str(workdir), verbose=False))
     target = here / built.name
-    shutil.copyfile(built, target)
+    staging = target.with_name(target.name + ".new")
+    shutil.copyfile(built, staging)
+    os.replace(staging, target)  # a new inode: emulators running the old module keep their mapping
     return target
 
 
