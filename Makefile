@@ -7,18 +7,22 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CHELPER := emu/_emuc.stamp
 FIRMWARE_STAMP := firmware/build/.stamp
-APT_PACKAGES := gcc binutils make qemu-system-x86
+ENGINE_STAMP := build/engine/lib/inputs.sha256
+APT_PACKAGES := gcc binutils make cmake patch qemu-system-x86
 
-.PHONY: all setup deps venv cffi firmware test demo bench soak lint clean linux
+.PHONY: all setup deps venv engine cffi firmware test demo bench soak lint clean linux
 
 all: test
 
-# Debian packages: the toolchain for firmware and the C helper, and QEMU as the reference
-# for differential tests and benchmarks.  Installed only when missing and when we can.
+# Debian packages: the toolchain for firmware, the C helper and our libunicorn build, and
+# QEMU as the reference for differential tests and benchmarks.  Installed only when missing
+# and when we can.
 deps:
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	command -v as >/dev/null || missing="$$missing binutils"; \
+	command -v cmake >/dev/null || missing="$$missing cmake"; \
+	command -v patch >/dev/null || missing="$$missing patch"; \
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -36,6 +40,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# libunicorn from the pinned source distribution with engine/unicorn/*.patch (see engine/README.md)
+$(ENGINE_STAMP): engine/build.py $(wildcard engine/unicorn/*.patch) $(STAMP)
+	$(PY) engine/build.py
+
+engine: deps $(ENGINE_STAMP)
+
 $(CHELPER): emu/cbuild.py $(STAMP)
 	$(PY) -m emu.cbuild
 	touch $@
@@ -48,7 +58,7 @@ $(FIRMWARE_STAMP): $(wildcard firmware/*.S firmware/lib/* firmware/*.ld firmware
 
 firmware: $(FIRMWARE_STAMP)
 
-setup: deps venv cffi firmware
+setup: deps venv engine cffi firmware
 
 test: setup linux
 	$(PY) -m pytest

@@ -64,6 +64,9 @@ typedef struct {
     uint8_t *dirty_map;       /* one byte per 4 KiB page of RAM */
     uint64_t ram_pages;
     uint64_t dirty_writes;
+    /* --- real-time deadlines (patched engine: no block hook) ------------------- */
+    void    *timer;           /* the deadline timer thread, see deadline_timer_* */
+    uint64_t timer_fires;
 } emu_state;
 
 #define STOP_DEADLINE 1
@@ -92,10 +95,18 @@ int deliver_fast(emu_state *s, void *uc, int vector, int software, uint64_t retu
                  uint32_t error_code);
 int after_hlt(emu_state *s, void *uc);
 uint64_t mark_nonzero_pages(const uint8_t *ram, const int64_t *pages, uint64_t n, uint8_t *out);
+uint64_t collect_dirty_bitmap(uint64_t *bitmap, uint8_t *extra, uint64_t npages, uint32_t *out);
+int deadline_timer_start(emu_state *s, void *uc);
+void deadline_timer_arm(emu_state *s, int64_t guest_deadline_ns);
+void deadline_timer_disarm(emu_state *s);
+void deadline_timer_stop(emu_state *s);
 """
 
 SOURCE = r"""
+#include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 """ + CDEF.split("void on_out")[0] + r"""
@@ -120,7 +131,7 @@ int64_t guest_now_ns(emu_state *s) {
 }
 
 static void request_stop(emu_state *s, void *uc, uint32_t why) {
-    s->stop_reason |= why;
+    __atomic_fetch_or(&s->stop_reason, why, __ATOMIC_RELAXED);  /* the deadline thread ORs in too */
     if (s->icount_mode)
         s->icount_limit = s->icount;   /* deterministic: the block hook stops before the next block */
     else
@@ -502,6 +513,129 @@ int after_hlt(emu_state *s, void *uc) {
     return byte == 0xf4;
 }
 
+/* Merge the engine's dirty log (one bit per page, collected and cleared by the engine) with
+   the host-write map (one byte per page), list the dirty pages and clear the host map. */
+uint64_t collect_dirty_bitmap(uint64_t *bitmap, uint8_t *extra, uint64_t npages, uint32_t *out) {
+    uint64_t n = 0;
+    const uint64_t *e64 = (const uint64_t *)extra;
+    for (uint64_t w = 0; w < (npages + 63) / 64; w++) {
+        uint64_t bits = bitmap[w];
+        for (uint64_t k = w * 8; k < w * 8 + 8 && k * 8 < npages; k++) {
+            if (k * 8 + 8 <= npages && !e64[k]) continue;  /* 8 clean pages at once */
+            for (uint64_t i = k * 8; i < k * 8 + 8 && i < npages; i++)
+                if (extra[i]) { bits |= 1ull << (i % 64); extra[i] = 0; }
+        }
+        while (bits) {
+            uint64_t i = w * 64 + (uint64_t)__builtin_ctzll(bits);
+            bits &= bits - 1;
+            if (i < npages) out[n++] = (uint32_t)i;
+        }
+    }
+    return n;
+}
+
+/* ---------------------------------------------------------------------------------------
+   The real-time deadline timer.  With the patched engine no hook runs at every block: a
+   thread sleeps until the slice's deadline (host monotonic time) and then asks the engine
+   to stop, at the next block start.  A stop request that arrives while uc_emu_start is
+   still starting up can be lost (Unicorn issue 636), so the thread asks again every 200 us
+   until the slice is disarmed.  A late request from an old slice only ends the next slice
+   early, which the run loop takes in its stride.
+   --------------------------------------------------------------------------------------- */
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    pthread_t thread;
+    emu_state *s;
+    void *uc;
+    int64_t deadline;  /* host CLOCK_MONOTONIC ns, while armed */
+    int armed, quit;
+} deadline_timer;
+
+static void timespec_at(struct timespec *ts, int64_t ns) {
+    ts->tv_sec = ns / 1000000000;
+    ts->tv_nsec = ns % 1000000000;
+}
+
+static void *deadline_timer_main(void *arg) {
+    deadline_timer *t = (deadline_timer *)arg;
+    struct timespec ts;
+    pthread_mutex_lock(&t->lock);
+    while (!t->quit) {
+        if (!t->armed) {
+            pthread_cond_wait(&t->cond, &t->lock);
+            continue;
+        }
+        int64_t now = (int64_t)host_monotonic_ns();
+        if (now < t->deadline) {
+            timespec_at(&ts, t->deadline);
+            pthread_cond_timedwait(&t->cond, &t->lock, &ts);
+            continue;  /* due, re-armed or disarmed: look again */
+        }
+        __atomic_fetch_or(&t->s->stop_reason, STOP_DEADLINE, __ATOMIC_RELAXED);
+        t->s->timer_fires++;
+        pthread_mutex_unlock(&t->lock);
+        t->s->emu_stop(t->uc);
+        pthread_mutex_lock(&t->lock);
+        if (t->armed && !t->quit) {
+            timespec_at(&ts, (int64_t)host_monotonic_ns() + 200000);
+            pthread_cond_timedwait(&t->cond, &t->lock, &ts);
+        }
+    }
+    pthread_mutex_unlock(&t->lock);
+    return NULL;
+}
+
+int deadline_timer_start(emu_state *s, void *uc) {
+    deadline_timer *t = (deadline_timer *)calloc(1, sizeof(*t));
+    pthread_condattr_t attr;
+    if (!t) return -1;
+    t->s = s;
+    t->uc = uc;
+    pthread_mutex_init(&t->lock, NULL);
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&t->cond, &attr);
+    pthread_condattr_destroy(&attr);
+    if (pthread_create(&t->thread, NULL, deadline_timer_main, t) != 0) {
+        free(t);
+        return -1;
+    }
+    s->timer = t;
+    return 0;
+}
+
+void deadline_timer_arm(emu_state *s, int64_t guest_deadline_ns) {
+    deadline_timer *t = (deadline_timer *)s->timer;
+    pthread_mutex_lock(&t->lock);
+    t->deadline = guest_deadline_ns + s->rt_offset_ns;  /* guest = host - rt_offset */
+    t->armed = 1;
+    pthread_cond_signal(&t->cond);
+    pthread_mutex_unlock(&t->lock);
+}
+
+void deadline_timer_disarm(emu_state *s) {
+    deadline_timer *t = (deadline_timer *)s->timer;
+    pthread_mutex_lock(&t->lock);
+    t->armed = 0;
+    pthread_mutex_unlock(&t->lock);  /* the thread notices when it next wakes */
+}
+
+void deadline_timer_stop(emu_state *s) {
+    deadline_timer *t = (deadline_timer *)s->timer;
+    if (!t) return;
+    pthread_mutex_lock(&t->lock);
+    t->quit = 1;
+    t->armed = 0;
+    pthread_cond_signal(&t->cond);
+    pthread_mutex_unlock(&t->lock);
+    pthread_join(t->thread, NULL);
+    pthread_mutex_destroy(&t->lock);
+    pthread_cond_destroy(&t->cond);
+    free(t);
+    s->timer = NULL;
+}
+
 /* out[i] = 1 when page pages[i] holds any non-zero byte; stops at the first one found. */
 uint64_t mark_nonzero_pages(const uint8_t *ram, const int64_t *pages, uint64_t n, uint8_t *out) {
     uint64_t count = 0;
@@ -523,7 +657,7 @@ def build():
     """Compile in build/cffi and place the extension module next to this file."""
     ffi = FFI()
     ffi.cdef(CDEF)
-    ffi.set_source("_emuc", SOURCE, extra_compile_args=["-O2"])
+    ffi.set_source("_emuc", SOURCE, extra_compile_args=["-O2", "-pthread"], extra_link_args=["-pthread"])
     here = pathlib.Path(__file__).resolve().parent
     workdir = here.parent / "build" / "cffi"
     workdir.mkdir(parents=True, exist_ok=True)

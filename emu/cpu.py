@@ -17,6 +17,9 @@ register is reachable in every mode; ``emu_start`` then takes RIP (not a linear 
 import ctypes
 import fractions
 import struct
+import weakref
+
+import numpy as np
 
 from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
                      UC_ERR_READ_UNMAPPED,
@@ -28,6 +31,7 @@ from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import uclib
 
 from . import x86context as xc
+from .engine import EngineControls, warn_if_stock
 from .errors import GuestError, UnsupportedError
 
 NEVER = 0xFFFF_FFFF_FFFF_FFFF
@@ -108,6 +112,11 @@ class X86Cpu:
         self.running = False  # inside emu_start: only then does a stop request reach the engine
 
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.engine = EngineControls(self.uc)
+        warn_if_stock(self.engine)
+        # the patched engine needs no hook at every block in real-time mode: deadlines come
+        # from a timer thread, the interrupt window from the engine itself
+        self.block_hook = icount or not self.engine.patched
         self._real_mode_context = bytes(Uc(UC_ARCH_X86, UC_MODE_16).context_save())
         self.ctx = xc.ContextView(self.uc)
         self._fresh = False  # ctx holds the engine's current state (reads need no engine call)
@@ -156,13 +165,20 @@ class X86Cpu:
         self._c_hook(UC_HOOK_INSN, "on_in", X.UC_X86_INS_IN)
         self._c_hook(UC_HOOK_INSN, "on_rdtsc", X.UC_X86_INS_RDTSC)
         self._c_hook(UC_HOOK_INSN, "on_rdtscp", X.UC_X86_INS_RDTSCP)
-        self._c_hook(UC_HOOK_BLOCK, "on_block")
+        if self.block_hook:
+            self._c_hook(UC_HOOK_BLOCK, "on_block")
         self._setup_fast_delivery()
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        # bounded to what lies above RAM (mapped from 0): a memory hook that covers RAM keeps
+        # every guest store on the engine's slow path
+        self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped, None, self.ram.size, NEVER)
         self._cpuid_table = self._native_cpuid()
+        if not self.block_hook:
+            if self.clib.deadline_timer_start(s, self._uc_handle) != 0:
+                raise GuestError("cpu: cannot start the deadline timer thread")
+            weakref.finalize(self, self.clib.deadline_timer_stop, s)
 
     def add_c_memory_write_hook(self, fn_name, begin, end):
         return self._c_hook(UC_HOOK_MEM_WRITE, fn_name, begin=begin, end=end)
@@ -330,8 +346,23 @@ class X86Cpu:
         return 1
 
     def _host_wrote_ram(self, address, length):
-        """Translated code does not see host writes: drop it (loaders, DMA)."""
-        self.uc.ctl_flush_tb()
+        """Translated code does not see host writes: drop what they overwrote (loaders, DMA)."""
+        if self.engine.patched:
+            self.engine.invalidate_code(address, address + length)
+        else:
+            self.uc.ctl_flush_tb()
+
+    def host_wrote_pages(self, pages):
+        """The same for a sorted array of page numbers (a state load): one engine call per run
+        of consecutive pages, or one flush of everything when that is cheaper."""
+        if not self.engine.patched or len(pages) > 4096:
+            self.uc.ctl_flush_tb()
+            return
+        if not len(pages):
+            return
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        for first, last in zip(pages[np.r_[0, breaks]], pages[np.r_[breaks - 1, len(pages) - 1]], strict=True):
+            self.engine.invalidate_code(int(first) << 12, (int(last) + 1) << 12)
 
     # ------------------------------------------------------------------ registers
     def snapshot(self):
@@ -465,8 +496,12 @@ class X86Cpu:
         uncounted ``emu_start`` after one.)"""
         s = self.s
         s.stop_reason = 0
-        s.irq_waiting = 1 if interrupt_waiting or past_shadow else 0
-        s.irq_skip_blocks = 1 if past_shadow else 0
+        window = interrupt_waiting or past_shadow
+        if not self.engine.patched:
+            s.irq_waiting = 1 if window else 0
+            s.irq_skip_blocks = 1 if past_shadow else 0
+        elif window:
+            self.engine.request_irq_window(True)  # the engine lets a shadowed instruction pass
         ctx = self.snapshot()
         cr2 = ctx.u64("cr", 2)
         rip = ctx.u64("eip")
@@ -475,6 +510,8 @@ class X86Cpu:
         if self.icount:
             budget = max(1, (deadline_ns - self.clock.now() + self.clock.ns_per_unit - 1) // self.clock.ns_per_unit)
             s.icount_limit = s.icount + budget
+        elif not self.block_hook:
+            self.clib.deadline_timer_arm(s, deadline_ns)
         self._stale()
         self.running = True
         try:
@@ -484,7 +521,15 @@ class X86Cpu:
                 self._engine_error(e)
         finally:
             self.running = False
-            self._repair_after_slice(cr2)
+            if not self.block_hook:
+                self.clib.deadline_timer_disarm(s)
+            if window and self.engine.patched:
+                if self.engine.irq_window_pending():
+                    self.engine.request_irq_window(False)  # the slice ended for another reason
+                else:
+                    s.stop_reason |= self.clib.STOP_IRQ_WINDOW
+            if not self.engine.patched:
+                self._repair_after_slice(cr2)  # the stock engine's phantom page fault
         if self.hook_error is not None:
             err, self.hook_error = self.hook_error, None
             raise err
@@ -515,6 +560,8 @@ class X86Cpu:
 
     def finished_on_hlt(self):
         """True when the engine returned because the guest executed ``hlt``."""
+        if self.engine.patched:
+            return not self.events and self.engine.halted()
         if self.s.stop_reason or self.stop_requested or self.events:
             return False
         result = self.clib.after_hlt(self.s, self._uc_handle)  # reads the context into self.ctx

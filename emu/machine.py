@@ -51,8 +51,8 @@ class Machine:
         self.background_jobs = []  # callables run between slices (live migration passes, COLO)
         self.idle_wait_cap = IDLE_WAIT_CAP_S  # longest host sleep between runs of the background jobs
         self._fd_handlers = {}
-        self._dirty_hook = None
-        self._dirty_map = None
+        self._dirty_log_on = False
+        self._dirty_hook = None  # the stock engine's C write hook
         self.interrupt_controller = None  # has_interrupt() / acknowledge()
         self.exit_status = None
         self.exit_message = None
@@ -171,29 +171,48 @@ class Machine:
         return machinestate.digest(self)
 
     def start_dirty_log(self):
-        """Track every page written from now on, by the CPU (C write hook) or the host."""
-        if self._dirty_hook is not None:
+        """Track every page written from now on, by the CPU or the host.
+
+        The patched engine logs in its TLB (the first store to a clean page takes the slow
+        path), including the page walker's accessed/dirty bits; the stock engine needs a C
+        write hook, which puts every load and store on the slow path and misses those."""
+        if self._dirty_log_on:
             return
-        self._dirty_map = np.zeros(self.ram.npages, dtype=np.uint8)
-        self.cstate.dirty_map = self.ffi.cast("uint8_t *", self._dirty_map.ctypes.data)
-        self.cstate.ram_pages = self.ram.npages
         self.ram.host_dirty[:] = 0
-        self._dirty_hook = self.cpu.add_c_memory_write_hook("on_mem_write", 0, self.ram.size - 1)
+        self._dirty_out = np.empty(self.ram.npages, dtype=np.uint32)
+        if self.cpu.engine.patched:
+            self._dirty_bitmap = np.zeros((self.ram.npages + 63) // 64, dtype=np.uint64)
+            self.cpu.engine.dirty_log(True)
+        else:
+            self._dirty_map = np.zeros(self.ram.npages, dtype=np.uint8)
+            self.cstate.dirty_map = self.ffi.cast("uint8_t *", self._dirty_map.ctypes.data)
+            self.cstate.ram_pages = self.ram.npages
+            self._dirty_hook = self.cpu.add_c_memory_write_hook("on_mem_write", 0, self.ram.size - 1)
+        self._dirty_log_on = True
 
     def dirty_pages(self):
         """Page numbers written since the last call (or the start); clears the log."""
-        if self._dirty_hook is None:
+        if not self._dirty_log_on:
             raise EmuError("machine: the dirty log is not running")
-        out = np.empty(self.ram.npages, dtype=np.uint32)
-        n = self.clib.collect_dirty(self.ffi.cast("uint8_t *", self._dirty_map.ctypes.data),
-                                    self.ffi.cast("uint8_t *", self.ram.host_dirty.ctypes.data),
-                                    self.ram.npages, self.ffi.cast("uint32_t *", out.ctypes.data))
+        out, host = self._dirty_out, self.ffi.cast("uint8_t *", self.ram.host_dirty.ctypes.data)
+        if self.cpu.engine.patched:
+            self.cpu.engine.dirty_log_sync(0, self.ram.size, self._dirty_bitmap.ctypes.data)
+            n = self.clib.collect_dirty_bitmap(self.ffi.cast("uint64_t *", self._dirty_bitmap.ctypes.data), host,
+                                               self.ram.npages, self.ffi.cast("uint32_t *", out.ctypes.data))
+        else:
+            n = self.clib.collect_dirty(self.ffi.cast("uint8_t *", self._dirty_map.ctypes.data), host,
+                                        self.ram.npages, self.ffi.cast("uint32_t *", out.ctypes.data))
         return out[:n].copy()
 
     def stop_dirty_log(self):
-        if self._dirty_hook is not None:
+        if not self._dirty_log_on:
+            return
+        if self.cpu.engine.patched:
+            self.cpu.engine.dirty_log(False)
+        else:
             self.cpu.remove_hook(self._dirty_hook)
             self._dirty_hook = None
+        self._dirty_log_on = False
 
     def notify_interrupt(self):
         """A device raised an interrupt: end the CPU slice so that it is delivered promptly."""

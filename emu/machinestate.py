@@ -125,7 +125,7 @@ def apply(machine, parsed, decoded):
 def _write_pages(machine, ram_pages):
     ram_pages.write_into(machine.ram.buf)
     machine.ram.host_dirty[ram_pages.pages] = 1
-    machine.cpu.uc.ctl_flush_tb()
+    machine.cpu.host_wrote_pages(ram_pages.pages)
 
 
 def load(machine, data, rollback=True):

@@ -24,6 +24,17 @@ def run_emu(*args, input=None, timeout=60):
                           timeout=timeout, cwd=ROOT)
 
 
+def engine_patched():
+    """Whether our own libunicorn build (engine/) is loaded, not the stock wheel."""
+    from emu.engine import EngineControls  # first: importing emu selects the library
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    return EngineControls(Uc(UC_ARCH_X86, UC_MODE_64)).patched
+
+
+requires_patched_engine = pytest.mark.skipif(not engine_patched(), reason="needs the patched engine (make setup "
+                                             "with cmake and a C compiler); the stock unicorn wheel is loaded")
+
+
 def qemu_binary():
     return shutil.which("qemu-system-x86_64")
 

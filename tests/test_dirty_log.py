@@ -15,6 +15,7 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import requires_patched_engine
 from guestasm import assemble, bare_machine, entry
 
 from emu.errors import EmuError, GuestError
@@ -295,8 +296,7 @@ start:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="Unicorn calls the write hook once with the physical address of the "
-                                       "first byte; on_mem_write assumes the next physical page")
+@requires_patched_engine
 def test_store_straddling_into_a_noncontiguous_physical_page():
     m = bare_machine()
     load(m, SPLIT_NONCONTIGUOUS)
@@ -309,8 +309,7 @@ def test_store_straddling_into_a_noncontiguous_physical_page():
     shadow.check(written={0x300, 0x500})
 
 
-@pytest.mark.xfail(strict=True, reason="the engine's page walker sets accessed/dirty bits with physical "
-                                       "stores that no write hook sees")
+@requires_patched_engine
 def test_accessed_and_dirty_bits_set_by_the_page_walker():
     m = bare_machine()
     load(m, PAGING32)
@@ -343,8 +342,7 @@ pf:
 """ + GDT64
 
 
-@pytest.mark.xfail(strict=True, reason="the write hook runs before the second page is translated: a store "
-                                       "that faults there still marks two pages")
+@requires_patched_engine
 def test_store_that_faults_on_its_second_page_reports_nothing():
     m = bare_machine()
     sym = load(m, FAULTING_SPLIT, bits=64)

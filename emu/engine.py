@@ -1,0 +1,87 @@
+"""The CPU engine: which libunicorn is loaded, and the controls our own build adds.
+
+``make setup`` builds libunicorn from the pinned source with the patch series in
+``engine/unicorn/`` (see ``engine/README.md``), and ``emu/__init__.py`` points the PyPI
+binding at it.  Its extra ``uc_ctl`` controls give an exact dirty log kept by the engine,
+code invalidation by physical address, an interrupt-window exit and the halt state.  With
+the stock wheel (no cmake or compiler) they are absent: the machine then falls back to
+hooks, which is correct but several times slower, and says so once.
+"""
+
+import ctypes
+import sys
+
+from unicorn import UC_ERR_OK, Uc
+from unicorn.unicorn_py3.unicorn import uclib
+
+# uc_control_type values of engine/unicorn/000[3-7]*.patch (far from upstream's numbers)
+UC_CTL_DIRTY_LOG = 0x4000
+UC_CTL_DIRTY_LOG_SYNC = 0x4001
+UC_CTL_TB_REMOVE_CACHE_PHYS = 0x4002
+UC_CTL_CPU_IRQ_WINDOW = 0x4003
+UC_CTL_CPU_HALTED = 0x4004
+_IO_WRITE, _IO_READ = 1, 2
+
+_warned = False
+
+
+def _control(kind, nargs, rw):
+    """UC_CTL(type, nr, rw) of unicorn.h, as the C int that uc_ctl takes."""
+    return ctypes.c_int32(kind | (nargs << 26) | (rw << 30))
+
+
+class EngineControls:
+    """The patched engine's controls on one Unicorn instance (``patched`` is False on the
+    stock wheel, where none of the methods may be called)."""
+
+    def __init__(self, uc: Uc):
+        self._uch = uc._uch
+        probe = ctypes.c_int(-1)
+        err = uclib.uc_ctl(self._uch, _control(UC_CTL_CPU_HALTED, 1, _IO_READ), ctypes.byref(probe))
+        self.patched = err == UC_ERR_OK
+        self._int = ctypes.c_int(0)
+        self._halted_code = _control(UC_CTL_CPU_HALTED, 1, _IO_READ)
+        self._window_write = _control(UC_CTL_CPU_IRQ_WINDOW, 1, _IO_WRITE)
+        self._window_read = _control(UC_CTL_CPU_IRQ_WINDOW, 1, _IO_READ)
+        self._sync_code = _control(UC_CTL_DIRTY_LOG_SYNC, 3, _IO_READ | _IO_WRITE)
+        self._invalidate_code = _control(UC_CTL_TB_REMOVE_CACHE_PHYS, 2, _IO_WRITE)
+
+    def _check(self, err, what):
+        if err != UC_ERR_OK:
+            raise RuntimeError(f"cpu: engine control {what} failed with Unicorn error {err}")
+
+    def halted(self):
+        """The last emu_start ended on the guest's hlt."""
+        self._check(uclib.uc_ctl(self._uch, self._halted_code, ctypes.byref(self._int)), "CPU_HALTED")
+        return bool(self._int.value)
+
+    def request_irq_window(self, request):
+        self._check(uclib.uc_ctl(self._uch, self._window_write, ctypes.c_int(1 if request else 0)), "IRQ_WINDOW")
+
+    def irq_window_pending(self):
+        self._check(uclib.uc_ctl(self._uch, self._window_read, ctypes.byref(self._int)), "IRQ_WINDOW")
+        return bool(self._int.value)
+
+    def dirty_log(self, enable):
+        self._check(uclib.uc_ctl(self._uch, _control(UC_CTL_DIRTY_LOG, 1, _IO_WRITE), ctypes.c_int(int(enable))),
+                    "DIRTY_LOG")
+
+    def dirty_log_sync(self, begin, size, bitmap_address):
+        """Collect and clear the log of [begin, begin + size) into the uint64 words at
+        ``bitmap_address`` (one bit per page)."""
+        self._check(uclib.uc_ctl(self._uch, self._sync_code, ctypes.c_uint64(begin), ctypes.c_uint64(size),
+                                 ctypes.c_void_p(bitmap_address)), "DIRTY_LOG_SYNC")
+
+    def invalidate_code(self, begin, end):
+        """Drop translated code in guest-physical [begin, end) (the host wrote it)."""
+        self._check(uclib.uc_ctl(self._uch, self._invalidate_code, ctypes.c_uint64(begin), ctypes.c_uint64(end)),
+                    "TB_REMOVE_CACHE_PHYS")
+
+
+def warn_if_stock(controls):
+    """Once per process: say that the stock engine is in use, and what it costs."""
+    global _warned
+    if not controls.patched and not _warned:
+        _warned = True
+        print("emu: warning: running on the stock unicorn wheel (run `make setup` with cmake and a C compiler "
+              "to build the patched engine): guest code runs several times slower", file=sys.stderr)

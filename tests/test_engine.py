@@ -1,0 +1,161 @@
+"""Our libunicorn build (engine/): stores run on the fast path, yet translated code never goes
+stale, whoever writes it; and the engine's own controls behave as documented.
+
+Guest stores to pages without translated code no longer reach the engine's slow path, so
+every way code can change is tested with a guest that would print a stale result: a store
+into the running block, a store through another virtual alias of the code's page, and host
+writes (a loader, a state load) over code the guest has already run.
+"""
+
+import struct
+
+import numpy as np
+import pytest
+from conftest import requires_patched_engine
+from guestasm import assemble, bare_machine, entry
+from test_dirty_log import GDT64, gate64, long_mode_tables, run_phase
+
+pytestmark = requires_patched_engine
+
+RUN_NS = 1_000_000_000
+
+
+def run_to_exit(machine):
+    status = machine.run(until_ns=RUN_NS)
+    assert status is not None, f"the guest did not exit (rip={machine.cpu.rip:#x})"
+    return status
+
+
+SAME_BLOCK = r"""
+start:
+    mov ecx, 3
+again:
+    mov byte ptr [patch + 1], cl   # rewrites the immediate of the next instruction
+patch:
+    mov al, 0                      # in the block that is running
+    out 0xe9, al
+    dec ecx
+    jnz again
+    mov al, 0
+    out 0xf4, al
+"""
+
+
+def test_store_into_the_running_block():
+    m = bare_machine()
+    code, _ = assemble(SAME_BLOCK, 0x100000)
+    m.ram.write(0x100000, code)
+    m.cpu.enter(entry("protected32", 0x100000))
+    assert run_to_exit(m) == 1
+    assert bytes(m.console.output) == b"\x03\x02\x01"
+
+
+ALIAS = r"""
+.code64
+start:
+    lgdt [gdtr]
+    mov rsp, 0x90000
+    mov rbx, 1
+loop:
+    call 0x700000                 # the function, through its first mapping
+    out 0xe9, al
+    inc rbx
+    mov byte ptr [0x701001], bl   # its immediate, through the second mapping
+    cmp rbx, 4
+    jne loop
+    mov al, 0
+    out 0xf4, al
+""" + GDT64
+
+
+def test_store_through_another_virtual_alias_of_translated_code():
+    m = bare_machine()
+    code, _ = assemble(ALIAS, 0x100000, bits=64)
+    m.ram.write(0x100000, code)
+    m.ram.write(0x300000, b"\xb0\x01\xc3")  # mov al, 1; ret
+    # virtual pages 0x700 and 0x701 both map physical page 0x300
+    cr3 = long_mode_tables(m, aliases={0x700: 0x300000, 0x701: 0x300000})
+    m.cpu.enter(entry("long64", 0x100000, cr3=cr3))
+    assert run_to_exit(m) == 1
+    assert bytes(m.console.output) == b"\x01\x02\x03"
+
+
+HOST_WRITE = r"""
+.code64
+run:
+    call 0x300000
+    out 0xe9, al
+run_done:
+    jmp run_done
+""" + GDT64
+
+
+@pytest.mark.parametrize("how", ["loader", "state load"])
+def test_host_write_over_code_the_guest_has_run(how):
+    m = bare_machine()
+    code, sym = assemble(HOST_WRITE, 0x100000, bits=64)
+    m.ram.write(0x100000, code)
+    m.ram.write(0x300000, b"\xb0\x11\xc3")  # mov al, 0x11; ret
+    cr3 = long_mode_tables(m)
+    m.cpu.enter(entry("long64", 0x100000, cr3=cr3, rsp=0x90000))
+    run_phase(m, sym, "run")
+    new_code = b"\xb0\x22\xc3"  # mov al, 0x22; ret
+    if how == "loader":
+        m.ram.write(0x300000, new_code)
+    else:
+        page = m.ram.buf[0x300000:0x301000].copy()
+        page[:3] = np.frombuffer(new_code, dtype=np.uint8)
+        donor = bare_machine()
+        donor.ram.buf[0x300000:0x301000] = page
+        m.load_ram(donor.save_ram(np.array([0x300])))
+    run_phase(m, sym, "run")
+    assert bytes(m.console.output) == b"\x11\x22"
+
+
+PAGE_FAULT_LOOP = r"""
+.code64
+start:
+    lgdt [gdtr]
+    lidt [idtr]
+    mov rsp, 0x90000
+spin:
+    jmp spin
+pf:
+    mov rax, cr2
+    mov [0x80000], rax
+    mov al, 0
+    out 0xf4, al
+""" + GDT64
+
+
+def test_slices_leave_no_phantom_page_fault():
+    """Unicorn 2.1.4 translated its exit address through the guest's page tables after every
+    slice; where that is unmapped it left CR2 and a pending fault behind, which made the
+    guest's next real page fault a double fault."""
+    m = bare_machine(icount=False)
+    code, sym = assemble(PAGE_FAULT_LOOP, 0x100000, bits=64)
+    m.ram.write(0x100000, code)
+    cr3 = long_mode_tables(m)
+    gate64(m, 14, sym["pf"])
+    m.cpu.enter(entry("long64", 0x100000, cr3=cr3))
+    for _ in range(20):  # many slices, each returning through the unmapped exit address
+        m.run(until_ns=m.clock.now() + 200_000)
+    assert m.cpu.reg("cr2") == 0
+    # now a real fault: delivered as #PF (not #DF), with the faulting address in CR2
+    m.ram.write(0x200000, b"\x48\xa1" + struct.pack("<Q", 0x7FFF_0000_0000))  # mov rax, [unmapped]
+    m.cpu.set_reg("rip", 0x200000)
+    assert run_to_exit(m) == 1
+    assert m.cpu.exception_counts == {14: 1}
+    assert struct.unpack("<Q", m.ram.read(0x80000, 8))[0] == 0x7FFF_0000_0000
+
+
+def test_engine_controls_reject_bad_arguments():
+    m = bare_machine()
+    bitmap = np.zeros(4, dtype=np.uint64)
+    with pytest.raises(RuntimeError, match="DIRTY_LOG_SYNC"):  # the log is not running
+        m.cpu.engine.dirty_log_sync(0, 1 << 20, bitmap.ctypes.data)
+    m.cpu.engine.dirty_log(True)
+    with pytest.raises(RuntimeError, match="DIRTY_LOG_SYNC"):  # not page aligned
+        m.cpu.engine.dirty_log_sync(0x10, 1 << 20, bitmap.ctypes.data)
+    with pytest.raises(RuntimeError, match="DIRTY_LOG_SYNC"):  # beyond RAM
+        m.cpu.engine.dirty_log_sync(m.ram.size - 4096, 8192, bitmap.ctypes.data)
