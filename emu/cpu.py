@@ -484,6 +484,7 @@ class X86Cpu:
                 self._engine_error(e)
         finally:
             self.running = False
+            self._stale()  # a hook may have read registers mid-slice: that copy is old now
             self._repair_after_slice(cr2)
         if self.hook_error is not None:
             err, self.hook_error = self.hook_error, None

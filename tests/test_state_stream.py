@@ -489,7 +489,7 @@ def _device_cases():
         ("missing cpu and clock", lambda src, st: build(st, st.sections[2:]),
          r"state stream lacks sections: clock, cpu$"),
         ("no sections at all", lambda src, st: build(st, []),
-         r"state stream lacks sections: clock, cpu, debugexit@0xf4"),
+         r"state stream lacks sections: a20, clock, cpu, debugexit@0xf4"),
         ("unknown section kind", lambda src, st: build(st, replace(st, "pic@0x20", kind=3)),
          r"state stream section 2: unknown kind 3"),
         ("bytes after the end marker", lambda src, st: build(st, end=b"\xff\x00"),
