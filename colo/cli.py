@@ -12,7 +12,6 @@ The primary and secondary commands are shortcuts for what QMP does (QEMU's way):
 the primary, with COM1 on the client endpoint (``-serial colo:HOST:PORT,role=...``).
 """
 
-import signal
 import sys
 import time
 
@@ -111,13 +110,6 @@ def _serial_for(args, role, mode="compare"):
         args.serial = [f"colo:{host}:{port},role={role},mode={mode},node={args.node}"] + (args.serial or [])[1:]
 
 
-def _stop_on_sigterm():
-    """SIGTERM ends the VM like Ctrl-C: records flushed, sockets closed."""
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
-
-
 def cmd_secondary(argv):
     from emu.cli import run_machine
 
@@ -134,8 +126,7 @@ def cmd_secondary(argv):
         print(f"colo secondary: waiting for the primary on tcp:{host}:{migration.incoming.port}",
               file=sys.stderr, flush=True)
 
-    _stop_on_sigterm()
-    return run_machine(args, configure)
+    return run_machine(args, configure)  # SIGTERM ends it like Ctrl-C: records flushed, sockets closed
 
 
 def cmd_primary(argv):
@@ -177,8 +168,7 @@ def cmd_primary(argv):
                 protect()
         machine.background_jobs.append(protect_later)
 
-    _stop_on_sigterm()
-    return run_machine(args, configure)
+    return run_machine(args, configure)  # SIGTERM ends it like Ctrl-C: records flushed, sockets closed
 
 
 def cmd_proxy(argv):

@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from emu import snapshot
-from emu.errors import EmuError, StateError
+from emu.chardev import listen_tcp
+from emu.errors import ConfigError, EmuError, StateError
 
 from . import wire
 
@@ -109,8 +110,20 @@ class MigrationController:
         self.colo_passive = False
         self.colo = None  # the ColoPrimary / ColoSecondary once in COLO
         self.incoming = None  # the IncomingMigration of -incoming, if any
+        self._start_incoming = None  # with -incoming defer: callable(uri) -> IncomingMigration
 
     # ------------------------------------------------------------------ QMP surface
+    def defer_incoming(self, start):
+        """``-incoming defer``: QMP ``migrate-incoming`` gives the URI later (as QEMU)."""
+        self._start_incoming = start
+
+    def start_incoming(self, uri):
+        """QMP ``migrate-incoming``: only once, and only after ``-incoming defer``."""
+        if self._start_incoming is None:
+            raise EmuError("The incoming migration has already been started" if self.incoming is not None
+                           else "'-incoming' was not specified on the command line")
+        self.incoming = self._start_incoming(uri)
+        self._start_incoming = None
     def set_capabilities(self, entries):
         if self.active():
             raise EmuError("There's a migration process in progress")
@@ -484,8 +497,7 @@ class IncomingMigration:
         machine.status = "inmigrate"
         if uri.startswith("tcp:"):
             host, port = wire.parse_tcp_uri(uri, "-incoming")
-            self.listener = socket.create_server((host, port), reuse_port=False)
-            self.listener.setblocking(False)
+            self.listener = listen_tcp(host, port, 1, lambda reason: ConfigError(f"-incoming {uri}: {reason}"))
             self.port = self.listener.getsockname()[1]
             machine.add_fd_handler(self.listener.fileno(), self._accept)
             if port == 0:  # the caller needs to learn the port the system chose
@@ -493,7 +505,7 @@ class IncomingMigration:
         elif uri.startswith("exec:") or uri.startswith("file:"):
             self._read_one_way(uri)
         else:
-            raise EmuError(f"-incoming: unsupported URI {uri!r} (tcp:HOST:PORT, exec:COMMAND or file:PATH)")
+            raise ConfigError(f"-incoming: unsupported URI {uri!r} (tcp:HOST:PORT, exec:COMMAND, file:PATH or defer)")
 
     def _accept(self):
         try:

@@ -29,11 +29,15 @@ import socket
 import stat
 import sys
 import termios
+import time
 
 from .errors import ConfigError
 
 TCP_DEFAULT_HOST = "127.0.0.1"
 TCP_MAX_PENDING = 1 << 20  # output held for a slow TCP client before bytes are dropped
+STDIO_MAX_PENDING = 1 << 20  # output held for a stdout nobody reads before bytes are dropped
+CLOSE_FLUSH_S = 2.0  # at exit, how long held output may wait for a slow reader
+PIPE_BUF = 4096  # a write of at most this much to a writable pipe does not block
 READ_CHUNK = 4096
 
 
@@ -108,6 +112,11 @@ class StdioBackend(CharBackend):
     buffering or echo, bytes pass unchanged (no CR/LF translation on input); output keeps
     OPOST so the terminal maps LF to CRLF; Ctrl-C still interrupts the emulator unless
     ``signals`` is False.  :meth:`close` (and interpreter exit) restore the settings.
+
+    Output never blocks the run loop (a stdout pipe nobody reads must not starve the
+    monitor): it is written only while stdout is writable, in pieces a pipe takes whole,
+    and what stdout cannot take is held (up to ``STDIO_MAX_PENDING`` bytes; beyond that
+    dropped and counted in ``dropped``) and sent by :meth:`flush` between CPU slices.
     """
 
     def __init__(self, in_fd=0, out_fd=1, signals=True):
@@ -115,6 +124,8 @@ class StdioBackend(CharBackend):
         self.out_fd = out_fd
         self._input_open = _can_watch(in_fd)
         self._output_open = True
+        self._pending = bytearray()
+        self.dropped = 0
         self._saved_tty = None
         if out_fd == 1:
             try:
@@ -164,10 +175,34 @@ class StdioBackend(CharBackend):
     def write(self, data):
         if not self._output_open:
             return
-        try:
-            _write_fd(self.out_fd, data)
-        except OSError:
-            self._output_open = False  # stdout went away (closed pipe): drop output like QEMU
+        room = STDIO_MAX_PENDING - len(self._pending)
+        if len(data) > room:
+            self.dropped += len(data) - room
+            data = data[:room]
+        self._pending += data
+        self.flush()
+
+    def flush(self, timeout=0.0):
+        """Write held output while stdout takes it (waiting up to ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while self._pending and self._output_open:
+            wait = max(0.0, deadline - time.monotonic())
+            try:
+                _, writable, _ = select.select([], [self.out_fd], [], wait)
+            except (OSError, ValueError):
+                writable = [self.out_fd]  # let the write report it
+            if not writable:
+                return
+            try:
+                n = os.write(self.out_fd, self._pending[:PIPE_BUF])
+            except BlockingIOError:
+                continue
+            except OSError:
+                self._output_open = False  # stdout went away (closed pipe): drop output like QEMU
+                self.dropped += len(self._pending)
+                self._pending.clear()
+                return
+            del self._pending[:n]
 
     def read_fds(self):
         return [self.in_fd] if self._input_open else []
@@ -184,6 +219,7 @@ class StdioBackend(CharBackend):
         return data
 
     def close(self):
+        self.flush(CLOSE_FLUSH_S)
         self._restore_terminal()
         self._input_open = False
 
