@@ -284,3 +284,52 @@ def test_colo_secondary_survives_probes_on_its_port():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------- -serial pty and unix:
+def _read_until(read, marker):
+    got = b""
+    while marker not in got:
+        chunk = read()
+        assert chunk, got
+        got += chunk
+    return got
+
+
+def test_serial_on_a_unix_socket(tmp_path):
+    path = tmp_path / "com1.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "emu", "run", "-kernel", firmware("echo.elf"), "-serial",
+                             f"unix:{path},server"], cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        assert b"waiting for a connection on unix:" in proc.stderr.readline()
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))
+            _read_until(lambda: client.recv(4096), b"echo ready\r\n")
+            client.sendall(b"hi\rq")
+            assert _read_until(lambda: client.recv(4096), b"bye\r\n").endswith(b"hi\r\nbye\r\n")
+        assert proc.wait(timeout=30) == 1
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serial_on_a_pty():
+    proc = subprocess.Popen([sys.executable, "-m", "emu", "run", "-kernel", firmware("echo.elf"), "-serial", "pty"],
+                            cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        line = proc.stderr.readline().decode()
+        assert line.startswith("char device redirected to /dev/pts/"), line
+        fd = os.open(line.split()[4], os.O_RDWR | os.O_NOCTTY)
+        try:
+            _read_until(lambda: os.read(fd, 4096), b"echo ready\r\n")
+            os.write(fd, b"pty\rq")
+            assert _read_until(lambda: os.read(fd, 4096), b"bye\r\n").endswith(b"pty\r\nbye\r\n")
+        finally:
+            os.close(fd)
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
