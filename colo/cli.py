@@ -12,7 +12,6 @@ The primary and secondary commands are shortcuts for what QMP does (QEMU's way):
 the primary, with COM1 on the client endpoint (``-serial colo:HOST:PORT,role=...``).
 """
 
-import signal
 import sys
 import time
 
@@ -53,6 +52,8 @@ def _pair_options(parser, role):
         g.add_argument("--secondary", required=True, metavar="tcp:HOST:PORT", help="the secondary's --listen")
         g.add_argument("--checkpoint-delay", type=int, default=200, metavar="MS",
                        help="periodic checkpoint interval (x-checkpoint-delay; default 200)")
+        g.add_argument("--connect-timeout", type=float, default=CONNECT_WAIT_S, metavar="S",
+                       help=f"how long to retry a secondary that does not answer yet (default {CONNECT_WAIT_S:g})")
         g.add_argument("--protect-after", type=float, default=0, metavar="MS",
                        help="run unprotected for MS ms of host time before migrating to the secondary")
         g.add_argument("--output-delay", type=float, default=1.0, metavar="MS",
@@ -82,6 +83,11 @@ def _settings(args):
     if args.heartbeat_period <= 0 or args.heartbeat_timeout <= args.heartbeat_period:
         raise ConfigError("--heartbeat-timeout must be above --heartbeat-period (both > 0)")
     arbiter = parse_tcp_uri(args.arbiter, "--arbiter") if args.arbiter else None
+    if args.records:  # checked now: the records file is opened only once the pair has formed
+        from emu.cli import _check_writable
+        if not args.records.lower().endswith((".json", ".csv")):
+            raise ConfigError(f"--records: {args.records!r} must end in .json or .csv")
+        _check_writable("--records", args.records)
     kill_at = None
     if getattr(args, "x_kill_at", None):
         phase, _, seq = args.x_kill_at.partition(":")
@@ -111,13 +117,6 @@ def _serial_for(args, role, mode="compare"):
         args.serial = [f"colo:{host}:{port},role={role},mode={mode},node={args.node}"] + (args.serial or [])[1:]
 
 
-def _stop_on_sigterm():
-    """SIGTERM ends the VM like Ctrl-C: records flushed, sockets closed."""
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
-
-
 def cmd_secondary(argv):
     from emu.cli import run_machine
 
@@ -134,8 +133,7 @@ def cmd_secondary(argv):
         print(f"colo secondary: waiting for the primary on tcp:{host}:{migration.incoming.port}",
               file=sys.stderr, flush=True)
 
-    _stop_on_sigterm()
-    return run_machine(args, configure)
+    return run_machine(args, configure)  # SIGTERM ends it like Ctrl-C: records flushed, sockets closed
 
 
 def cmd_primary(argv):
@@ -145,6 +143,8 @@ def cmd_primary(argv):
     parse_tcp_uri(args.secondary, "--secondary")
     if args.checkpoint_delay < 1:
         raise ConfigError("--checkpoint-delay must be at least 1 ms")
+    if args.connect_timeout < 0:
+        raise ConfigError("--connect-timeout must not be negative")
     _serial_for(args, "primary")
 
     def configure(machine, migration):
@@ -154,14 +154,23 @@ def cmd_primary(argv):
         migration.set_parameters({"x-checkpoint-delay": args.checkpoint_delay})
 
         def protect():
-            deadline = time.monotonic() + CONNECT_WAIT_S
+            deadline = time.monotonic() + args.connect_timeout
+            said = False
             while True:
                 try:
                     migration.start(args.secondary)
                     break
                 except EmuError as e:
-                    if "failed to connect" not in str(e) or time.monotonic() >= deadline:
+                    if "failed to connect" not in str(e):
                         raise
+                    if time.monotonic() >= deadline:
+                        raise EmuError(f"colo primary: no secondary answers at {args.secondary} after "
+                                       f"{args.connect_timeout:g} s ({e}); start `emu colo secondary --listen "
+                                       f"{args.secondary}` first, or give more --connect-timeout") from None
+                    if not said:
+                        print(f"colo primary: no secondary at {args.secondary} yet ({e}); retrying for up to "
+                              f"{args.connect_timeout:g} s (--connect-timeout)", file=sys.stderr, flush=True)
+                        said = True
                     time.sleep(0.05)
             print(f"colo primary: migrating to {args.secondary}, then checkpoints every {args.checkpoint_delay} ms",
                   file=sys.stderr, flush=True)
@@ -177,8 +186,7 @@ def cmd_primary(argv):
                 protect()
         machine.background_jobs.append(protect_later)
 
-    _stop_on_sigterm()
-    return run_machine(args, configure)
+    return run_machine(args, configure)  # SIGTERM ends it like Ctrl-C: records flushed, sockets closed
 
 
 def cmd_proxy(argv):

@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from emu import snapshot
-from emu.errors import EmuError, StateError
+from emu.chardev import listen_tcp
+from emu.errors import ConfigError, EmuError, StateError
 
 from . import wire
 
@@ -109,8 +110,20 @@ class MigrationController:
         self.colo_passive = False
         self.colo = None  # the ColoPrimary / ColoSecondary once in COLO
         self.incoming = None  # the IncomingMigration of -incoming, if any
+        self._start_incoming = None  # with -incoming defer: callable(uri) -> IncomingMigration
 
     # ------------------------------------------------------------------ QMP surface
+    def defer_incoming(self, start):
+        """``-incoming defer``: QMP ``migrate-incoming`` gives the URI later (as QEMU)."""
+        self._start_incoming = start
+
+    def start_incoming(self, uri):
+        """QMP ``migrate-incoming``: only once, and only after ``-incoming defer``."""
+        if self._start_incoming is None:
+            raise EmuError("The incoming migration has already been started" if self.incoming is not None
+                           else "'-incoming' was not specified on the command line")
+        self.incoming = self._start_incoming(uri)
+        self._start_incoming = None
     def set_capabilities(self, entries):
         if self.active():
             raise EmuError("There's a migration process in progress")
@@ -481,11 +494,13 @@ class IncomingMigration:
         self.hello_ok = False
         self.state_stream = None
         self.pages_received = 0
+        self.probes = 0  # connections dropped before they began a migration
+        self.peer = None
+        self.port = None
         machine.status = "inmigrate"
         if uri.startswith("tcp:"):
             host, port = wire.parse_tcp_uri(uri, "-incoming")
-            self.listener = socket.create_server((host, port), reuse_port=False)
-            self.listener.setblocking(False)
+            self.listener = listen_tcp(host, port, 1, lambda reason: ConfigError(f"-incoming {uri}: {reason}"))
             self.port = self.listener.getsockname()[1]
             machine.add_fd_handler(self.listener.fileno(), self._accept)
             if port == 0:  # the caller needs to learn the port the system chose
@@ -493,19 +508,39 @@ class IncomingMigration:
         elif uri.startswith("exec:") or uri.startswith("file:"):
             self._read_one_way(uri)
         else:
-            raise EmuError(f"-incoming: unsupported URI {uri!r} (tcp:HOST:PORT, exec:COMMAND or file:PATH)")
+            raise ConfigError(f"-incoming: unsupported URI {uri!r} (tcp:HOST:PORT, exec:COMMAND, file:PATH or defer)")
 
     def _accept(self):
+        """A connection on the listening port.  Until it has said HELLO it may be a port
+        probe or junk: the port keeps listening, and a newer connection replaces one that
+        has not spoken yet.  Only a source's HELLO commits this side to it."""
         try:
-            conn, _ = self.listener.accept()
-        except BlockingIOError:
+            conn, peer = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
             return
-        self.machine.remove_fd_handler(self.listener.fileno())
-        self.listener.close()
+        if self.conn is not None:
+            self._discard_probe("a newer connection arrived before it sent a migration")
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = conn
+        self.peer = peer
         self.machine.add_fd_handler(conn.fileno(), self._readable)
+
+    def _discard_probe(self, reason):
+        """Drop a connection that never began a migration; the destination goes on waiting."""
+        self.probes += 1
+        peer = "{}:{}".format(*self.peer[:2]) if self.peer else "?"
+        print(f"emu: -incoming: ignored a connection from {peer}: {reason} ({self.probes} so far); "
+              f"still waiting on port {self.port}", file=sys.stderr, flush=True)
+        self._close()
+        self.reader = wire.FrameReader()
+
+    def _committed(self):
+        """The source said HELLO: no other connection is taken from now on."""
+        if self.listener is not None:
+            self.machine.remove_fd_handler(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
 
     def _readable(self):
         try:
@@ -513,16 +548,32 @@ class IncomingMigration:
         except BlockingIOError:
             return
         except OSError as e:
+            if not self.hello_ok:
+                self._discard_probe(f"connection error {e}")
+                return
             self._error(f"connection lost: {e}")
             return
         if not data:
+            if not self.hello_ok:
+                self._discard_probe("it closed without sending a migration")
+                return
             self._error("the source closed the connection before the migration completed")
             return
+        said_hello = self.hello_ok  # a source that says HELLO is refused, not ignored, if it does not fit
         try:
             self.reader.feed(data)
             for kind, payload in self.reader.frames():
+                if not self.hello_ok and kind != wire.HELLO and self.listener is not None:
+                    self._discard_probe(f"it sent {wire.NAMES.get(kind, kind)} instead of a migration HELLO")
+                    return
+                said_hello = True
                 self._message(kind, payload)
+                if self.conn is None:
+                    return
         except (wire.ChannelError, StateError) as e:
+            if not said_hello and self.listener is not None:
+                self._discard_probe(f"not a migration stream ({e})")
+                return
             self._refuse(str(e))
 
     def _reply(self, kind, payload=b""):
@@ -547,6 +598,7 @@ class IncomingMigration:
             if ram_size != m.ram.size:
                 raise wire.ChannelError(f"RAM size {ram_size >> 20} MiB, this machine has {m.ram.size >> 20} MiB")
             self.hello_ok = True
+            self._committed()
             if reply:
                 self._reply(wire.ACCEPT)
             return

@@ -8,7 +8,7 @@ without bound.  :class:`FrameReader` reassembles frames from a non-blocking sock
 import socket
 import struct
 
-from emu.errors import EmuError
+from emu.errors import ConfigError, EmuError
 
 HEADER = struct.Struct(">BQ")
 MAX_FRAME = 1 << 31  # a whole 1 GiB machine's RAM fits
@@ -115,13 +115,13 @@ def _recv_exact(sock, n):
 def parse_tcp_uri(uri, what):
     """'tcp:HOST:PORT' -> (host, port); HOST defaults to 127.0.0.1 (loopback only)."""
     if not uri.startswith("tcp:"):
-        raise EmuError(f"{what}: unsupported URI {uri!r} (expected tcp:HOST:PORT)")
+        raise ConfigError(f"{what}: unsupported URI {uri!r} (expected tcp:HOST:PORT)")
     rest = uri[4:].split(",")[0]
     host, _, port = rest.rpartition(":")
     try:
         port = int(port)
     except ValueError:
-        raise EmuError(f"{what}: bad port in {uri!r}") from None
+        raise ConfigError(f"{what}: bad port in {uri!r}") from None
     if not 0 <= port <= 65535:
-        raise EmuError(f"{what}: port {port} out of range in {uri!r}")
+        raise ConfigError(f"{what}: port {port} out of range in {uri!r}")
     return host or "127.0.0.1", port

@@ -149,6 +149,7 @@ void on_out(void *uc, uint32_t port, int size, uint32_t value, void *user) {
             s->out_last[port] = value & 0xff; s->io_fast++; return;
         case OUT_RING: {
             uint32_t r = s->out_last[port] & 3, h = s->ring_head[r];
+            if (h - s->ring_tail[r] >= RING_SIZE) break;  /* full (the stop lands at a block end): Python drains it */
             s->ring[r][h & (RING_SIZE - 1)] = (uint8_t)value;
             s->ring_head[r] = h + 1;
             s->io_fast++;

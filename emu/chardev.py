@@ -29,11 +29,15 @@ import socket
 import stat
 import sys
 import termios
+import time
 
 from .errors import ConfigError
 
 TCP_DEFAULT_HOST = "127.0.0.1"
 TCP_MAX_PENDING = 1 << 20  # output held for a slow TCP client before bytes are dropped
+STDIO_MAX_PENDING = 1 << 20  # output held for a stdout nobody reads before bytes are dropped
+CLOSE_FLUSH_S = 2.0  # at exit, how long held output may wait for a slow reader
+PIPE_BUF = 4096  # a write of at most this much to a writable pipe does not block
 READ_CHUNK = 4096
 
 
@@ -108,6 +112,11 @@ class StdioBackend(CharBackend):
     buffering or echo, bytes pass unchanged (no CR/LF translation on input); output keeps
     OPOST so the terminal maps LF to CRLF; Ctrl-C still interrupts the emulator unless
     ``signals`` is False.  :meth:`close` (and interpreter exit) restore the settings.
+
+    Output never blocks the run loop (a stdout pipe nobody reads must not starve the
+    monitor): it is written only while stdout is writable, in pieces a pipe takes whole,
+    and what stdout cannot take is held (up to ``STDIO_MAX_PENDING`` bytes; beyond that
+    dropped and counted in ``dropped``) and sent by :meth:`flush` between CPU slices.
     """
 
     def __init__(self, in_fd=0, out_fd=1, signals=True):
@@ -115,6 +124,8 @@ class StdioBackend(CharBackend):
         self.out_fd = out_fd
         self._input_open = _can_watch(in_fd)
         self._output_open = True
+        self._pending = bytearray()
+        self.dropped = 0
         self._saved_tty = None
         if out_fd == 1:
             try:
@@ -164,10 +175,34 @@ class StdioBackend(CharBackend):
     def write(self, data):
         if not self._output_open:
             return
-        try:
-            _write_fd(self.out_fd, data)
-        except OSError:
-            self._output_open = False  # stdout went away (closed pipe): drop output like QEMU
+        room = STDIO_MAX_PENDING - len(self._pending)
+        if len(data) > room:
+            self.dropped += len(data) - room
+            data = data[:room]
+        self._pending += data
+        self.flush()
+
+    def flush(self, timeout=0.0):
+        """Write held output while stdout takes it (waiting up to ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while self._pending and self._output_open:
+            wait = max(0.0, deadline - time.monotonic())
+            try:
+                _, writable, _ = select.select([], [self.out_fd], [], wait)
+            except (OSError, ValueError):
+                writable = [self.out_fd]  # let the write report it
+            if not writable:
+                return
+            try:
+                n = os.write(self.out_fd, self._pending[:PIPE_BUF])
+            except BlockingIOError:
+                continue
+            except OSError:
+                self._output_open = False  # stdout went away (closed pipe): drop output like QEMU
+                self.dropped += len(self._pending)
+                self._pending.clear()
+                return
+            del self._pending[:n]
 
     def read_fds(self):
         return [self.in_fd] if self._input_open else []
@@ -184,6 +219,7 @@ class StdioBackend(CharBackend):
         return data
 
     def close(self):
+        self.flush(CLOSE_FLUSH_S)
         self._restore_terminal()
         self._input_open = False
 
@@ -225,17 +261,24 @@ class TcpServerBackend(CharBackend):
     beyond that dropped and counted in ``dropped``) and sent by :meth:`flush`.
     """
 
-    def __init__(self, host=TCP_DEFAULT_HOST, port=0, wait=False):
+    def __init__(self, host=TCP_DEFAULT_HOST, port=0, wait=False, unix_path=None):
         self.host = host
         self.client = None
         self.dropped = 0
         self._pending = bytearray()
         self._client_broken = False
-        listener = listen_tcp(host, port, 1, lambda reason: BackendOpenError("serial", reason))
+        self.unix_path = unix_path
+        if unix_path is not None:  # -serial unix:PATH,server: the same server on a unix socket
+            listener = listen_unix(unix_path, lambda reason: BackendOpenError("serial", reason))
+            self.port = None
+            where = f"unix:{unix_path}"
+        else:
+            listener = listen_tcp(host, port, 1, lambda reason: BackendOpenError("serial", reason))
+            self.port = listener.getsockname()[1]
+            where = f"tcp:{host}:{self.port}"
         self.listener = listener
-        self.port = listener.getsockname()[1]
         if wait:
-            print(f"emu: waiting for a connection on tcp:{host}:{self.port} (serial)", file=sys.stderr)
+            print(f"emu: waiting for a connection on {where} (serial)", file=sys.stderr)
             self.wait_for_client()
 
     def wait_for_client(self, timeout=None):
@@ -317,12 +360,85 @@ class TcpServerBackend(CharBackend):
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+            if self.unix_path is not None:
+                try:
+                    os.unlink(self.unix_path)
+                except OSError:
+                    pass
 
     def __repr__(self):
         return f"<TcpServerBackend {self.host}:{self.port} client={'yes' if self.client else 'no'}>"
 
 
-SPEC_HELP = ("expected stdio, null, none, file:PATH, tcp:[HOST]:PORT,server[,nowait] "
+class PtyBackend(CharBackend):
+    """``-serial pty``: a pseudo-terminal whose other side (``/dev/pts/N``) a terminal
+    program opens (QEMU's char-pty).  Its name is printed as QEMU prints it.  We hold the
+    other side open too, so a program may come and go; output that nobody reads fills
+    the pty's buffer, after which it is dropped (counted in ``dropped``), never waited for."""
+
+    def __init__(self):
+        import tty
+        self.master, self._slave = os.openpty()
+        tty.setraw(self._slave)
+        os.set_blocking(self.master, False)
+        self.name = os.ttyname(self._slave)
+        self.dropped = 0
+        print(f"char device redirected to {self.name} (label serial)", file=sys.stderr, flush=True)
+
+    def write(self, data):
+        if self.master is None:
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.master, view)
+            except (BlockingIOError, OSError):
+                self.dropped += len(view)
+                return
+            view = view[n:]
+
+    def read_fds(self):
+        return [self.master] if self.master is not None else []
+
+    def on_readable(self, fd):
+        try:
+            return os.read(fd, READ_CHUNK)
+        except (BlockingIOError, OSError):
+            return b""
+
+    def close(self):
+        if self.master is not None:
+            os.close(self.master)
+            os.close(self._slave)
+            self.master = None
+
+    def __repr__(self):
+        return f"<PtyBackend {self.name}>"
+
+
+def listen_unix(path, fail):
+    """A non-blocking listening unix socket at ``path`` (a stale socket file is replaced)."""
+    if len(os.fsencode(path)) > 107:
+        raise fail(f"socket path longer than 107 bytes: {path!r}")
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise fail(f"cannot listen on {path}: {e.strerror}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(1)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise fail(f"cannot listen on {path}: {e.strerror or e}") from None
+    return sock
+
+
+SPEC_HELP = ("expected stdio, null, none, pty, file:PATH, tcp:[HOST]:PORT,server[,nowait], unix:PATH,server[,nowait] "
              "or colo:HOST:PORT[,role=primary|secondary][,mode=compare|passive]")
 
 
@@ -384,6 +500,19 @@ def parse_serial_spec(spec):
             raise ConfigError(f"-serial {spec!r}: missing file name")
         try:
             return FileBackend(path)
+        except BackendOpenError as e:
+            raise ConfigError(f"-serial {spec!r}: {e.reason}") from None
+    if spec == "pty":
+        return PtyBackend()
+    if spec.startswith("unix:"):
+        path, *options = spec[len("unix:"):].split(",")
+        if not path:
+            raise ConfigError(f"-serial {spec!r}: missing socket path")
+        server, wait = parse_socket_options(options, lambda reason: ConfigError(f"-serial {spec!r}: {reason}"))
+        if not server:
+            raise ConfigError(f"-serial {spec!r}: only server sockets are supported (add ',server')")
+        try:
+            return TcpServerBackend(wait=wait, unix_path=path)
         except BackendOpenError as e:
             raise ConfigError(f"-serial {spec!r}: {e.reason}") from None
     if spec.startswith("colo:"):

@@ -1,15 +1,21 @@
 """The ``emu`` command line: ``emu run`` with QEMU-style options, ``emu demo``.
 
-Bad options and missing or malformed images give a one-line error and exit status 2.
-The exit status of ``emu run`` is the guest's isa-debug-exit status ((value << 1) | 1).
+Exit statuses of ``emu run`` (README, "Exit statuses"): 0 when the run ends normally
+(QMP/HMP ``quit``, a reset or shutdown under ``-no-reboot``, SIGINT/SIGTERM/SIGHUP, as
+QEMU), ``(v << 1) | 1`` when the guest writes v to isa-debug-exit (always odd), 1 when an
+incoming migration fails (as QEMU), 2 for bad configuration (one line naming the cause,
+nothing run), 70 when the emulator cannot go on (the guest did something this machine does
+not model; sysexits' EX_SOFTWARE: even, so never a guest's status).
 """
 
 import argparse
 import os
 import pathlib
+import signal
+import stat
 import sys
 
-from .errors import ConfigError, EmuError, StateError
+from .errors import RUNTIME_FAILURE_STATUS, ConfigError, EmuError, StateError
 
 TRACE_CATEGORIES = {
     "int": "interrupt and exception delivery",
@@ -20,14 +26,82 @@ TRACE_CATEGORIES = {
 
 USAGE_EXIT = 2
 
+#: qemu-system-x86_64 7.2 options this emulator does not have: named as unsupported,
+#: never taken for an abbreviation of one of ours
+QEMU_OPTIONS = frozenset("""
+    accel acpitable action add-fd async-teardown audio audio-help audiodev blockdev boot cdrom chardev chroot
+    compat cpu D debugcon device dfilter drive dtb dump-vmstate echr enable-kvm enable-sync-profile fda fdb
+    fsdev full-screen g gdb global hda hdb hdc hdd iscsi k L mem-path mem-prealloc mon msg mtdblock net netdev
+    nic no-acpi no-fd-bootchk no-hpet no-shutdown no-user-config nodefaults numa object only-migratable
+    option-rom overcommit parallel pflash plugin portrait preconfig qmp-pretty readconfig rotate rtc runas s
+    sandbox sd seed semihosting semihosting-config set singlestep smbios smp snapshot spice tpmdev trace usb
+    usbdevice uuid vga virtfs vnc watchdog watchdog-action win2k-hack xen-attach xen-domid xen-domid-restrict
+""".split())
+
+
+def _version_text():
+    from .qmp import PACKAGE, QEMU_VERSION
+    qemu = "{major}.{minor}.{micro}".format(**QEMU_VERSION)
+    return (f"{PACKAGE or 'emu-colo'}, a PC emulator with the command line, QMP and exit statuses of "
+            f"qemu-system-x86_64 {qemu}")
+
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with QEMU's rules: an option is spelt whole (``-k`` is not ``-kernel``,
+    ``-daemonize`` is not ``-d aemonize``), ``-h``, ``-help`` and ``--help`` print help, and
+    an option of QEMU's we lack is called unsupported rather than unknown."""
+
+    def __init__(self, **kw):
+        super().__init__(add_help=False, allow_abbrev=False, **kw)
+
     def error(self, message):
         raise ConfigError(message)
 
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        self._check_spelling(args)
+        return super().parse_args(args, namespace)
+
+    def _check_spelling(self, argv):
+        actions = self._option_string_actions
+        i = 0
+        while i < len(argv):
+            word = argv[i]
+            i += 1
+            if word in ("-h", "-help", "--help"):
+                self.print_help()
+                raise SystemExit(0)
+            if word in ("-version", "--version"):
+                print(_version_text())
+                raise SystemExit(0)
+            if not word.startswith("-") or word == "-":
+                continue
+            name, has_value, _ = word.partition("=")
+            action = actions.get(name if name.startswith("--") and has_value else word)
+            if action is None:
+                bare = word.lstrip("-")
+                if bare in QEMU_OPTIONS:
+                    raise ConfigError(f"{word}: not supported: this emulator has no such QEMU option "
+                                      f"(emu run -help lists the options it has)")
+                raise ConfigError(f"{word}: invalid option (emu run -help lists the options)")
+            if has_value and name.startswith("--"):
+                continue
+            if action.nargs == 0:
+                continue
+            if action.nargs == "?":
+                if i < len(argv) and not argv[i].startswith("-"):
+                    i += 1
+                continue
+            count = action.nargs if isinstance(action.nargs, int) else 1
+            if i + count > len(argv):
+                raise ConfigError(f"{word}: requires an argument")
+            i += count
+
 
 def _run_parser():
-    p = _Parser(prog="emu run", description="Run a guest on the emulated PC.", allow_abbrev=False)
+    p = _Parser(prog="emu run", description="Run a guest on the emulated PC.")
+    p.add_argument("-h", "-help", "--help", action="store_true", help="print this help and exit")
+    p.add_argument("-version", "--version", action="store_true", help="print the version and exit")
     p.add_argument("-machine", "-M", default="pc", metavar="TYPE", help="machine type (only 'pc')")
     p.add_argument("-m", default="64M", metavar="SIZE", help="RAM size, e.g. 64M, 1G (default 64M)")
     p.add_argument("-kernel", metavar="FILE", help="multiboot ELF kernel (or a Linux bzImage)")
@@ -38,14 +112,15 @@ def _run_parser():
     p.add_argument("-fw_cfg", action="append", metavar="[name=]NAME,string=STR|file=PATH",
                    help="add a file to the fw_cfg directory (names should start with 'opt/'; repeatable)")
     p.add_argument("-serial", action="append", metavar="DEV",
-                   help="stdio | file:PATH | tcp:HOST:PORT,server[,nowait] | null | none (repeat for COM2)")
+                   help="stdio | file:PATH | pty | tcp:HOST:PORT,server[,nowait] | "
+                        "unix:PATH,server[,nowait] | null | none (repeat for COM2)")
     p.add_argument("-no-reboot", action="store_true", help="stop instead of resetting on a reset or triple fault")
     p.add_argument("-icount", nargs="?", const="0", metavar="shift=N",
-                   help="deterministic time: guest time advances 2^N ns per instruction")
-    p.add_argument("-d", "--trace", metavar="LIST", default="", help="trace categories (comma list; 'help' lists)")
+                   help="deterministic time: guest time advances 2^N ns per byte of guest code executed")
+    p.add_argument("-d", dest="trace", metavar="LIST", default="", help="trace categories (comma list; 'help' lists)")
     p.add_argument("-nographic", action="store_true", help="accepted for QEMU compatibility (there is no display)")
     p.add_argument("-display", metavar="TYPE", help="accepted for QEMU compatibility ('none')")
-    p.add_argument("-monitor", metavar="DEV", help="accepted for QEMU compatibility ('none')")
+    p.add_argument("-monitor", metavar="DEV", help="only 'none' (HMP: QMP human-monitor-command)")
     p.add_argument("-no-lapic", action="store_true", help="build the machine without a local APIC")
     p.add_argument("-rtc-base", metavar="EPOCH", type=int, help="RTC start time (seconds since 1970, UTC)")
     p.add_argument("-savevm-at", nargs=2, metavar=("MS", "FILE"),
@@ -54,7 +129,12 @@ def _run_parser():
     p.add_argument("-qmp", metavar="ADDR", help="QMP monitor on unix:PATH,server,nowait or tcp:HOST:PORT,server,nowait")
     p.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest until QMP 'cont'")
     p.add_argument("-incoming", metavar="URI",
-                   help="wait for a migration: tcp:HOST:PORT (loopback unless HOST is given), exec:CMD or file:PATH")
+                   help="wait for a migration: tcp:HOST:PORT (loopback unless HOST is given), exec:CMD, file:PATH, "
+                        "or defer (QMP migrate-incoming gives the URI)")
+    p.add_argument("-name", metavar="NAME", help="the guest's name ([guest=]NAME[,...]; QMP query-name)")
+    p.add_argument("-pidfile", metavar="FILE", help="write the process id to FILE (removed at exit)")
+    p.add_argument("-daemonize", action="store_true",
+                   help="detach from the terminal once the machine is set up (errors are reported first)")
     return p
 
 
@@ -95,11 +175,12 @@ def build_from_args(args):
         raise SystemExit(0)
     for option in ("kernel", "bios"):
         path = getattr(args, option)
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"-{option}: cannot open {path!r}: no such file")
+        if path is not None:
+            _check_readable_file(option, path)
     if args.kernel is None and args.bios is None and args.flat is None:
         raise ConfigError("nothing to run: give -kernel, -bios or -flat")
     shift = parse_icount(args.icount)
+    serial = args.serial or (["null"] if getattr(args, "daemonize", False) else ["stdio"])
     return pc.build(
         ram_size=parse_size(args.m),
         kernel=args.kernel,
@@ -107,7 +188,7 @@ def build_from_args(args):
         initrd=args.initrd,
         bios=args.bios,
         flat=args.flat,
-        serial=args.serial or ["stdio"],
+        serial=serial,
         icount_shift=shift,
         no_reboot=args.no_reboot,
         trace=trace,
@@ -118,6 +199,8 @@ def build_from_args(args):
 
 
 def _savevm_at(args):
+    """``-savevm-at MS FILE`` -> (guest ns, FILE), the file created now so that a bad path
+    is a configuration error and not a surprise when the moment comes."""
     if args.savevm_at is None:
         return None
     ms, path = args.savevm_at
@@ -127,16 +210,98 @@ def _savevm_at(args):
         raise ConfigError(f"-savevm-at: bad time {ms!r} (milliseconds of guest time)") from None
     if when < 0:
         raise ConfigError(f"-savevm-at: negative time {ms!r}")
+    _check_writable("-savevm-at", path)
     return int(when * 1_000_000), path
+
+
+def _check_writable(option, path):
+    """Fail now, in one line, if ``path`` cannot be created (the file is not left behind)."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option}: cannot write {path!r}: {e.strerror}") from None
+    if not existed:
+        os.unlink(path)
+
+
+def _check_readable_file(option, path):
+    """The image options: the file must exist, be a regular file and be readable."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"-{option}: cannot open {path!r}: {e.strerror.lower()}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ConfigError(f"-{option}: {path!r} is {what}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"-{option}: cannot open {path!r}: permission denied")
+
+
+class Terminated(Exception):
+    """SIGTERM or SIGHUP: the run ends as after Ctrl-C (terminal restored, sockets removed)."""
+
+    def __init__(self, signum):
+        super().__init__(f"terminating on signal {signum}")
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _write_pidfile(path):
+    try:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as e:
+        raise ConfigError(f"-pidfile: cannot write {path!r}: {e.strerror}") from None
+
+
+def _daemonize():
+    """Detach as QEMU's -daemonize: the parent exits 0 once the child has started; the
+    child leaves the session and the terminal (its stdio goes to /dev/null)."""
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        os.close(write_end)
+        ok = os.read(read_end, 1)
+        os._exit(0 if ok else 1)
+    os.close(read_end)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.write(write_end, b"1")
+    os.close(write_end)
 
 
 def cmd_run(argv):
     return run_machine(_run_parser().parse_args(argv))
 
 
+def _check_run_options(args):
+    """What can be checked before anything is built or opened."""
+    if args.daemonize:
+        serial = args.serial or ["stdio"]
+        if "stdio" in serial:
+            raise ConfigError("-daemonize: a daemon has no terminal: give -serial a file:, pty, tcp:, unix: or "
+                              "null device (the default is stdio)")
+    if args.monitor not in (None, "none"):
+        raise ConfigError(f"-monitor {args.monitor}: not supported: there is no HMP console; use -qmp "
+                          "(HMP goes through its human-monitor-command) or -monitor none")
+    if args.incoming == "defer" and args.qmp is None:
+        raise ConfigError("-incoming defer: needs -qmp (the migrate-incoming command gives the URI)")
+
+
 def run_machine(args, configure=None):
     """Build the machine ``args`` describe and run it; ``configure(machine, migration)``
-    runs before the guest starts (``emu colo`` sets up the pair there)."""
+    runs before the guest starts (``emu colo`` sets up the pair there).
+
+    Everything up to the start of the guest is set-up: an error there is a configuration
+    error (one line, exit status 2, the guest never runs)."""
+    _check_run_options(args)
     savevm = _savevm_at(args)
     snapshot = None
     if args.loadvm is not None:
@@ -145,9 +310,15 @@ def run_machine(args, configure=None):
                 snapshot = f.read()
         except OSError as e:
             raise ConfigError(f"-loadvm: cannot read {args.loadvm!r}: {e.strerror}") from None
-    machine = build_from_args(args)
-    monitor = migration = None
+    if args.pidfile is not None:
+        _check_writable("-pidfile", args.pidfile)
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    machine = monitor = migration = None
+    pidfile_written = False
+    status = None
     try:
+        machine = build_from_args(args)
+        machine.name = _guest_name(args.name)
         from colo.migration import IncomingMigration, MigrationController
 
         migration = MigrationController(machine)
@@ -158,7 +329,11 @@ def run_machine(args, configure=None):
         if args.qmp is not None:
             from .qmp import QmpServer
             monitor = QmpServer(machine, args.qmp, migration=migration)
-        if args.incoming is not None:
+        if args.incoming == "defer":
+            machine.status = "inmigrate"
+            migration.defer_incoming(lambda uri: IncomingMigration(
+                machine, uri, autostart=not args.start_paused, controller=migration))
+        elif args.incoming is not None:
             migration.incoming = IncomingMigration(machine, args.incoming, autostart=not args.start_paused,
                                                    controller=migration)
         if snapshot is not None:
@@ -166,31 +341,102 @@ def run_machine(args, configure=None):
                 machine.load_state(snapshot)
             except StateError as e:
                 raise ConfigError(f"-loadvm: {args.loadvm}: {e}") from None
-        status = None
-        if savevm is not None:
-            status = machine.run(until_ns=savevm[0])
-            if status is None:
-                with open(savevm[1], "wb") as f:
-                    machine.save_state(ram_pages="all", out=f)
         if args.start_paused and machine.status == "running":
             machine.status = "prelaunch"
         if configure is not None:
             configure(machine, migration)
+        if args.daemonize:
+            _daemonize()
+        if args.pidfile is not None:
+            _write_pidfile(args.pidfile)
+            pidfile_written = True
+    except (EmuError, OSError) as e:
+        _close(machine, monitor, migration)
+        _restore_signals(previous)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e) if isinstance(e, EmuError) else f"{e.strerror or e}") from None
+    except (KeyboardInterrupt, Terminated) as e:  # e.g. while -serial ...,server waits for its client
+        _close(machine, monitor, migration)
+        _restore_signals(previous)
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"emu: terminating on signal {signum}", file=sys.stderr)
+        return 0
+    try:
+        if savevm is not None:
+            status = machine.run(until_ns=savevm[0])
+            _save_at(machine, savevm, status)
         if status is None:
             interactive = (monitor is not None or args.start_paused or args.incoming is not None
                            or configure is not None)
             status = machine.main_loop() if interactive else machine.run()
-    except KeyboardInterrupt:
-        status = 130
+    except (KeyboardInterrupt, Terminated) as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        machine.exit_message = f"terminating on signal {signum}"
+        status = 0
+    except EmuError as e:
+        machine.exit_message = str(e)
+        status = RUNTIME_FAILURE_STATUS
     finally:
-        if monitor is not None:
-            monitor.close()
-        if migration is not None and migration.colo is not None:
-            migration.colo.close()
-        machine.close()
+        _close(machine, monitor, migration)
+        _restore_signals(previous)
+        if pidfile_written:
+            _unlink_quietly(args.pidfile)
     if machine.exit_message:
         print(f"emu: {machine.exit_message}", file=sys.stderr)
     return 0 if status is None else status
+
+
+def _save_at(machine, savevm, status):
+    """-savevm-at: save when the moment came, or say that the guest ended first."""
+    when_ns, path = savevm
+    if status is not None:
+        print(f"emu: -savevm-at: the guest ended at {machine.clock.now() / 1e6:.3f} ms, before "
+              f"{when_ns / 1e6:g} ms: nothing saved to {path}", file=sys.stderr)
+        return
+    try:
+        with open(path, "wb") as f:
+            size = machine.save_state(ram_pages="all", out=f)
+    except OSError as e:
+        raise EmuError(f"-savevm-at: cannot write {path!r}: {e.strerror}") from None
+    print(f"emu: saved the machine at {machine.clock.now() / 1e6:.3f} ms of guest time to {path} "
+          f"({size} bytes)", file=sys.stderr)
+
+
+def _guest_name(spec):
+    """``-name guest=NAME,...`` or ``-name NAME`` (QEMU's forms) -> NAME."""
+    if spec is None:
+        return None
+    first, *rest = spec.split(",")
+    name = first[len("guest="):] if first.startswith("guest=") else first
+    for option in rest:
+        key = option.partition("=")[0]
+        if key not in ("guest", "process", "debug-threads"):
+            raise ConfigError(f"-name {spec!r}: unknown option {key!r} (guest=, process=, debug-threads=)")
+        if key == "guest":
+            name = option[len("guest="):]
+    return name
+
+
+def _close(machine, monitor, migration):
+    if monitor is not None:
+        monitor.close()
+    if migration is not None and migration.colo is not None:
+        migration.colo.close()
+    if machine is not None:
+        machine.close()
+
+
+def _restore_signals(previous):
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def cmd_demo(argv):
@@ -231,4 +477,4 @@ def main(argv=None):
         return USAGE_EXIT
     except EmuError as e:
         print(f"emu: {e}", file=sys.stderr)
-        return 1
+        return RUNTIME_FAILURE_STATUS

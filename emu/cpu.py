@@ -521,6 +521,7 @@ class X86Cpu:
                 self._engine_error(e)
         finally:
             self.running = False
+            self._stale()  # a hook may have read registers mid-slice: that copy is old now
             if not self.block_hook:
                 self.clib.deadline_timer_disarm(s)
             if window and self.engine.patched:

@@ -5,6 +5,11 @@ Messages name the component and the value, e.g.
 """
 
 
+#: exit status when the emulator cannot go on (sysexits' EX_SOFTWARE): even, so never the
+#: status of a guest's isa-debug-exit ((v << 1) | 1), and not 2 (bad configuration)
+RUNTIME_FAILURE_STATUS = 70
+
+
 class EmuError(Exception):
     """Base of every error the emulator raises on purpose."""
 

@@ -10,6 +10,7 @@ from .device import Device
 
 LSR_OFFSET = 5
 THR_OFFSET = 0
+RING_SIZE = 0x10000  # the C helper's RING_SIZE
 
 
 class UartFastPath(Device):
@@ -64,19 +65,21 @@ class UartFastPath(Device):
         return accepted
 
     def drain(self):
-        """Hand the bytes the guest wrote through C to the backend, in order."""
+        """Hand the bytes the guest wrote through C to the backend, in order.
+
+        The ring's head and tail are free-running 32-bit counters: their difference is
+        taken modulo 2**32 (after 4 GiB of output the head wraps before the tail does).
+        The C side never lets the head run more than a ring ahead of the tail."""
         s, ring = self.s, self.ring
         head, tail = s.ring_head[ring], s.ring_tail[ring]
-        if head == tail:
+        pending = (head - tail) & 0xFFFFFFFF
+        if not pending:
             return
-        data = bytearray()
-        while tail != head:
-            start = tail & 0xFFFF
-            end = min(0x10000, start + (head - tail))
-            data += bytes(s.ring[ring][start:end])
-            tail += end - start
-        s.ring_tail[ring] = tail & 0xFFFFFFFF
-        self.uart.emit_fast(bytes(data))
+        start = tail & (RING_SIZE - 1)
+        first = min(pending, RING_SIZE - start)
+        data = bytes(s.ring[ring][start:start + first]) + bytes(s.ring[ring][0:pending - first])
+        s.ring_tail[ring] = head
+        self.uart.emit_fast(data)
 
     def sync(self):
         """Route THR/LSR through C exactly when the model says it is safe."""

@@ -447,6 +447,7 @@ LINUX_BOOT_DS = 0x18
 
 # setup header fields: offsets in the zero page (== offsets in the bzImage file)
 HDR_SETUP_SECTS = 0x1F1
+HDR_SYSSIZE = 0x1F4
 HDR_BOOT_FLAG = 0x1FE
 HDR_JUMP = 0x200
 HDR_VERSION = 0x206
@@ -524,6 +525,14 @@ def parse_linux_header(image, path="kernel"):
     if (header.setup_sects + 1) * 512 >= len(image):
         raise ConfigError(f"{path}: truncated bzImage: {len(image)} bytes, setup alone is "
                           f"{(header.setup_sects + 1) * 512}")
+    setup_size = (header.setup_sects + 1) * 512
+    kernel_size = struct.unpack_from("<I", image, HDR_SYSSIZE)[0] * 16  # syssize: 16-byte units
+    if setup_size + kernel_size > len(image):
+        raise ConfigError(f"{path}: truncated bzImage: {len(image)} bytes, its setup header says "
+                          f"{setup_size + kernel_size} (setup {setup_size} + kernel {kernel_size})")
+    if header.payload_offset + header.payload_length > kernel_size:
+        raise ConfigError(f"{path}: corrupt bzImage: the compressed kernel ({header.payload_length} bytes at "
+                          f"{header.payload_offset:#x}) ends beyond the {kernel_size} bytes of the kernel part")
     return header
 
 

@@ -384,6 +384,7 @@ class QmpServer:
         self.clients = []
         self._flush_job_active = False
         self._shutdown_data = None
+        self._shutdown_sent = False
         self._unix_path = None
         self.listener = self._listen(target)
         if self.family == "unix":
@@ -551,6 +552,8 @@ class QmpServer:
 
     # ------------------------------------------------------------------ events
     def _on_event(self, name, data):
+        if name == "SHUTDOWN" and self._shutdown_sent:
+            return
         if name == "SHUTDOWN" and self._shutdown_data is not None:
             data = self._shutdown_data  # the machine reports every exit as the guest's
         now = time.time()
@@ -613,6 +616,7 @@ class QmpServer:
             "cont": (self._cmd_cont, {}),
             "system_reset": (self._cmd_system_reset, {}),
             "quit": (self._cmd_quit, {}),
+            "query-name": (self._cmd_query_name, {}),
             "human-monitor-command": (self._cmd_hmp, {"command-line": ("str", True), "cpu-index": ("int", False)}),
         }
         if self.migration is not None:
@@ -620,6 +624,7 @@ class QmpServer:
             table.update({
                 "migrate": (self._cmd_migrate, {"uri": ("str", True), "detach": ("bool", False)}),
                 "migrate_cancel": (self._migration_call("cancel"), {}),
+                "migrate-incoming": (self._cmd_migrate_incoming, {"uri": ("str", True)}),
                 "query-migrate": (self._migration_call("query"), {}),
                 "migrate-set-capabilities": (self._cmd_migrate_set_capabilities,
                                              {"capabilities": (("array", capability), True)}),
@@ -677,6 +682,10 @@ class QmpServer:
     def _cmd_quit(self, client, args):
         self._shutdown_data = {"guest": False, "reason": "host-qmp-quit"}
         self.machine.request_exit(0, None)
+        # QEMU 7.2 sends SHUTDOWN before quit's reply (a client that sees the reply may
+        # disconnect at once); the machine's own SHUTDOWN at the end is then not sent again
+        self._on_event("SHUTDOWN", {})
+        self._shutdown_sent = True
 
     # --- migration: argument shapes are checked here, meanings by the migration object
     def _migration_call(self, method):
@@ -692,6 +701,16 @@ class QmpServer:
             self.migration.start(args["uri"])
         except EmuError as e:
             raise QmpError(str(e)) from None
+
+    def _cmd_migrate_incoming(self, client, args):
+        try:
+            self.migration.start_incoming(args["uri"])
+        except EmuError as e:
+            raise QmpError(str(e)) from None
+
+    def _cmd_query_name(self, client, args):
+        name = getattr(self.machine, "name", None)
+        return {} if name is None else {"name": name}
 
     def _cmd_query_colo_status(self, client, args):
         return self.migration.colo_status.info()

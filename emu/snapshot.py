@@ -38,6 +38,17 @@ DIGEST_SIZE = 16
 MAX_SECTIONS = 4096
 
 
+
+NAME_SHOWN = 48  # characters of a name from a stream that an error message shows
+
+
+def printable_name(raw):
+    """A name read from a stream, safe to print in one line: non-printable bytes escaped,
+    long names cut (a mutated name must not fill the screen)."""
+    text = raw.decode("ascii", "backslashreplace")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= NAME_SHOWN else f"{text[:NAME_SHOWN]}...({len(raw)} bytes)"
+
 def nonzero_pages(ram_buf, pages):
     """Boolean mask: which of ``pages`` of ``ram_buf`` hold a non-zero byte (C, early exit)."""
     pages = np.ascontiguousarray(pages, dtype=np.int64)
@@ -144,7 +155,7 @@ def parse(data, expect_machine=None, expect_ram_size=None):
     (nlen,) = struct.unpack_from(">H", body, pos)
     pos += 2
     _need(body, pos, nlen + 8, "machine type")
-    machine_type = bytes(body[pos:pos + nlen]).decode("ascii", "replace")
+    machine_type = printable_name(bytes(body[pos:pos + nlen]))
     pos += nlen
     (ram_size,) = struct.unpack_from(">Q", body, pos)
     pos += 8
@@ -171,7 +182,7 @@ def parse(data, expect_machine=None, expect_ram_size=None):
         (nlen,) = struct.unpack_from(">H", body, pos)
         pos += 2
         _need(body, pos, nlen + 16, f"section {index} header")
-        section_id = bytes(body[pos:pos + nlen]).decode("ascii", "replace")
+        section_id = printable_name(bytes(body[pos:pos + nlen]))
         pos += nlen
         instance, sversion, length = struct.unpack_from(">IIQ", body, pos)
         pos += 16

@@ -12,6 +12,10 @@ isa-debug-exit     0xf4-0xf7            -      emu.debugexit
 fw_cfg             0x510-0x511          -      emu.fw_cfg
 POST port          0x80                 -      emu.pcports
 system control A   0x92                 -      emu.pcports (A20, fast reset)
+8042 kbd controller 0x60, 0x64          1, 12  emu.i8042 (PS/2 keyboard and mouse, reset line, A20)
+reset control      0xcf9                -      emu.pcports (PIIX3 RCR)
+A20 gate           -                    -      emu.a20 (driven by 0x92 and the 8042)
+unassigned memory  every hole           -      emu.unassigned (reads all ones, writes dropped)
 local APIC         0xfee00000 (MMIO)    -      emu.apic
 =================  ===================  =====  ==========================================
 """
@@ -19,17 +23,19 @@ local APIC         0xfee00000 (MMIO)    -      emu.apic
 import sys
 import time
 
-from emu import chardev, loaders
+from emu import chardev, loaders, unassigned
+from emu.a20 import A20Gate
 from emu.apic import LocalApic
 from emu.debugexit import IsaDebugExit
 from emu.errors import ConfigError
 from emu.fastpath import PostCodeFastPath, UartFastPath
 from emu.fw_cfg import FwCfg, parse_user_file
 from emu.i8254 import Pit8254, SystemControlPortB
+from emu.i8042 import I8042
 from emu.i8259 import Pic8259Pair
 from emu.machine import Machine
 from emu.mc146818 import Mc146818Rtc
-from emu.pcports import PostCodePort, SystemControlPortA
+from emu.pcports import PostCodePort, ResetControl, SystemControlPortA
 from emu.uart16550 import Uart16550
 
 MACHINE_TYPE = "pc"
@@ -110,7 +116,14 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     machine.add_device(IsaDebugExit("debugexit@0xf4", on_exit=machine.request_exit), [(0xF4, 4)])
     post = machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
     machine.fast_paths.append(PostCodeFastPath(post, machine.cstate, machine.clib))
-    machine.add_device(SystemControlPortA("port92", on_reset=machine.request_reset), [(0x92, 1)])
+    a20 = machine.add_device(A20Gate("a20", machine.cpu, machine.ram))
+    machine.add_device(SystemControlPortA("port92", on_reset=machine.request_reset, a20=a20), [(0x92, 1)])
+    kbc = I8042("i8042@0x60", kbd_irq=pic.irq_line(1), mouse_irq=pic.irq_line(12), a20=a20,
+                on_reset=machine.request_reset)
+    machine.add_device(kbc, [(0x60, 1)])
+    machine.add_device(kbc.command_port(), [(0x64, 1)])
+    machine.after_load.append(kbc.sync_irq)
+    machine.add_device(ResetControl("rcr@0xcf9", on_reset=machine.request_reset), [(0xCF9, 1)])
     fw_cfg = FwCfg("fw_cfg@0x510", ram_size=ram_size, dma_memory=machine.ram)
     if kernel and _is_linux_kernel(kernel):
         fw_cfg.add_cmdline(append or "")  # as x86_load_linux; QEMU's multiboot path gives none
@@ -130,6 +143,10 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     machine.boot = _boot_function(kernel=kernel, append=append, initrd=initrd, bios=bios, flat=flat)
     machine.reset()
     machine.stats["resets"] = 0
+    # last: the holes are what RAM, the ROM and the MMIO devices left unmapped
+    trace = machine.trace if "unassigned" in machine.trace_categories else None
+    physical_bits = machine.cpu.cpuid(0x80000008, 0)[0] & 0xFF or 36  # what CPUID tells the guest
+    machine.unassigned_memory = unassigned.map_holes(machine.cpu, 1 << physical_bits, trace)
     return machine
 
 

@@ -275,6 +275,24 @@ def service_node_case(text: str, name: str = SERVICE_NODE_FILE, case_name: str =
 STORE_SUMS = {(2, False): 0xA0814BED, (2, True): 0xD33D0B08, (10, False): 0x5F030133,
               (300, False): 0xA41F00BE}
 
+# pcedges.elf: unassigned memory reads all ones here and 0 on QEMU 7.2 (test_pc_edges.py
+# pins ours); everything else is the same on both.
+PCEDGES_CHECKS = ("a20.port92_reads_off", "a20.off_wraps_read", "a20.off_wraps_write", "a20.on_again",
+                  "a20.port92_reads_on", "i8042.self_test", "i8042.command_byte", "i8042.output_port",
+                  "i8042.output_empty")
+
+
+def pcedges_output(unassigned_dword=rb"(?:00000000|ffffffff)", unassigned_byte=rb"(?:00000000|000000ff)"):
+    """The regex of pcedges.elf's output up to its verdict."""
+    return (rb"unassigned\.beyond_ram value=" + unassigned_dword + rb"\r\n"
+            rb"PASS unassigned\.beyond_ram_write_dropped\r\n"
+            rb"unassigned\.pci_hole value=" + unassigned_dword + rb"\r\n"
+            rb"PASS unassigned\.pci_hole_write_dropped\r\n"
+            rb"unassigned\.pci_hole_byte value=" + unassigned_byte + rb"\r\n"
+            + b"".join(re.escape(b"PASS %s\r\n" % name.encode()) for name in PCEDGES_CHECKS)
+            + rb"XY\r\nALL PASS\r\n")
+
+
 CASES = [
     FirmwareCase("hello", "firmware/build/hello.elf", expect=b"Hello from emu-colo!\r\n"),
     FirmwareCase(
@@ -327,6 +345,12 @@ CASES = [
                  expect=(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n" * 3)[:150]),
     FirmwareCase("dirty", "firmware/build/dirty.elf", append="ticks=20",
                  expect=b"dirty: 20 ticks, 300 page writes\r\n"),
+    FirmwareCase("pcedges", "firmware/build/pcedges.elf", expect_regex=pcedges_output()),
+    # a reset through the keyboard controller / 0xcf9 ends a -no-reboot run with status 0
+    FirmwareCase("pcedges-reset-kbd", "firmware/build/pcedges.elf", append="reset=1",
+                 expect_regex=pcedges_output() + rb"resetting\r\n", exit_status=0),
+    FirmwareCase("pcedges-reset-cf9", "firmware/build/pcedges.elf", append="reset=2",
+                 expect_regex=pcedges_output() + rb"resetting\r\n", exit_status=0),
     FirmwareCase("idle-default", "firmware/build/idle.elf", expect=b"idle ticks=200\r\n", slow=True),
 ]
 

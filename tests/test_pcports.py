@@ -1,11 +1,12 @@
-"""isa-debug-exit, the POST code port 0x80 and System Control Port A (0x92)."""
+"""isa-debug-exit, the POST code port 0x80, System Control Port A (0x92) and the reset
+control register (0xcf9)."""
 
 import pytest
 
 from emu.debugexit import IsaDebugExit
 from emu.device import PortBus
-from emu.errors import UnsupportedError
-from emu.pcports import PostCodePort, SystemControlPortA
+from emu.errors import StateError
+from emu.pcports import PostCodePort, ResetControl, SystemControlPortA
 
 
 def on_bus(device, base, count):
@@ -75,9 +76,19 @@ def test_post_code_state_round_trip():
 
 
 # ---------------------------------------------------------------------- port 0x92
-def make_port92():
+class A20Line:
+    """Records the levels driven onto the A20 line."""
+
+    def __init__(self):
+        self.levels = []
+
+    def set_level(self, level):
+        self.levels.append(1 if level else 0)
+
+
+def make_port92(a20=None):
     resets = []
-    port = SystemControlPortA("port92", on_reset=lambda: resets.append(True))
+    port = SystemControlPortA("port92", on_reset=lambda: resets.append(True), a20=a20 or A20Line())
     return port, on_bus(port, 0x92, 1), resets
 
 
@@ -112,13 +123,13 @@ def test_port92_reset_request_with_a20_bit_clear_is_a_reset():
     assert resets == [True]
 
 
-@pytest.mark.parametrize("value", [0x00, 0xFC])
-def test_port92_disabling_a20_is_unsupported(value):
-    port, bus, resets = make_port92()
+def test_port92_bit_1_drives_the_a20_line():
+    a20 = A20Line()
+    port, bus, resets = make_port92(a20)
     bus.write(0x92, 1, 0x02)
-    with pytest.raises(UnsupportedError, match=r"port 0x92: disabling the A20 gate is not supported"):
-        bus.write(0x92, 1, value)
-    assert bus.read(0x92, 1) == 0x02  # the failed write changed nothing
+    bus.write(0x92, 1, 0x00)  # Linux's real-mode A20 probe and DOS extenders turn it off
+    assert a20.levels == [1, 0]
+    assert bus.read(0x92, 1) == 0x00
     assert resets == []
 
 
@@ -138,3 +149,37 @@ def test_port92_state_round_trip():
     assert other.VMSTATE.save(other) == data
     other_bus.write(0x92, 1, 0x43)  # the loaded copy still sees the 0 -> 1 edge of bit 0
     assert resets == [True]
+
+
+# ---------------------------------------------------------------------- port 0xcf9
+def make_rcr():
+    resets = []
+    rcr = ResetControl("rcr@0xcf9", on_reset=lambda: resets.append(True))
+    return rcr, on_bus(rcr, 0xCF9, 1), resets
+
+
+def test_rcr_reset_on_bit_2():
+    rcr, bus, resets = make_rcr()
+    bus.write(0xCF9, 1, 0x02)  # Linux reboot=pci: hard reset type, then "reset CPU"
+    assert resets == [] and bus.read(0xCF9, 1) == 0x02
+    bus.write(0xCF9, 1, 0x06)
+    assert resets == [True]
+
+
+def test_rcr_keeps_only_the_reset_type_bit():
+    rcr, bus, resets = make_rcr()
+    bus.write(0xCF9, 1, 0xFB)
+    assert bus.read(0xCF9, 1) == 0x02
+    rcr.reset()
+    assert bus.read(0xCF9, 1) == 0x00 and resets == []
+
+
+def test_rcr_state_round_trip_and_check():
+    rcr, bus, _ = make_rcr()
+    bus.write(0xCF9, 1, 0x02)
+    data = rcr.VMSTATE.save(rcr)
+    other, other_bus, _ = make_rcr()
+    other.VMSTATE.load(other, data, 1)
+    assert other_bus.read(0xCF9, 1) == 0x02
+    with pytest.raises(StateError, match=r"rcr@0xcf9: field rcr: 0x04"):
+        other.VMSTATE.load(other, b"\x04\x00", 1)

@@ -484,12 +484,15 @@ def _device_cases():
         ("unknown section instance", lambda src, st: build(st, _extra_section(
             st, dataclasses.replace(st.section(pit), instance=1), 5)),
          r"state stream has unknown sections: pit@0x40#1"),
+        ("mangled section name", lambda src, st: build(st, [dataclasses.replace(x, sid=x.sid + "\x01" * 300)
+                                                                if x.sid == "rtc@0x70" else x for x in st.sections]),
+         r"state stream has unknown sections: rtc@0x70(\\x01){10}\.\.\.\(308 bytes\)#0$"),
         ("missing device section", lambda src, st: build(st, [s for s in st.sections if s.sid != "rtc@0x70"]),
          r"state stream lacks sections: rtc@0x70$"),
         ("missing cpu and clock", lambda src, st: build(st, st.sections[2:]),
          r"state stream lacks sections: clock, cpu$"),
         ("no sections at all", lambda src, st: build(st, []),
-         r"state stream lacks sections: clock, cpu, debugexit@0xf4"),
+         r"state stream lacks sections: a20, clock, cpu, debugexit@0xf4"),
         ("unknown section kind", lambda src, st: build(st, replace(st, "pic@0x20", kind=3)),
          r"state stream section 2: unknown kind 3"),
         ("bytes after the end marker", lambda src, st: build(st, end=b"\xff\x00"),

@@ -22,6 +22,7 @@ REGENERATE = "python tests/dump_vmstate_schema.py > tests/vmstate_schema.json"
 #: device name -> why the device has no state of its own in the stream
 KNOWN_STATELESS = {
     "elcr@0x4d0": "ports 0x4d0/0x4d1 only forward to the two 8259s: the ELCR bits are the i8259 field 'elcr'",
+    "i8042@0x64": "port 0x64 only forwards to the controller at 0x60, which saves the state",
 }
 
 
