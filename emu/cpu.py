@@ -110,6 +110,7 @@ class X86Cpu:
         self.exception_counts = {}
         self.stop_requested = False
         self.running = False  # inside emu_start: only then does a stop request reach the engine
+        self._pending_a20_mask = None  # an A20 change asked for by an I/O hook, applied after the slice
 
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.engine = EngineControls(self.uc)
@@ -352,6 +353,26 @@ class X86Cpu:
         else:
             self.uc.ctl_flush_tb()
 
+    def set_a20(self, enabled):
+        """Address line 20 (QEMU's x86_cpu_set_a20): while it is low the engine's page walker
+        clears bit 20 of every physical address, from the very next access.  The stock engine
+        offers no control for it: its context is patched between slices, so a change made by
+        an I/O hook lands when the slice ends (it ends at once, after the current block)."""
+        if self.engine.patched:
+            self.engine.set_a20(enabled)
+            return
+        mask = -1 if enabled else ~(1 << 20)
+        if self.running:
+            self._pending_a20_mask = mask
+            self.request_stop()
+            return
+        self._pending_a20_mask = None
+        ctx = self.snapshot()
+        if ctx.i32("a20_mask") != mask:
+            ctx.set_i32("a20_mask", mask)
+            ctx.restore()
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)  # every translation may change
+
     def host_wrote_pages(self, pages):
         """The same for a sorted array of page numbers (a state load): one engine call per run
         of consecutive pages, or one flush of everything when that is cheaper."""
@@ -531,6 +552,8 @@ class X86Cpu:
                     s.stop_reason |= self.clib.STOP_IRQ_WINDOW
             if not self.engine.patched:
                 self._repair_after_slice(cr2)  # the stock engine's phantom page fault
+            if self._pending_a20_mask is not None:
+                self.set_a20(self._pending_a20_mask == -1)
         if self.hook_error is not None:
             err, self.hook_error = self.hook_error, None
             raise err

@@ -3,7 +3,8 @@
 ``make setup`` builds libunicorn from the pinned source with the patch series in
 ``engine/unicorn/`` (see ``engine/README.md``), and ``emu/__init__.py`` points the PyPI
 binding at it.  Its extra ``uc_ctl`` controls give an exact dirty log kept by the engine,
-code invalidation by physical address, an interrupt-window exit and the halt state.  With
+code invalidation by physical address, an interrupt-window exit, the halt state and the
+A20 line.  With
 the stock wheel (no cmake or compiler) they are absent: the machine then falls back to
 hooks, which is correct but several times slower, and says so once.
 """
@@ -14,12 +15,13 @@ import sys
 from unicorn import UC_ERR_OK, Uc
 from unicorn.unicorn_py3.unicorn import uclib
 
-# uc_control_type values of engine/unicorn/000[3-7]*.patch (far from upstream's numbers)
+# uc_control_type values of engine/unicorn/000[3-8]*.patch (far from upstream's numbers)
 UC_CTL_DIRTY_LOG = 0x4000
 UC_CTL_DIRTY_LOG_SYNC = 0x4001
 UC_CTL_TB_REMOVE_CACHE_PHYS = 0x4002
 UC_CTL_CPU_IRQ_WINDOW = 0x4003
 UC_CTL_CPU_HALTED = 0x4004
+UC_CTL_X86_A20 = 0x4005
 _IO_WRITE, _IO_READ = 1, 2
 
 _warned = False
@@ -61,6 +63,11 @@ class EngineControls:
     def irq_window_pending(self):
         self._check(uclib.uc_ctl(self._uch, self._window_read, ctypes.byref(self._int)), "IRQ_WINDOW")
         return bool(self._int.value)
+
+    def set_a20(self, enabled):
+        """The A20 line: the engine masks bit 20 of physical addresses from the next access."""
+        self._check(uclib.uc_ctl(self._uch, _control(UC_CTL_X86_A20, 1, _IO_WRITE), ctypes.c_int(int(enabled))),
+                    "X86_A20")
 
     def dirty_log(self, enable):
         self._check(uclib.uc_ctl(self._uch, _control(UC_CTL_DIRTY_LOG, 1, _IO_WRITE), ctypes.c_int(int(enable))),

@@ -20,6 +20,7 @@ OFFSETS = {
     "regs": HEADER + 0, "eip": HEADER + 128, "eflags": HEADER + 136, "cc_op": HEADER + 168,
     "hflags": HEADER + 176, "hflags2": HEADER + 180, "segs": HEADER + 184, "ldt": HEADER + 328,
     "tr": HEADER + 352, "gdt": HEADER + 376, "idt": HEADER + 400, "cr": HEADER + 424,
+    "a20_mask": HEADER + 496,  # int32 right after cr[9]
 }
 SEGMENT_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
 SEGMENT_SIZE = 24  # selector u32, pad, base u64, limit u32, flags u32
@@ -61,6 +62,7 @@ def _find_late_offsets():
         (struct.unpack_from("<QI", raw, OFFSETS["gdt"] + 8), (0xABCDEF012345, 0x77)),
         (struct.unpack_from("<Q", raw, OFFSETS["cr"] + 24)[0], 0x123000),
     ]
+    checks.append((struct.unpack_from("<i", raw, OFFSETS["a20_mask"])[0], -1))  # A20 enabled at reset
     for got, want in checks:
         if got != want:
             raise ImportError("x86context: Unicorn's context layout is not the one of unicorn 2.1.4")

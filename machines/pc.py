@@ -116,7 +116,7 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     machine.add_device(IsaDebugExit("debugexit@0xf4", on_exit=machine.request_exit), [(0xF4, 4)])
     post = machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
     machine.fast_paths.append(PostCodeFastPath(post, machine.cstate, machine.clib))
-    a20 = machine.add_device(A20Gate("a20", machine.cpu, machine.ram))
+    a20 = machine.add_device(A20Gate("a20", machine.cpu))
     machine.add_device(SystemControlPortA("port92", on_reset=machine.request_reset, a20=a20), [(0x92, 1)])
     kbc = I8042("i8042@0x60", kbd_irq=pic.irq_line(1), mouse_irq=pic.irq_line(12), a20=a20,
                 on_reset=machine.request_reset)

@@ -324,8 +324,11 @@ def test_serial_on_a_pty():
         fd = os.open(line.split()[4], os.O_RDWR | os.O_NOCTTY)
         try:
             _read_until(lambda: os.read(fd, 4096), b"echo ready\r\n")
-            os.write(fd, b"pty\rq")
-            assert _read_until(lambda: os.read(fd, 4096), b"bye\r\n").endswith(b"pty\r\nbye\r\n")
+            os.write(fd, b"pty\r")
+            assert _read_until(lambda: os.read(fd, 4096), b"pty\r\n").endswith(b"pty\r\n")
+            # "q" ends the guest; the emulator may close its side before the slave reads "bye"
+            # (reads then fail with EIO), so only the exit status tells that it was taken
+            os.write(fd, b"q")
         finally:
             os.close(fd)
         assert proc.wait(timeout=30) == 1

@@ -8,6 +8,7 @@ a trace that leaves the output alone, a reset that boots again, A20 across a sna
 import re
 import subprocess
 import sys
+import types
 
 from conftest import ROOT, firmware, run_emu
 from firmware_cases import pcedges_output
@@ -57,15 +58,29 @@ def _a20(machine):
     return next(device for device in machine.devices if device.name == "a20")
 
 
+def _cpu_reads(machine, address):
+    """What a CPU load of ``address`` returns (the A20 gate sits in the CPU's path only)."""
+    machine.ram.write(0x7000, b"\xa1" + address.to_bytes(4, "little") + b"\xf4")  # mov eax, [address]; hlt
+    machine.cpu.set_reg("rip", 0x7000)
+    machine.cpu.halted = False
+    machine.run(until_ns=machine.clock.now() + 1_000_000)
+    assert machine.cpu.halted and machine.cpu.rip == 0x7006
+    return machine.cpu.reg("eax")
+
+
 def test_a20_off_survives_a_snapshot():
     machine = _a20_machine()
+    machine.cpu.enter(types.SimpleNamespace(mode="protected32", ip=0x7000, cs=0x08, regs={}))
     machine.ram.write(0x2F0000, b"\x11\x22\x33\x44")
+    machine.ram.write(0x3F0000, b"\x55\x66\x77\x88")
+    assert _cpu_reads(machine, 0x3F0000) == 0x88776655
     _a20(machine).set_level(0)
-    assert bytes(machine.cpu.uc.mem_read(0x3F0000, 4)) == b"\x11\x22\x33\x44"
+    assert _cpu_reads(machine, 0x3F0000) == 0x44332211
     data = machine.save_state(ram_pages="all")
     other = _a20_machine()
     other.load_state(data)
     assert not _a20(other).enabled
-    assert bytes(other.cpu.uc.mem_read(0x3F0000, 4)) == b"\x11\x22\x33\x44"
+    assert _cpu_reads(other, 0x3F0000) == 0x44332211
     other.reset()  # a system reset enables A20 again
-    assert bytes(other.cpu.uc.mem_read(0x3F0000, 4)) == b"\0\0\0\0"
+    other.cpu.enter(types.SimpleNamespace(mode="protected32", ip=0x7000, cs=0x08, regs={}))
+    assert _a20(other).enabled and _cpu_reads(other, 0x3F0000) == 0x88776655
