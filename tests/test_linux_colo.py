@@ -14,10 +14,14 @@ APPEND = "console=ttyS0 noapic nolapic nosmp panic=-1 quiet"
 
 
 def _command(client, line, marker, timeout=60):
-    """Type ``line`` (which must print ``marker``) and wait for its output."""
+    """Type ``line`` (which must print ``marker``) and wait for its output and the next prompt,
+    as a user would: busybox's line editor asks the terminal where its cursor is when it
+    prints the prompt, and input typed ahead of that is taken as the answer."""
     start = len(client.received)
     client.send(line + "\n")
     client.read_until(lambda b: marker.encode() in b[start:], timeout)  # the typed line has $((...)), not it
+    after = bytes(client.received).index(marker.encode(), start)
+    client.read_until(lambda b: b"# " in b[after:], timeout)
     return bytes(client.received[start:]).decode("latin1")
 
 
