@@ -10,7 +10,7 @@ FIRMWARE_STAMP := firmware/build/.stamp
 ENGINE_STAMP := build/engine/lib/inputs.sha256
 APT_PACKAGES := gcc binutils make cmake patch qemu-system-x86
 
-.PHONY: all setup deps venv engine cffi firmware test demo bench soak lint clean linux
+.PHONY: all setup deps venv engine cffi pyc firmware test demo bench soak lint clean linux
 
 all: test
 
@@ -35,7 +35,7 @@ deps:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat  # a path in a .pth: pip's import hook costs every run 13 ms
 	touch $@
 
 venv: $(STAMP)
@@ -50,6 +50,10 @@ $(CHELPER): emu/cbuild.py $(STAMP)
 	$(PY) -m emu.cbuild
 	touch $@
 
+# byte-compiled modules, so that no run compiles them (PYTHONDONTWRITEBYTECODE may be set)
+pyc: $(STAMP)
+	@$(PY) -m compileall -q emu machines colo linux bench >/dev/null
+
 cffi: $(CHELPER)
 
 $(FIRMWARE_STAMP): $(wildcard firmware/*.S firmware/lib/* firmware/*.ld firmware/Makefile)
@@ -58,7 +62,7 @@ $(FIRMWARE_STAMP): $(wildcard firmware/*.S firmware/lib/* firmware/*.ld firmware
 
 firmware: $(FIRMWARE_STAMP)
 
-setup: deps venv engine cffi firmware
+setup: deps venv engine cffi pyc firmware
 
 test: setup linux
 	$(PY) -m pytest

@@ -319,11 +319,13 @@ def run_machine(args, configure=None):
     try:
         machine = build_from_args(args)
         machine.name = _guest_name(args.name)
-        from colo.migration import IncomingMigration, MigrationController
+        colo_links = [b for b in getattr(machine, "serial_backends", ()) if getattr(b, "role", None) is not None]
+        if args.qmp is not None or args.incoming is not None or colo_links or configure is not None:
+            # migration and COLO are reached through QMP, -incoming or a pair's serial link
+            from colo.migration import IncomingMigration, MigrationController
 
-        migration = MigrationController(machine)
-        for backend in getattr(machine, "serial_backends", ()):
-            if getattr(backend, "role", None) is not None:  # the serial link of a COLO pair
+            migration = MigrationController(machine)
+            for backend in colo_links:  # the serial link of a COLO pair
                 migration.colo_link = backend
                 migration.colo_passive = backend.mode == "passive"
         if args.qmp is not None:

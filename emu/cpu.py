@@ -19,8 +19,6 @@ import fractions
 import struct
 import weakref
 
-import numpy as np
-
 from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
                      UC_ERR_READ_UNMAPPED,
                      UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_MEM_WRITE,
@@ -199,7 +197,7 @@ class X86Cpu:
         s.reg_rsp, s.reg_rip, s.reg_eflags = X.UC_X86_REG_RSP, X.UC_X86_REG_RIP, X.UC_X86_REG_EFLAGS
         s.ram = ffi.cast("uint8_t *", self.ram.address)
         s.ram_size = self.ram.size
-        s.host_dirty = ffi.cast("uint8_t *", self.ram.host_dirty.ctypes.data)
+        s.host_dirty = ffi.cast("uint8_t *", self.ram.host_dirty_address)
         self._uc_handle = ffi.cast("void *", self.uc._uch.value)
         self.fast_delivery = True
 
@@ -381,6 +379,7 @@ class X86Cpu:
             return
         if not len(pages):
             return
+        import numpy as np  # pages is an array: only state loads come here
         breaks = np.flatnonzero(np.diff(pages) != 1) + 1
         for first, last in zip(pages[np.r_[0, breaks]], pages[np.r_[breaks - 1, len(pages) - 1]], strict=True):
             self.engine.invalidate_code(int(first) << 12, (int(last) + 1) << 12)
@@ -648,7 +647,7 @@ class X86Cpu:
     def _read_pte(self, physical, size):
         if physical + size > self.ram.size:
             raise GuestError(f"cpu: page table entry at {physical:#x} is outside RAM")
-        return int.from_bytes(self.ram.buf[physical:physical + size].tobytes(), "little")
+        return int.from_bytes(self.ram.view[physical:physical + size], "little")
 
     def read_virtual(self, linear, length, user=False):
         out = bytearray()
@@ -673,12 +672,12 @@ class X86Cpu:
 
     def _read_physical(self, phys, length):
         if phys + length <= self.ram.size:
-            return self.ram.buf[phys:phys + length].tobytes()
+            return bytes(self.ram.view[phys:phys + length])
         return bytes(self.uc.mem_read(phys, length))
 
     def _write_physical(self, phys, data):
         if phys + len(data) <= self.ram.size:
-            self.ram.buf[phys:phys + len(data)] = memoryview(data)
+            self.ram.view[phys:phys + len(data)] = memoryview(data).cast("B")
             self.ram.mark_dirty(phys, len(data))
         else:
             raise GuestError(f"cpu: interrupt frame write to {phys:#x} outside RAM")

@@ -10,9 +10,7 @@ import selectors
 import sys
 import time
 
-import numpy as np
-
-from . import _emuc, machinestate
+from . import _emuc
 from .clock import VirtualClock
 from .cpu import UD, Fault, TripleFault, X86Cpu
 from .device import Device, PortBus
@@ -155,19 +153,24 @@ class Machine:
         """Device state (CPU, clock, devices) as a checked stream; RAM pages if asked
         ("all" or page numbers); written to the binary file ``out`` if given.  Never
         changes the machine."""
+        from . import machinestate  # numpy and the stream format: not needed to run
         return machinestate.save(self, ram_pages, out)
 
     def load_state(self, data, rollback=True):
         """Load a stream from :meth:`save_state`; rejected whole, machine untouched, if bad."""
+        from . import machinestate
         machinestate.load(self, data, rollback)
 
     def save_ram(self, pages):
+        from . import machinestate  # numpy and the stream format: not needed to run
         return machinestate.save_ram(self, pages)
 
     def load_ram(self, data):
+        from . import machinestate  # numpy and the stream format: not needed to run
         return machinestate.load_ram(self, data)
 
     def state_digest(self):
+        from . import machinestate  # numpy and the stream format: not needed to run
         return machinestate.digest(self)
 
     def start_dirty_log(self):
@@ -178,7 +181,8 @@ class Machine:
         write hook, which puts every load and store on the slow path and misses those."""
         if self._dirty_log_on:
             return
-        self.ram.host_dirty[:] = 0
+        import numpy as np  # page arrays: only migration and COLO use the dirty log
+        self.ram.clear_host_dirty()
         self._dirty_out = np.empty(self.ram.npages, dtype=np.uint32)
         if self.cpu.engine.patched:
             self._dirty_bitmap = np.zeros((self.ram.npages + 63) // 64, dtype=np.uint64)
@@ -194,7 +198,7 @@ class Machine:
         """Page numbers written since the last call (or the start); clears the log."""
         if not self._dirty_log_on:
             raise EmuError("machine: the dirty log is not running")
-        out, host = self._dirty_out, self.ffi.cast("uint8_t *", self.ram.host_dirty.ctypes.data)
+        out, host = self._dirty_out, self.ffi.cast("uint8_t *", self.ram.host_dirty_address)
         if self.cpu.engine.patched:
             self.cpu.engine.dirty_log_sync(0, self.ram.size, self._dirty_bitmap.ctypes.data)
             n = self.clib.collect_dirty_bitmap(self.ffi.cast("uint64_t *", self._dirty_bitmap.ctypes.data), host,

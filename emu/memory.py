@@ -1,12 +1,17 @@
-"""Guest physical RAM: one page-aligned numpy buffer that Unicorn maps in place.
+"""Guest physical RAM: one anonymous page-aligned mapping that Unicorn maps in place.
 
-The buffer is owned here for the engine's whole life (``mem_map_ptr`` keeps no reference
+The mapping is owned here for the engine's whole life (``mem_map_ptr`` keeps no reference
 and a freed buffer crashes the process).  Every host-side write into guest RAM (loaders,
 device DMA, state loads) goes through :meth:`GuestRam.write`, which marks the pages in the
 host dirty log and asks the CPU to drop translated code that may cover them.
+
+``view`` (a memoryview) is what a plain run needs; ``buf`` and ``host_dirty`` are numpy
+views of the same memory for page-wise work (snapshots, migration, COLO), made on first
+use: importing numpy would double the start-up time of a small guest.
 """
 
-import numpy as np
+import ctypes
+import mmap
 
 from .errors import ConfigError, GuestError
 
@@ -36,15 +41,31 @@ class GuestRam:
             raise ConfigError(f"RAM size {size >> 20} MiB is above the 3.5 GiB the pc machine maps below 4 GiB")
         self.size = size
         self.npages = size >> PAGE_SHIFT
-        raw = np.zeros(size + PAGE_SIZE, dtype=np.uint8)
-        offset = (-raw.ctypes.data) % PAGE_SIZE
-        self._raw = raw  # keeps the allocation alive
-        self.buf = raw[offset:offset + size]
-        self.address = self.buf.ctypes.data
+        self._memory = mmap.mmap(-1, size)  # zero-filled, page aligned, allocated as it is touched
+        self.view = memoryview(self._memory)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
         #: pages written by the host since the last collection (OR-ed into the dirty log)
-        self.host_dirty = np.zeros(self.npages, dtype=np.uint8)
+        self._host_dirty = bytearray(self.npages)
+        self.host_dirty_address = ctypes.addressof(ctypes.c_char.from_buffer(self._host_dirty))
+        self._numpy = None
         #: callables(addr, length) told about host writes (TB flush on the CPU)
         self.write_listeners = []
+
+    @property
+    def buf(self):
+        """RAM as a numpy uint8 array (the same memory)."""
+        return self._numpy_views()[0]
+
+    @property
+    def host_dirty(self):
+        """The host-write page map as a numpy uint8 array (the same bytes)."""
+        return self._numpy_views()[1]
+
+    def _numpy_views(self):
+        if self._numpy is None:
+            import numpy as np
+            self._numpy = (np.frombuffer(self._memory, dtype=np.uint8), np.frombuffer(self._host_dirty, dtype=np.uint8))
+        return self._numpy
 
     def check(self, addr, length):
         if addr < 0 or length < 0 or addr + length > self.size:
@@ -52,22 +73,28 @@ class GuestRam:
 
     def read(self, addr, length):
         self.check(addr, length)
-        return self.buf[addr:addr + length].tobytes()
+        return bytes(self.view[addr:addr + length])
 
     def write(self, addr, data):
         """A host-side write (loader, DMA): marks dirty pages and invalidates code."""
-        data = bytes(data)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            data = bytes(data)
+        data = memoryview(data).cast("B")
         self.check(addr, len(data))
         if not data:
             return
-        self.buf[addr:addr + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self.view[addr:addr + len(data)] = data
         self.mark_dirty(addr, len(data))
         for listener in self.write_listeners:
             listener(addr, len(data))
 
     def mark_dirty(self, addr, length):
         if length:
-            self.host_dirty[addr >> PAGE_SHIFT:((addr + length - 1) >> PAGE_SHIFT) + 1] = 1
+            first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
+            self._host_dirty[first:last + 1] = b"\x01" * (last + 1 - first)
+
+    def clear_host_dirty(self):
+        self._host_dirty[:] = bytes(self.npages)
 
     def read_u32(self, addr):
         return int.from_bytes(self.read(addr, 4), "little")
