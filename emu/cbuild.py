@@ -96,6 +96,7 @@ int deliver_fast(emu_state *s, void *uc, int vector, int software, uint64_t retu
 int after_hlt(emu_state *s, void *uc);
 uint64_t mark_nonzero_pages(const uint8_t *ram, const int64_t *pages, uint64_t n, uint8_t *out);
 uint64_t collect_dirty_bitmap(uint64_t *bitmap, uint8_t *extra, uint64_t npages, uint32_t *out);
+int read_msrs(emu_state *s, void *uc, int reg_msr, const uint32_t *index, uint64_t *out, int n);
 int deadline_timer_start(emu_state *s, void *uc);
 void deadline_timer_arm(emu_state *s, int64_t guest_deadline_ns);
 void deadline_timer_disarm(emu_state *s);
@@ -635,6 +636,19 @@ void deadline_timer_stop(emu_state *s) {
     pthread_cond_destroy(&t->cond);
     free(t);
     s->timer = NULL;
+}
+
+/* The MSRs index[0..n) into out (a state save reads some forty: one engine call each, but
+   not forty Python ones).  reg_msr is UC_X86_REG_MSR; the engine takes a uc_x86_msr. */
+int read_msrs(emu_state *s, void *uc, int reg_msr, const uint32_t *index, uint64_t *out, int n) {
+    struct { uint32_t rid; uint64_t value; } msr;
+    for (int i = 0; i < n; i++) {
+        msr.rid = index[i];
+        msr.value = 0;
+        if (s->reg_read(uc, reg_msr, &msr)) return -1;
+        out[i] = msr.value;
+    }
+    return 0;
 }
 
 /* out[i] = 1 when page pages[i] holds any non-zero byte; stops at the first one found. */

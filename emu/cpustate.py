@@ -36,6 +36,7 @@ def _reg_id(name):
 _PLAIN = GENERAL + CONTROL + DEBUG
 _PLAIN_IDS = [_reg_id(name) for name in _PLAIN]
 _XMM_IDS = [_reg_id(name) for name in XMM]
+_MSR_INDEX = list(MSRS.values())
 
 
 class CpuState:
@@ -60,8 +61,12 @@ class CpuState:
             setattr(self, f"{table}_limit", limit)
         self.hflags = ctx.hflags
         self.hflags2 = ctx.u32("hflags2")
-        for name, index in MSRS.items():
-            setattr(self, f"msr_{name}", uc.reg_read(X.UC_X86_REG_MSR, index))
+        cpu = self.cpu
+        values = cpu.ffi.new("uint64_t[]", len(MSRS))
+        if cpu.clib.read_msrs(cpu.s, cpu._uc_handle, X.UC_X86_REG_MSR, _MSR_INDEX, values, len(MSRS)):
+            raise StateError("cpu: the engine refused to read an MSR")
+        for name, value in zip(MSRS, values, strict=True):
+            setattr(self, f"msr_{name}", value)
         self.fpcw = uc.reg_read(X.UC_X86_REG_FPCW)
         self.fpsw = uc.reg_read(X.UC_X86_REG_FPSW)
         self.fptag = uc.reg_read(X.UC_X86_REG_FPTAG)
