@@ -13,6 +13,7 @@ output are ``kernel=PATH`` and ``initrd=PATH``.
 import argparse
 import glob
 import gzip
+import hashlib
 import io
 import os
 import shutil
@@ -37,7 +38,7 @@ cd /root
 while true; do
     echo "{SHELL_MARKER}"
     /bin/busybox setsid /bin/busybox cttyhack /bin/sh
-    echo "shell exited; restarting"
+    echo "shell exited (status $?); restarting"
 done
 """
 
@@ -194,8 +195,12 @@ def build(cache=None, force=False, log=print):
     os.makedirs(cache, exist_ok=True)
     kernel_out = os.path.join(cache, "bzImage")
     initrd_out = os.path.join(cache, "initramfs.cpio.gz")
+    recipe_path = os.path.join(cache, "initramfs.recipe")
+    recipe = _recipe_digest()
     if not force and os.path.exists(kernel_out) and os.path.exists(initrd_out):
-        return kernel_out, initrd_out
+        if os.path.exists(recipe_path) and open(recipe_path).read().strip() == recipe:
+            return kernel_out, initrd_out
+        log("the initramfs recipe changed: rebuilding it")
 
     kpkg = kernel_package_name()
     log(f"fetching {kpkg}")
@@ -215,7 +220,15 @@ def build(cache=None, force=False, log=print):
     os.replace(tmp, kernel_out)
     with open(os.path.join(cache, "VERSION"), "w") as f:
         f.write(f"{kpkg} {os.path.basename(kernels[-1])}\n")
+    with open(recipe_path, "w") as f:
+        f.write(recipe + "\n")
     return kernel_out, initrd_out
+
+
+def _recipe_digest():
+    """What the cached initramfs was built from: this file (its /init, applets and cpio writer)."""
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def main(argv=None):
