@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-CHELPER := emu/_emuc.stamp
+CHELPER := emu/cpu/_emuc.stamp
 FIRMWARE_STAMP := firmware/build/.stamp
 ENGINE_STAMP := build/engine/lib/inputs.sha256
 APT_PACKAGES := gcc binutils make cmake patch qemu-system-x86
@@ -46,13 +46,13 @@ $(ENGINE_STAMP): engine/build.py $(wildcard engine/unicorn/*.patch) $(STAMP)
 
 engine: deps $(ENGINE_STAMP)
 
-$(CHELPER): emu/cbuild.py $(STAMP)
-	$(PY) -m emu.cbuild
+$(CHELPER): emu/cpu/cbuild.py $(STAMP)
+	$(PY) -m emu.cpu.cbuild
 	touch $@
 
 # byte-compiled modules, so that no run compiles them (PYTHONDONTWRITEBYTECODE may be set)
 pyc: $(STAMP)
-	@$(PY) -m compileall -q emu machines colo linux bench >/dev/null
+	@$(PY) -m compileall -q emu machines colo frontend linux bench >/dev/null
 
 cffi: $(CHELPER)
 
@@ -84,4 +84,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf build firmware/build emu/_emuc* .pytest_cache
+	rm -rf build firmware/build emu/cpu/_emuc* .pytest_cache

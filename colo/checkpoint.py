@@ -61,7 +61,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
-from emu import machinestate, snapshot
+from emu.state import machinestate
+
+from emu.state import stream as snapshot
 from emu.errors import EmuError, StateError
 
 from .wire import HEADER, ChannelError

@@ -23,7 +23,7 @@ import time
 
 from emu.device import Device
 from emu.errors import ConfigError, StateError
-from emu.vmstate import U64, VarBytes, VMStateDescription
+from emu.state.vmstate import U64, VarBytes, VMStateDescription
 
 from . import proxywire as pw
 

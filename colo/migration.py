@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from emu import snapshot
+from emu.state import stream as snapshot
 from emu.chardev import listen_tcp
 from emu.errors import ConfigError, EmuError, StateError
 

@@ -16,7 +16,7 @@ MAX_FRAME = 1 << 31  # a whole 1 GiB machine's RAM fits
 # message types
 HELLO = 1          # source -> destination: protocol version, machine type, RAM size
 ACCEPT = 2         # destination -> source: the stream will be taken
-RAM = 3            # a RAM stream (emu.snapshot format, pages only)
+RAM = 3            # a RAM stream (emu.state.stream format, pages only)
 STATE = 4          # a device-state stream
 COMPLETE = 5       # source: that was the last of it, apply and run
 DONE = 6           # destination: applied, running

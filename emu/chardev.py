@@ -31,7 +31,7 @@ import sys
 import termios
 import time
 
-from .errors import ConfigError
+from emu.errors import ConfigError
 
 TCP_DEFAULT_HOST = "127.0.0.1"
 TCP_MAX_PENDING = 1 << 20  # output held for a slow TCP client before bytes are dropped

@@ -7,13 +7,13 @@ raises interrupts only through the :class:`~emu.irq.IrqLine` it was given and ne
 touches another device.
 """
 
-from .errors import ConfigError
+from emu.errors import ConfigError
 
 
 class Device:
     """Base class of every device model."""
 
-    #: the declarative state description (``emu.vmstate.VMStateDescription``)
+    #: the declarative state description (``emu.state.vmstate.VMStateDescription``)
     VMSTATE = None
 
     def __init__(self, name):

@@ -37,9 +37,9 @@ import struct
 from dataclasses import dataclass, field
 
 
-from .errors import ConfigError
-from .memory import PAGE_SIZE
-from .qemuopts import split_commas
+from emu.errors import ConfigError
+from emu.memory import PAGE_SIZE
+from emu.qemuopts import split_commas
 
 
 @dataclass

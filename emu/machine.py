@@ -10,12 +10,12 @@ import selectors
 import sys
 import time
 
-from . import _emuc
-from .clock import VirtualClock
-from .cpu import UD, Fault, TripleFault, X86Cpu
-from .device import Device, PortBus
-from .errors import EmuError, GuestError
-from .memory import GuestRam
+from emu.cpu import _emuc
+from emu.clock import VirtualClock
+from emu.cpu.x86 import UD, Fault, TripleFault, X86Cpu
+from emu.device import Device, PortBus
+from emu.errors import EmuError, GuestError
+from emu.memory import GuestRam
 
 MAX_SLICE_NS = 10_000_000  # host input is looked at least every 10 ms of guest time
 IDLE_WAIT_CAP_S = 0.5
@@ -153,24 +153,24 @@ class Machine:
         """Device state (CPU, clock, devices) as a checked stream; RAM pages if asked
         ("all" or page numbers); written to the binary file ``out`` if given.  Never
         changes the machine."""
-        from . import machinestate  # numpy and the stream format: not needed to run
+        from emu.state import machinestate  # numpy and the stream format: not needed to run
         return machinestate.save(self, ram_pages, out)
 
     def load_state(self, data, rollback=True):
         """Load a stream from :meth:`save_state`; rejected whole, machine untouched, if bad."""
-        from . import machinestate
+        from emu.state import machinestate
         machinestate.load(self, data, rollback)
 
     def save_ram(self, pages):
-        from . import machinestate  # numpy and the stream format: not needed to run
+        from emu.state import machinestate  # numpy and the stream format: not needed to run
         return machinestate.save_ram(self, pages)
 
     def load_ram(self, data):
-        from . import machinestate  # numpy and the stream format: not needed to run
+        from emu.state import machinestate  # numpy and the stream format: not needed to run
         return machinestate.load_ram(self, data)
 
     def state_digest(self):
-        from . import machinestate  # numpy and the stream format: not needed to run
+        from emu.state import machinestate  # numpy and the stream format: not needed to run
         return machinestate.digest(self)
 
     def start_dirty_log(self):

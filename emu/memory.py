@@ -13,7 +13,7 @@ use: importing numpy would double the start-up time of a small guest.
 import ctypes
 import mmap
 
-from .errors import ConfigError, GuestError
+from emu.errors import ConfigError, GuestError
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

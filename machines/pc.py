@@ -3,40 +3,42 @@
 =================  ===================  =====  ==========================================
 device             ports / address      IRQ    model
 =================  ===================  =====  ==========================================
-8259A PIC pair     0x20-21, 0xa0-a1     -      emu.i8259  (ELCR at 0x4d0-0x4d1)
-8254 PIT           0x40-0x43            0      emu.i8254  (port 0x61: channel 2 gate, speaker)
-MC146818 RTC       0x70-0x71            8      emu.mc146818
-16550A UART COM1   0x3f8-0x3ff          4      emu.uart16550
+8259A PIC pair     0x20-21, 0xa0-a1     -      emu.devices.i8259  (ELCR at 0x4d0-0x4d1)
+8254 PIT           0x40-0x43            0      emu.devices.i8254  (port 0x61: channel 2 gate, speaker)
+MC146818 RTC       0x70-0x71            8      emu.devices.mc146818
+16550A UART COM1   0x3f8-0x3ff          4      emu.devices.uart16550
 16550A UART COM2   0x2f8-0x2ff          3      (with a second -serial)
-isa-debug-exit     0xf4-0xf7            -      emu.debugexit
-fw_cfg             0x510-0x511          -      emu.fw_cfg
-POST port          0x80                 -      emu.pcports
-system control A   0x92                 -      emu.pcports (A20, fast reset)
-8042 kbd controller 0x60, 0x64          1, 12  emu.i8042 (PS/2 keyboard and mouse, reset line, A20)
-reset control      0xcf9                -      emu.pcports (PIIX3 RCR)
-A20 gate           -                    -      emu.a20 (driven by 0x92 and the 8042)
-unassigned memory  every hole           -      emu.unassigned (reads all ones, writes dropped)
-local APIC         0xfee00000 (MMIO)    -      emu.apic
+isa-debug-exit     0xf4-0xf7            -      emu.devices.debugexit
+fw_cfg             0x510-0x511          -      emu.devices.fw_cfg
+POST port          0x80                 -      emu.devices.pcports
+system control A   0x92                 -      emu.devices.pcports (A20, fast reset)
+8042 kbd controller 0x60, 0x64          1, 12  emu.devices.i8042 (PS/2 keyboard and mouse, reset line, A20)
+reset control      0xcf9                -      emu.devices.pcports (PIIX3 RCR)
+A20 gate           -                    -      emu.devices.a20 (driven by 0x92 and the 8042)
+unassigned memory  every hole           -      emu.devices.unassigned (reads all ones, writes dropped)
+local APIC         0xfee00000 (MMIO)    -      emu.devices.apic
 =================  ===================  =====  ==========================================
 """
 
 import sys
 import time
 
-from emu import chardev, loaders, unassigned
-from emu.a20 import A20Gate
-from emu.apic import LocalApic
-from emu.debugexit import IsaDebugExit
+from emu import chardev, loaders
+
+from emu.devices import unassigned
+from emu.devices.a20 import A20Gate
+from emu.devices.apic import LocalApic
+from emu.devices.debugexit import IsaDebugExit
 from emu.errors import ConfigError
-from emu.fastpath import PostCodeFastPath, UartFastPath
-from emu.fw_cfg import FwCfg, parse_user_file
-from emu.i8254 import Pit8254, SystemControlPortB
-from emu.i8042 import I8042
-from emu.i8259 import Pic8259Pair
+from emu.devices.fastpath import PostCodeFastPath, UartFastPath
+from emu.devices.fw_cfg import FwCfg, parse_user_file
+from emu.devices.i8254 import Pit8254, SystemControlPortB
+from emu.devices.i8042 import I8042
+from emu.devices.i8259 import Pic8259Pair
 from emu.machine import Machine
-from emu.mc146818 import Mc146818Rtc
-from emu.pcports import PostCodePort, ResetControl, SystemControlPortA
-from emu.uart16550 import Uart16550
+from emu.devices.mc146818 import Mc146818Rtc
+from emu.devices.pcports import PostCodePort, ResetControl, SystemControlPortA
+from emu.devices.uart16550 import Uart16550
 
 MACHINE_TYPE = "pc"
 LAPIC_BASE = 0xFEE00000

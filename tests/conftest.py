@@ -26,7 +26,7 @@ def run_emu(*args, input=None, timeout=60):
 
 def engine_patched():
     """Whether our own libunicorn build (engine/) is loaded, not the stock wheel."""
-    from emu.engine import EngineControls  # first: importing emu selects the library
+    from emu.cpu.engine import EngineControls  # first: importing emu selects the library
     from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
     return EngineControls(Uc(UC_ARCH_X86, UC_MODE_64)).patched
 

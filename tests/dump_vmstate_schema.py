@@ -17,9 +17,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from emu import snapshot  # noqa: E402
-from emu.cpustate import VMSTATE as CPU_VMSTATE  # noqa: E402
-from emu.machinestate import CLOCK_VMSTATE, state_objects  # noqa: E402
+from emu.state import stream as snapshot  # noqa: E402
+from emu.cpu.state import VMSTATE as CPU_VMSTATE  # noqa: E402
+from emu.state.machinestate import CLOCK_VMSTATE, state_objects  # noqa: E402
 from machines import pc  # noqa: E402
 
 INLINE_WIDTH = 100

@@ -15,10 +15,10 @@ import traceback
 import xxhash
 from firmware_cases import CASES_BY_NAME
 
-from emu import machinestate
+from emu.state import machinestate
 from emu.chardev import CharBackend
-from emu.fastpath import UartFastPath
-from emu.i8254 import CE_COUNTING, PIT_FREQ_HZ
+from emu.devices.fastpath import UartFastPath
+from emu.devices.i8254 import CE_COUNTING, PIT_FREQ_HZ
 from emu.memory import parse_size
 from machines import pc
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from emu.apic import MMIO_BASE, LocalApic
+from emu.devices.apic import MMIO_BASE, LocalApic
 from emu.clock import VirtualClock
 from emu.errors import StateError, UnsupportedError
 

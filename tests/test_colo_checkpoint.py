@@ -21,7 +21,7 @@ from conftest import firmware
 
 from colo import checkpoint as ck
 from colo.wire import HEADER, ChannelError
-from emu import machinestate
+from emu.state import machinestate
 from machines import pc
 
 MS = 1_000_000

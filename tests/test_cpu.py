@@ -9,7 +9,7 @@ import struct
 
 from guestasm import assemble, bare_machine, entry
 
-from emu.apic import LocalApic
+from emu.devices.apic import LocalApic
 from emu.clock import VirtualClock
 
 

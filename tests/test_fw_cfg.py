@@ -6,10 +6,10 @@ import struct
 import pytest
 from conftest import firmware
 
-from emu.cli import _run_parser, build_from_args
+from frontend.cli import _run_parser, build_from_args
 from emu.device import PortBus
 from emu.errors import ConfigError, GuestError, StateError
-from emu.fw_cfg import FwCfg, parse_user_file
+from emu.devices.fw_cfg import FwCfg, parse_user_file
 from emu.memory import GuestRam
 
 SELECTOR, DATA, DMA_HIGH, DMA_LOW = 0x510, 0x511, 0x514, 0x518

@@ -4,7 +4,7 @@ import pytest
 
 from emu.device import PortBus
 from emu.errors import StateError
-from emu.i8042 import I8042
+from emu.devices.i8042 import I8042
 from emu.irq import IrqLine, IrqRecorder
 
 

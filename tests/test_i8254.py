@@ -5,7 +5,7 @@ import pytest
 from emu.clock import VirtualClock
 from emu.device import PortBus
 from emu.errors import StateError
-from emu.i8254 import MIN_IRQ_PERIOD_NS, PIT_FREQ_HZ, Pit8254, SystemControlPortB
+from emu.devices.i8254 import MIN_IRQ_PERIOD_NS, PIT_FREQ_HZ, Pit8254, SystemControlPortB
 from emu.irq import IrqLine
 
 CH0, CH1, CH2, MODE, PORT_B = 0x40, 0x41, 0x42, 0x43, 0x61

@@ -4,7 +4,7 @@ import pytest
 
 from emu.device import PortBus
 from emu.errors import StateError
-from emu.i8259 import Pic8259Pair
+from emu.devices.i8259 import Pic8259Pair
 
 MASTER_CMD, MASTER_DATA, SLAVE_CMD, SLAVE_DATA, ELCR = 0x20, 0x21, 0xA0, 0xA1, 0x4D0
 EOI = 0x20

@@ -15,7 +15,7 @@ from conftest import ROOT, firmware
 from guestasm import assemble
 
 from emu import loaders
-from emu.cpu import TSC_HZ
+from emu.cpu.x86 import TSC_HZ
 from emu.errors import ConfigError
 from emu.memory import GuestRam
 from machines import pc

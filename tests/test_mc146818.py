@@ -7,7 +7,7 @@ import pytest
 from emu.clock import VirtualClock
 from emu.errors import StateError
 from emu.irq import IrqRecorder
-from emu.mc146818 import (
+from emu.devices.mc146818 import (
     NEVER,
     NS_PER_SEC,
     UIP_HOLD_NS,

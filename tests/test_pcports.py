@@ -3,10 +3,10 @@ control register (0xcf9)."""
 
 import pytest
 
-from emu.debugexit import IsaDebugExit
+from emu.devices.debugexit import IsaDebugExit
 from emu.device import PortBus
 from emu.errors import StateError
-from emu.pcports import PostCodePort, ResetControl, SystemControlPortA
+from emu.devices.pcports import PostCodePort, ResetControl, SystemControlPortA
 
 
 def on_bus(device, base, count):

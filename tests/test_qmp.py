@@ -19,9 +19,9 @@ from conftest import firmware, run_emu
 from elftools.elf.elffile import ELFFile
 from qemu.qmp import QMPClient
 
-from emu import qmp as qmpmod
+from frontend import qmp as qmpmod
 from emu.errors import ConfigError, EmuError
-from emu.qmp import JsonStream, QmpServer, parse_address
+from frontend.qmp import JsonStream, QmpServer, parse_address
 
 IDLE = firmware("idle.elf")
 

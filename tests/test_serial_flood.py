@@ -13,7 +13,7 @@ from emuproc import Qmp
 from guestasm import assemble
 
 from emu.chardev import STDIO_MAX_PENDING, StdioBackend
-from emu.fastpath import RING_SIZE
+from emu.devices.fastpath import RING_SIZE
 from machines import pc
 
 

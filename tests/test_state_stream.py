@@ -19,10 +19,10 @@ import pytest
 import xxhash
 from conftest import firmware, run_emu
 
-from emu.cpustate import VMSTATE as CPU_VMSTATE
+from emu.cpu.state import VMSTATE as CPU_VMSTATE
 from emu.errors import StateError
-from emu.machinestate import CLOCK_VMSTATE, state_objects
-from emu.vmstate import U8, U16, VMStateDescription
+from emu.state.machinestate import CLOCK_VMSTATE, state_objects
+from emu.state.vmstate import U8, U16, VMStateDescription
 from machines import pc
 
 RAM_SIZE = 4 << 20

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from emu.clock import VirtualClock
 from emu.errors import StateError
 from emu.irq import IrqRecorder
-from emu.uart16550 import Uart16550
+from emu.devices.uart16550 import Uart16550
 
 RBR = THR = DLL = 0
 IER = DLM = 1

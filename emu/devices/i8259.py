@@ -21,10 +21,10 @@ on master input 2 (ICW3 is accepted and ignored), vectors are always 8086-style 
 ignored), and ELCR bits for IRQ 0, 1, 2, 8 and 13 are wired to 0 (edge).
 """
 
-from .device import Device
-from .errors import StateError
-from .irq import IrqLine
-from .vmstate import U8, Bool, VMStateDescription
+from emu.device import Device
+from emu.errors import StateError
+from emu.irq import IrqLine
+from emu.state.vmstate import U8, Bool, VMStateDescription
 
 CASCADE_INPUT = 2  # the master input the slave's INT output drives
 SPURIOUS_LEVEL = 7  # a chip answers INTA with IR7 when no request is left

@@ -26,10 +26,10 @@ import os
 import struct
 from dataclasses import dataclass
 
-from .device import Device
-from .errors import ConfigError, GuestError, StateError
-from .qemuopts import split_commas
-from .vmstate import U16, U32, U64, Subsection, VMStateDescription
+from emu.device import Device
+from emu.errors import ConfigError, GuestError, StateError
+from emu.qemuopts import split_commas
+from emu.state.vmstate import U16, U32, U64, Subsection, VMStateDescription
 
 # selector keys (docs/specs/fw_cfg.rst)
 FW_CFG_SIGNATURE = 0x00

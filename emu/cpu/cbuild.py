@@ -1,4 +1,4 @@
-"""Build the C helper module ``emu._emuc`` with cffi (``python -m emu.cbuild``).
+"""Build the C helper module ``emu.cpu._emuc`` with cffi (``python -m emu.cpu.cbuild``).
 
 Why C: Unicorn calls a Python hook in about 0.5-1 us, a C hook in about 26 ns.  The hot
 paths that run inside the CPU engine therefore live here: port-I/O exits for the hot ports,
@@ -265,7 +265,7 @@ uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *
 /* ---------------------------------------------------------------------------------------
    Interrupt delivery, the common path, in C: a gate of the IDT in 32-bit protected mode or
    long mode, same privilege or a change through the TSS (RSP0/ESP0, IST).  It mirrors
-   emu/cpu.py's _deliver_protected/_deliver_long, which stay the reference and handle
+   emu/cpu/x86.py's _deliver_protected/_deliver_long, which stay the reference and handle
    everything else: a non-zero return means "not handled, nothing changed; use Python"
    (a fault while delivering, a 16-bit or task gate, an LDT selector, virtual-8086 mode...).
    --------------------------------------------------------------------------------------- */

@@ -22,10 +22,10 @@ Ports: ``Pit8254`` at 0x40-0x43 (base 0x40, count 4), ``SystemControlPortB`` at 
 bit 0 and its OUT is port 0x61 bit 5.
 """
 
-from .device import Device
-from .errors import StateError
-from .irq import NullIrq
-from .vmstate import I64, U8, U16, U32, Array, TimerField, VMStateDescription
+from emu.device import Device
+from emu.errors import StateError
+from emu.irq import NullIrq
+from emu.state.vmstate import I64, U8, U16, U32, Array, TimerField, VMStateDescription
 
 PIT_FREQ_HZ = 1_193_182
 NS_PER_SEC = 1_000_000_000

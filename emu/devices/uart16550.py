@@ -35,10 +35,10 @@ empty between accesses and LSR reads THRE|TEMT.  Host input is pushed in with
 :meth:`receive`, which takes only what fits (the run loop keeps the rest).
 """
 
-from .clock import NS_PER_SEC
-from .device import Device
-from .errors import StateError
-from .vmstate import U8, U16, Bool, TimerField, VarBytes, VMStateDescription
+from emu.clock import NS_PER_SEC
+from emu.device import Device
+from emu.errors import StateError
+from emu.state.vmstate import U8, U16, Bool, TimerField, VarBytes, VMStateDescription
 
 FIFO_SIZE = 16
 BAUD_BASE = 1_843_200 // 16  # the PC's 1.8432 MHz crystal, divided by the 16x sampling clock

@@ -28,9 +28,9 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import uclib
 
-from . import x86context as xc
-from .engine import EngineControls, warn_if_stock
-from .errors import GuestError, UnsupportedError
+from emu.cpu import context as xc
+from emu.cpu.engine import EngineControls, warn_if_stock
+from emu.errors import GuestError, UnsupportedError
 
 NEVER = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -51,7 +51,7 @@ MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 
 
 TSC_HZ = 1_000_000_000  # the virtual TSC ticks once per guest nanosecond (1 GHz, constant)
 # The core crystal of CPUID leaf 0x15, which Linux also takes as the local APIC timer's input
-# clock: emu/apic.py's timer counts guest nanoseconds, a 1 GHz bus clock as in QEMU.
+# clock: emu/devices/apic.py's timer counts guest nanoseconds, a 1 GHz bus clock as in QEMU.
 CRYSTAL_HZ = 1_000_000_000
 
 
@@ -386,7 +386,7 @@ class X86Cpu:
 
     # ------------------------------------------------------------------ registers
     def snapshot(self):
-        """The engine's state as a :class:`~emu.x86context.ContextView`, saved at most once
+        """The engine's state as a :class:`~emu.cpu.context.ContextView`, saved at most once
         between changes: the run loop reads RIP, IF, the mode and the control registers
         from it instead of paying for one engine call per register."""
         if not self._fresh:

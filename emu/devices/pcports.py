@@ -6,7 +6,7 @@ control register at 0xcf9.
   ignores the writes and reads return all ones; we also keep the last code written
   (``last_post_code``), as a POST card would show it, for traces and error reports.
 * Port 0x92 (QEMU ``hw/i386/port92.c``): bit 0 ``INIT_NOW`` requests a system reset on a
-  0 -> 1 transition, bit 1 ``ALT_A20_GATE`` drives the A20 line (``emu.a20``); the byte
+  0 -> 1 transition, bit 1 ``ALT_A20_GATE`` drives the A20 line (``emu.devices.a20``); the byte
   reads back as written and a system reset clears bit 0.
 * Port 0xcf9, the PIIX3 reset control register (QEMU ``hw/isa/piix3.c`` rcr_write): a
   write with bit 2 set resets the system; otherwise bit 1 (hard or soft reset, which this
@@ -14,9 +14,9 @@ control register at 0xcf9.
   firmware use it.
 """
 
-from .device import Device
-from .errors import StateError
-from .vmstate import U8, VMStateDescription
+from emu.device import Device
+from emu.errors import StateError
+from emu.state.vmstate import U8, VMStateDescription
 
 PORT92_RESET = 0x01
 PORT92_A20 = 0x02

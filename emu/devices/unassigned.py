@@ -8,7 +8,7 @@ traced under ``-d unassigned`` (QEMU's "Invalid access at addr ..." log).  QEMU 
 reads 0 there (its unassigned_mem_read); a PC's bus, and this machine, read all ones.
 """
 
-from .device import Device
+from emu.device import Device
 
 PAGE = 0x1000
 

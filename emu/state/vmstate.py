@@ -18,7 +18,7 @@ big-endian.  ``post_load`` validates and re-derives the device's own state only 
 
 import struct
 
-from .errors import StateError
+from emu.errors import StateError
 
 
 class Field:

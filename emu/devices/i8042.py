@@ -13,9 +13,9 @@ commands so that Linux's i8042, atkbd and psmouse drivers and SeaBIOS find them;
 keys or mouse movement are fed in (the console is the serial port).
 """
 
-from .device import Device
-from .errors import StateError
-from .vmstate import U8, VarBytes, VMStateDescription
+from emu.device import Device
+from emu.errors import StateError
+from emu.state.vmstate import U8, VarBytes, VMStateDescription
 
 STAT_OBF, STAT_SELFTEST, STAT_CMD, STAT_UNLOCKED, STAT_MOUSE_OBF = 0x01, 0x04, 0x08, 0x10, 0x20
 MODE_KBD_INT, MODE_MOUSE_INT, MODE_DISABLE_KBD, MODE_DISABLE_MOUSE, MODE_KCC = 0x01, 0x02, 0x10, 0x20, 0x40

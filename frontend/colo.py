@@ -17,7 +17,7 @@ import time
 
 from emu.errors import ConfigError, EmuError
 
-from .wire import parse_tcp_uri
+from colo.wire import parse_tcp_uri
 
 USAGE = """usage: emu colo COMMAND [options]
   arbiter    --listen tcp:HOST:PORT [--lease MS]
@@ -69,7 +69,7 @@ def _pair_options(parser, role):
 
 
 def _settings(args):
-    from .controller import ColoSettings
+    from colo.controller import ColoSettings
 
     key = None
     if args.key_file:
@@ -84,7 +84,7 @@ def _settings(args):
         raise ConfigError("--heartbeat-timeout must be above --heartbeat-period (both > 0)")
     arbiter = parse_tcp_uri(args.arbiter, "--arbiter") if args.arbiter else None
     if args.records:  # checked now: the records file is opened only once the pair has formed
-        from emu.cli import _check_writable
+        from frontend.cli import _check_writable
         if not args.records.lower().endswith((".json", ".csv")):
             raise ConfigError(f"--records: {args.records!r} must end in .json or .csv")
         _check_writable("--records", args.records)
@@ -102,7 +102,7 @@ def _settings(args):
 
 def _pair_args(role, argv):
     """``emu run`` options plus the pair's, parsed; and the COLO settings they give."""
-    from emu.cli import _run_parser
+    from frontend.cli import _run_parser
 
     parser = _run_parser()
     parser.prog = f"emu colo {role}"
@@ -118,7 +118,7 @@ def _serial_for(args, role, mode="compare"):
 
 
 def cmd_secondary(argv):
-    from emu.cli import run_machine
+    from frontend.cli import run_machine
 
     args, settings = _pair_args("secondary", argv)
     parse_tcp_uri(args.listen, "--listen")
@@ -137,7 +137,7 @@ def cmd_secondary(argv):
 
 
 def cmd_primary(argv):
-    from emu.cli import run_machine
+    from frontend.cli import run_machine
 
     args, settings = _pair_args("primary", argv)
     parse_tcp_uri(args.secondary, "--secondary")
@@ -190,22 +190,22 @@ def cmd_primary(argv):
 
 
 def cmd_proxy(argv):
-    from .proxy import main
+    from colo.proxy import main
     return main(argv)
 
 
 def cmd_arbiter(argv):
-    from .arbiter import main
+    from colo.arbiter import main
     return main(argv)
 
 
 def cmd_report(argv):
-    from .report import main
+    from colo.report import main
     return main(argv)
 
 
 def cmd_demo(argv):
-    from .demo import main
+    from colo.demo import main
     return main(argv)
 
 

@@ -22,9 +22,9 @@ The alarm compares the register bytes exactly as the chip does (so an impossible
 never matches); daylight saving (DSE) is stored but not applied, as in QEMU.
 """
 
-from .device import Device
-from .errors import StateError
-from .vmstate import I64, U8, U32, Bool, Bytes, TimerField, VMStateDescription
+from emu.device import Device
+from emu.errors import StateError
+from emu.state.vmstate import I64, U8, U32, Bool, Bytes, TimerField, VMStateDescription
 
 NS_PER_SEC = 1_000_000_000
 SECONDS_PER_DAY = 86400

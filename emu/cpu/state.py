@@ -9,8 +9,8 @@ deterministic work counter.
 
 from unicorn import x86_const as X
 
-from .errors import StateError
-from .vmstate import I64, U32, U64, Array, Bool, VMStateDescription
+from emu.errors import StateError
+from emu.state.vmstate import I64, U32, U64, Array, Bool, VMStateDescription
 
 GENERAL = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
            "r14", "r15", "rip", "rflags"]

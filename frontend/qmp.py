@@ -22,8 +22,8 @@ import stat
 import sys
 import time
 
-from .chardev import listen_tcp, parse_socket_options
-from .errors import ConfigError, EmuError
+from emu.chardev import listen_tcp, parse_socket_options
+from emu.errors import ConfigError, EmuError
 
 QEMU_VERSION = {"micro": 0, "minor": 2, "major": 7}  # the QEMU whose protocol this follows
 MAX_CLIENTS = 64
@@ -288,8 +288,8 @@ def format_registers(cpu):
     (target/i386/cpu-dump.c), with the FPU and SSE part."""
     from unicorn import x86_const as X
 
-    from . import x86context as xc
-    from .cpustate import MSRS
+    from emu.cpu import context as xc
+    from emu.cpu.state import MSRS
 
     uc = cpu.uc
     ctx = cpu.snapshot()

@@ -23,8 +23,8 @@ import struct
 import numpy as np
 import xxhash
 
-from . import _emuc
-from .errors import StateError
+from emu.cpu import _emuc
+from emu.errors import StateError
 
 MAGIC = b"EMUCOLO\0"
 FORMAT_VERSION = 1

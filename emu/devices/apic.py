@@ -50,9 +50,9 @@ Clearing the global enable bit acts like a software disable and makes the APIC t
 processors, current QEMU).  The base address is recorded only: the machine maps the page.
 """
 
-from .device import Device
-from .errors import StateError, UnsupportedError
-from .vmstate import I64, U8, U16, U32, U64, Array, TimerField, VMStateDescription
+from emu.device import Device
+from emu.errors import StateError, UnsupportedError
+from emu.state.vmstate import I64, U8, U16, U32, U64, Array, TimerField, VMStateDescription
 
 MMIO_BASE = 0xFEE00000
 MMIO_SIZE = 0x1000

@@ -15,7 +15,7 @@ import signal
 import stat
 import sys
 
-from .errors import RUNTIME_FAILURE_STATUS, ConfigError, EmuError, StateError
+from emu.errors import RUNTIME_FAILURE_STATUS, ConfigError, EmuError, StateError
 
 TRACE_CATEGORIES = {
     "int": "interrupt and exception delivery",
@@ -40,7 +40,7 @@ QEMU_OPTIONS = frozenset("""
 
 
 def _version_text():
-    from .qmp import PACKAGE, QEMU_VERSION
+    from frontend.qmp import PACKAGE, QEMU_VERSION
     qemu = "{major}.{minor}.{micro}".format(**QEMU_VERSION)
     return (f"{PACKAGE or 'emu-colo'}, a PC emulator with the command line, QMP and exit statuses of "
             f"qemu-system-x86_64 {qemu}")
@@ -159,7 +159,7 @@ def build_from_args(args):
     """Create a ready-to-run machine from parsed ``emu run`` options."""
     from machines import pc
 
-    from .memory import parse_size
+    from emu.memory import parse_size
 
     if args.trace == "help":
         print("\n".join(f"{name:12s} {text}" for name, text in TRACE_CATEGORIES.items()))
@@ -329,7 +329,7 @@ def run_machine(args, configure=None):
                 migration.colo_link = backend
                 migration.colo_passive = backend.mode == "passive"
         if args.qmp is not None:
-            from .qmp import QmpServer
+            from frontend.qmp import QmpServer
             monitor = QmpServer(machine, args.qmp, migration=migration)
         if args.incoming == "defer":
             machine.status = "inmigrate"
@@ -455,7 +455,7 @@ def cmd_demo(argv):
 
 
 def cmd_colo(argv):
-    from colo.cli import main
+    from frontend.colo import main
     return main(argv)
 
 

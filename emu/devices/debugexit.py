@@ -8,8 +8,8 @@ keeps the low 8 bits, as ``exit()`` does in QEMU.  Reads return 0 (QEMU's
 port would read all ones.  The device has no state.
 """
 
-from .device import Device
-from .vmstate import VMStateDescription
+from emu.device import Device
+from emu.state.vmstate import VMStateDescription
 
 
 class IsaDebugExit(Device):

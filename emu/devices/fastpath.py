@@ -6,7 +6,7 @@ would have had.  The device model stays the single source of truth: after every 
 that reaches it, :class:`UartFastPath` re-derives whether the C path may be used.
 """
 
-from .device import Device
+from emu.device import Device
 
 LSR_OFFSET = 5
 THR_OFFSET = 0

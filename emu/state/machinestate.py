@@ -1,6 +1,6 @@
 """The machine's save helpers: device state and RAM pages to a stream and back.
 
-What is saved: the CPU (by register name, :mod:`emu.cpustate`), the virtual clock, and
+What is saved: the CPU (by register name, :mod:`emu.cpu.state`), the virtual clock, and
 every device's ``VMSTATE`` (each armed timer travels with its device as an absolute
 deadline).  Loading first parses and checks the whole stream and decodes every section,
 then applies it; should a device still refuse a value in its ``post_load``, the machine is
@@ -11,11 +11,11 @@ import hashlib
 
 import numpy as np
 
-from . import snapshot
-from .cpustate import VMSTATE as CPU_VMSTATE
-from .cpustate import CpuState
-from .errors import StateError
-from .vmstate import I64, VMStateDescription
+from emu.state import stream as snapshot
+from emu.cpu.state import VMSTATE as CPU_VMSTATE
+from emu.cpu.state import CpuState
+from emu.errors import StateError
+from emu.state.vmstate import I64, VMStateDescription
 
 
 class ClockState:

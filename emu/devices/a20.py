@@ -1,7 +1,7 @@
 """The A20 gate: address line 20 of the CPU's physical accesses, masked when disabled.
 
-A PC powers up with A20 enabled; port 0x92 bit 1 (``emu.pcports``) and the keyboard
-controller's output port bit 1 (``emu.i8042``) drive it, the last writer winning (QEMU
+A PC powers up with A20 enabled; port 0x92 bit 1 (``emu.devices.pcports``) and the keyboard
+controller's output port bit 1 (``emu.devices.i8042``) drive it, the last writer winning (QEMU
 ``hw/i386/pc.c`` handle_a20_line_change -> x86_cpu_set_a20).  While it is low, bit 20 of
 every physical address the CPU forms is 0: an address in an odd MiB reaches the even MiB
 below it.  The engine is QEMU's: its page walker applies the CPU's ``a20_mask`` to every
@@ -10,8 +10,8 @@ Host-side accesses (DMA, loaders) are not masked, as on a PC where the gate sits
 path only.
 """
 
-from .device import Device
-from .vmstate import Bool, VMStateDescription
+from emu.device import Device
+from emu.state.vmstate import Bool, VMStateDescription
 
 
 class A20Gate(Device):
