@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 
+from emu import chardev
 from emu.device import Device
 from emu.errors import ConfigError, StateError
 from emu.state.vmstate import U64, VarBytes, VMStateDescription
@@ -262,3 +263,6 @@ def open_link(spec):
     s = parse_link_spec(spec)
     return ColoLink(s["host"], s["port"], role=s["role"], mode=s["mode"], node=s["node"])
 
+
+
+chardev.register_scheme("colo", open_link, "colo:HOST:PORT[,role=primary|secondary][,mode=compare|passive]")

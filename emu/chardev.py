@@ -438,8 +438,20 @@ def listen_unix(path, fail):
     return sock
 
 
-SPEC_HELP = ("expected stdio, null, none, pty, file:PATH, tcp:[HOST]:PORT,server[,nowait], unix:PATH,server[,nowait] "
-             "or colo:HOST:PORT[,role=primary|secondary][,mode=compare|passive]")
+SPEC_HELP = "expected stdio, null, none, pty, file:PATH, tcp:[HOST]:PORT,server[,nowait], unix:PATH,server[,nowait]"
+
+#: -serial schemes that layers above the core add (``colo:``): prefix -> (open(spec), help)
+SCHEMES = {}
+
+
+def register_scheme(prefix, opener, help_text):
+    """Let ``-serial PREFIX:...`` open a backend defined outside the core (the COLO link is
+    registered by ``colo.link``); ``help_text`` joins the error message's list."""
+    SCHEMES[prefix] = (opener, help_text)
+
+
+def spec_help():
+    return " or ".join([SPEC_HELP] + [help_text for _, help_text in SCHEMES.values()])
 
 
 def listen_tcp(host, port, backlog, fail):
@@ -515,16 +527,16 @@ def parse_serial_spec(spec):
             return TcpServerBackend(wait=wait, unix_path=path)
         except BackendOpenError as e:
             raise ConfigError(f"-serial {spec!r}: {e.reason}") from None
-    if spec.startswith("colo:"):
-        from colo.link import open_link  # the COLO client endpoint's protocol lives in colo/
-        return open_link(spec)
+    scheme = spec.partition(":")[0]
+    if scheme in SCHEMES:
+        return SCHEMES[scheme][0](spec)
     if spec.startswith("tcp:"):
         host, port, wait = _parse_tcp(spec)
         try:
             return TcpServerBackend(host, port, wait=wait)
         except BackendOpenError as e:
             raise ConfigError(f"-serial {spec!r}: {e.reason}") from None
-    raise ConfigError(f"-serial {spec!r}: unsupported serial device ({SPEC_HELP})")
+    raise ConfigError(f"-serial {spec!r}: unsupported serial device ({spec_help()})")
 
 
 def _parse_tcp(spec):

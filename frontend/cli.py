@@ -157,6 +157,7 @@ def parse_icount(text):
 
 def build_from_args(args):
     """Create a ready-to-run machine from parsed ``emu run`` options."""
+    import colo.link  # noqa: F401  (registers -serial colo:, a COLO pair's client endpoint link)
     from machines import pc
 
     from emu.memory import parse_size

@@ -1,0 +1,96 @@
+"""The layers, checked from the import graph of the source (ast, nothing is imported).
+
+    emu (core)  <-  machines (boards)  <-  colo (replication)  <-  frontend (command line, monitor)
+
+Each layer imports only the layers to its left; inside the project no two modules import
+each other at module level, directly or around a cycle.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LAYERS = ["emu", "machines", "colo", "frontend"]
+#: ``python -m emu`` is the program's entry point: nothing imports it, and it reaches the top
+ENTRY_POINTS = {"emu.__main__"}
+
+
+def _module_name(path):
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules():
+    found = {}
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            found[_module_name(path)] = path
+    return found
+
+
+def _imports(name, path):
+    """(imported module, at module level?) for every import statement of a module."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    top_level = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, id(node) in top_level
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            yield target, id(node) in top_level
+            for alias in node.names:  # "from pkg import module"
+                yield f"{target}.{alias.name}", id(node) in top_level
+
+
+MODULES = _modules()
+GRAPH = {name: list(_imports(name, path)) for name, path in MODULES.items()}
+
+
+def _layer(module):
+    return module.split(".")[0]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_layer_imports_only_the_layers_below_it(layer):
+    allowed = set(LAYERS[:LAYERS.index(layer) + 1])
+    wrong = sorted({f"{name} imports {target}" for name, imports in GRAPH.items() if _layer(name) == layer
+                    and name not in ENTRY_POINTS for target, _ in imports
+                    if _layer(target) in LAYERS and _layer(target) not in allowed})
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycle_at_module_level():
+    edges = {name: sorted({target for target, top in imports if top and target in MODULES and target != name})
+             for name, imports in GRAPH.items()}
+    state, stack, cycles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in edges[node]:
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_graph_sees_the_imports_it_checks():
+    """The checks above are only as good as the graph: it must contain known edges."""
+    assert any(target == "emu.cpu.x86" for target, _ in GRAPH["emu.machine"])
+    assert any(target == "colo.link" for target, _ in GRAPH["frontend.cli"])
+    assert any(_layer(target) == "emu" for target, _ in GRAPH["machines.pc"])
