@@ -15,13 +15,14 @@ import sys
 from unicorn import UC_ERR_OK, Uc
 from unicorn.unicorn_py3.unicorn import uclib
 
-# uc_control_type values of engine/unicorn/000[3-8]*.patch (far from upstream's numbers)
+# uc_control_type values of engine/unicorn/000[3-9]*.patch (far from upstream's numbers)
 UC_CTL_DIRTY_LOG = 0x4000
 UC_CTL_DIRTY_LOG_SYNC = 0x4001
 UC_CTL_TB_REMOVE_CACHE_PHYS = 0x4002
 UC_CTL_CPU_IRQ_WINDOW = 0x4003
 UC_CTL_CPU_HALTED = 0x4004
 UC_CTL_X86_A20 = 0x4005
+UC_CTL_DISCARD_PROTECTED_WRITES = 0x4006
 _IO_WRITE, _IO_READ = 1, 2
 
 _warned = False
@@ -68,6 +69,11 @@ class EngineControls:
         """The A20 line: the engine masks bit 20 of physical addresses from the next access."""
         self._check(uclib.uc_ctl(self._uch, _control(UC_CTL_X86_A20, 1, _IO_WRITE), ctypes.c_int(int(enabled))),
                     "X86_A20")
+
+    def discard_protected_writes(self, enable):
+        """A write to read-only memory that the ROM write hook saw has no effect (ROM)."""
+        self._check(uclib.uc_ctl(self._uch, _control(UC_CTL_DISCARD_PROTECTED_WRITES, 1, _IO_WRITE),
+                                 ctypes.c_int(int(enable))), "DISCARD_PROTECTED_WRITES")
 
     def dirty_log(self, enable):
         self._check(uclib.uc_ctl(self._uch, _control(UC_CTL_DIRTY_LOG, 1, _IO_WRITE), ctypes.c_int(int(enable))),

@@ -20,10 +20,10 @@ import struct
 import weakref
 
 from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
-                     UC_ERR_READ_UNMAPPED,
-                     UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_MEM_WRITE,
-                     UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_16,
-                     UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc, UcError)
+                     UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
+                     UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE, UC_HOOK_MEM_WRITE_PROT, UC_MEM_FETCH_UNMAPPED,
+                     UC_MEM_WRITE_UNMAPPED, UC_MODE_16, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc,
+                     UcError)
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import uclib
@@ -109,10 +109,15 @@ class X86Cpu:
         self.stop_requested = False
         self.running = False  # inside emu_start: only then does a stop request reach the engine
         self._pending_a20_mask = None  # an A20 change asked for by an I/O hook, applied after the slice
+        self.on_slice_end = []  # callables run after every slice (a memory map change waits there)
+        self._rom_hooks = {}  # base of a ROM mapping -> its write-protection hook
+        self._rom_write_handler = None
 
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.engine = EngineControls(self.uc)
         warn_if_stock(self.engine)
+        if self.engine.patched:
+            self.engine.discard_protected_writes(True)  # ROM: writes are ignored, as on a PC
         # the patched engine needs no hook at every block in real-time mode: deadlines come
         # from a timer thread, the interrupt window from the engine itself
         self.block_hook = icount or not self.engine.patched
@@ -207,23 +212,62 @@ class X86Cpu:
             self.hook_error = exc.with_traceback(tb)
         self.request_stop()
 
+    def map_memory(self, base, size, host_address, writable):
+        """Host memory at guest-physical ``base`` (RAM, or ROM when not ``writable``: a write
+        there reaches the ROM write handler and is ignored, as on a PC)."""
+        perms = UC_PROT_ALL if writable else UC_PROT_READ | UC_PROT_EXEC
+        self.uc.mem_map_ptr(base, size, perms, host_address)
+        if not writable:
+            # bounded to the ROM: a write-protection hook over RAM would keep every store slow
+            self._rom_hooks[base] = self.uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_rom_write, None, base,
+                                                     base + size - 1)
+
+    def unmap(self, base, size):
+        self.uc.mem_unmap(base, size)
+        hook = self._rom_hooks.pop(base, None)
+        if hook is not None:
+            self.uc.hook_del(hook)
+
+    def set_rom_write_handler(self, handler):
+        """``handler(address, size, value)`` hears of every guest write to ROM."""
+        self._rom_write_handler = handler
+
+    def _on_rom_write(self, uc, access, address, size, value, user):
+        try:
+            if self._rom_write_handler is not None:
+                self._rom_write_handler(address, size, value)
+        except BaseException as e:  # re-raised from the run loop
+            self._callback_error(type(e), e, e.__traceback__)
+        # the patched engine then discards the write; the stock one would perform it, so
+        # there the write stops the emulator (UC_ERR_WRITE_PROT) instead
+        return self.engine.patched
+
+    def after_memory_map_change(self, flush_code):
+        """Translations are stale after a remap; so is code translated from remapped memory."""
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        if flush_code:
+            self.uc.ctl_flush_tb()
+        self._stale()
+
     def map_rom(self, address, data):
         """Read-only memory outside RAM (the BIOS ROM just below 4 GiB)."""
         size = (len(data) + 0xFFF) & ~0xFFF
         self.uc.mem_map(address, size, UC_PROT_READ | UC_PROT_EXEC)
         self.uc.mem_write(address, bytes(data))
 
-    def map_mmio(self, base, size, device):
-        def read(uc, offset, sz, user):
+    def map_mmio(self, base, size, device, offset=0):
+        """``device.mmio_read/mmio_write`` at ``base`` (``offset``: where in the device's
+        own range this mapping starts)."""
+        def read(uc, address, sz, user):
             try:
-                return device.mmio_read(offset, sz)
+                return device.mmio_read(offset + address, sz)
             except BaseException as e:  # re-raised from the run loop
                 self._callback_error(type(e), e, e.__traceback__)
                 return 0
 
-        def write(uc, offset, sz, value, user):
+        def write(uc, address, sz, value, user):
             try:
-                device.mmio_write(offset, sz, value)
+                device.mmio_write(offset + address, sz, value)
             except BaseException as e:
                 self._callback_error(type(e), e, e.__traceback__)
 
@@ -553,6 +597,8 @@ class X86Cpu:
                 self._repair_after_slice(cr2)  # the stock engine's phantom page fault
             if self._pending_a20_mask is not None:
                 self.set_a20(self._pending_a20_mask == -1)
+            for callback in self.on_slice_end:
+                callback()
         if self.hook_error is not None:
             err, self.hook_error = self.hook_error, None
             raise err
