@@ -69,6 +69,14 @@ class PortBus:
                 raise ConfigError(f"ports: {device.name} claims port {port:#x}, already owned by {other.name}")
             self._owner[port] = (device, base)
 
+    def unregister(self, base, count):
+        for port in range(base, base + count):
+            self._owner[port] = None
+
+    def free(self, base, count):
+        """Whether no device claims any port of [base, base + count)."""
+        return all(self._owner[port] is None for port in range(base, base + count))
+
     def owner(self, port):
         entry = self._owner[port & 0xFFFF]
         return entry[0] if entry else None

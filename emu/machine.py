@@ -80,6 +80,24 @@ class Machine:
             self.cpu.map_mmio(mmio[0], mmio[1], device)
         return device
 
+    def map_ports(self, base, count, device):
+        """Ports decoded from now on (a PCI I/O BAR): to the device's io_read/io_write."""
+        self.ports.register(base, count, device)
+        for port in range(base, base + count):
+            self.cstate.in_kind[port] = self.clib.IN_PYTHON
+            self.cstate.out_kind[port] = self.clib.OUT_PYTHON
+
+    def unmap_ports(self, base, count):
+        """Ports no device decodes any more: unassigned again (counted in C unless traced)."""
+        self.ports.unregister(base, count)
+        traced = "unassigned" in self.trace_categories
+        for port in range(base, base + count):
+            self.cstate.in_kind[port] = self.clib.IN_PYTHON if traced else self.clib.IN_UNASSIGNED
+            self.cstate.out_kind[port] = self.clib.OUT_PYTHON if traced else self.clib.OUT_UNASSIGNED
+
+    def ports_free(self, base, count):
+        return self.ports.free(base, count)
+
     def _configure_unassigned_fast_path(self):
         """Unclaimed ports are counted in C (all ones on read) unless they are traced."""
         traced = "unassigned" in self.trace_categories

@@ -241,3 +241,8 @@ class HostBuffer:
         self._memory[:len(data)] = bytes(data)
         self.size = size
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
+
+    @property
+    def data(self):
+        """The contents (a read-only view)."""
+        return memoryview(self._memory).toreadonly()
