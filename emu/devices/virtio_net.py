@@ -1,0 +1,103 @@
+"""virtio-net-pci (virtio spec 1.1, 5.1): a NIC with one receive and one transmit queue.
+
+Every frame travels behind the 12-byte virtio_net_hdr_v1 (VERSION_1 makes num_buffers part
+of it).  Offered features: MAC (the address in the configuration space) and STATUS (link
+up); no checksum or segmentation offload, so frames on the wire are what the guest built
+and what the backend delivers.  Transmit: each chain's bytes after the header go to the
+backend.  Receive: frames from the backend wait in a bounded host-side queue until the
+driver gives buffers; a frame larger than the buffer it lands in is dropped and counted,
+as is one that arrives while the queue is full (a NIC's overrun).  The host-side queue is
+not guest state: a snapshot or checkpoint carries what the guest already has.
+"""
+
+import collections
+import struct
+
+from emu.devices.virtio import VirtioPciDevice, read_buffers, virtio_vmstate, writable_size, write_buffers
+from emu.errors import ConfigError
+
+VIRTIO_ID_NET = 1
+F_MAC, F_STATUS = 1 << 5, 1 << 16
+STATUS_LINK_UP = 1
+HEADER_SIZE = 12
+RX, TX = 0, 1
+QUEUE_SIZE = 256
+HOST_QUEUE = 256  # frames held for a driver that gives no buffers
+
+
+def parse_mac(text):
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        raise ConfigError(f"mac={text!r}: expected six hex bytes like 52:54:00:12:34:56")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise ConfigError(f"mac={text!r} is a multicast address")
+    return mac
+
+
+class VirtioNet(VirtioPciDevice):
+    """``backend``: send(frame); the board hands received frames to :meth:`receive`."""
+
+    DEVICE_TYPE = VIRTIO_ID_NET
+    CLASS_CODE = 0x020000
+
+    def __init__(self, name, ram, backend, mac, msi, trace=None, request_stop=None):
+        self.pending = collections.deque()
+        super().__init__(name, ram, [QUEUE_SIZE, QUEUE_SIZE], F_MAC | F_STATUS, msi, msix_vectors=3, trace=trace,
+                         request_stop=request_stop)
+        self.backend = backend
+        self.mac = bytes(mac)
+        self.stats = {"rx": 0, "tx": 0, "rx_dropped": 0, "rx_too_big": 0}
+
+    def device_config(self):
+        """5.1.4: mac, status, max_virtqueue_pairs."""
+        return self.mac + struct.pack("<HH", STATUS_LINK_UP, 1)
+
+    def reset_device(self):
+        self.pending.clear()
+
+    def receive(self, frames):
+        """Frames from the wire (host side, between slices)."""
+        for frame in frames:
+            if len(self.pending) >= HOST_QUEUE:
+                self.stats["rx_dropped"] += 1
+                continue
+            self.pending.append(frame)
+
+    def wants_polling(self, index):
+        return index == RX and bool(self.pending)
+
+    def process_queue(self, index, queue):
+        if index == TX:
+            self._transmit(queue)
+        else:
+            self._deliver(queue)
+
+    def _transmit(self, queue):
+        while True:
+            chain = queue.pop(self.ram, self.negotiated(1 << 28))
+            if chain is None:
+                return
+            head, buffers = chain
+            frame = read_buffers(self.ram, buffers)[HEADER_SIZE:]
+            if frame:
+                self.stats["tx"] += 1
+                self.backend.send(frame)
+            self.complete(queue, head, 0)
+
+    def _deliver(self, queue):
+        header = bytes(10) + struct.pack("<H", 1)  # no offload; num_buffers = 1
+        while self.pending:
+            chain = queue.pop(self.ram, self.negotiated(1 << 28))
+            if chain is None:
+                return  # no buffers yet: the frames wait (the driver kicks when it adds some)
+            head, buffers = chain
+            frame = self.pending.popleft()
+            if writable_size(buffers) < HEADER_SIZE + len(frame):
+                self.stats["rx_too_big"] += 1
+                self.complete(queue, head, 0)
+                continue
+            self.stats["rx"] += 1
+            self.complete(queue, head, write_buffers(self.ram, buffers, header + frame))
+
+    VMSTATE = virtio_vmstate("virtio-net", queues=2, vectors=3)
