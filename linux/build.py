@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ BUSYBOX_PACKAGE = "busybox-static"
 INIT_MARKER = "emu-colo initramfs: init started"
 SHELL_MARKER = "emu-colo shell ready"
 
+#: kernel modules in the initramfs, loaded by /init (their dependencies come along)
+MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "crc32c_generic", "ext4")
+
 INIT_SCRIPT = f"""#!/bin/sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
@@ -34,6 +38,18 @@ INIT_SCRIPT = f"""#!/bin/sh
 /bin/busybox mount -t tmpfs tmpfs /tmp
 echo "{INIT_MARKER}"
 export PATH=/bin:/sbin HOME=/root PS1='# '
+for m in $(cat /lib/modules/load-order); do insmod /lib/modules/$m.ko 2>/dev/null; done
+ip link set lo up
+# emu.ip=ADDRESS/PREFIX[,GATEWAY] on the kernel command line configures eth0
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+    emu.ip=*)
+        spec=${{word#emu.ip=}}
+        ip link set eth0 up && ip addr add ${{spec%%,*}} dev eth0
+        case "$spec" in *,*) ip route add default via ${{spec#*,}} ;; esac
+        ;;
+    esac
+done
 cd /root
 while true; do
     echo "{SHELL_MARKER}"
@@ -49,6 +65,8 @@ APPLETS = (
     "tail", "grep", "wc", "free", "uptime", "env", "true", "false", "test", "[", "hexdump", "od",
     "stat", "touch", "ln", "chmod", "df", "md5sum", "sha256sum", "seq", "yes", "dd", "tr", "sed",
     "awk", "vi", "find", "xargs", "sort", "uniq", "cut", "kill", "top", "hwclock", "devmem",
+    "insmod", "lsmod", "ip", "ifconfig", "route", "ping", "udhcpc", "httpd", "wget", "nc", "netstat",
+    "mdev", "blockdev", "fsync", "mknod", "lspci", "cmp", "printf", "expr", "basename",
 )
 
 
@@ -161,9 +179,11 @@ def write_newc(entries):
     return buf.getvalue()
 
 
-def initramfs_entries(busybox):
+def initramfs_entries(busybox, modules=()):
+    """The archive's entries; ``modules``: (name, .ko bytes) in the order /init loads them."""
     entries = [CpioEntry(d, stat.S_IFDIR | 0o755)
-               for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "root", "etc")]
+               for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "root", "etc", "mnt", "srv", "lib",
+                         "lib/modules")]
     entries.append(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
     entries.append(CpioEntry("dev/ttyS0", stat.S_IFCHR | 0o660, rdev=(4, 64)))
     entries.append(CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)))
@@ -171,13 +191,61 @@ def initramfs_entries(busybox):
     for applet in APPLETS:
         entries.append(CpioEntry(f"bin/{applet}", stat.S_IFLNK | 0o777, b"busybox"))
     entries.append(CpioEntry("init", stat.S_IFREG | 0o755, INIT_SCRIPT.encode()))
+    for name, data in modules:
+        entries.append(CpioEntry(f"lib/modules/{name}.ko", stat.S_IFREG | 0o644, data))
+    order = "".join(f"{name}\n" for name, _ in modules)
+    entries.append(CpioEntry("lib/modules/load-order", stat.S_IFREG | 0o644, order.encode()))
     return entries
 
 
-def build_initramfs(busybox_path, out):
+# ---------------------------------------------------------------------------- kernel modules
+
+def _modinfo(ko):
+    """The key=value strings of an ELF64 module's .modinfo section."""
+    if ko[:4] != b"\x7fELF" or ko[4] != 2:
+        raise BuildError("a kernel module is not ELF64")
+    shoff, = struct.unpack_from("<Q", ko, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", ko, shoff + i * shentsize) for i in range(shnum)]
+    names = sections[shstrndx]
+    for name, _, _, _, offset, size, *_ in sections:
+        start = names[4] + name
+        if ko[start:ko.index(b"\0", start)] == b".modinfo":
+            return [item.decode("utf-8", "replace") for item in ko[offset:offset + size].split(b"\0") if item]
+    return []
+
+
+def module_closure(modules_dir, wanted):
+    """(name, bytes) of ``wanted`` and every module they depend on, dependencies first."""
+    paths = {}
+    for path in glob.glob(os.path.join(modules_dir, "**", "*.ko"), recursive=True):
+        paths[os.path.basename(path)[:-3].replace("-", "_")] = path
+    ordered, seen = [], set()
+
+    def visit(name):
+        key = name.replace("-", "_")
+        if key in seen:
+            return
+        seen.add(key)
+        if key not in paths:
+            raise BuildError(f"kernel module {name!r} is not in the kernel package")
+        with open(paths[key], "rb") as f:
+            data = f.read()
+        for item in _modinfo(data):
+            if item.startswith("depends="):
+                for dependency in filter(None, item[len("depends="):].split(",")):
+                    visit(dependency)
+        ordered.append((os.path.basename(paths[key])[:-3], data))
+
+    for name in wanted:
+        visit(name)
+    return ordered
+
+
+def build_initramfs(busybox_path, out, modules=()):
     with open(busybox_path, "rb") as f:
         busybox = f.read()
-    archive = write_newc(initramfs_entries(busybox))
+    archive = write_newc(initramfs_entries(busybox, modules))
     tmp = out + ".tmp"
     with open(tmp, "wb") as f:
         f.write(gzip.compress(archive, compresslevel=9, mtime=0))
@@ -194,13 +262,12 @@ def build(cache=None, force=False, log=print):
         shutil.rmtree(os.path.join(cache, "pkg"), ignore_errors=True)
     os.makedirs(cache, exist_ok=True)
     kernel_out = os.path.join(cache, "bzImage")
-    initrd_out = os.path.join(cache, "initramfs.cpio.gz")
-    recipe_path = os.path.join(cache, "initramfs.recipe")
+    # one initramfs per recipe (this file): checkouts of different versions share the cache
     recipe = _recipe_digest()
+    initrd_out = os.path.join(cache, f"initramfs-{recipe[:12]}.cpio.gz")
     if not force and os.path.exists(kernel_out) and os.path.exists(initrd_out):
-        if os.path.exists(recipe_path) and open(recipe_path).read().strip() == recipe:
-            return kernel_out, initrd_out
-        log("the initramfs recipe changed: rebuilding it")
+        _link_latest(cache, initrd_out)
+        return kernel_out, initrd_out
 
     kpkg = kernel_package_name()
     log(f"fetching {kpkg}")
@@ -214,15 +281,29 @@ def build(cache=None, force=False, log=print):
     if not os.path.exists(busybox):
         raise BuildError(f"{BUSYBOX_PACKAGE}: no bin/busybox in the package")
 
-    build_initramfs(busybox, initrd_out)
+    modules_dir = glob.glob(os.path.join(kroot, "lib", "modules", "*"))
+    if not modules_dir:
+        raise BuildError(f"{kpkg}: no lib/modules in the package")
+    build_initramfs(busybox, initrd_out, module_closure(modules_dir[0], MODULES))
     tmp = kernel_out + ".tmp"
     shutil.copyfile(kernels[-1], tmp)
     os.replace(tmp, kernel_out)
     with open(os.path.join(cache, "VERSION"), "w") as f:
         f.write(f"{kpkg} {os.path.basename(kernels[-1])}\n")
-    with open(recipe_path, "w") as f:
-        f.write(recipe + "\n")
+    _link_latest(cache, initrd_out)
     return kernel_out, initrd_out
+
+
+def _link_latest(cache, initrd_out):
+    """initramfs.cpio.gz names the initramfs this version builds (what the README shows)."""
+    link = os.path.join(cache, "initramfs.cpio.gz")
+    tmp = link + ".tmp"
+    try:
+        os.remove(tmp)
+    except FileNotFoundError:
+        pass
+    os.symlink(os.path.basename(initrd_out), tmp)
+    os.replace(tmp, link)
 
 
 def _recipe_digest():
