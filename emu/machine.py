@@ -15,6 +15,7 @@ from emu.clock import VirtualClock
 from emu.cpu.x86 import UD, Fault, TripleFault, X86Cpu
 from emu.device import Device, PortBus
 from emu.errors import EmuError, GuestError
+from emu.memmap import PhysicalMemory
 from emu.memory import GuestRam
 
 MAX_SLICE_NS = 10_000_000  # host input is looked at least every 10 ms of guest time
@@ -39,6 +40,13 @@ class Machine:
         cpu_trace = self.trace if "int" in self.trace_categories else None
         self.cpu = X86Cpu(self.ram, self.ports, self.clock, self.cstate, self.ffi, self.clib,
                           icount=icount, has_lapic=has_lapic, trace=cpu_trace)
+        trace_holes = self.trace if "unassigned" in self.trace_categories else None
+        physical_bits = self.cpu.cpuid(0x80000008, 0)[0] & 0xFF or 36  # what CPUID tells the guest
+        #: the physical address space: RAM from 0 now; boards add ROMs and MMIO windows
+        self.memory = PhysicalMemory(self.cpu, 1 << physical_bits, trace_holes)
+        self.memory.host_writes.append(self._memory_remapped)
+        #: objects with close() that hold host resources (backends, ROM buffers) for the machine's life
+        self.host_resources = []
         self.devices = []
         self._polled_devices = []  # the devices that have host-side work between slices
         self.fast_paths = []  # C shortcuts that hold device state: to_model() / from_model()
@@ -49,6 +57,8 @@ class Machine:
         self.background_jobs = []  # callables run between slices (live migration passes, COLO)
         self.idle_wait_cap = IDLE_WAIT_CAP_S  # longest host sleep between runs of the background jobs
         self._fd_handlers = {}
+        self._watched = []      # (backend, on_readable): network backends (watch_backend)
+        self._watched_fds = {}  # id(backend) -> its registered fds
         self._dirty_log_on = False
         self._dirty_hook = None  # the stock engine's C write hook
         self.interrupt_controller = None  # has_interrupt() / acknowledge()
@@ -79,6 +89,12 @@ class Machine:
         if mmio is not None:
             self.cpu.map_mmio(mmio[0], mmio[1], device)
         return device
+
+    def _memory_remapped(self, base, size):
+        """A part of the address space was mapped anew (a PAM window): its pages were never
+        seen by the engine's dirty log under their new mapping, so count them dirty."""
+        if base < self.ram.size:
+            self.ram.mark_dirty(base, min(size, self.ram.size - base))
 
     def map_ports(self, base, count, device):
         """Ports decoded from now on (a PCI I/O BAR): to the device's io_read/io_write."""
@@ -218,9 +234,18 @@ class Machine:
             raise EmuError("machine: the dirty log is not running")
         out, host = self._dirty_out, self.ffi.cast("uint8_t *", self.ram.host_dirty_address)
         if self.cpu.engine.patched:
-            self.cpu.engine.dirty_log_sync(0, self.ram.size, self._dirty_bitmap.ctypes.data)
-            n = self.clib.collect_dirty_bitmap(self.ffi.cast("uint64_t *", self._dirty_bitmap.ctypes.data), host,
-                                               self.ram.npages, self.ffi.cast("uint32_t *", out.ctypes.data))
+            ranges = self.memory.ram_ranges()
+            if ranges == [(0, self.ram.size, 0)]:  # RAM in one piece: the engine's bitmap is the page map
+                self.cpu.engine.dirty_log_sync(0, self.ram.size, self._dirty_bitmap.ctypes.data)
+                bitmap = self.ffi.cast("uint64_t *", self._dirty_bitmap.ctypes.data)
+                n = self.clib.collect_dirty_bitmap(bitmap, host, self.ram.npages,
+                                                   self.ffi.cast("uint32_t *", out.ctypes.data))
+            else:  # PAM windows split it: each piece's bits land at its place in the host map
+                for base, size, offset in ranges:
+                    self.cpu.engine.dirty_log_sync(base, size, self._dirty_bitmap.ctypes.data)
+                    self.clib.or_bits_into_bytes(self.ffi.cast("uint64_t *", self._dirty_bitmap.ctypes.data),
+                                                 size >> 12, self.ffi.cast("uint8_t *", host) + (offset >> 12))
+                n = self.clib.collect_dirty(host, host, self.ram.npages, self.ffi.cast("uint32_t *", out.ctypes.data))
         else:
             n = self.clib.collect_dirty(self.ffi.cast("uint8_t *", self._dirty_map.ctypes.data), host,
                                         self.ram.npages, self.ffi.cast("uint32_t *", out.ctypes.data))
@@ -258,6 +283,9 @@ class Machine:
             device.poll()
         for backend in getattr(self, "serial_backends", ()):
             backend.close()
+        for resource in self.host_resources:
+            if hasattr(resource, "close"):
+                resource.close()
 
     def reset(self):
         """System reset: every device and the CPU back to power-on, images reloaded."""
@@ -434,6 +462,21 @@ class Machine:
         """Call ``callback()`` between slices whenever ``fd`` is readable (monitor, migration)."""
         self._fd_handlers[fd] = callback
         self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def watch_backend(self, backend, on_readable):
+        """Call ``on_readable(fd)`` between slices whenever one of ``backend.read_fds()`` is
+        readable; the set may change (a listening socket accepts its peer, a peer leaves)."""
+        self._watched.append((backend, on_readable))
+        self._sync_watched()
+
+    def _sync_watched(self):
+        for backend, on_readable in self._watched:
+            wanted, current = set(backend.read_fds()), self._watched_fds.get(id(backend), set())
+            for fd in current - wanted:
+                self.remove_fd_handler(fd)
+            for fd in wanted - current:
+                self.add_fd_handler(fd, lambda fd=fd, handler=on_readable: (handler(fd), self._sync_watched()))
+            self._watched_fds[id(backend)] = wanted
 
     def remove_fd_handler(self, fd):
         if self._fd_handlers.pop(fd, None) is not None:

@@ -22,6 +22,7 @@ TRACE_CATEGORIES = {
     "io": "every port access that reaches a device model",
     "unassigned": "accesses to ports no device claims (they read as all ones)",
     "cpu": "CPU resets and triple faults",
+    "guest_errors": "what a guest did wrong to a device (a virtio driver breaking its queues)",
 }
 
 USAGE_EXIT = 2
@@ -30,8 +31,8 @@ USAGE_EXIT = 2
 #: never taken for an abbreviation of one of ours
 QEMU_OPTIONS = frozenset("""
     accel acpitable action add-fd async-teardown audio audio-help audiodev blockdev boot cdrom chardev chroot
-    compat cpu D debugcon device dfilter drive dtb dump-vmstate echr enable-kvm enable-sync-profile fda fdb
-    fsdev full-screen g gdb global hda hdb hdc hdd iscsi k L mem-path mem-prealloc mon msg mtdblock net netdev
+    compat cpu D dfilter dtb dump-vmstate echr enable-kvm enable-sync-profile fda fdb
+    fsdev full-screen g gdb hda hdb hdc hdd iscsi k L mem-path mem-prealloc mon msg mtdblock net netdev
     nic no-acpi no-fd-bootchk no-hpet no-shutdown no-user-config nodefaults numa object only-migratable
     option-rom overcommit parallel pflash plugin portrait preconfig qmp-pretty readconfig rotate rtc runas s
     sandbox sd seed semihosting semihosting-config set singlestep smbios smp snapshot spice tpmdev trace usb
@@ -122,6 +123,16 @@ def _run_parser():
     p.add_argument("-display", metavar="TYPE", help="accepted for QEMU compatibility ('none')")
     p.add_argument("-monitor", metavar="DEV", help="only 'none' (HMP: QMP human-monitor-command)")
     p.add_argument("-no-lapic", action="store_true", help="build the machine without a local APIC")
+    p.add_argument("-netdev", action="append", metavar="tap|socket,id=ID,...",
+                   help="network backend: tap,id=ID,ifname=TAP,script=no,downscript=no or socket,id=ID,listen=|connect="
+                        "HOST:PORT")
+    p.add_argument("-device", action="append", metavar="MODEL,...",
+                   help="virtio-net-pci,netdev=ID[,mac=MAC] or virtio-blk-pci,drive=ID (PCI slot 2 and up)")
+    p.add_argument("-drive", action="append", metavar="file=IMG,...",
+                   help="disk: file=IMG[,format=raw][,if=virtio|none][,id=ID][,readonly=on][,serial=S]")
+    p.add_argument("-debugcon", metavar="DEV", help="isa-debugcon on port 0xe9 to DEV (a -serial device)")
+    p.add_argument("-global", dest="global_settings", action="append", metavar="DRIVER.PROP=VALUE",
+                   help="only isa-debugcon.iobase=PORT (SeaBIOS logs to 0x402)")
     p.add_argument("-rtc-base", metavar="EPOCH", type=int, help="RTC start time (seconds since 1970, UTC)")
     p.add_argument("-savevm-at", nargs=2, metavar=("MS", "FILE"),
                    help="after MS milliseconds of guest time, save a snapshot to FILE and go on")
@@ -196,7 +207,28 @@ def build_from_args(args):
         lapic=not args.no_lapic,
         rtc_base=args.rtc_base,
         fw_cfg_files=args.fw_cfg or (),
+        netdevs=args.netdev or (),
+        devices=args.device or (),
+        drives=args.drive or (),
+        debugcon=args.debugcon,
+        debugcon_iobase=_debugcon_iobase(args.global_settings or ()),
     )
+
+
+def _debugcon_iobase(settings):
+    """``-global isa-debugcon.iobase=PORT`` (the only -global there is)."""
+    iobase = 0xE9
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        if name != "isa-debugcon.iobase":
+            raise ConfigError(f"-global {setting!r}: not supported (only isa-debugcon.iobase=PORT)")
+        try:
+            iobase = int(value, 0)
+        except ValueError:
+            raise ConfigError(f"-global {setting!r}: bad port {value!r}") from None
+        if not 0 <= iobase <= 0xFFFF:
+            raise ConfigError(f"-global {setting!r}: port out of range")
+    return iobase
 
 
 def _savevm_at(args):

@@ -15,9 +15,18 @@ system control A   0x92                 -      emu.devices.pcports (A20, fast re
 8042 kbd controller 0x60, 0x64          1, 12  emu.devices.i8042 (PS/2 keyboard and mouse, reset line, A20)
 reset control      0xcf9                -      emu.devices.pcports (PIIX3 RCR)
 A20 gate           -                    -      emu.devices.a20 (driven by 0x92 and the 8042)
-unassigned memory  every hole           -      emu.devices.unassigned (reads all ones, writes dropped)
-local APIC         0xfee00000 (MMIO)    -      emu.devices.apic
+PCI config         0xcf8, 0xcfc-0xcff   -      emu.devices.pci (configuration mechanism #1, bus 0)
+i440FX host bridge PCI 00:00.0          -      emu.devices.i440fx (PAM shadow RAM at 0xc0000-0xfffff)
+PIIX3 ISA bridge   PCI 00:01.0          -      emu.devices.piix3 (PIRQA-D routing to ISA IRQs)
+PCI cards          PCI 00:02.0 and up   PIRQ   machines.pcslots (-device virtio-net-pci/virtio-blk-pci)
+isa-debugcon       0xe9 (or -global)    -      emu.devices.debugcon (with -debugcon DEV)
+unassigned memory  every hole           -      emu.memmap (reads all ones, writes dropped)
+local APIC         0xfee00000 (MMIO)    -      emu.devices.apic (MSI writes from PCI cards)
 =================  ===================  =====  ==========================================
+
+The physical address space (``emu.memmap``): RAM from 0, the BIOS ROM ending at 4 GiB and
+its last 128 KiB below 1 MiB through the i440FX's PAM windows, PCI BARs in the 32-bit
+window under 0xfec00000, the local APIC; every hole reads all ones.
 """
 
 import sys
@@ -25,9 +34,9 @@ import time
 
 from emu import chardev, loaders
 
-from emu.devices import unassigned
 from emu.devices.a20 import A20Gate
 from emu.devices.apic import LocalApic
+from emu.devices.debugcon import DEFAULT_IOBASE, IsaDebugcon
 from emu.devices.debugexit import IsaDebugExit
 from emu.errors import ConfigError
 from emu.devices.fastpath import PostCodeFastPath, UartFastPath
@@ -36,9 +45,12 @@ from emu.devices.i8254 import Pit8254, SystemControlPortB
 from emu.devices.i8042 import I8042
 from emu.devices.i8259 import Pic8259Pair
 from emu.machine import Machine
+from emu.memmap import APIC_PRIORITY, ROM_PRIORITY, HostBuffer
 from emu.devices.mc146818 import Mc146818Rtc
 from emu.devices.pcports import PostCodePort, ResetControl, SystemControlPortA
 from emu.devices.uart16550 import Uart16550
+
+from machines.pcslots import PcPci
 
 MACHINE_TYPE = "pc"
 LAPIC_BASE = 0xFEE00000
@@ -71,10 +83,13 @@ class InterruptRouter:
 
 
 def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, flat=None, serial=("stdio",),
-          icount_shift=None, no_reboot=False, trace=(), lapic=True, rtc_base=None, fw_cfg_files=()):
+          icount_shift=None, no_reboot=False, trace=(), lapic=True, rtc_base=None, fw_cfg_files=(),
+          netdevs=(), devices=(), drives=(), debugcon=None, debugcon_iobase=DEFAULT_IOBASE):
     """Create a ready-to-run ``pc`` machine (images loaded, CPU at its entry state).
 
-    ``fw_cfg_files``: ``-fw_cfg`` option values, files added to the fw_cfg directory.
+    ``fw_cfg_files``: ``-fw_cfg`` option values, files added to the fw_cfg directory;
+    ``netdevs``, ``devices``, ``drives``: ``-netdev``, ``-device``, ``-drive`` values
+    (machines.pcslots); ``debugcon``: the ``-debugcon`` character device.
     """
     user_files = [parse_user_file(spec) for spec in fw_cfg_files]  # option errors before anything is built
     machine = Machine(MACHINE_TYPE, ram_size, icount=icount_shift is not None, no_reboot=no_reboot,
@@ -135,20 +150,39 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
         fw_cfg.add_user_file(user_file)
     machine.add_device(fw_cfg, fw_cfg.port_ranges())
 
+    if debugcon is not None:
+        backend = chardev.parse_serial_spec(debugcon)
+        if backend is not None:
+            machine.add_device(IsaDebugcon(f"debugcon@{debugcon_iobase:#x}", backend), [(debugcon_iobase, 1)])
+            machine.host_resources.append(backend)
+
     local_apic = None
+    memory = machine.memory
     if lapic:
         local_apic = LocalApic("lapic@0xfee00000", clock, notify=machine.notify_interrupt)
-        machine.add_device(local_apic, mmio=(LAPIC_BASE, 0x1000))
+        machine.add_device(local_apic)
+        memory.add("lapic", LAPIC_BASE, 0x1000, "mmio", local_apic, priority=APIC_PRIORITY, commit=False)
     machine.interrupt_controller = InterruptRouter(pic, local_apic)
+
+    bios_rom = loaders.load_bios(bios) if bios else None
+    bios_alias = None
+    if bios_rom is not None:
+        (high, high_data), (isa_base, isa_data) = loaders.bios_layout(bios_rom)
+        rom = HostBuffer(high_data)
+        bios_alias = HostBuffer(isa_data)
+        machine.host_resources += [rom, bios_alias]  # the engine maps them in place: keep them
+        memory.add("bios", high, rom.size, "rom", rom.address, priority=ROM_PRIORITY, commit=False)
+    guest_errors = machine.trace if "guest_errors" in machine.trace_categories else None
+    pci = PcPci(machine, memory, pic, local_apic, bios_alias, guest_errors)
+    pci.add_cards(netdevs, devices, drives)
+    machine.host_resources.append(pci)
     machine.after_load.append(pic.sync_outputs)  # last: the inputs above are driven by now
 
-    machine.boot = _boot_function(kernel=kernel, append=append, initrd=initrd, bios=bios, flat=flat)
+    machine.boot = _boot_function(kernel=kernel, append=append, initrd=initrd, bios=bios_rom is not None,
+                                  flat=flat, pci=pci)
     machine.reset()
     machine.stats["resets"] = 0
-    # last: the holes are what RAM, the ROM and the MMIO devices left unmapped
-    trace = machine.trace if "unassigned" in machine.trace_categories else None
-    physical_bits = machine.cpu.cpuid(0x80000008, 0)[0] & 0xFF or 36  # what CPUID tells the guest
-    machine.unassigned_memory = unassigned.map_holes(machine.cpu, 1 << physical_bits, trace)
+    memory.commit()
     return machine
 
 
@@ -161,29 +195,22 @@ def _is_linux_kernel(path):
         return False
 
 
-def _boot_function(kernel, append, initrd, bios, flat):
-    """Load the images; called at creation and again on every system reset (like QEMU's ROM reset)."""
-    bios_rom = loaders.load_bios(bios) if bios else None
+def _boot_function(kernel, append, initrd, bios, flat, pci):
+    """Load the images; called at creation and again on every system reset (like QEMU's ROM
+    reset).  With a BIOS the CPU starts at its reset vector and the BIOS sets up the PCI
+    functions; without one the board does it as firmware would (``pci.firmware_setup``)."""
     if flat:
         path, _, address = flat.rpartition("@")
         try:
             flat_address = int(address, 0)
         except ValueError:
             raise ConfigError(f"-flat: bad address in {flat!r} (expected FILE@0xADDRESS)") from None
-    mapped = {"rom": False}
     notes_shown = []
 
     def boot(machine):
         entry = None
-        if bios_rom is not None:
-            for address, data in loaders.bios_layout(bios_rom):
-                if address >= machine.ram.size:
-                    if not mapped["rom"]:
-                        machine.cpu.map_rom(address, data)
-                else:
-                    machine.ram.write(address, data)
-            mapped["rom"] = True
-            entry = None  # the CPU's reset state F000:FFF0 is the BIOS entry
+        if not bios:
+            pci.firmware_setup()
         if kernel:
             entry = loaders.load_kernel(machine.ram, kernel, append, initrd or "")
             if not notes_shown:

@@ -3,7 +3,7 @@
     python tests/dump_vmstate_schema.py > tests/vmstate_schema.json
 
 The output has the stream format version, the section ids of a ``pc`` machine with every
-optional device present (two UARTs, the local APIC) mapped to the name of their state
+optional device present (two UARTs, the local APIC, a virtio NIC and disk) mapped to the name of their state
 description, and each description's ``schema()`` once, keyed by its name (the two 8259s
 share ``i8259``, the two UARTs ``uart16550``).  ``tests/test_vmstate_schema.py`` compares
 the live descriptions with this file and says when regenerating it is the right answer.
@@ -11,7 +11,9 @@ the live descriptions with this file and says when regenerating it is the right 
 
 import json
 import pathlib
+import socket
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -26,8 +28,19 @@ INLINE_WIDTH = 100
 
 
 def build_machine():
-    """A ``pc`` with every optional device: two serial ports and the local APIC."""
-    return pc.build(ram_size=4 << 20, serial=["null", "null"], icount_shift=0, no_reboot=True, lapic=True)
+    """A ``pc`` with every optional device: two serial ports, the local APIC, virtio-net (on a
+    socket netdev nobody connects to) and virtio-blk (on a scratch raw image)."""
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
+        image = pathlib.Path(tmp) / "disk.img"
+        image.write_bytes(bytes(1 << 20))
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        machine = pc.build(ram_size=4 << 20, serial=["null", "null"], icount_shift=0, no_reboot=True, lapic=True,
+                           netdevs=[f"socket,id=n0,listen=127.0.0.1:{port}"], devices=["virtio-net-pci,netdev=n0"],
+                           drives=[f"file={image},format=raw,if=virtio"])
+        machine.close()
+        return machine
 
 
 def machine_sections(machine):

@@ -44,7 +44,7 @@ def busy_port():
 # ---------------------------------------------------------------------- option spelling
 @pytest.mark.parametrize("args, named", [
     (["-hda", "x.img"], "-hda: not supported"),
-    (["-drive", "file=x"], "-drive: not supported"),
+    (["-drive", "file=x"], "-drive: cannot read 'x'"),  # -drive itself, never -d rive
     (["-k", "en-us"], "-k: not supported"),
     (["-kern", "x"], "-kern: invalid option"),
     (["-smp", "2"], "-smp: not supported"),

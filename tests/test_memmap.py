@@ -5,9 +5,8 @@ from conftest import requires_patched_engine
 from guestasm import assemble, bare_machine, entry
 
 from emu.device import Device
-from emu.memmap import RAM_PRIORITY, ROM_PRIORITY, HostBuffer, PhysicalMemory
+from emu.memmap import RAM_PRIORITY, ROM_PRIORITY, HostBuffer
 
-LIMIT = 1 << 32
 RUN_NS = 1_000_000_000
 
 
@@ -48,7 +47,7 @@ def _machine():
     code, _ = assemble(READER, 0x100000)
     m.ram.write(0x100000, code)
     m.ram.write(0x20000, b"\x11")
-    memory = PhysicalMemory(m.cpu, LIMIT)
+    memory = m.memory
     return m, memory
 
 

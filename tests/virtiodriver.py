@@ -9,7 +9,6 @@ from guestasm import bare_machine
 
 from emu.devices import pci, virtio
 from emu.devices.pci import PciBus
-from emu.memmap import PhysicalMemory
 
 BAR4 = 0xE0000000
 BAR1 = 0xE0010000
@@ -29,7 +28,7 @@ class Rig:
 
     def __init__(self, make_device, ram=16 << 20):
         self.machine = bare_machine(ram=ram)
-        self.memory = PhysicalMemory(self.machine.cpu, 1 << 32)
+        self.memory = self.machine.memory
         self.pirqs = {}
         self.bus = PciBus(self.memory, self.machine, lambda pirq, level: self.pirqs.__setitem__(pirq, level))
         self.msi = MsiLog()

@@ -96,6 +96,7 @@ int deliver_fast(emu_state *s, void *uc, int vector, int software, uint64_t retu
 int after_hlt(emu_state *s, void *uc);
 uint64_t mark_nonzero_pages(const uint8_t *ram, const int64_t *pages, uint64_t n, uint8_t *out);
 uint64_t collect_dirty_bitmap(uint64_t *bitmap, uint8_t *extra, uint64_t npages, uint32_t *out);
+void or_bits_into_bytes(const uint64_t *bits, uint64_t n, uint8_t *bytes);
 int read_msrs(emu_state *s, void *uc, int reg_msr, const uint32_t *index, uint64_t *out, int n);
 int deadline_timer_start(emu_state *s, void *uc);
 void deadline_timer_arm(emu_state *s, int64_t guest_deadline_ns);
@@ -534,6 +535,18 @@ uint64_t collect_dirty_bitmap(uint64_t *bitmap, uint8_t *extra, uint64_t npages,
         }
     }
     return n;
+}
+
+/* bytes[i] |= bit i of bits, for n bits (a piece of RAM's dirty log into the page map) */
+void or_bits_into_bytes(const uint64_t *bits, uint64_t n, uint8_t *bytes) {
+    for (uint64_t w = 0; w < (n + 63) / 64; w++) {
+        uint64_t word = bits[w];
+        while (word) {
+            uint64_t i = w * 64 + (uint64_t)__builtin_ctzll(word);
+            word &= word - 1;
+            if (i < n) bytes[i] = 1;
+        }
+    }
 }
 
 /* ---------------------------------------------------------------------------------------

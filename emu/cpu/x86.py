@@ -249,12 +249,6 @@ class X86Cpu:
             self.uc.ctl_flush_tb()
         self._stale()
 
-    def map_rom(self, address, data):
-        """Read-only memory outside RAM (the BIOS ROM just below 4 GiB)."""
-        size = (len(data) + 0xFFF) & ~0xFFF
-        self.uc.mem_map(address, size, UC_PROT_READ | UC_PROT_EXEC)
-        self.uc.mem_write(address, bytes(data))
-
     def map_mmio(self, base, size, device, offset=0):
         """``device.mmio_read/mmio_write`` at ``base`` (``offset``: where in the device's
         own range this mapping starts)."""
