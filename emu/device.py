@@ -62,12 +62,14 @@ class PortBus:
         self.unassigned = {}  # port -> count of accesses
         self.trace = None  # callable(kind, port, size, value) when tracing is on
 
-    def register(self, base, count, device):
+    def register(self, base, count, device, origin=None):
+        """``device`` decodes [base, base + count); it sees offsets from ``origin`` (``base``
+        unless the device's ports have a gap another device fills, as 0xcf9 in 0xcf8-0xcff)."""
         for port in range(base, base + count):
             if self._owner[port] is not None:
                 other = self._owner[port][0]
                 raise ConfigError(f"ports: {device.name} claims port {port:#x}, already owned by {other.name}")
-            self._owner[port] = (device, base)
+            self._owner[port] = (device, base if origin is None else origin)
 
     def unregister(self, base, count):
         for port in range(base, base + count):

@@ -81,8 +81,8 @@ class Machine:
         self.devices.append(device)
         if type(device).poll is not Device.poll:
             self._polled_devices.append(device)
-        for base, count in ports:
-            self.ports.register(base, count, device)
+        for base, count, *origin in ports:  # (base, count) or (base, count, origin)
+            self.ports.register(base, count, device, *origin)
             for port in range(base, base + count):
                 self.cstate.in_kind[port] = self.clib.IN_PYTHON
                 self.cstate.out_kind[port] = self.clib.OUT_PYTHON

@@ -95,7 +95,8 @@ class PcPci:
         self.host = self.bus.add(I440fxHostBridge("i440fx@00.0", memory, machine.ram, bios=bios_alias), slot=0)
         self.isa = self.bus.add(Piix3IsaBridge("piix3@01.0", pic.irq_line), slot=1)
         self.config_ports = ConfigPorts("pci-conf@0xcf8", self.bus)
-        machine.add_device(self.config_ports, [(0xCF8, 1), (0xCFA, 6)])  # 0xcf9: the reset control register
+        # 0xcf9 in between is the reset control register
+        machine.add_device(self.config_ports, [(0xCF8, 1), (0xCFA, 6, 0xCF8)])
         for function in (self.host, self.isa):
             machine.add_device(function)
         self.lapic = lapic
