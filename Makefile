@@ -8,15 +8,15 @@ STAMP  := $(VENV)/.installed-stamp
 CHELPER := emu/cpu/_emuc.stamp
 FIRMWARE_STAMP := firmware/build/.stamp
 ENGINE_STAMP := build/engine/lib/inputs.sha256
-APT_PACKAGES := gcc binutils make cmake patch qemu-system-x86
 
 .PHONY: all setup deps venv engine cffi pyc firmware test demo bench soak lint clean linux
 
 all: test
 
-# Debian packages: the toolchain for firmware, the C helper and our libunicorn build, and
-# QEMU as the reference for differential tests and benchmarks.  Installed only when missing
-# and when we can.
+# Debian packages: the toolchain for firmware, the C helper and our libunicorn build, QEMU
+# and SeaBIOS as the reference for differential tests and benchmarks, and the real tools
+# the tests use beside a guest (mkfs.ext4/debugfs for disks, ip for tap devices in network
+# namespaces, curl as an HTTP client).  Installed only when missing and when we can.
 deps:
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
@@ -24,6 +24,10 @@ deps:
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
 	command -v patch >/dev/null || missing="$$missing patch"; \
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	[ -e /usr/share/seabios/bios.bin ] || missing="$$missing seabios"; \
+	command -v mkfs.ext4 >/dev/null || missing="$$missing e2fsprogs"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \

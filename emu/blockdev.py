@@ -9,6 +9,7 @@ that is kept up to date exists for Python.
 
 import os
 import stat
+import struct
 
 from emu.errors import ConfigError
 
@@ -75,6 +76,27 @@ class RawImage:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def guess_geometry(drive):
+    """The disk's cylinders, heads and sectors per track, as QEMU's hd_geometry_guess.
+
+    An MBR whose partition ends on a cylinder boundary with at most 16 heads gives its own
+    geometry (a disk partitioned under a BIOS that did not translate); otherwise the standard
+    physical one: 16 heads, 63 sectors, as many cylinders as fit (2 to 16383)."""
+    sectors = drive.sectors
+    mbr = drive.read(0, SECTOR) if sectors else b""
+    if len(mbr) == SECTOR and mbr[510:512] == b"\x55\xaa":
+        for entry in range(4):
+            offset = 0x1BE + 16 * entry
+            end_head, end_sector = mbr[offset + 5], mbr[offset + 6] & 63
+            (length,) = struct.unpack_from("<I", mbr, offset + 12)
+            cylinders = sectors // ((end_head + 1) * end_sector) if length and end_head and end_sector else 0
+            if 1 <= cylinders <= 16383:
+                if end_head + 1 <= 16:
+                    return cylinders, end_head + 1, end_sector
+                break  # a translating BIOS partitioned it: the physical geometry stays the standard one
+    return max(2, min(16383, sectors // (16 * 63))), 16, 63
 
 
 def open_drive(path, image_format=None, readonly=False, serial=""):

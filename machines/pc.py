@@ -29,6 +29,7 @@ its last 128 KiB below 1 MiB through the i440FX's PAM windows, PCI BARs in the 3
 window under 0xfec00000, the local APIC; every hole reads all ones.
 """
 
+import struct
 import sys
 import time
 
@@ -144,6 +145,8 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     fw_cfg = FwCfg("fw_cfg@0x510", ram_size=ram_size, dma_memory=machine.ram)
     if kernel and _is_linux_kernel(kernel):
         fw_cfg.add_cmdline(append or "")  # as x86_load_linux; QEMU's multiboot path gives none
+    # the RAM map firmware reads (QEMU's e820_add_entry: struct e820_entry {u64 address, length; u32 type})
+    fw_cfg.add_file("etc/e820", struct.pack("<QQI", 0, ram_size, 1))
     for user_file in user_files:
         if user_file.warning:
             print(f"emu: {user_file.warning}", file=sys.stderr)

@@ -1,12 +1,13 @@
 """virtio-blk over modern virtio-pci, driven register by register (tests/virtiodriver.py),
 and the PCI configuration space it sits in."""
 
+import os
 import struct
 
 import pytest
 from virtiodriver import BAR1, BAR4, Rig
 
-from emu.blockdev import RawImage, open_drive
+from emu.blockdev import RawImage, guess_geometry, open_drive
 from emu.devices import pci, virtio
 from emu.devices.virtio_blk import F_FLUSH, F_RO, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT, VirtioBlk
 from emu.errors import ConfigError
@@ -67,6 +68,7 @@ def test_capacity_and_read_write_flush_get_id(image):
     rig, drive = blk_rig(image)
     assert rig.device_config(0, 8) == 64  # sectors
     assert rig.device_config(20, 4) == SECTOR  # blk_size
+    assert (rig.device_config(16, 2), rig.device_config(18, 1), rig.device_config(19, 1)) == (2, 16, 63)
     (q,) = rig.setup(FEATURES, [256])
     # read sectors 2-3
     head = request(rig, q, T_IN, 2, [(DATA, 2 * SECTOR, True)])
@@ -196,3 +198,25 @@ def test_drive_formats(tmp_path):
     assert raw.size == 512
     with pytest.raises(ConfigError, match="Is a directory"):
         open_drive(str(tmp_path), image_format="raw", readonly=True)
+
+
+def _mbr_disk(path, sectors, end_head, end_sector):
+    mbr = bytearray(SECTOR)
+    mbr[0x1BE + 5], mbr[0x1BE + 6] = end_head, end_sector
+    mbr[0x1BE + 12:0x1BE + 16] = struct.pack("<I", sectors - 63)
+    mbr[510:512] = b"\x55\xaa"
+    path.write_bytes(bytes(mbr))
+    os.truncate(path, sectors * SECTOR)
+    return RawImage(str(path))
+
+
+def test_geometry_is_guessed_as_qemu_does(tmp_path):
+    """hd_geometry_guess: a partition table made without translation gives its geometry; one
+    made by a translating BIOS (more than 16 heads), or none, gives 16 heads of 63 sectors."""
+    assert guess_geometry(_mbr_disk(tmp_path / "a", 100 * 4 * 32, 3, 32)) == (100, 4, 32)
+    assert guess_geometry(_mbr_disk(tmp_path / "b", 20 * 255 * 63, 254, 63)) == (20 * 255 // 16, 16, 63)
+    assert guess_geometry(_mbr_disk(tmp_path / "c", 64, 0, 0)) == (2, 16, 63)  # tiny, no usable entry
+    big = tmp_path / "d"
+    big.write_bytes(b"")
+    os.truncate(big, 20000 * 16 * 63 * SECTOR)  # sparse; the cylinders are clamped at 16383
+    assert guess_geometry(RawImage(str(big))) == (16383, 16, 63)

@@ -48,7 +48,8 @@ class I440fxHostBridge(PciDevice):
     the bus side of 0xe0000-0xfffff then reads all ones, as 0xc0000-0xdffff always does)."""
 
     def __init__(self, name, memory, ram, bios=None):
-        super().__init__(name, vendor_id=0x8086, device_id=0x1237, class_code=0x060000, revision=0x02)
+        super().__init__(name, vendor_id=0x8086, device_id=0x1237, class_code=0x060000, revision=0x02,
+                         subsystem_vendor_id=0x1AF4, subsystem_id=0x1100)  # QEMU's, by which SeaBIOS knows it
         self.memory, self.ram, self.bios = memory, ram, bios
         for register in range(PAM0, PAM0 + 7):
             self.wmask[register] = 0x33 if register != PAM0 else 0x30

@@ -20,7 +20,8 @@ class Piix3IsaBridge(PciDevice):
     """``isa_irq(n)`` gives the IrqLine of ISA IRQ ``n`` (the 8259 input)."""
 
     def __init__(self, name, isa_irq):
-        super().__init__(name, vendor_id=0x8086, device_id=0x7000, class_code=0x060100, multifunction=True)
+        super().__init__(name, vendor_id=0x8086, device_id=0x7000, class_code=0x060100, multifunction=True,
+                         subsystem_vendor_id=0x1AF4, subsystem_id=0x1100)
         self.isa_irq = isa_irq
         self.pirq_levels = [0, 0, 0, 0]
         self._lines = {}

@@ -13,10 +13,11 @@ restart.
 
 import struct
 
+from emu.blockdev import guess_geometry
 from emu.devices.virtio import VirtioError, VirtioPciDevice, read_buffers, virtio_vmstate, write_buffers
 
 VIRTIO_ID_BLOCK = 2
-F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH = 1 << 2, 1 << 5, 1 << 6, 1 << 9
+F_SEG_MAX, F_GEOMETRY, F_RO, F_BLK_SIZE, F_FLUSH = 1 << 2, 1 << 4, 1 << 5, 1 << 6, 1 << 9
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 SECTOR = 512
@@ -32,16 +33,18 @@ class VirtioBlk(VirtioPciDevice):
     CLASS_CODE = 0x010000  # mass storage, SCSI controller: what QEMU's virtio-blk-pci reports
 
     def __init__(self, name, ram, drive, msi, trace=None, request_stop=None):
-        features = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | (F_RO if drive.readonly else 0)
+        features = F_SEG_MAX | F_GEOMETRY | F_BLK_SIZE | F_FLUSH | (F_RO if drive.readonly else 0)
         super().__init__(name, ram, [QUEUE_SIZE], features, msi, msix_vectors=2, trace=trace,
                          request_stop=request_stop)
         self.drive = drive
+        self.geometry = guess_geometry(drive)  # what a BIOS's int 13h uses, as QEMU gives it
         self.requests = 0
 
     def device_config(self):
         """5.2.4: capacity, size_max, seg_max, geometry, blk_size, topology, writeback, num_queues."""
-        return struct.pack("<QIIHBBIBBHIBBH", self.drive.size // SECTOR, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR,
-                           0, 0, 0, 0, 0, 0, 1)
+        cylinders, heads, sectors = self.geometry
+        return struct.pack("<QIIHBBIBBHIBBH", self.drive.size // SECTOR, 0, QUEUE_SIZE - 2, cylinders, heads,
+                           sectors, SECTOR, 0, 0, 0, 0, 0, 0, 1)
 
     def process_queue(self, index, queue):
         while True:
