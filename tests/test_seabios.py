@@ -89,7 +89,8 @@ def test_seabios_boots_a_virtio_disk_as_under_qemu(boot_disk, tmp_path):
     for line in ("SeaBIOS (version", "Running on QEMU (i440fx)", "qemu/e820: addr 0x0000000000000000 len "
                  "0x0000000004000000 [RAM]", "PCI: init bdf=00:00.0 id=8086:1237",
                  "PCI: init bdf=00:01.0 id=8086:7000", "PCI: init bdf=00:02.0 id=1af4:1042",
-                 "found virtio-blk at 00:02.0", "PCHS=8/16/63 translation=none", "boot sector: running", SECOND_SECTOR.decode().strip("\0")):
+                 "found virtio-blk at 00:02.0", "PCHS=8/16/63 translation=none",
+                 "boot sector: running", SECOND_SECTOR.decode().strip("\0")):
         assert line in log, f"{line!r} missing from SeaBIOS's log:\n{log[-3000:]}"
     assert status == (0x21 << 1) | 1, log[-2000:]
     if qemu_binary() is None:
