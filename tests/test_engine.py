@@ -11,6 +11,8 @@ import struct
 
 import numpy as np
 import pytest
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
+from unicorn.x86_const import UC_X86_INS_CPUID, UC_X86_INS_OUT, UC_X86_INS_SYSCALL, UC_X86_REG_RAX
 from conftest import requires_patched_engine
 from guestasm import assemble, bare_machine, entry
 from test_dirty_log import GDT64, gate64, long_mode_tables, run_phase
@@ -159,3 +161,93 @@ def test_engine_controls_reject_bad_arguments():
         m.cpu.engine.dirty_log_sync(0x10, 1 << 20, bitmap.ctypes.data)
     with pytest.raises(RuntimeError, match="DIRTY_LOG_SYNC"):  # beyond RAM
         m.cpu.engine.dirty_log_sync(m.ram.size - 4096, 8192, bitmap.ctypes.data)
+
+
+def test_a_stop_requested_earlier_in_the_block_skips_no_instruction_hook():
+    """A stop request that is already pending (here from the OUT hook at the start of the
+    same block; in the emulator, the deadline timer thread) must not keep the hooks of later
+    instructions in that block from running.  Unicorn 2.1.4 broke off its walk of the
+    instruction hooks at the first hook of another instruction: CPUID then gave the engine's
+    own answer and SYSCALL was stepped over unseen (a guest's write() returned its own
+    system call number, and pipes lost bytes)."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x1000)
+    uc.mem_write(0, b"\xe6\x80" b"\x0f\xa2" b"\x0f\x05" b"\xf4")  # out 0x80, al; cpuid; syscall; hlt
+    seen = []
+
+    def on_out(uc, port, size, value, user):
+        seen.append("out")
+        uc.emu_stop()
+
+    def on_cpuid(uc, user):
+        seen.append("cpuid")
+        uc.reg_write(UC_X86_REG_RAX, 0x1234)
+        return 1  # the hook's answer, not the engine's
+
+    def on_syscall(uc, user):
+        seen.append("syscall")
+
+    uc.hook_add(UC_HOOK_INSN, on_out, None, 1, 0, UC_X86_INS_OUT)  # first in the engine's hook list
+    uc.hook_add(UC_HOOK_INSN, on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
+    uc.hook_add(UC_HOOK_INSN, on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
+    uc.emu_start(0, 0x1000)
+    assert seen == ["out", "cpuid", "syscall"]
+    assert uc.reg_read(UC_X86_REG_RAX) == 0x1234
+
+
+SYSCALL_ENTRY = r"""
+.code64
+start:
+    lgdt [gdtr]
+    mov rsp, 0x90000
+    mov ecx, 0xC0000080            # EFER.SCE
+    rdmsr
+    or eax, 1
+    wrmsr
+    mov ecx, 0xC0000081            # STAR: SYSCALL CS 0x08 (SS 0x10)
+    xor eax, eax
+    mov edx, 0x00180008
+    wrmsr
+    mov ecx, 0xC0000082            # LSTAR
+    lea rax, [rip + kernel]
+    mov rdx, rax
+    shr rdx, 32
+    wrmsr
+    mov ecx, 0xC0000084            # SFMASK: clear IF, keep the rest
+    mov eax, 0x200
+    xor edx, edx
+    wrmsr
+    mov rbx, 0
+again:
+    sti
+    syscall                        # the engine enters "kernel" itself, no exit to the host
+back:
+    inc rbx
+    cmp rbx, 1000
+    jne again
+    mov al, 0
+    out 0xf4, al
+kernel:
+    mov [0x80000], rcx             # return address
+    mov [0x80008], r11             # the flags SYSCALL saved
+    pushfq
+    pop qword ptr [0x80010]        # the flags in the kernel
+    jmp rcx
+""" + GDT64
+
+
+def test_syscall_enters_the_kernel_inside_the_engine():
+    """With UC_CTL_X86_NATIVE_SYSCALL the engine does SYSCALL as the CPU does: RCX and R11
+    keep the return point and the flags, SFMASK clears IF, RIP comes from LSTAR, and the
+    machine never stops for it (1000 system calls in one slice)."""
+    m = bare_machine(icount=False)
+    code, sym = assemble(SYSCALL_ENTRY, 0x100000, bits=64)
+    m.ram.write(0x100000, code)
+    cr3 = long_mode_tables(m)
+    m.cpu.enter(entry("long64", 0x100000, cr3=cr3))
+    slices = m.stats["slices"]
+    assert run_to_exit(m) == 1
+    rcx, r11, kernel_flags = struct.unpack("<QQQ", m.ram.read(0x80000, 24))
+    assert rcx == sym["back"]
+    assert r11 & 0x200 and not kernel_flags & 0x200  # IF was set before, SFMASK cleared it
+    assert m.stats["slices"] - slices < 1000  # not a stop per system call

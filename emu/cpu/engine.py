@@ -3,8 +3,8 @@
 ``make setup`` builds libunicorn from the pinned source with the patch series in
 ``engine/unicorn/`` (see ``engine/README.md``), and ``emu/__init__.py`` points the PyPI
 binding at it.  Its extra ``uc_ctl`` controls give an exact dirty log kept by the engine,
-code invalidation by physical address, an interrupt-window exit, the halt state and the
-A20 line.  With
+code invalidation by physical address, an interrupt-window exit, the halt state, the
+A20 line, ROM writes that are dropped and SYSCALL/SYSENTER done inside the engine.  With
 the stock wheel (no cmake or compiler) they are absent: the machine then falls back to
 hooks, which is correct but several times slower, and says so once.
 """
@@ -15,7 +15,7 @@ import sys
 from unicorn import UC_ERR_OK, Uc
 from unicorn.unicorn_py3.unicorn import uclib
 
-# uc_control_type values of engine/unicorn/000[3-9]*.patch (far from upstream's numbers)
+# uc_control_type values of engine/unicorn/00*.patch (far from upstream's numbers)
 UC_CTL_DIRTY_LOG = 0x4000
 UC_CTL_DIRTY_LOG_SYNC = 0x4001
 UC_CTL_TB_REMOVE_CACHE_PHYS = 0x4002
@@ -23,6 +23,7 @@ UC_CTL_CPU_IRQ_WINDOW = 0x4003
 UC_CTL_CPU_HALTED = 0x4004
 UC_CTL_X86_A20 = 0x4005
 UC_CTL_DISCARD_PROTECTED_WRITES = 0x4006
+UC_CTL_X86_NATIVE_SYSCALL = 0x4007
 _IO_WRITE, _IO_READ = 1, 2
 
 _warned = False
@@ -74,6 +75,12 @@ class EngineControls:
         """A write to read-only memory that the ROM write hook saw has no effect (ROM)."""
         self._check(uclib.uc_ctl(self._uch, _control(UC_CTL_DISCARD_PROTECTED_WRITES, 1, _IO_WRITE),
                                  ctypes.c_int(int(enable))), "DISCARD_PROTECTED_WRITES")
+
+    def native_syscall(self, enable):
+        """SYSCALL and SYSENTER enter the guest kernel inside the engine, as on the CPU,
+        instead of stopping the engine for the host to do it (one exit per system call)."""
+        self._check(uclib.uc_ctl(self._uch, _control(UC_CTL_X86_NATIVE_SYSCALL, 1, _IO_WRITE),
+                                 ctypes.c_int(int(enable))), "X86_NATIVE_SYSCALL")
 
     def dirty_log(self, enable):
         self._check(uclib.uc_ctl(self._uch, _control(UC_CTL_DIRTY_LOG, 1, _IO_WRITE), ctypes.c_int(int(enable))),

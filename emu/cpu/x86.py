@@ -118,6 +118,7 @@ class X86Cpu:
         warn_if_stock(self.engine)
         if self.engine.patched:
             self.engine.discard_protected_writes(True)  # ROM: writes are ignored, as on a PC
+            self.engine.native_syscall(True)  # no exit to the host per system call
         # the patched engine needs no hook at every block in real-time mode: deadlines come
         # from a timer thread, the interrupt window from the engine itself
         self.block_hook = icount or not self.engine.patched
@@ -173,7 +174,8 @@ class X86Cpu:
             self._c_hook(UC_HOOK_BLOCK, "on_block")
         self._setup_fast_delivery()
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
-        self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        if not self.engine.patched:
+            self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         # bounded to what lies above RAM (mapped from 0): a memory hook that covers RAM keeps
         # every guest store on the engine's slow path
@@ -971,7 +973,8 @@ class X86Cpu:
         self.uc.reg_write(X.UC_X86_REG_RIP, offset)
 
     def do_syscall(self):
-        """SYSCALL as the SDM describes it (Unicorn only calls the hook and skips it)."""
+        """SYSCALL as the SDM describes it, for the stock engine (which only calls the hook and
+        skips the instruction; our build does it inside the engine)."""
         efer = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
         if not efer & EFER_SCE or not efer & EFER_LMA:
             raise Fault(UD)
