@@ -445,9 +445,10 @@ def test_fw_cfg_dma_writes_are_logged():
     load(m, DMA_GUEST)
     read, skip, write = 0x02, 0x04, 0x10
     w = m.ram.write
-    # the file (the only one: selector 0x20) then zeros past its end, over a page the host filled: 0x290-0x293
+    fw_cfg = next(d for d in m.devices if d.name.startswith("fw_cfg"))
+    # the file then zeros past its end, over a page the host filled: 0x290-0x293
     w(0x292000, b"\xff" * PAGE)
-    w(0x280000, dma_access(read, 0x2100, 0x290FF0, select=0x20))
+    w(0x280000, dma_access(read, 0x2100, 0x290FF0, select=fw_cfg.file_select("opt/dirty")))
     # the 16 zero bytes of the UUID then zeros, onto zeros: 0x2a0 and 0x2a1 written, unchanged
     w(0x281000, dma_access(read, 0x1800, 0x2A0800, select=0x02))
     # a write to a read-only item fails: only the status goes back (error bit)
