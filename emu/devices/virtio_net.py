@@ -2,9 +2,12 @@
 
 Every frame travels behind the 12-byte virtio_net_hdr_v1 (VERSION_1 makes num_buffers part
 of it).  Offered features: MAC (the address in the configuration space) and STATUS (link
-up); no checksum or segmentation offload, so frames on the wire are what the guest built
-and what the backend delivers.  Transmit: each chain's bytes after the header go to the
-backend.  Receive: frames from the backend wait in a bounded host-side queue until the
+up), and, when the backend can take them (a tap: ``offloads``), transmit checksum and TCP
+segmentation offload (CSUM, HOST_TSO4, HOST_TSO6), as QEMU offers them with a vnet-header
+tap: the guest then sends TCP segments of up to 64 KiB with the checksum left to fill, and
+the host kernel cuts and completes them.  Received frames are always whole and checksummed.
+Transmit: each chain's bytes after the header go to the backend, with the header when an
+offload was negotiated.  Receive: frames from the backend wait in a bounded host-side queue until the
 driver gives buffers; a frame larger than the buffer it lands in is dropped and counted,
 as is one that arrives while the queue is full (a NIC's overrun).  The host-side queue is
 not guest state: a snapshot or checkpoint carries what the guest already has.
@@ -17,7 +20,8 @@ from emu.devices.virtio import VirtioPciDevice, read_buffers, virtio_vmstate, wr
 from emu.errors import ConfigError
 
 VIRTIO_ID_NET = 1
-F_MAC, F_STATUS = 1 << 5, 1 << 16
+F_CSUM, F_MAC, F_HOST_TSO4, F_HOST_TSO6, F_STATUS = 1 << 0, 1 << 5, 1 << 11, 1 << 12, 1 << 16
+TX_OFFLOADS = F_CSUM | F_HOST_TSO4 | F_HOST_TSO6
 STATUS_LINK_UP = 1
 HEADER_SIZE = 12
 RX, TX = 0, 1
@@ -43,8 +47,9 @@ class VirtioNet(VirtioPciDevice):
 
     def __init__(self, name, ram, backend, mac, msi, trace=None, request_stop=None):
         self.pending = collections.deque()
-        super().__init__(name, ram, [QUEUE_SIZE, QUEUE_SIZE], F_MAC | F_STATUS, msi, msix_vectors=3, trace=trace,
-                         request_stop=request_stop)
+        offloads = TX_OFFLOADS if getattr(backend, "offloads", False) else 0
+        super().__init__(name, ram, [QUEUE_SIZE, QUEUE_SIZE], F_MAC | F_STATUS | offloads, msi, msix_vectors=3,
+                         trace=trace, request_stop=request_stop)
         self.backend = backend
         self.mac = bytes(mac)
         self.stats = {"rx": 0, "tx": 0, "rx_dropped": 0, "rx_too_big": 0}
@@ -79,10 +84,14 @@ class VirtioNet(VirtioPciDevice):
             if chain is None:
                 return
             head, buffers = chain
-            frame = read_buffers(self.ram, buffers)[HEADER_SIZE:]
+            data = read_buffers(self.ram, buffers)
+            frame = data[HEADER_SIZE:]
             if frame:
                 self.stats["tx"] += 1
-                self.backend.send(frame)
+                if self.negotiated(TX_OFFLOADS):
+                    self.backend.send_offloaded(data[:HEADER_SIZE - 2] + b"\0\0", frame)  # num_buffers: rx only
+                else:
+                    self.backend.send(frame)
             self.complete(queue, head, 0)
 
     def _deliver(self, queue):
