@@ -154,7 +154,8 @@ def main():
     (RESULTS / "core.json").write_text(json.dumps({"time": time.time(), "figures": rows}, indent=2))
     print(f"wrote {RESULTS / 'core.json'}")
     for title, module in (("save helpers", "bench.state"), ("live migration", "bench.migration"),
-                          ("COLO", "bench.colo"), ("Linux boot", "bench.linux")):
+                          ("COLO", "bench.colo"), ("Linux boot", "bench.linux"),
+                          ("virtio NIC and disk", "bench.devices")):
         print(f"emu-colo {title}")
         try:
             extra = __import__(module, fromlist=["run"]).run()
