@@ -29,13 +29,13 @@ class Machine:
         self.machine_type = machine_type
         self.no_reboot = no_reboot
         self.trace_categories = set(trace or ())
-        self.clock = VirtualClock("icount" if icount else "realtime")
-        self.clock.ns_per_unit = ns_per_unit
-        self.ram = GuestRam(ram_size)
-        self.ports = PortBus()
         self.ffi, self.clib = _emuc.ffi, _emuc.lib
         self.cstate = self.ffi.new("emu_state *")
-        self.clock.icount_source = lambda: self.cstate.icount
+        # guest time lives in the C state, where the TSC and deadline hooks read it
+        self.clock = VirtualClock("icount" if icount else "realtime", base=self.ffi.addressof(self.cstate, "clock"),
+                                  ns_per_unit=ns_per_unit)
+        self.ram = GuestRam(ram_size)
+        self.ports = PortBus()
         cpu_trace = self.trace if "int" in self.trace_categories else None
         self.cpu = X86Cpu(self.ram, self.ports, self.clock, self.cstate, self.ffi, self.clib,
                           icount=icount, has_lapic=has_lapic, trace=cpu_trace)
@@ -252,14 +252,6 @@ class Machine:
         self.reset_requested = False
         self.stats["resets"] += 1
 
-    def sync_time(self):
-        """Hand the clock's offsets to the C hooks (virtual TSC, deadlines)."""
-        s, clock = self.cstate, self.clock
-        if clock.mode == "icount":
-            s.icount_base_ns = clock._icount_base
-        else:
-            s.rt_offset_ns = clock._offset
-
     # ------------------------------------------------------------------ the run loop
     def run(self, until_ns=None):
         """Run until the guest exits (returns the exit status) or ``until_ns`` of guest time."""
@@ -267,7 +259,6 @@ class Machine:
         clock.start()
         try:
             while self.exit_status is None:
-                self.sync_time()
                 clock.run_due_timers()
                 self._poll_devices()
                 self._service_host_io(0)

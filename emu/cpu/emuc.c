@@ -25,16 +25,58 @@ uint64_t host_monotonic_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-int64_t guest_now_ns(emu_state *s) {
-    if (s->icount_mode)
-        return s->icount_base_ns + (int64_t)(s->icount * s->ns_per_unit);
-    return (int64_t)host_monotonic_ns() - s->rt_offset_ns;
+/* ---------------------------------------------------------------------------------------
+   Guest time.  Real time follows the host's monotonic clock while the machine runs and
+   stands still while it is stopped (QEMU's QEMU_CLOCK_VIRTUAL); deterministic time is the
+   guest work executed, ns_per_unit ns per byte of guest code (QEMU's -icount shift=N counts
+   instructions);
+   manual time moves only when a test sets it.
+   --------------------------------------------------------------------------------------- */
+int64_t guest_clock_now(const guest_clock *c) {
+    switch (c->mode) {
+    case GUEST_CLOCK_ICOUNT:
+        return c->icount_base_ns + (int64_t)(c->icount * c->ns_per_unit);
+    case GUEST_CLOCK_MANUAL:
+        return c->manual_ns;
+    default:
+        return c->running ? (int64_t)host_monotonic_ns() - c->rt_offset_ns : c->frozen_ns;
+    }
+}
+
+/* Place guest time at guest_ns (a state load, an idle warp, a test's step). */
+void guest_clock_set(guest_clock *c, int64_t guest_ns) {
+    switch (c->mode) {
+    case GUEST_CLOCK_ICOUNT:
+        c->icount_base_ns = guest_ns - (int64_t)(c->icount * c->ns_per_unit);
+        break;
+    case GUEST_CLOCK_MANUAL:
+        c->manual_ns = guest_ns;
+        break;
+    default:
+        c->frozen_ns = guest_ns;
+        c->rt_offset_ns = (int64_t)host_monotonic_ns() - guest_ns;
+    }
+}
+
+/* Real time: let guest time flow again from where it stood (the other modes ignore it). */
+void guest_clock_start(guest_clock *c) {
+    if (c->mode == GUEST_CLOCK_REALTIME && !c->running) {
+        c->rt_offset_ns = (int64_t)host_monotonic_ns() - c->frozen_ns;
+        c->running = 1;
+    }
+}
+
+void guest_clock_stop(guest_clock *c) {
+    if (c->mode == GUEST_CLOCK_REALTIME && c->running) {
+        c->frozen_ns = (int64_t)host_monotonic_ns() - c->rt_offset_ns;
+        c->running = 0;
+    }
 }
 
 static void request_stop(emu_state *s, void *uc, uint32_t why) {
     __atomic_fetch_or(&s->stop_reason, why, __ATOMIC_RELAXED);  /* the deadline thread ORs in too */
-    if (s->icount_mode)
-        s->icount_limit = s->icount;   /* deterministic: the block hook stops before the next block */
+    if (s->clock.mode == GUEST_CLOCK_ICOUNT)
+        s->icount_limit = s->clock.icount;   /* deterministic: the block hook stops before the next block */
     else
         s->emu_stop(uc);
 }
@@ -103,23 +145,23 @@ void on_block(void *uc, uint64_t addr, uint32_t size, void *user) {
             return;
         }
     }
-    if (s->icount_mode) {
-        if (s->icount >= s->icount_limit) {
+    if (s->clock.mode == GUEST_CLOCK_ICOUNT) {
+        if (s->clock.icount >= s->icount_limit) {
             s->stop_reason |= STOP_ICOUNT;
             s->emu_stop(uc);
             return;
         }
-        s->icount += size;
+        s->clock.icount += size;
         return;
     }
-    if ((++s->block_tick & 31) == 0 && guest_now_ns(s) >= s->deadline_ns) {
+    if ((++s->block_tick & 31) == 0 && guest_clock_now(&s->clock) >= s->deadline_ns) {
         s->stop_reason |= STOP_DEADLINE;
         s->emu_stop(uc);
     }
 }
 
 static uint64_t guest_tsc(emu_state *s) {
-    int64_t ns = guest_now_ns(s);
+    int64_t ns = guest_clock_now(&s->clock);
     unsigned __int128 t = (unsigned __int128)(uint64_t)ns * s->tsc_hz / 1000000000ull;
     return (uint64_t)t + (uint64_t)s->tsc_offset;
 }
@@ -513,7 +555,7 @@ int deadline_timer_start(emu_state *s, void *uc) {
 void deadline_timer_arm(emu_state *s, int64_t guest_deadline_ns) {
     deadline_timer *t = (deadline_timer *)s->timer;
     pthread_mutex_lock(&t->lock);
-    t->deadline = guest_deadline_ns + s->rt_offset_ns;  /* guest = host - rt_offset */
+    t->deadline = guest_deadline_ns + s->clock.rt_offset_ns;  /* guest = host - rt_offset (running) */
     t->armed = 1;
     pthread_cond_signal(&t->cond);
     pthread_mutex_unlock(&t->lock);

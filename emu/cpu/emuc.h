@@ -15,10 +15,27 @@
 #include <stdint.h>
 
 /* --- cffi cdef begin --- */
+/* Guest time, in nanoseconds: its one definition.  emu/clock.py's VirtualClock reads and
+   sets it through the guest_clock_* functions; inside the engine the virtual TSC and the
+   deadline checks read it directly. */
+typedef struct {
+    uint32_t mode;            /* GUEST_CLOCK_* */
+    uint32_t running;         /* real time: guest time flows; else it stands at frozen_ns */
+    int64_t  rt_offset_ns;    /* real time, running: guest = host monotonic ns - rt_offset_ns */
+    int64_t  frozen_ns;       /* real time, stopped: where guest time stands */
+    uint64_t icount;          /* deterministic: bytes of guest code executed (the unit of guest work) */
+    uint32_t ns_per_unit;     /* deterministic: guest ns per unit of work (2^shift of -icount) */
+    int64_t  icount_base_ns;  /* deterministic: guest = icount_base_ns + icount * ns_per_unit */
+    int64_t  manual_ns;       /* manual (device tests): guest time as the test set it */
+} guest_clock;
+
+#define GUEST_CLOCK_REALTIME 0
+#define GUEST_CLOCK_ICOUNT 1
+#define GUEST_CLOCK_MANUAL 2
+
 typedef struct {
     /* --- execution control ------------------------------------------------ */
-    uint64_t icount;          /* deterministic mode: bytes of guest code executed (the unit of guest work) */
-    uint64_t icount_limit;    /* the block hook stops the engine once icount reaches this */
+    uint64_t icount_limit;    /* deterministic: the block hook stops the engine once clock.icount reaches this */
     int64_t  deadline_ns;     /* real-time mode: stop once guest time passes this */
     uint32_t block_tick;
     uint32_t stop_reason;     /* STOP_* bits set by the hooks */
@@ -27,10 +44,7 @@ typedef struct {
     uint32_t irq_skip_blocks; /* block starts irq_waiting lets pass first (the one-instruction block of an
                                  interrupt shadow) */
     /* --- time ----------------------------------------------------------------- */
-    uint32_t icount_mode;     /* 1: guest time = icount_base_ns + icount * ns_per_unit (per unit of work) */
-    uint32_t ns_per_unit;
-    int64_t  icount_base_ns;
-    int64_t  rt_offset_ns;    /* real time: guest time = host monotonic ns - rt_offset_ns */
+    guest_clock clock;        /* the machine's guest time */
     uint64_t tsc_hz;          /* virtual TSC frequency */
     int64_t  tsc_offset;      /* guest TSC = guest_ns * tsc_hz / 1e9 + tsc_offset */
     uint64_t rdtsc_count;
@@ -88,7 +102,10 @@ void on_block(void *uc, uint64_t addr, uint32_t size, void *user);
 int on_rdtsc(void *uc, void *user);
 int on_rdtscp(void *uc, void *user);
 void on_mem_write(void *uc, int type, uint64_t addr, int size, int64_t value, void *user);
-int64_t guest_now_ns(emu_state *s);
+int64_t guest_clock_now(const guest_clock *clock);
+void guest_clock_set(guest_clock *clock, int64_t guest_ns);
+void guest_clock_start(guest_clock *clock);
+void guest_clock_stop(guest_clock *clock);
 uint64_t host_monotonic_ns(void);
 uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *out);
 int deliver_fast(emu_state *s, void *uc, int vector, int software, uint64_t return_ip, int push_error,

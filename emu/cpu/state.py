@@ -80,7 +80,7 @@ class CpuState:
             self.xmm += [value & (2**64 - 1), value >> 64]
         self.halted = self.cpu.halted
         self.tsc_offset = self.cpu.s.tsc_offset
-        self.work_counter = self.cpu.s.icount
+        self.work_counter = self.cpu.s.clock.icount
 
     def apply(self):
         """Write every field into the engine (the stream was verified before this runs)."""
@@ -119,7 +119,7 @@ class CpuState:
         ctx.restore()
         uc.reg_write(X.UC_X86_REG_RIP, self.rip)
         cpu.s.tsc_offset = self.tsc_offset
-        cpu.s.icount = self.work_counter
+        cpu.s.clock.icount = self.work_counter
         cpu._after_restore()
         cpu.halted = self.halted
 

@@ -144,8 +144,6 @@ class X86Cpu:
         s.reg_write = self.ffi.cast("void *", _uc_function_pointer("uc_reg_write"))
         s.reg_read = self.ffi.cast("void *", _uc_function_pointer("uc_reg_read"))
         s.tsc_hz = TSC_HZ
-        s.icount_mode = 1 if self.icount else 0
-        s.ns_per_unit = self.clock.ns_per_unit
         s.icount_limit = NEVER
         s.deadline_ns = 2**62
 
@@ -241,7 +239,7 @@ class X86Cpu:
             # deterministic: the block hook stops before the next block (an emu_stop from an
             # I/O hook would end wherever the current translated block happens to end)
             self.s.stop_reason |= self.clib.STOP_REQUEST
-            self.s.icount_limit = self.s.icount
+            self.s.icount_limit = self.s.clock.icount
         else:
             self.uc.emu_stop()
 
@@ -529,7 +527,7 @@ class X86Cpu:
         s.deadline_ns = deadline_ns
         if self.icount:
             budget = max(1, (deadline_ns - self.clock.now() + self.clock.ns_per_unit - 1) // self.clock.ns_per_unit)
-            s.icount_limit = s.icount + budget
+            s.icount_limit = s.clock.icount + budget
         elif not self.block_hook:
             self.clib.deadline_timer_arm(s, deadline_ns)
         self._stale()

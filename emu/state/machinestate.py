@@ -119,7 +119,6 @@ def apply(machine, parsed, decoded):
         hook()
     if parsed.ram_pages is not None:
         _write_pages(machine, parsed.ram_pages)
-    machine.sync_time()  # the C hooks read guest time from offsets set here
 
 
 def _write_pages(machine, ram_pages):
