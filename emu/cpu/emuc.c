@@ -209,10 +209,12 @@ uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *
 
 /* ---------------------------------------------------------------------------------------
    Interrupt delivery, the common path, in C: a gate of the IDT in 32-bit protected mode or
-   long mode, same privilege or a change through the TSS (RSP0/ESP0, IST).  It mirrors
-   emu/cpu/x86.py's _deliver_protected/_deliver_long, which stay the reference and handle
-   everything else: a non-zero return means "not handled, nothing changed; use Python"
-   (a fault while delivering, a 16-bit or task gate, an LDT selector, virtual-8086 mode...).
+   long mode, same privilege or a change through the TSS (RSP0/ESP0, IST), as QEMU's
+   do_interrupt_protected/do_interrupt64 (target/i386/tcg/seg_helper.c).  emu/cpu/x86.py's
+   _deliver_protected/_deliver_long do the same and everything else: a non-zero return
+   means "not handled, nothing changed; use Python" (a fault while delivering, a 16-bit or
+   task gate, a conforming or LDT code segment, virtual-8086 mode...).
+   tests/test_delivery_paths.py drives the same events through both and compares.
    --------------------------------------------------------------------------------------- */
 #define DESC_B (1u << 22)
 #define DESC_L (1u << 21)
@@ -227,6 +229,16 @@ uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *
 #define HF_ADDSEG (1u << 6)
 #define HF_LMA (1u << 14)
 #define HF_CS64 (1u << 15)
+#define CR0_PE 1u
+#define EFLAGS_TF (1u << 8)
+#define EFLAGS_IF (1u << 9)
+#define EFLAGS_NT (1u << 14)
+#define EFLAGS_RF (1u << 16)
+#define EFLAGS_VM (1u << 17)
+#define GATE_INTERRUPT 0xe
+#define GATE_TRAP 0xf
+#define TSS32_AVAILABLE 9
+#define TSS32_BUSY 0xb
 #define SEG_ES 0
 #define SEG_CS 1
 #define SEG_SS 2
@@ -345,105 +357,130 @@ static void load_seg(emu_state *s, int i, uint32_t sel, uint64_t base, uint32_t 
     if (i == SEG_SS) hf = (hf & ~HF_CPL_MASK) | ((flags >> 13) & 3);
     uint32_t derived = (seg(s, SEG_SS)->flags & DESC_B) >> (22 - 5);
     if (!(hf & HF_CS64)) {
-        if (!(cr0 & 1) || (eflags & (1u << 17)) || !(hf & HF_CS32)) derived |= HF_ADDSEG;
+        if (!(cr0 & CR0_PE) || (eflags & EFLAGS_VM) || !(hf & HF_CS32)) derived |= HF_ADDSEG;
         else derived |= (uint32_t)((seg(s, SEG_DS)->base | seg(s, SEG_ES)->base | seg(s, SEG_SS)->base) != 0) << 6;
     }
     hf = (hf & ~(HF_SS32 | HF_ADDSEG)) | derived;
     memcpy(cx(s, s->off_hflags), &hf, 4);
 }
 
+/* An IDT gate the fast path takes: a present 32-bit (or long mode) interrupt or trap gate
+   that the event may use.  0 when it is one. */
+typedef struct { uint32_t type, selector, ist; uint64_t offset; } gate;
+
+static int read_gate(emu_state *s, int long_mode, int vector, int software, uint32_t cpl, gate *out) {
+    uint32_t size = long_mode ? 16 : 8, g[4] = {0, 0, 0, 0};
+    uint64_t idt_base = cx64(s, s->off_idt + 8);
+    uint32_t idt_limit = cx32(s, s->off_idt + 16);
+    if ((uint32_t)vector * size + size - 1 > idt_limit) return -1;
+    if (vread(s, idt_base + (uint64_t)vector * size, g, size)) return -1;
+    out->type = (g[1] >> 8) & 0x1f;
+    if (!(g[1] & DESC_P) || (out->type != GATE_INTERRUPT && out->type != GATE_TRAP)) return -1;
+    if (software && ((g[1] >> 13) & 3) < cpl) return -1;  /* int n through a gate of lower DPL: #GP */
+    out->selector = g[0] >> 16;
+    out->offset = (g[0] & 0xffff) | (g[1] & 0xffff0000u) | (long_mode ? (uint64_t)g[2] << 32 : 0);
+    out->ist = long_mode ? (g[1] & 7) : 0;
+    return 0;
+}
+
+/* The gate's code segment, when the fast path takes it: a present, non-conforming code
+   segment of the GDT (64-bit in long mode) of DPL <= CPL.  Its selector gets RPL = DPL. */
+static int target_code_segment(emu_state *s, int long_mode, uint32_t selector, uint32_t cpl, segcache *cs) {
+    if (descriptor(s, selector, &cs->base, &cs->limit, &cs->flags)) return -1;
+    uint32_t f = cs->flags, dpl = (f >> 13) & 3;
+    if (!(f & DESC_S) || !(f & DESC_CS) || !(f & DESC_P) || (f & DESC_C)) return -1;
+    if (long_mode && (!(f & DESC_L) || (f & DESC_B))) return -1;
+    if (dpl > cpl) return -1;
+    cs->selector = (selector & 0xfffc) | dpl;
+    return 0;
+}
+
+/* What the frame saves of the interrupted code. */
+typedef struct { uint64_t rsp, rflags, return_ip; uint32_t cs, ss, error_code; int push_error; } interrupted;
+
+/* Long mode: the frame (SS, RSP, RFLAGS, CS, RIP, error code) goes to the IST stack the
+   gate names, else to RSP0 of the TSS on a privilege change, else to the current stack;
+   always 16-byte aligned. */
+static int push_frame_long(emu_state *s, const interrupted *from, uint32_t ist, int switch_stack, uint32_t dpl,
+                           uint64_t *new_sp) {
+    segcache *tr = (segcache *)cx(s, s->off_tr);
+    uint64_t sp = from->rsp;
+    if (ist || switch_stack) {
+        uint32_t slot = ist ? 0x24 + 8 * (ist - 1) : 4 + 8 * dpl;
+        if (slot + 7 > tr->limit || vread(s, tr->base + slot, &sp, 8)) return -1;
+    }
+    uint64_t frame[6] = {from->error_code, from->return_ip, from->cs, from->rflags, from->rsp, from->ss};
+    uint32_t words = from->push_error ? 6 : 5;
+    sp = (sp & ~0xfull) - 8 * words;
+    if (vwrite(s, sp, frame + 6 - words, 8 * words)) return -1;
+    *new_sp = sp;
+    return 0;
+}
+
+/* 32-bit protected mode: on a privilege change the frame goes to SS0:ESP0 of the TSS and
+   starts with SS and ESP (new_ss receives that SS); then EFLAGS, CS, EIP, error code. */
+static int push_frame_protected(emu_state *s, const interrupted *from, int switch_stack, uint32_t dpl,
+                                segcache *new_ss, uint64_t *new_sp) {
+    const segcache *stack = seg(s, SEG_SS);
+    uint64_t sp = from->rsp;
+    if (switch_stack) {
+        const segcache *tr = (const segcache *)cx(s, s->off_tr);
+        uint32_t tss_type = (tr->flags >> 8) & 0xf, slot = 4 + 8 * dpl, esp_ss[2];
+        if (tss_type != TSS32_AVAILABLE && tss_type != TSS32_BUSY) return -1;
+        if (slot + 7 > tr->limit || vread(s, tr->base + slot, esp_ss, 8)) return -1;
+        new_ss->selector = esp_ss[1] & 0xffff;
+        if (!(new_ss->selector & 0xfffc)) return -1;
+        if (descriptor(s, new_ss->selector, &new_ss->base, &new_ss->limit, &new_ss->flags)) return -1;
+        if (!(new_ss->flags & DESC_P)) return -1;
+        stack = new_ss;
+        sp = esp_ss[0];
+    }
+    uint64_t mask = (stack->flags & DESC_B) ? 0xffffffffull : 0xffffull;
+    uint32_t frame[6] = {from->error_code, (uint32_t)from->return_ip, from->cs, (uint32_t)from->rflags,
+                         (uint32_t)from->rsp, from->ss};
+    uint32_t words = (switch_stack ? 5 : 3) + (from->push_error ? 1 : 0);
+    sp = (sp - 4 * words) & mask;
+    if (vwrite(s, (stack->base + sp) & 0xffffffffull, frame + (from->push_error ? 0 : 1), 4 * words)) return -1;
+    /* QEMU's SET_ESP: a 16-bit stack keeps the bits of ESP above 15, a 32-bit one clears 63:32 */
+    *new_sp = mask == 0xffffull ? (from->rsp & ~0xffffull) | sp : sp;
+    return 0;
+}
+
 int deliver_fast(emu_state *s, void *uc, int vector, int software, uint64_t return_ip, int push_error,
                  uint32_t error_code) {
     if (s->context_save(uc, s->ctx)) return 1;
-    uint32_t hf = cx32(s, s->off_hflags), cpl = hf & HF_CPL_MASK;
-    uint64_t cr0 = cx64(s, s->off_cr);
-    uint64_t eflags_raw = cx64(s, s->off_eflags);
-    if (!(cr0 & 1) || (eflags_raw & (1u << 17))) return 1;            /* real or vm86 mode */
-    int long_mode = (hf & HF_LMA) != 0;
-    int gate_size = long_mode ? 16 : 8;
-    uint64_t idt_base = cx64(s, s->off_idt + 8);
-    uint32_t idt_limit = cx32(s, s->off_idt + 16);
-    if ((uint32_t)vector * gate_size + gate_size - 1 > idt_limit) return 1;
-    uint32_t g[4] = {0, 0, 0, 0};
-    if (vread(s, idt_base + (uint64_t)vector * gate_size, g, gate_size)) return 1;
-    uint32_t type = (g[1] >> 8) & 0x1f, gate_dpl = (g[1] >> 13) & 3;
-    if (!(g[1] & DESC_P)) return 1;
-    if (long_mode ? (type != 0xe && type != 0xf) : (type != 0xe && type != 0xf)) return 1;
-    if (software && gate_dpl < cpl) return 1;
-    uint32_t selector = g[0] >> 16;
-    uint64_t offset = (g[0] & 0xffff) | (g[1] & 0xffff0000u);
-    if (long_mode) offset |= (uint64_t)g[2] << 32;
-    uint32_t ist = long_mode ? (g[1] & 7) : 0;
-    uint64_t cs_base; uint32_t cs_limit, cs_flags;
-    if (descriptor(s, selector, &cs_base, &cs_limit, &cs_flags)) return 1;
-    if (!(cs_flags & DESC_S) || !(cs_flags & DESC_CS) || !(cs_flags & DESC_P) || (cs_flags & DESC_C)) return 1;
-    if (long_mode && (!(cs_flags & DESC_L) || (cs_flags & DESC_B))) return 1;
-    uint32_t dpl = (cs_flags >> 13) & 3;
-    if (dpl > cpl) return 1;
-    uint64_t rsp = 0, rflags = 0;
-    s->reg_read(uc, s->reg_rsp, &rsp);
-    s->reg_read(uc, s->reg_eflags, &rflags);
-    segcache *tr = (segcache *)cx(s, s->off_tr);
-    uint32_t old_cs = seg(s, SEG_CS)->selector, old_ss = seg(s, SEG_SS)->selector;
-    uint64_t frame[6];
-    int words = 0;
-    uint64_t new_sp, stack_base = 0, sp_mask;
+    uint32_t hflags = cx32(s, s->off_hflags), cpl = hflags & HF_CPL_MASK;
+    int long_mode = (hflags & HF_LMA) != 0;
+    if (!(cx64(s, s->off_cr) & CR0_PE) || (cx64(s, s->off_eflags) & EFLAGS_VM)) return 1;  /* real or vm86 */
+    gate g;
+    segcache cs, new_ss = {0, 0, 0, 0, 0};
+    if (read_gate(s, long_mode, vector, software, cpl, &g)) return 1;
+    if (target_code_segment(s, long_mode, g.selector, cpl, &cs)) return 1;
+    uint32_t dpl = cs.selector & 3;
     int switch_stack = dpl < cpl;
-    segcache new_ss = {0, 0, 0, 0, 0};
+    interrupted from = {0, 0, return_ip, seg(s, SEG_CS)->selector, seg(s, SEG_SS)->selector, error_code,
+                        push_error};
+    s->reg_read(uc, s->reg_rsp, &from.rsp);
+    s->reg_read(uc, s->reg_eflags, &from.rflags);
+    uint64_t new_sp;
     if (long_mode) {
-        if (ist || switch_stack) {
-            uint32_t slot = ist ? 0x24 + 8 * (ist - 1) : 4 + 8 * dpl;
-            if (slot + 7 > tr->limit || vread(s, tr->base + slot, &new_sp, 8)) return 1;
-        } else new_sp = rsp;
-        new_sp &= ~0xfull;
-        sp_mask = ~0ull;
-        uint64_t w[6] = {old_ss, rsp, rflags, old_cs, return_ip, error_code};
-        words = push_error ? 6 : 5;
-        for (int i = 0; i < words; i++) frame[words - 1 - i] = w[i];
-        new_sp -= 8 * words;
-        if (vwrite(s, new_sp, frame, 8 * words)) return 1;
-        if (switch_stack) { new_ss.selector = dpl; new_ss.flags = dpl << 13; }
-    } else {
-        uint32_t w32[6];
-        if (switch_stack) {
-            if (((tr->flags >> 8) & 0xf) != 9 && ((tr->flags >> 8) & 0xf) != 0xb) return 1;
-            uint32_t slot = 4 + 8 * dpl, pair[2];
-            if (slot + 7 > tr->limit || vread(s, tr->base + slot, pair, 8)) return 1;
-            uint32_t ss_sel = pair[1] & 0xffff;
-            uint64_t ss_base; uint32_t ss_limit, ss_flags;
-            if (!(ss_sel & 0xfffc) || descriptor(s, ss_sel, &ss_base, &ss_limit, &ss_flags)) return 1;
-            if (!(ss_flags & DESC_P)) return 1;
-            new_ss.selector = ss_sel; new_ss.base = ss_base; new_ss.limit = ss_limit; new_ss.flags = ss_flags;
-            stack_base = ss_base;
-            sp_mask = (ss_flags & DESC_B) ? 0xffffffffull : 0xffffull;
-            new_sp = pair[0];
-            uint32_t w[6] = {old_ss, (uint32_t)rsp, (uint32_t)rflags, old_cs, (uint32_t)return_ip, error_code};
-            words = push_error ? 6 : 5;
-            for (int i = 0; i < words; i++) w32[words - 1 - i] = w[i];
-        } else {
-            segcache *ss = seg(s, SEG_SS);
-            stack_base = ss->base;
-            sp_mask = (ss->flags & DESC_B) ? 0xffffffffull : 0xffffull;
-            new_sp = rsp;
-            uint32_t w[4] = {(uint32_t)rflags, old_cs, (uint32_t)return_ip, error_code};
-            words = push_error ? 4 : 3;
-            for (int i = 0; i < words; i++) w32[words - 1 - i] = w[i];
-        }
-        new_sp = (new_sp - 4 * words) & sp_mask;
-        if (vwrite(s, (stack_base + new_sp) & 0xffffffffull, w32, 4 * words)) return 1;
-        new_sp = sp_mask == 0xffffull ? ((rsp & ~0xffffull) | new_sp) : new_sp;
-        if (!switch_stack) new_sp = sp_mask == 0xffffull ? new_sp : (uint32_t)new_sp;
+        if (push_frame_long(s, &from, g.ist, switch_stack, dpl, &new_sp)) return 1;
+        new_ss.selector = dpl;  /* a privilege change loads a null SS of the new ring */
+        new_ss.flags = dpl << 13;
+    } else if (push_frame_protected(s, &from, switch_stack, dpl, &new_ss, &new_sp)) {
+        return 1;
     }
+    /* nothing can fail from here on but the engine's own restore */
     if (switch_stack) load_seg(s, SEG_SS, new_ss.selector, new_ss.base, new_ss.limit, new_ss.flags);
-    load_seg(s, SEG_CS, (selector & 0xfffc) | dpl, cs_base, cs_limit, cs_flags);
+    load_seg(s, SEG_CS, cs.selector, cs.base, cs.limit, cs.flags);
     int32_t none = -1;
     memcpy(cx(s, s->off_old_exception), &none, 4);
     if (s->context_restore(uc, s->ctx)) return 1;
-    uint64_t new_flags = rflags & ~((1u << 8) | (1u << 14) | (1u << 16) | (1u << 17));
-    if (!(type & 1)) new_flags &= ~(1ull << 9);
+    uint64_t new_flags = from.rflags & ~(uint64_t)(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM);
+    if (g.type == GATE_INTERRUPT) new_flags &= ~(uint64_t)EFLAGS_IF;
     s->reg_write(uc, s->reg_rsp, &new_sp);
     s->reg_write(uc, s->reg_eflags, &new_flags);
-    s->reg_write(uc, s->reg_rip, &offset);
+    s->reg_write(uc, s->reg_rip, &g.offset);
     s->fast_deliveries++;
     return 0;
 }

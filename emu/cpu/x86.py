@@ -872,10 +872,9 @@ class X86Cpu:
         ctx.load_segment("cs", (selector & 0xFFFC) | target_dpl, cs_base, cs_limit, cs_flags)
         ctx.set_i32("old_exception", -1)
         ctx.restore()
-        if stack_mask == 0xFFFF:
-            self.uc.reg_write(X.UC_X86_REG_SP, sp)
-        else:
-            self.uc.reg_write(X.UC_X86_REG_ESP, sp)
+        # QEMU's SET_ESP (target/i386/tcg/seg_helper.c): a 16-bit stack keeps the bits of the
+        # stack pointer above 15, a 32-bit one clears bits 63:32
+        self.uc.reg_write(X.UC_X86_REG_SP if stack_mask == 0xFFFF else X.UC_X86_REG_RSP, sp)
         new_flags = eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
         if not gate_type & 1:  # interrupt gate
             new_flags &= ~EFLAGS_IF
