@@ -56,6 +56,9 @@ class Machine:
         self.exit_message = None
         self.reset_requested = False
         self.boot = None  # callable that loads images and sets the CPU entry state
+        self.serial_backends = []  # the host side of the board's serial ports (CharBackend); closed with it
+        self.unassigned_memory = []  # the board's fillers of the address space's holes (UnassignedMemory)
+        self.name = None  # the guest's name (-name), for QMP query-name
         self.selector = selectors.DefaultSelector()
         self._input_states = []  # (backend, consumer, pending bytearray), one per input
         self._inputs = {}  # fd -> one of _input_states
@@ -238,7 +241,7 @@ class Machine:
         """Release host resources (terminal settings, sockets, files)."""
         for device in self.devices:
             device.poll()
-        for backend in getattr(self, "serial_backends", ()):
+        for backend in self.serial_backends:
             backend.close()
 
     def reset(self):

@@ -313,6 +313,8 @@ def run_machine(args, configure=None):
             raise ConfigError(f"-loadvm: cannot read {args.loadvm!r}: {e.strerror}") from None
     if args.pidfile is not None:
         _check_writable("-pidfile", args.pidfile)
+    from colo.link import ColoLink  # the serial link of a COLO pair (-serial colo:...)
+
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     machine = monitor = migration = None
     pidfile_written = False
@@ -320,7 +322,7 @@ def run_machine(args, configure=None):
     try:
         machine = build_from_args(args)
         machine.name = _guest_name(args.name)
-        colo_links = [b for b in getattr(machine, "serial_backends", ()) if getattr(b, "role", None) is not None]
+        colo_links = [backend for backend in machine.serial_backends if isinstance(backend, ColoLink)]
         if args.qmp is not None or args.incoming is not None or colo_links or configure is not None:
             # migration and COLO are reached through QMP, -incoming or a pair's serial link
             from colo.migration import IncomingMigration, MigrationController

@@ -709,7 +709,7 @@ class QmpServer:
             raise QmpError(str(e)) from None
 
     def _cmd_query_name(self, client, args):
-        name = getattr(self.machine, "name", None)
+        name = self.machine.name
         return {} if name is None else {"name": name}
 
     def _cmd_query_colo_status(self, client, args):

@@ -84,7 +84,6 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     pic = Pic8259Pair(int_output=lambda level: machine.notify_interrupt() if level else None)
     for part, base, count in pic.port_devices():
         machine.add_device(part, [(base, count)])
-    machine.pic = pic
     pit = Pit8254(clock, irq=pic.irq_line(0))
     machine.add_device(pit, [(0x40, 4)])
     machine.add_device(SystemControlPortB(pit, clock), [(0x61, 1)])
@@ -98,7 +97,6 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
 
     if len(serial) > len(SERIAL_PORTS):
         raise ConfigError(f"-serial: at most {len(SERIAL_PORTS)} serial ports")
-    machine.serial_backends = []
     for index, spec in enumerate(serial):
         backend = chardev.parse_serial_spec(spec)
         if backend is None:
@@ -107,10 +105,7 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
         uart = Uart16550(f"serial@{base:#x}", irq=pic.irq_line(irq), clock=clock, backend=backend)
         front = UartFastPath(uart, base, machine.cstate, machine.clib, ring=index)
         machine.add_device(front, [(base, 8)])
-        consumer = front.receive
-        if hasattr(backend, "attach"):  # a backend with guest state of its own (the COLO link)
-            consumer = backend.attach(machine, consumer)
-        machine.add_input(backend, consumer)
+        machine.add_input(backend, backend.attach(machine, front.receive))
         machine.serial_backends.append(backend)
         front.sync()
         machine.after_load += [uart.refresh_irq, front.sync]

@@ -138,7 +138,7 @@ class Guest:
 
     @property
     def pic(self):
-        return self.machine.pic
+        return self.machine.interrupt_controller.pic  # the board's InterruptRouter
 
     @property
     def lapic(self):

@@ -40,13 +40,24 @@ _MSR_INDEX = list(MSRS.values())
 
 
 class CpuState:
-    """The fields of the CPU as attributes, filled from and applied to an :class:`X86Cpu`."""
+    """The fields of the CPU as attributes, for the ``cpu`` section of a state stream.
+
+    ``CpuState.capture(cpu)`` reads them from an :class:`~emu.cpu.x86.X86Cpu` (a save);
+    ``CpuState(cpu)`` starts empty, a state load fills the fields (``VMSTATE.apply``) and
+    :meth:`write_to_cpu` puts them into the CPU.
+    """
 
     def __init__(self, cpu):
         self.cpu = cpu
-        self.capture()
 
-    def capture(self):
+    @classmethod
+    def capture(cls, cpu):
+        """The state of ``cpu`` now."""
+        state = cls(cpu)
+        state._read_cpu()
+        return state
+
+    def _read_cpu(self):
         uc = self.cpu.uc
         for name, value in zip(_PLAIN, uc.reg_read_batch(_PLAIN_IDS), strict=True):  # one engine call, not 60
             setattr(self, name, value)
@@ -82,7 +93,7 @@ class CpuState:
         self.tsc_offset = self.cpu.s.tsc_offset
         self.work_counter = self.cpu.s.clock.icount
 
-    def apply(self):
+    def write_to_cpu(self):
         """Write every field into the engine (the stream was verified before this runs)."""
         cpu, uc = self.cpu, self.cpu.uc
         cpu._power_on_context()

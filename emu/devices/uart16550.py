@@ -108,7 +108,8 @@ def loopback_modem_lines(mcr):
 
 
 class Uart16550(Device):
-    """One 16550A at 8 consecutive ports; ``backend`` receives the transmitted bytes.
+    """One 16550A at 8 consecutive ports; ``backend`` (an :class:`~emu.chardev.CharBackend`,
+    or None: output is dropped) receives the transmitted bytes.
 
     The machine calls :meth:`receive` with host input, :meth:`poll` between CPU slices
     (lets a backend flush), and :meth:`refresh_irq` after a state load.
@@ -475,9 +476,8 @@ class Uart16550(Device):
         self.irq.set_level(self._line_level())
 
     def poll(self):
-        flush = getattr(self.backend, "flush", None)
-        if flush is not None:
-            flush()
+        if self.backend is not None:
+            self.backend.flush()
 
     # ------------------------------------------------------------------ state
     def _check_loaded_state(self, version_id):

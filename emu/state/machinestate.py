@@ -59,7 +59,7 @@ def save(machine, ram_pages=None, out=None):
     With ``out`` (a binary file) the stream is written there and its size returned."""
     _prepare(machine)
     writer = snapshot.StreamWriter(machine.machine_type, machine.ram.size)
-    writer.device("cpu", 0, CPU_VMSTATE.version_id, CPU_VMSTATE.save(CpuState(machine.cpu)))
+    writer.device("cpu", 0, CPU_VMSTATE.version_id, CPU_VMSTATE.save(CpuState.capture(machine.cpu)))
     writer.device("clock", 0, CLOCK_VMSTATE.version_id, CLOCK_VMSTATE.save(ClockState(machine.clock.now())))
     for name, obj in state_objects(machine):
         writer.device(name, 0, obj.VMSTATE.version_id, obj.VMSTATE.save(obj))
@@ -104,12 +104,11 @@ def apply(machine, parsed, decoded):
     machine.exit_status = machine.exit_message = None
     machine.reset_requested = False
     machine.cstate.frozen = 0
-    cpu_state = CpuState.__new__(CpuState)
-    cpu_state.cpu = machine.cpu
+    cpu_state = CpuState(machine.cpu)
     CPU_VMSTATE.apply(cpu_state, decoded[("cpu", 0)])
     clock_state = ClockState()
     CLOCK_VMSTATE.apply(clock_state, decoded[("clock", 0)])
-    cpu_state.apply()  # sets the work counter the deterministic clock is based on
+    cpu_state.write_to_cpu()  # sets the work counter the deterministic clock is based on
     machine.clock.set_now(clock_state.now_ns)
     for name, obj in state_objects(machine):
         obj.VMSTATE.apply(obj, decoded[(name, 0)])
