@@ -147,9 +147,3 @@ class VirtualClock:
             timer.callback()
             fired += 1
             now = self.now()
-
-    def armed_timers(self):
-        """Every armed timer (for state save and debugging)."""
-        self._clean()
-        return sorted({id(t): t for *_, t in self._heap if t.deadline is not None}.values(),
-                      key=lambda t: (t.deadline, t.name))

@@ -69,10 +69,6 @@ class PortBus:
                 raise ConfigError(f"ports: {device.name} claims port {port:#x}, already owned by {other.name}")
             self._owner[port] = (device, base)
 
-    def owner(self, port):
-        entry = self._owner[port & 0xFFFF]
-        return entry[0] if entry else None
-
     def read(self, port, size):
         port &= 0xFFFF
         entry = self._owner[port]

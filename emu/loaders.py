@@ -1,8 +1,8 @@
-"""Boot image loaders: multiboot v1 kernels, raw binaries and the PC BIOS ROM.
+"""Boot image loaders: multiboot v1 kernels, Linux bzImages, raw binaries and the PC BIOS ROM.
 
 Each loader writes its image into guest RAM through :meth:`GuestRam.write` (so the pages are
 marked dirty and stale translated code is dropped) and returns an :class:`EntryState` that
-``Cpu.enter`` turns into registers.
+``X86Cpu.enter`` turns into registers.
 
 Multiboot follows the Multiboot Specification 0.6.96 and hands the kernel what QEMU does
 (hw/i386/multiboot.c together with its option ROM pc-bios/optionrom/multiboot.S), so a
@@ -48,7 +48,7 @@ class EntryState:
 
     ``mode`` is ``"real"``, ``"protected32"`` or ``"long64"``; ``ip`` is EIP/RIP (IP in real
     mode, relative to ``cs``).  ``regs`` holds general registers by lowercase name plus the
-    keys ``gdt``/``gdt_limit`` (GDTR base and limit) and ``ds_selector`` that ``Cpu.enter``
+    keys ``gdt``/``gdt_limit`` (GDTR base and limit) and ``ds_selector`` that ``X86Cpu.enter``
     interprets.  In real mode ``cs`` is the selector and the hidden base is ``cs << 4``
     unless ``cs_base`` says otherwise (the reset vector); in protected and long mode ``cs``
     is the code selector of flat 4 GiB segments, data segments use ``cs + 8``.  ``notes``

@@ -135,7 +135,7 @@ class Machine:
     def request_exit(self, status, message=None):
         self.exit_status = status
         self.exit_message = message
-        self.cstate.frozen = 1  # Unicorn finishes the current block: let it touch no device
+        self.cstate.exiting = 1  # Unicorn finishes the current block: let it touch no device
         self.cpu.request_stop()
 
     def request_reset(self):
@@ -246,7 +246,7 @@ class Machine:
 
     def reset(self):
         """System reset: every device and the CPU back to power-on, images reloaded."""
-        self.cstate.frozen = 0
+        self.cstate.exiting = 0
         for device in self.devices:
             device.reset()
         self.cpu.reset()

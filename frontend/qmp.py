@@ -292,7 +292,7 @@ def format_registers(cpu):
     from emu.cpu.state import MSRS
 
     uc = cpu.uc
-    ctx = cpu.snapshot()
+    ctx = cpu.context()
     hflags = ctx.hflags
     lma = bool(hflags & xc.HF_LMA)
     pe = bool(cpu.reg("cr0") & 1)

@@ -337,7 +337,7 @@ def prepare(m, case):
     uc.reg_write(X.UC_X86_REG_EFLAGS, case.rflags)
     uc.reg_write(X.UC_X86_REG_RIP, next_ip(case) if case.software else CODE)  # int n: RIP is past it
     m.ram.clear_host_dirty()
-    cpu._stale()
+    cpu._invalidate_context()
 
 
 def next_ip(case):
@@ -347,7 +347,7 @@ def next_ip(case):
 
 def machine_state(m):
     """Everything delivery may change: the engine's context, RAM, the host dirty log."""
-    m.cpu._stale()
+    m.cpu._invalidate_context()
     return m.cpu.ctx.save().raw(), bytes(m.ram.view), m.ram.host_dirty.tobytes()
 
 
@@ -419,7 +419,7 @@ def test_c_path_takes_the_common_cases_and_leaves_the_rest_untouched(machine, mo
         prepare(machine, case)
         before = machine_state(machine)
         cpu = machine.cpu
-        result = machine.clib.deliver_fast(cpu.s, cpu._uc_handle, case.vector, int(case.software),
+        result = machine.clib.deliver_fast(cpu.cstate, cpu._uc_handle, case.vector, int(case.software),
                                            next_ip(case) if case.software else CODE,
                                            int(case.push_error), case.error_code)
         assert (result == 0) == (not case.unusual), case

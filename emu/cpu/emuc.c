@@ -83,7 +83,7 @@ static void request_stop(emu_state *s, void *uc, uint32_t why) {
 
 void on_out(void *uc, uint32_t port, int size, uint32_t value, void *user) {
     emu_state *s = (emu_state *)user;
-    if (s->frozen) return;
+    if (s->exiting) return;
     s->io_exits++;
     port &= 0xffff;
     if (size == 1) {
@@ -109,7 +109,7 @@ void on_out(void *uc, uint32_t port, int size, uint32_t value, void *user) {
 uint32_t on_in(void *uc, uint32_t port, int size, void *user) {
     emu_state *s = (emu_state *)user;
     UNUSED(uc);
-    if (s->frozen) return size == 1 ? 0xff : size == 2 ? 0xffff : 0xffffffffu;
+    if (s->exiting) return size == 1 ? 0xff : size == 2 ? 0xffff : 0xffffffffu;
     s->io_exits++;
     port &= 0xffff;
     if (size == 1) {

@@ -39,7 +39,7 @@ typedef struct {
     int64_t  deadline_ns;     /* real-time mode: stop once guest time passes this */
     uint32_t block_tick;
     uint32_t stop_reason;     /* STOP_* bits set by the hooks */
-    uint32_t frozen;          /* the machine is exiting: the rest of the block has no effect on I/O */
+    uint32_t exiting;         /* the machine is exiting: the rest of the block has no effect on I/O */
     uint32_t irq_waiting;     /* an interrupt is pending but IF was clear: stop once IF is set */
     uint32_t irq_skip_blocks; /* block starts irq_waiting lets pass first (the one-instruction block of an
                                  interrupt shadow) */
