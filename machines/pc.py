@@ -74,65 +74,25 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
           icount_shift=None, no_reboot=False, trace=(), lapic=True, rtc_base=None, fw_cfg_files=()):
     """Create a ready-to-run ``pc`` machine (images loaded, CPU at its entry state).
 
-    ``fw_cfg_files``: ``-fw_cfg`` option values, files added to the fw_cfg directory.
+    ``fw_cfg_files``: ``-fw_cfg`` option values, files added to the fw_cfg directory.  The
+    devices are added in the order of the table above: it is also the order of their state
+    sections and of the hooks that re-drive interrupt lines after a load.
     """
     user_files = [parse_user_file(spec) for spec in fw_cfg_files]  # option errors before anything is built
     machine = Machine(MACHINE_TYPE, ram_size, icount=icount_shift is not None, no_reboot=no_reboot,
                       trace=trace, has_lapic=lapic, ns_per_unit=1 << (icount_shift or 0))
-    clock = machine.clock
-
     pic = Pic8259Pair(int_output=lambda level: machine.notify_interrupt() if level else None)
     for part, base, count in pic.port_devices():
         machine.add_device(part, [(base, count)])
-    pit = Pit8254(clock, irq=pic.irq_line(0))
-    machine.add_device(pit, [(0x40, 4)])
-    machine.add_device(SystemControlPortB(pit, clock), [(0x61, 1)])
-    machine.after_load.append(pit.sync_irq)
-
     if rtc_base is None:
         rtc_base = DETERMINISTIC_RTC_BASE if icount_shift is not None else int(time.time())
-    rtc = Mc146818Rtc("rtc@0x70", irq=pic.irq_line(8), clock=clock, base_time=rtc_base, ram_size=ram_size)
-    machine.add_device(rtc, [(0x70, 2)])
-    machine.after_load.append(lambda: rtc.irq.set_level(rtc.irq_level()))
-
-    if len(serial) > len(SERIAL_PORTS):
-        raise ConfigError(f"-serial: at most {len(SERIAL_PORTS)} serial ports")
-    for index, spec in enumerate(serial):
-        backend = chardev.parse_serial_spec(spec)
-        if backend is None:
-            continue
-        base, irq = SERIAL_PORTS[index]
-        uart = Uart16550(f"serial@{base:#x}", irq=pic.irq_line(irq), clock=clock, backend=backend)
-        front = UartFastPath(uart, base, machine.cstate, machine.clib, ring=index)
-        machine.add_device(front, [(base, 8)])
-        machine.add_input(backend, backend.attach(machine, front.receive))
-        machine.serial_backends.append(backend)
-        front.sync()
-        machine.after_load += [uart.refresh_irq, front.sync]
-
-    machine.add_device(IsaDebugExit("debugexit@0xf4", on_exit=machine.request_exit), [(0xF4, 4)])
-    post = machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
-    machine.fast_paths.append(PostCodeFastPath(post, machine.cstate, machine.clib))
-    a20 = machine.add_device(A20Gate("a20", machine.cpu))
-    machine.add_device(SystemControlPortA("port92", on_reset=machine.request_reset, a20=a20), [(0x92, 1)])
-    kbc = I8042("i8042@0x60", kbd_irq=pic.irq_line(1), mouse_irq=pic.irq_line(12), a20=a20,
-                on_reset=machine.request_reset)
-    machine.add_device(kbc, [(0x60, 1)])
-    machine.add_device(kbc.command_port(), [(0x64, 1)])
-    machine.after_load.append(kbc.sync_irq)
-    machine.add_device(ResetControl("rcr@0xcf9", on_reset=machine.request_reset), [(0xCF9, 1)])
-    fw_cfg = FwCfg("fw_cfg@0x510", ram_size=ram_size, dma_memory=machine.ram)
-    if kernel and _is_linux_kernel(kernel):
-        fw_cfg.add_cmdline(append or "")  # as x86_load_linux; QEMU's multiboot path gives none
-    for user_file in user_files:
-        if user_file.warning:
-            print(f"emu: {user_file.warning}", file=sys.stderr)
-        fw_cfg.add_user_file(user_file)
-    machine.add_device(fw_cfg, fw_cfg.port_ranges())
-
+    _add_timers(machine, pic, rtc_base)
+    _add_serial_ports(machine, pic, serial)
+    _add_system_ports(machine, pic)
+    _add_fw_cfg(machine, kernel, append, user_files)
     local_apic = None
     if lapic:
-        local_apic = LocalApic("lapic@0xfee00000", clock, notify=machine.notify_interrupt)
+        local_apic = LocalApic("lapic@0xfee00000", machine.clock, notify=machine.notify_interrupt)
         machine.add_device(local_apic, mmio=(LAPIC_BASE, 0x1000))
     machine.interrupt_controller = InterruptRouter(pic, local_apic)
     machine.after_load.append(pic.sync_outputs)  # last: the inputs above are driven by now
@@ -145,6 +105,64 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     physical_bits = machine.cpu.cpuid(0x80000008, 0)[0] & 0xFF or 36  # what CPUID tells the guest
     machine.unassigned_memory = unassigned.map_holes(machine.cpu, 1 << physical_bits, trace)
     return machine
+
+
+def _add_timers(machine, pic, rtc_base):
+    """The 8254 PIT on IRQ 0 (with port 0x61) and the RTC on IRQ 8."""
+    clock = machine.clock
+    pit = Pit8254(clock, irq=pic.irq_line(0))
+    machine.add_device(pit, [(0x40, 4)])
+    machine.add_device(SystemControlPortB(pit, clock), [(0x61, 1)])
+    machine.after_load.append(pit.sync_irq)
+    rtc = Mc146818Rtc("rtc@0x70", irq=pic.irq_line(8), clock=clock, base_time=rtc_base, ram_size=machine.ram.size)
+    machine.add_device(rtc, [(0x70, 2)])
+    machine.after_load.append(lambda: rtc.irq.set_level(rtc.irq_level()))
+
+
+def _add_serial_ports(machine, pic, serial):
+    """COM1 and COM2 (a UART behind its C fast path) with the backends the ``-serial`` specs name."""
+    if len(serial) > len(SERIAL_PORTS):
+        raise ConfigError(f"-serial: at most {len(SERIAL_PORTS)} serial ports")
+    for index, spec in enumerate(serial):
+        backend = chardev.parse_serial_spec(spec)
+        if backend is None:
+            continue
+        base, irq = SERIAL_PORTS[index]
+        uart = Uart16550(f"serial@{base:#x}", irq=pic.irq_line(irq), clock=machine.clock, backend=backend)
+        front = UartFastPath(uart, base, machine.cstate, machine.clib, ring=index)
+        machine.add_device(front, [(base, 8)])
+        machine.add_input(backend, backend.attach(machine, front.receive))
+        machine.serial_backends.append(backend)
+        front.sync()
+        machine.after_load += [uart.refresh_irq, front.sync]
+
+
+def _add_system_ports(machine, pic):
+    """isa-debug-exit, the POST port, the A20 gate and the keyboard controller and reset
+    registers that drive it or reset the machine."""
+    machine.add_device(IsaDebugExit("debugexit@0xf4", on_exit=machine.request_exit), [(0xF4, 4)])
+    post = machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
+    machine.fast_paths.append(PostCodeFastPath(post, machine.cstate, machine.clib))
+    a20 = machine.add_device(A20Gate("a20", machine.cpu))
+    machine.add_device(SystemControlPortA("port92", on_reset=machine.request_reset, a20=a20), [(0x92, 1)])
+    kbc = I8042("i8042@0x60", kbd_irq=pic.irq_line(1), mouse_irq=pic.irq_line(12), a20=a20,
+                on_reset=machine.request_reset)
+    machine.add_device(kbc, [(0x60, 1)])
+    machine.add_device(kbc.command_port(), [(0x64, 1)])
+    machine.after_load.append(kbc.sync_irq)
+    machine.add_device(ResetControl("rcr@0xcf9", on_reset=machine.request_reset), [(0xCF9, 1)])
+
+
+def _add_fw_cfg(machine, kernel, append, user_files):
+    """fw_cfg with the machine's RAM size, a Linux kernel's command line and the -fw_cfg files."""
+    fw_cfg = FwCfg("fw_cfg@0x510", ram_size=machine.ram.size, dma_memory=machine.ram)
+    if kernel and _is_linux_kernel(kernel):
+        fw_cfg.add_cmdline(append or "")  # as x86_load_linux; QEMU's multiboot path gives none
+    for user_file in user_files:
+        if user_file.warning:
+            print(f"emu: {user_file.warning}", file=sys.stderr)
+        fw_cfg.add_user_file(user_file)
+    machine.add_device(fw_cfg, fw_cfg.port_ranges())
 
 
 def _is_linux_kernel(path):

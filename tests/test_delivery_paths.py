@@ -152,43 +152,68 @@ def generate(mode, seed):
     return case
 
 
+def _not_present(case):
+    case.gate_present = False
+    return True
+
+
+def _conforming(case):
+    case.gate_selector = CONFORMING_CS
+    return True
+
+
+def _ldt(case):
+    case.gate_selector = LDT_CS
+    return True
+
+
+def _read_only_stack(case):
+    case.read_only_stack = case.paging in ("4k", "pae-4k") and case.write_protect
+    return case.read_only_stack
+
+
+def _user_code(case):
+    case.gate_selector = USER_CS  # DPL 3 > CPL 0: #GP; from ring 3 a plain same-privilege entry
+    return case.cpl == 0
+
+
+def _gate_16(case):
+    case.gate_type &= 7
+    return True
+
+
+def _task_gate(case):
+    case.gate_type = 5
+    return True
+
+
+def _tss_16(case):
+    case.tss_type = 3  # matters only on a privilege change
+    return case.cpl == 3
+
+
+def _bad_gate_type(case):
+    case.gate_type = 0xC
+    return True
+
+
+#: what may make a case unusual: name -> change(case), True when the change makes it so
+UNUSUAL = {"not present": _not_present, "conforming": _conforming, "ldt": _ldt, "read-only stack": _read_only_stack,
+           "user code": _user_code}
+UNUSUAL_32 = {"16-bit gate": _gate_16, "task gate": _task_gate, "16-bit TSS": _tss_16}
+UNUSUAL_64 = {"bad gate type": _bad_gate_type}
+
+
 def _make_unusual(rng, case):
     """With some probability, one thing the C path does not handle (Python does, or faults)."""
     if case.software and case.gate_dpl < case.cpl:
         case.unusual.append("software interrupt through a gate of lower DPL (#GP)")
     if rng.random() > 0.25:
         return
-    choices = ["not present", "conforming", "ldt", "read-only stack", "user code"]
-    if not case.long_mode:
-        choices += ["16-bit gate", "task gate", "16-bit TSS"]
-    else:
-        choices += ["bad gate type"]
-    what = rng.choice(choices)
-    if what == "not present":
-        case.gate_present = False
-    elif what == "conforming":
-        case.gate_selector = CONFORMING_CS
-    elif what == "ldt":
-        case.gate_selector = LDT_CS
-    elif what == "read-only stack":
-        if case.paging not in ("4k", "pae-4k") or not case.write_protect:
-            return
-        case.read_only_stack = True
-    elif what == "user code":
-        case.gate_selector = USER_CS  # DPL 3 > CPL 0: #GP; from ring 3 a same-privilege call
-        if case.cpl == 3:
-            return
-    elif what == "16-bit gate":
-        case.gate_type &= 7
-    elif what == "task gate":
-        case.gate_type = 5
-    elif what == "16-bit TSS":
-        case.tss_type = 3
-        if case.cpl == 0:
-            return
-    elif what == "bad gate type":
-        case.gate_type = 0xC
-    case.unusual.append(what)
+    choices = {**UNUSUAL, **(UNUSUAL_64 if case.long_mode else UNUSUAL_32)}
+    what = rng.choice(list(choices))
+    if choices[what](case):
+        case.unusual.append(what)
 
 
 # ----------------------------------------------------------------------------- the machine state

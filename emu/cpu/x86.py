@@ -834,23 +834,10 @@ class X86Cpu:
         esp = self.uc.reg_read(X.UC_X86_REG_ESP)
         eflags = self.eflags
         if target_dpl < cpl and not cs_flags & xc.DESC_C:
-            _, tss_base, tss_limit, tss_flags = ctx.system_segment("tr")
-            if (tss_flags >> 8) & 0xF not in (9, 0xB):
-                raise UnsupportedError(f"cpu: vector {vector:#x}: privilege change through a 16-bit TSS "
-                                       f"is not supported")
-            slot = 4 + 8 * target_dpl
-            if slot + 7 > tss_limit:
-                raise Fault(TS, 0)
-            new_esp, new_ss = struct.unpack("<II", self.read_virtual(tss_base + slot, 8))
-            new_ss &= 0xFFFF
-            if not new_ss & 0xFFFC:
-                raise Fault(TS, ext)
-            nss_base, nss_limit, nss_flags = self._descriptor(new_ss, ctx)
-            if not nss_flags & xc.DESC_P:
-                raise Fault(SS, (new_ss & 0xFFFC) + ext)
+            new_ss, stack_base, new_ss_limit, new_ss_flags, sp = self._tss_stack(vector, ctx, target_dpl, ext)
+            new_ss_cache = (new_ss, stack_base, new_ss_limit, new_ss_flags)
+            stack_mask = 0xFFFFFFFF if new_ss_flags & xc.DESC_B else 0xFFFF
             words = [old_ss, esp, eflags, old_cs, return_ip]
-            stack_base, sp, stack_mask = nss_base, new_esp, 0xFFFFFFFF if nss_flags & xc.DESC_B else 0xFFFF
-            new_ss_cache = (new_ss, nss_base, nss_limit, nss_flags)
         else:
             words = [eflags, old_cs, return_ip]
             stack_base, sp, stack_mask = ss_base, esp, 0xFFFFFFFF if ss_flags & xc.DESC_B else 0xFFFF
@@ -880,6 +867,24 @@ class X86Cpu:
             new_flags &= ~EFLAGS_IF
         self.uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
         self.uc.reg_write(X.UC_X86_REG_RIP, offset)
+
+    def _tss_stack(self, vector, ctx, dpl, ext):
+        """The stack of ring ``dpl`` from the 32-bit TSS: (SS selector, base, limit, flags, ESP)."""
+        _, tss_base, tss_limit, tss_flags = ctx.system_segment("tr")
+        if (tss_flags >> 8) & 0xF not in (9, 0xB):
+            raise UnsupportedError(f"cpu: vector {vector:#x}: privilege change through a 16-bit TSS "
+                                   f"is not supported")
+        slot = 4 + 8 * dpl
+        if slot + 7 > tss_limit:
+            raise Fault(TS, 0)
+        esp, selector = struct.unpack("<II", self.read_virtual(tss_base + slot, 8))
+        selector &= 0xFFFF
+        if not selector & 0xFFFC:
+            raise Fault(TS, ext)
+        base, limit, flags = self._descriptor(selector, ctx)
+        if not flags & xc.DESC_P:
+            raise Fault(SS, (selector & 0xFFFC) + ext)
+        return selector, base, limit, flags, esp
 
     def _deliver_long(self, vector, return_ip, software, push_error, error_code, external):
         ctx = self.context()
