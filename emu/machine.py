@@ -424,7 +424,8 @@ class Machine:
             listener(event, data or {})
 
     def stop(self):
-        """Pause the guest (QMP ``stop``): guest time stops too."""
+        """Stop the guest (the run state of QMP ``stop``, QEMU's vm_stop): status paused, guest
+        time stands still, event STOP; run() returns at the next slice boundary (pause())."""
         if self.status == "running":
             self.status = "paused"
             self.pause()
@@ -432,7 +433,7 @@ class Machine:
             self.emit("STOP")
 
     def cont(self):
-        """Resume the guest (QMP ``cont``)."""
+        """Let a stopped guest go on (the run state of QMP ``cont``, QEMU's vm_start)."""
         if self.status in ("paused", "prelaunch", "postmigrate"):
             self.status = "running"
             self.resume()

@@ -1,5 +1,4 @@
 /* The C helper of the CPU: the hot paths that run inside the engine (see emuc.h). */
-#include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
