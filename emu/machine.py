@@ -30,13 +30,13 @@ class Machine:
         self.machine_type = machine_type
         self.no_reboot = no_reboot
         self.trace_categories = set(trace or ())
-        self.clock = VirtualClock("icount" if icount else "realtime")
-        self.clock.ns_per_unit = ns_per_unit
-        self.ram = GuestRam(ram_size)
-        self.ports = PortBus()
         self.ffi, self.clib = _emuc.ffi, _emuc.lib
         self.cstate = self.ffi.new("emu_state *")
-        self.clock.icount_source = lambda: self.cstate.icount
+        # guest time lives in the C state, where the TSC and deadline hooks read it
+        self.clock = VirtualClock("icount" if icount else "realtime", base=self.ffi.addressof(self.cstate, "clock"),
+                                  ns_per_unit=ns_per_unit)
+        self.ram = GuestRam(ram_size)
+        self.ports = PortBus()
         cpu_trace = self.trace if "int" in self.trace_categories else None
         self.cpu = X86Cpu(self.ram, self.ports, self.clock, self.cstate, self.ffi, self.clib,
                           icount=icount, has_lapic=has_lapic, trace=cpu_trace)
@@ -66,6 +66,8 @@ class Machine:
         self.exit_message = None
         self.reset_requested = False
         self.boot = None  # callable that loads images and sets the CPU entry state
+        self.serial_backends = []  # the host side of the board's serial ports (CharBackend); closed with it
+        self.name = None  # the guest's name (-name), for QMP query-name
         self.selector = selectors.DefaultSelector()
         self._input_states = []  # (backend, consumer, pending bytearray), one per input
         self._inputs = {}  # fd -> one of _input_states
@@ -166,7 +168,7 @@ class Machine:
     def request_exit(self, status, message=None):
         self.exit_status = status
         self.exit_message = message
-        self.cstate.frozen = 1  # Unicorn finishes the current block: let it touch no device
+        self.cstate.exiting = 1  # Unicorn finishes the current block: let it touch no device
         self.cpu.request_stop()
 
     def request_reset(self):
@@ -281,7 +283,7 @@ class Machine:
         """Release host resources (terminal settings, sockets, files)."""
         for device in self.devices:
             device.poll()
-        for backend in getattr(self, "serial_backends", ()):
+        for backend in self.serial_backends:
             backend.close()
         for resource in self.host_resources:
             if hasattr(resource, "close"):
@@ -289,7 +291,7 @@ class Machine:
 
     def reset(self):
         """System reset: every device and the CPU back to power-on, images reloaded."""
-        self.cstate.frozen = 0
+        self.cstate.exiting = 0
         for device in self.devices:
             device.reset()
         self.cpu.reset()
@@ -298,14 +300,6 @@ class Machine:
         self.reset_requested = False
         self.stats["resets"] += 1
 
-    def sync_time(self):
-        """Hand the clock's offsets to the C hooks (virtual TSC, deadlines)."""
-        s, clock = self.cstate, self.clock
-        if clock.mode == "icount":
-            s.icount_base_ns = clock._icount_base
-        else:
-            s.rt_offset_ns = clock._offset
-
     # ------------------------------------------------------------------ the run loop
     def run(self, until_ns=None):
         """Run until the guest exits (returns the exit status) or ``until_ns`` of guest time."""
@@ -313,7 +307,6 @@ class Machine:
         clock.start()
         try:
             while self.exit_status is None:
-                self.sync_time()
                 clock.run_due_timers()
                 self._poll_devices()
                 self._service_host_io(0)
@@ -491,7 +484,8 @@ class Machine:
             listener(event, data or {})
 
     def stop(self):
-        """Pause the guest (QMP ``stop``): guest time stops too."""
+        """Stop the guest (the run state of QMP ``stop``, QEMU's vm_stop): status paused, guest
+        time stands still, event STOP; run() returns at the next slice boundary (pause())."""
         if self.status == "running":
             self.status = "paused"
             self.pause()
@@ -499,7 +493,7 @@ class Machine:
             self.emit("STOP")
 
     def cont(self):
-        """Resume the guest (QMP ``cont``)."""
+        """Let a stopped guest go on (the run state of QMP ``cont``, QEMU's vm_start)."""
         if self.status in ("paused", "prelaunch", "postmigrate"):
             self.status = "running"
             self.resume()

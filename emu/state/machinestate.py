@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from emu.state import stream as snapshot
+from emu.state import stream
 from emu.cpu.state import VMSTATE as CPU_VMSTATE
 from emu.cpu.state import CpuState
 from emu.errors import StateError
@@ -58,8 +58,8 @@ def save(machine, ram_pages=None, out=None):
     """The machine's state as one stream; ``ram_pages``: None (no RAM), "all" or page numbers.
     With ``out`` (a binary file) the stream is written there and its size returned."""
     _prepare(machine)
-    writer = snapshot.StreamWriter(machine.machine_type, machine.ram.size)
-    writer.device("cpu", 0, CPU_VMSTATE.version_id, CPU_VMSTATE.save(CpuState(machine.cpu)))
+    writer = stream.StreamWriter(machine.machine_type, machine.ram.size)
+    writer.device("cpu", 0, CPU_VMSTATE.version_id, CPU_VMSTATE.save(CpuState.capture(machine.cpu)))
     writer.device("clock", 0, CLOCK_VMSTATE.version_id, CLOCK_VMSTATE.save(ClockState(machine.clock.now())))
     for name, obj in state_objects(machine):
         writer.device(name, 0, obj.VMSTATE.version_id, obj.VMSTATE.save(obj))
@@ -72,7 +72,7 @@ def save(machine, ram_pages=None, out=None):
 
 def decode(machine, data):
     """Parse and check a stream against this machine; returns what :func:`apply` needs."""
-    parsed = snapshot.parse(data, machine.machine_type, machine.ram.size)
+    parsed = stream.parse(data, machine.machine_type, machine.ram.size)
     descriptions = {("cpu", 0): CPU_VMSTATE, ("clock", 0): CLOCK_VMSTATE}
     descriptions.update({(name, 0): obj.VMSTATE for name, obj in state_objects(machine)})
     missing = sorted(k[0] for k in descriptions if k not in parsed.devices)
@@ -103,13 +103,12 @@ def apply(machine, parsed, decoded):
     # the loaded state is a live machine again, whatever this one was doing (even exiting)
     machine.exit_status = machine.exit_message = None
     machine.reset_requested = False
-    machine.cstate.frozen = 0
-    cpu_state = CpuState.__new__(CpuState)
-    cpu_state.cpu = machine.cpu
+    machine.cstate.exiting = 0
+    cpu_state = CpuState(machine.cpu)
     CPU_VMSTATE.apply(cpu_state, decoded[("cpu", 0)])
     clock_state = ClockState()
     CLOCK_VMSTATE.apply(clock_state, decoded[("clock", 0)])
-    cpu_state.apply()  # sets the work counter the deterministic clock is based on
+    cpu_state.write_to_cpu()  # sets the work counter the deterministic clock is based on
     machine.clock.set_now(clock_state.now_ns)
     for name, obj in state_objects(machine):
         obj.VMSTATE.apply(obj, decoded[(name, 0)])
@@ -119,7 +118,6 @@ def apply(machine, parsed, decoded):
         hook()
     if parsed.ram_pages is not None:
         _write_pages(machine, parsed.ram_pages)
-    machine.sync_time()  # the C hooks read guest time from offsets set here
 
 
 def _write_pages(machine, ram_pages):
@@ -145,14 +143,14 @@ def load(machine, data, rollback=True):
 
 def save_ram(machine, pages):
     """A stream with RAM pages only (no device state), for page sets."""
-    writer = snapshot.StreamWriter(machine.machine_type, machine.ram.size)
+    writer = stream.StreamWriter(machine.machine_type, machine.ram.size)
     writer.ram(machine.ram.buf, pages)
     return writer.finish()
 
 
 def load_ram(machine, data):
     """Load a RAM-only stream; checked whole before any page is written."""
-    parsed = snapshot.parse(data, machine.machine_type, machine.ram.size)
+    parsed = stream.parse(data, machine.machine_type, machine.ram.size)
     if parsed.devices:
         raise StateError(f"RAM stream carries device sections: {sorted(k[0] for k in parsed.devices)}")
     if parsed.ram_pages is None:
@@ -170,5 +168,5 @@ def digest(machine):
 
 
 def device_state_digest_bytes(machine):
-    stream = save(machine)
-    return stream[:-snapshot.DIGEST_SIZE]
+    data = save(machine)
+    return data[:-stream.DIGEST_SIZE]
