@@ -66,6 +66,7 @@ from emu.state import machinestate
 from emu.state import stream as snapshot
 from emu.errors import EmuError, StateError
 
+from .framing import FrameFormat, FrameReader, read_frame
 from .wire import HEADER, ChannelError
 
 MAGIC = b"EMUCKPT\0"
@@ -110,6 +111,9 @@ _PAYLOAD_SIZES = {
     VMSTATE_DIGEST: (1 + 16 + 1, 1 + 32 + 1 + STATE_DIGEST_SIZE),  # kind | digest | flag [| state digest]
     ABANDON: (SEQ.size, SEQ.size + MAX_REASON),
 }
+
+
+FORMAT = FrameFormat(HEADER, NAMES, ChannelError, max_payload=0, sizes=_PAYLOAD_SIZES, prefix="colo: ")
 
 
 class CheckpointError(EmuError):
@@ -197,6 +201,7 @@ class Channel:
         self.send_count = self.recv_count = 0
         self.last_heard = self.last_sent = time.monotonic()
         self.heartbeats_received = 0
+        self.reader = FrameReader(FORMAT)
         sock.settimeout(timeout)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the replies are small
@@ -211,7 +216,7 @@ class Channel:
     def send(self, kind, payload=b"", raw=None):
         """One frame, optionally followed by a raw buffer (one send call for small ones)."""
         try:
-            data = HEADER.pack(kind, len(payload)) + payload
+            data = FORMAT.frame(kind, payload)
             if self.key is not None:
                 self.send_count += 1
                 data += self._tag(self.send_label, self.send_count, data)
@@ -251,18 +256,11 @@ class Channel:
     def recv_frame(self):
         """The next frame, heartbeats included: (type, payload).  Lengths are checked before
         the payload is read; an ABANDON raises :class:`CheckpointAbandoned`."""
-        header = bytes(self.recv_exact(HEADER.size))
-        kind, length = HEADER.unpack(header)
-        if kind not in NAMES:
-            raise ChannelError(f"colo: unknown message type {kind}")
-        size = _PAYLOAD_SIZES[kind]
-        low, high = size if isinstance(size, tuple) else (size, size)
-        if not low <= length <= high:
-            raise ChannelError(f"colo: {NAMES[kind]} with a payload of {length} bytes (expected {low}..{high})")
-        payload = bytes(self.recv_exact(length))
+        kind, payload = read_frame(self.reader, self.recv_exact)
         if self.key is not None:
             tag = bytes(self.recv_exact(TAG_SIZE))
             self.recv_count += 1
+            header = FORMAT.header.pack(kind, len(payload))
             if not hmac.compare_digest(tag, self._tag(self.recv_label, self.recv_count, header + payload)):
                 raise ChannelError(f"colo: {NAMES[kind]} with a bad authentication tag "
                                    "(wrong key, or not the paired peer)")

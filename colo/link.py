@@ -69,7 +69,7 @@ class ColoLink(Device):
         self.received = 0      # input offset up to which bytes were handed to the machine
         self.sent = 0          # output offset up to which OUT messages are queued
         self.outgoing = bytearray()
-        self.reader = pw.FrameReader()
+        self.reader = pw.frame_reader()
         self.connected = False
         self.released = 0
         self.machine = None

@@ -273,14 +273,14 @@ class PrecopyJob:
         self.send_seconds = 0.0
         self.sync_sent = 0
         self.sync_acked = 0
-        self.replies = wire.FrameReader(max_frame=1 << 20)
+        self.replies = wire.frame_reader(max_payload=1 << 20)
         self.send_seconds = 0.0
 
     def begin(self):
         m = self.m
         try:
             self._send(wire.HELLO, wire.hello_payload(m.machine_type, m.ram.size))
-            kind, payload = wire.recv_frame(self.sock, REPLY_TIMEOUT_S)
+            kind, payload = wire.recv_frame(self.sock, self.replies, REPLY_TIMEOUT_S)
             if kind == wire.ABANDON:
                 raise wire.ChannelError(f"destination refused: {payload.decode(errors='replace')}")
             if kind != wire.ACCEPT:
@@ -404,7 +404,7 @@ class PrecopyJob:
             self._send_pages(pages)
             self._send(wire.STATE, m.save_state())
             self._send(wire.COMPLETE)
-            kind, payload = wire.recv_frame(self.sock, REPLY_TIMEOUT_S)
+            kind, payload = wire.recv_frame(self.sock, self.replies, REPLY_TIMEOUT_S)
             if kind == wire.ABANDON:
                 raise wire.ChannelError(f"destination abandoned: {payload.decode(errors='replace')}")
             if kind != wire.DONE:
@@ -488,7 +488,7 @@ class IncomingMigration:
         self.controller = controller  # its capabilities say whether the pair goes on in COLO
         self.autostart = autostart
         self.on_error = on_error or self._exit_with_error
-        self.reader = wire.FrameReader()
+        self.reader = wire.frame_reader()
         self.conn = None
         self.listener = None
         self.hello_ok = False
@@ -533,7 +533,7 @@ class IncomingMigration:
         print(f"emu: -incoming: ignored a connection from {peer}: {reason} ({self.probes} so far); "
               f"still waiting on port {self.port}", file=sys.stderr, flush=True)
         self._close()
-        self.reader = wire.FrameReader()
+        self.reader = wire.frame_reader()
 
     def _committed(self):
         """The source said HELLO: no other connection is taken from now on."""
