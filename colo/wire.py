@@ -25,12 +25,13 @@ DONE = 6           # destination: applied, running
 ABANDON = 7        # either side: give up; payload is the reason (UTF-8)
 SYNC = 8           # source: tell me when you have applied everything up to here (u64 sequence)
 SYNCED = 9         # destination: applied up to that SYNC
+REPLICATION = 10   # source, x-colo only, before COMPLETE: the pair's replication part (colo.replicationpart)
 
 NAMES = {HELLO: "HELLO", ACCEPT: "ACCEPT", RAM: "RAM", STATE: "STATE", COMPLETE: "COMPLETE", DONE: "DONE",
-         ABANDON: "ABANDON", SYNC: "SYNC", SYNCED: "SYNCED"}
+         ABANDON: "ABANDON", SYNC: "SYNC", SYNCED: "SYNCED", REPLICATION: "REPLICATION"}
 
 MAGIC = b"EMUMIGR\0"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: REPLICATION (a COLO link's state no longer travels in the device state)
 
 
 class ChannelError(EmuError):

@@ -159,8 +159,6 @@ class Machine:
             self.clock.start()  # a pause/resume pair inside the loop (a checkpoint) must not freeze guest time
             self.emit("RESUME")
 
-    stop, cont = pause, resume  # the monitor's words, until every caller says pause/resume
-
     @property
     def ram_size(self):
         return self.ram.size

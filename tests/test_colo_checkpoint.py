@@ -20,6 +20,7 @@ import xxhash
 from conftest import firmware
 
 from colo import checkpoint as ck
+from colo import checkpointwire
 from colo.wire import HEADER, ChannelError
 from emu.state import machinestate
 from machines import pc
@@ -174,13 +175,13 @@ def wrong_digest(c):
 def truncated_device_state(c):
     """A shorter device buffer, consistently announced and digested: only parsing catches it."""
     c.device_state = c.device_state[:len(c.device_state) // 2]
-    c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state)
+    c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state, c.replication_part)
     return c
 
 
 def stale_digest(c):
     """A digest made for another sequence number (a replayed checkpoint)."""
-    c.digest = ck.checkpoint_digest(c.seq - 1, c.ram_stream, c.device_state)
+    c.digest = ck.checkpoint_digest(c.seq - 1, c.ram_stream, c.device_state, c.replication_part)
     return c
 
 
@@ -238,7 +239,7 @@ def test_secondary_that_ran_on_goes_back_to_the_last_checkpoint(pair):
     good_digest = state_fingerprint(pair.sm)
     advance(pair.sm, 3 * MS)
     assert state_fingerprint(pair.sm) != good_digest
-    pair.sm.stop()
+    pair.sm.pause()
     pair.secondary.restore_last_checkpoint()
     assert state_fingerprint(pair.sm) == good_digest
 
@@ -275,15 +276,17 @@ def reply(sock):
     return kind, sock.recv(length, socket.MSG_WAITALL) if length else b""
 
 
-def test_handshake_refuses_another_protocol_version(raw_secondary):
+@pytest.mark.parametrize("version", [checkpointwire.PROTOCOL_VERSION - 1, checkpointwire.PROTOCOL_VERSION + 1])
+def test_handshake_refuses_another_protocol_version(raw_secondary, version):
     secondary, peer, _ = raw_secondary
     bad = bytearray(ck.ready_payload(secondary.machine))
-    bad[len(ck.MAGIC):len(ck.MAGIC) + 4] = struct.pack(">I", 2)
+    magic = checkpointwire.MAGIC
+    bad[len(magic):len(magic) + 4] = struct.pack(">I", version)
     peer.sendall(frame(ck.CHECKPOINT_READY, bytes(bad)))
-    with pytest.raises(ChannelError, match="protocol 2"):
+    with pytest.raises(ChannelError, match=f"protocol {version}"):
         secondary.handshake()
     kind, payload = reply(peer)
-    assert kind == ck.ABANDON and b"protocol 2" in payload
+    assert kind == ck.ABANDON and f"protocol {version}".encode() in payload
 
 
 @pytest.mark.parametrize("frames, message", [
