@@ -532,12 +532,13 @@ class CheckpointSecondary:
         machine.pause()
         try:
             channel.send(CHECKPOINT_REPLY, SEQ.pack(seq))
+            own_state = machine.save_state()  # to return to if a device refuses; taken while the primary captures
             with channel.patience(REPLY_TIMEOUT_S):  # the primary may take a while to capture (debug mode)
                 received = self._receive(seq, record)
             phases.mark("receive")
             channel.send(VMSTATE_RECEIVED, SEQ.pack(seq))
             incoming = self._check(received, record)
-            self._apply(incoming, record)
+            self._apply(incoming, record, own_state)
             phases.mark("apply")
             if incoming.state_digest is not None:
                 self._check_consistency(incoming)
@@ -641,12 +642,12 @@ class CheckpointSecondary:
         record.pages = len(ram.pages)
         return _Incoming(seq, ram, state, received.device_state, link_state, received.state_digest)
 
-    def _apply(self, incoming, record):
-        """Device state first (a device that still refuses leaves the machine as it was,
-        and nothing else has been touched), then the received pages into the cache, then
-        every page either side dirtied from the cache into RAM, then the link."""
+    def _apply(self, incoming, record, own_state):
+        """Device state first (a device that still refuses puts back ``own_state``, and
+        nothing else has been touched), then the received pages into the cache, then every
+        page either side dirtied from the cache into RAM, then the link."""
         machine = self.machine
-        machine.apply_state(incoming.state)
+        machine.apply_state(incoming.state, rollback=own_state)
         incoming.ram.write_into(self.cache)
         own = machine.dirty_pages()
         flush = np.zeros(machine.page_count, dtype=bool)

@@ -182,7 +182,9 @@ class Machine:
 
     def apply_state(self, checked, rollback=True):
         """Apply a stream :meth:`check_state` passed; should a device refuse it still, the
-        machine is left as it was (``rollback=False``: nothing worth keeping, skip the copy)."""
+        machine is left as it was.  ``rollback``: the device state to return to then, a
+        :meth:`save_state` stream taken since the guest last ran (True: taken now; False:
+        nothing worth keeping, no copy)."""
         from emu.state import machinestate
         machinestate.load(self, checked, rollback)
 

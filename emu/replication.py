@@ -56,9 +56,10 @@ class Snapshottable(Protocol):
         before deciding"); ``verify_checksum=False`` only when the caller has verified a
         digest over these bytes.  Returns what :meth:`apply_state` takes."""
 
-    def apply_state(self, checked: CheckedState, rollback: bool = True) -> None:
+    def apply_state(self, checked: CheckedState, rollback: Any = True) -> None:
         """Apply what :meth:`check_state` passed; a device that still refuses leaves the
-        machine as it was."""
+        machine as it was: as ``rollback``, a :meth:`save_state` stream taken since the
+        guest last ran (a paused secondary takes it while it waits), or as it is now (True)."""
 
     def load_state(self, data: Any, rollback: bool = True) -> None:
         """:meth:`check_state`, then :meth:`apply_state`."""

@@ -213,6 +213,36 @@ def test_refused_checkpoint_changes_nothing_and_its_pages_go_again(cpair, corrup
     assert prec.seq == 3 and prec.pages == len(refused_pages)
 
 
+def test_checkpoint_a_device_refuses_leaves_the_secondary_as_it_was(cpair):
+    """A checkpoint whose digest and streams check out, but whose UART state the device
+    refuses when it is applied: the secondary goes back to its own state of the pause (not
+    the last checkpoint's: it ran on since), the cache is untouched, the pages go again."""
+    advance(cpair.pm, 2 * MS)
+    cpair.good_checkpoint()
+    advance(cpair.sm, 1 * MS)
+    own_state, good_cache = state_fingerprint(cpair.sm), ram_hash(cpair.secondary.cache)
+    advance(cpair.pm, 2 * MS)
+    uart = dict(machinestate.state_objects(cpair.pm))["serial@0x3f8"]
+
+    def refused_by_the_uart(c):
+        ier, uart.ier = uart.ier, 0xFF
+        try:
+            c.device_state = cpair.pm.save_state()
+        finally:
+            uart.ier = ier
+        c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state, c.replication_part)
+        return c
+    cpair.primary.corrupt = refused_by_the_uart
+    prec, srec = cpair.checkpoint()
+    assert isinstance(srec, ck.CheckpointRejected) and "field ier" in str(srec), srec
+    assert isinstance(prec, ck.CheckpointAbandoned), prec
+    assert state_fingerprint(cpair.sm) == own_state
+    assert ram_hash(cpair.secondary.cache) == good_cache
+    assert cpair.secondary.applied_seq == 1
+    prec, _ = cpair.good_checkpoint()
+    assert prec.seq == 3
+
+
 def test_checkpoint_cut_off_mid_device_state_is_not_applied(cpair):
     advance(cpair.pm, 2 * MS)
     advance(cpair.sm, 1 * MS)

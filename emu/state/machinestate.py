@@ -158,13 +158,15 @@ def _host_wrote(machine, pages):
 
 
 def load(machine, checked, rollback=True):
-    """Apply a checked stream; on any error the machine is left exactly as it was
-    (``rollback``: an incoming migration, whose machine holds nothing yet, skips taking
-    the copy)."""
-    if not rollback:
+    """Apply a checked stream; on any error the machine is left exactly as it was.
+
+    ``rollback``: True takes the copy to return to now; a stream from :func:`save` taken
+    since the machine last ran is that copy already; False skips it (an incoming
+    migration, whose machine holds nothing yet)."""
+    if rollback is False:
         apply(machine, checked)
         return
-    before = save(machine)  # device state only: RAM is written last, after every check
+    before = save(machine) if rollback is True else rollback  # device state only: RAM is written last
     try:
         apply(machine, checked)
     except Exception:
