@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -156,7 +156,7 @@ class FaultInjection:
 
     phase: str
     seq: int
-    action: object
+    action: Callable[[str, int], None]
 
     def armed(self, phase, seq):
         return phase == self.phase and seq >= self.seq

@@ -9,7 +9,7 @@ machines keep running their loops; this module drives the transaction from there
   twin), in passive mode as soon as output waits (``output`` trigger: Remus' output
   commit, so latency stays low), and at once when the delay is changed.  The guest keeps
   running while the secondary gets ready and while it applies; it is paused only to
-  capture, send, and hear VMSTATE_RECEIVED.
+  capture its state, which a thread then sends while it runs on.
 * Both sides send heartbeats on the channel when idle; silence longer than the timeout, a
   broken channel or ``x-colo-lost-heartbeat`` ends COLO on that side.
 * Whoever is left must hold the arbiter's lease before it serves (split brain: when the
