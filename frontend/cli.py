@@ -99,7 +99,7 @@ class _Parser(argparse.ArgumentParser):
             i += count
 
 
-def _run_parser():
+def run_parser():
     p = _Parser(prog="emu run", description="Run a guest on the emulated PC.")
     p.add_argument("-h", "-help", "--help", action="store_true", help="print this help and exit")
     p.add_argument("-version", "--version", action="store_true", help="print the version and exit")
@@ -243,11 +243,11 @@ def _savevm_at(args):
         raise ConfigError(f"-savevm-at: bad time {ms!r} (milliseconds of guest time)") from None
     if when < 0:
         raise ConfigError(f"-savevm-at: negative time {ms!r}")
-    _check_writable("-savevm-at", path)
+    check_writable("-savevm-at", path)
     return int(when * 1_000_000), path
 
 
-def _check_writable(option, path):
+def check_writable(option, path):
     """Fail now, in one line, if ``path`` cannot be created (the file is not left behind)."""
     existed = os.path.exists(path)
     try:
@@ -311,7 +311,7 @@ def _daemonize():
 
 
 def cmd_run(argv):
-    return run_machine(_run_parser().parse_args(argv))
+    return run_machine(run_parser().parse_args(argv))
 
 
 def _check_run_options(args):
@@ -349,7 +349,7 @@ def run_machine(args, configure=None):
     savevm = _savevm_at(args)
     snapshot = _read_loadvm(args)
     if args.pidfile is not None:
-        _check_writable("-pidfile", args.pidfile)
+        check_writable("-pidfile", args.pidfile)
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     parts = _RunParts()
     try:

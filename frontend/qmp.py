@@ -598,12 +598,12 @@ class QmpServer:
         return [{"name": name} for name in self.commands]
 
     def _cmd_stop(self, client, args):
-        self.machine.stop()
+        self.machine.pause()
 
     def _cmd_cont(self, client, args):
         if self.machine.status in ("shutdown", "internal-error", "guest-panicked"):
             raise QmpError("Resetting the Virtual Machine is required")
-        self.machine.cont()
+        self.machine.resume()
 
     def _cmd_system_reset(self, client, args):
         machine = self.machine
@@ -738,7 +738,7 @@ class QmpServer:
         name = words[0] if words else datetime.datetime.now().strftime("vm-%Y%m%d%H%M%S")
         path = self._snapshot_path(name)
         was_running = machine.status == "running"
-        machine.stop()  # as QEMU: STOP, save, RESUME
+        machine.pause()  # as QEMU: STOP, save, RESUME
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
@@ -752,7 +752,7 @@ class QmpServer:
             raise QmpError(f"Could not save snapshot '{name}': {e}") from None
         finally:
             if was_running:
-                machine.cont()
+                machine.resume()
 
     def _hmp_loadvm(self, words):
         if not words:
@@ -768,7 +768,7 @@ class QmpServer:
             raise QmpError(f"Could not read snapshot '{name}': {e.strerror or e}") from None
         machine = self.machine
         was_running = machine.status == "running"
-        machine.stop()
+        machine.pause()
         try:
             # a rejected stream leaves the machine untouched, so it runs on either way
             machine.load_state(data)
@@ -776,7 +776,7 @@ class QmpServer:
             raise QmpError(f"Snapshot '{name}': {e}") from None
         finally:
             if was_running:
-                machine.cont()
+                machine.resume()
 
     _XP_SIZES = {"b": 1, "h": 2, "w": 4, "g": 8}
 

@@ -2,9 +2,11 @@
 
 What is saved: the CPU (by register name, :mod:`emu.cpu.state`), the virtual clock, and
 every device's ``VMSTATE`` (each armed timer travels with its device as an absolute
-deadline).  Loading first parses and checks the whole stream and decodes every section,
-then applies it; should a device still refuse a value in its ``post_load``, the machine is
-put back exactly as it was before the load started.
+deadline).  Loading is two steps that a caller may also take apart (a COLO secondary
+checks a checkpoint whole before it decides to apply it): :func:`check` parses and checks
+the whole stream and decodes every section, touching nothing; :func:`apply` writes a
+checked stream into the machine.  Should a device still refuse a value in its
+``post_load``, the machine is put back exactly as it was before the load started.
 """
 
 import hashlib
@@ -70,9 +72,30 @@ def save(machine, ram_pages=None, out=None):
     return writer.finish(out)
 
 
-def decode(machine, data):
-    """Parse and check a stream against this machine; returns what :func:`apply` needs."""
-    parsed = stream.parse(data, machine.machine_type, machine.ram.size)
+class CheckedState:
+    """A device-state stream that passed every check of :func:`check`: the parsed stream
+    (its RAM pages, if any, are ``ram_pages``) and every section decoded."""
+
+    __slots__ = ("parsed", "decoded")
+
+    def __init__(self, parsed, decoded):
+        self.parsed, self.decoded = parsed, decoded
+
+    @property
+    def ram_pages(self):
+        return self.parsed.ram_pages
+
+
+def check(machine, data, verify_checksum=True):
+    """Parse and check a whole stream against this machine, touching nothing; returns what
+    :func:`apply` takes.  ``verify_checksum=False`` skips only the stream's own checksum,
+    for a caller that has verified a digest over these very bytes."""
+    return CheckedState(*decode(machine, data, verify_checksum))
+
+
+def decode(machine, data, verify_checksum=True):
+    """Parse and check a stream against this machine: (parsed stream, decoded sections)."""
+    parsed = stream.parse(data, machine.machine_type, machine.ram.size, verify_checksum)
     descriptions = {("cpu", 0): CPU_VMSTATE, ("clock", 0): CLOCK_VMSTATE}
     descriptions.update({(name, 0): obj.VMSTATE for name, obj in state_objects(machine)})
     missing = sorted(k[0] for k in descriptions if k not in parsed.devices)
@@ -95,11 +118,12 @@ def decode(machine, data):
     return parsed, decoded
 
 
-def apply(machine, parsed, decoded):
-    """Write a decoded stream into the machine (it must not be running).
+def apply(machine, checked):
+    """Write a checked stream into the machine (it must not be running).
 
     Device state goes first, RAM last: only a device's post_load can still refuse, and
     then no page has been written yet."""
+    parsed, decoded = checked.parsed, checked.decoded
     # the loaded state is a live machine again, whatever this one was doing (even exiting)
     machine.exit_status = machine.exit_message = None
     machine.reset_requested = False
@@ -122,22 +146,29 @@ def apply(machine, parsed, decoded):
 
 def _write_pages(machine, ram_pages):
     ram_pages.write_into(machine.ram.buf)
-    machine.ram.host_dirty[ram_pages.pages] = 1
-    machine.cpu.host_wrote_pages(ram_pages.pages)
+    _host_wrote(machine, ram_pages.pages)
 
 
-def load(machine, data, rollback=True):
-    """Load a stream; on any error the machine is left exactly as it was (``rollback``:
-    an incoming migration, whose machine holds nothing yet, skips taking the copy)."""
-    parsed, decoded = decode(machine, data)
-    if not rollback:
-        apply(machine, parsed, decoded)
+def _host_wrote(machine, pages):
+    """Pages written from the host: the dirty log learns of them, translated code over them goes."""
+    machine.ram.host_dirty[pages] = 1
+    machine.cpu.host_wrote_pages(pages)
+
+
+def load(machine, checked, rollback=True):
+    """Apply a checked stream; on any error the machine is left exactly as it was.
+
+    ``rollback``: True takes the copy to return to now; a stream from :func:`save` taken
+    since the machine last ran is that copy already; False skips it (an incoming
+    migration, whose machine holds nothing yet)."""
+    if rollback is False:
+        apply(machine, checked)
         return
-    rollback = save(machine)  # device state only: RAM is written last, after every check
+    before = save(machine) if rollback is True else rollback  # device state only: RAM is written last
     try:
-        apply(machine, parsed, decoded)
+        apply(machine, checked)
     except Exception:
-        apply(machine, *decode(machine, rollback))
+        apply(machine, check(machine, before))
         raise
 
 
@@ -148,15 +179,42 @@ def save_ram(machine, pages):
     return writer.finish()
 
 
-def load_ram(machine, data):
-    """Load a RAM-only stream; checked whole before any page is written."""
-    parsed = stream.parse(data, machine.machine_type, machine.ram.size)
+def check_ram(machine, data, verify_checksum=True):
+    """Check a whole RAM-only stream, touching nothing; returns its pages
+    (:class:`emu.state.stream.RamPages`).  ``verify_checksum`` as for :func:`check`."""
+    parsed = stream.parse(data, machine.machine_type, machine.ram.size, verify_checksum)
     if parsed.devices:
         raise StateError(f"RAM stream carries device sections: {sorted(k[0] for k in parsed.devices)}")
     if parsed.ram_pages is None:
         raise StateError("RAM stream has no RAM section")
-    _write_pages(machine, parsed.ram_pages)
-    return len(parsed.ram_pages.pages)
+    return parsed.ram_pages
+
+
+def load_ram(machine, data):
+    """Load a RAM-only stream; checked whole before any page is written."""
+    ram_pages = check_ram(machine, data)
+    _write_pages(machine, ram_pages)
+    return len(ram_pages.pages)
+
+
+def write_pages(machine, pages, source):
+    """Copy ``pages`` of ``source`` (a buffer the size of RAM) into RAM."""
+    pages = np.asarray(pages, dtype=np.int64)
+    if not len(pages):
+        return
+    ram = machine.ram.buf.reshape(-1, stream.PAGE_SIZE)
+    data = stream.nonzero_pages(source, pages)
+    ram[pages[data]] = source.reshape(-1, stream.PAGE_SIZE)[pages[data]]
+    # a zero page only needs writing where RAM is not zero already: touching untouched host
+    # memory would make the kernel allocate it
+    zero = pages[~data]
+    ram[zero[stream.nonzero_pages(machine.ram.buf, zero)]] = 0
+    _host_wrote(machine, pages)
+
+
+def count_zero_pages(machine, pages):
+    """How many of ``pages`` hold only zero bytes."""
+    return len(pages) - int(np.count_nonzero(stream.nonzero_pages(machine.ram.buf, pages)))
 
 
 def digest(machine):
