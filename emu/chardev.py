@@ -62,8 +62,8 @@ class CharBackend:
     def attach(self, machine, consumer):
         """The board connects this backend to a serial port of ``machine``, whose input goes
         to ``consumer(data) -> bytes accepted``; returns the consumer the machine is to feed.
-        A backend with guest state of its own (the COLO link) adds itself to the machine
-        here and counts what the guest accepts; the others need nothing."""
+        A backend with state of its own beside the guest's (the COLO link) keeps the
+        machine here and counts what the guest accepts; the others need nothing."""
         return consumer
 
 
