@@ -50,7 +50,7 @@ $(ENGINE_STAMP): engine/build.py $(wildcard engine/unicorn/*.patch) $(STAMP)
 
 engine: deps $(ENGINE_STAMP)
 
-$(CHELPER): emu/cpu/cbuild.py $(STAMP)
+$(CHELPER): emu/cpu/cbuild.py emu/cpu/emuc.c emu/cpu/emuc.h $(STAMP)
 	$(PY) -m emu.cpu.cbuild
 	touch $@
 

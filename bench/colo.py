@@ -315,7 +315,7 @@ def proxy_status(vm_port):
 
     with socket.create_connection((HOST, vm_port), timeout=5) as sock:
         sock.sendall(pw.hello("monitor") + pw.frame(pw.STATUS))
-        reader = pw.FrameReader()
+        reader = pw.frame_reader()
         while True:
             chunk = sock.recv(65536)
             if not chunk:

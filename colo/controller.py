@@ -9,7 +9,7 @@ machines keep running their loops; this module drives the transaction from there
   twin), in passive mode as soon as output waits (``output`` trigger: Remus' output
   commit, so latency stays low), and at once when the delay is changed.  The guest keeps
   running while the secondary gets ready and while it applies; it is paused only to
-  capture, send, and hear VMSTATE_RECEIVED.
+  capture its state, which a thread then sends while it runs on.
 * Both sides send heartbeats on the channel when idle; silence longer than the timeout, a
   broken channel or ``x-colo-lost-heartbeat`` ends COLO on that side.
 * Whoever is left must hold the arbiter's lease before it serves (split brain: when the
@@ -27,8 +27,19 @@ import time
 from dataclasses import dataclass
 
 from emu.errors import EmuError
+from emu.replication import ReplicationSurface
 
-from . import checkpoint as ck
+from .checkpoint import CheckpointPrimary, CheckpointSecondary, FaultInjection
+from .checkpointwire import (
+    ABANDON,
+    CHECKPOINT_REQUEST,
+    NAMES,
+    REPLY_TIMEOUT_S,
+    CheckpointAbandoned,
+    CheckpointError,
+    CheckpointRejected,
+    ConsistencyError,
+)
 from .wire import ChannelError
 
 LEASE_RETRY_S = 0.02
@@ -63,6 +74,12 @@ class ColoStatus:
     def info(self):
         return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason}
 
+    def entered(self, mode):
+        self.mode, self.reason = mode, "processing"
+
+    def left(self, mode, reason):
+        self.last_mode, self.mode, self.reason = mode, "none", reason
+
 
 class Lease:
     """The right to serve: from the arbiter when one is configured, else a local epoch
@@ -93,16 +110,18 @@ class Lease:
 
 
 class _Side:
-    """What both sides share: the channel, heartbeats, the exit, the figures."""
+    """What both sides share: the channel, heartbeats, the lease, the exit, the figures.
+
+    It hears the VM's COLO link (a :class:`colo.link.LinkListener`)."""
 
     mode = "none"
 
-    def __init__(self, machine, migration, settings, link):
+    def __init__(self, machine: ReplicationSurface, migration, settings, link):
         self.machine = machine
         self.migration = migration
         self.settings = settings
         self.link = link
-        self.status = migration.colo_status
+        self.colo_status = migration.colo_status
         self.active = False
         self.exit_reason = None
         self.channel = None
@@ -117,19 +136,19 @@ class _Side:
         self.serving = False  # took over (or never had a peer to lose): renews its lease while it serves
         self.last_renew = time.monotonic()
         self.lease_warned = False
+        if link is not None:
+            link.listen(self)
 
     def _begin(self, channel):
-        m = self.machine
+        machine = self.machine
         self.channel = channel
         self.active = True
-        self.status.mode = self.mode
-        self.status.reason = "processing"
-        self.migration.colo = self
-        self.migration.state.status = "colo"
+        self.colo_status.entered(self.mode)
+        self.migration.colo_started(self)
         self._channel_fd = channel.sock.fileno()  # kept: a closed socket no longer tells its number
-        m.add_fd_handler(self._channel_fd, self._on_readable)
-        m.background_jobs.append(self._tick)
-        m.idle_wait_cap = min(m.idle_wait_cap, self.settings.heartbeat_period_ms / 2e3)
+        machine.add_fd_handler(self._channel_fd, self._on_readable)
+        machine.add_background_job(self._tick)
+        machine.idle_wait_cap = min(machine.idle_wait_cap, self.settings.heartbeat_period_ms / 2e3)
         if self.settings.records:
             from .report import RecordWriter
             self.writer = RecordWriter(self.settings.records)
@@ -137,33 +156,32 @@ class _Side:
         self.status_line = StatusLine(enabled=self.settings.status_line)
 
     def _heartbeat(self, now):
-        ch, s = self.channel, self.settings
+        channel, settings = self.channel, self.settings
         if self.sending():  # a checkpoint on its way: the data is the sign of life, and has the channel
             return True
-        if now - ch.last_sent >= s.heartbeat_period_ms / 1e3:
+        if now - channel.last_sent >= settings.heartbeat_period_ms / 1e3:
             try:
-                ch.heartbeat()
+                channel.heartbeat()
             except ChannelError as e:
                 self.peer_lost(f"{e}", "error")
                 return False
         # the peer sends nothing while it takes a checkpoint: a dead one closes its socket,
         # a hung one is given the transaction's own, longer timeout
-        limit = ck.REPLY_TIMEOUT_S if self.busy() else s.heartbeat_timeout_ms / 1e3
-        if now - ch.last_heard > limit:
+        limit = REPLY_TIMEOUT_S if self.busy() else settings.heartbeat_timeout_ms / 1e3
+        if now - channel.last_heard > limit:
             self.peer_lost(f"colo: no heartbeat from the peer for {limit * 1e3:.0f} ms", "error")
             return False
         return True
 
     def _leave(self, reason_text, reason):
         """Stop replicating (the caller then serves alone or stops)."""
-        m = self.machine
         self.active = False
         self.exit_reason = reason_text
         if self.channel is not None:
-            m.remove_fd_handler(self._channel_fd)
+            self.machine.remove_fd_handler(self._channel_fd)
             self.channel.close()
-        self.status.last_mode, self.status.mode, self.status.reason = self.mode, "none", reason
-        self.migration.state.status = "completed"
+        self.colo_status.left(self.mode, reason)
+        self.migration.colo_ended()
         self._say(f"leaving COLO ({reason}): {reason_text}")
 
     def _renew_lease(self, now):
@@ -178,7 +196,7 @@ class _Side:
             from .arbiter import LeaseLost
             if isinstance(e, LeaseLost):
                 self._say(f"lost the lease: {e}; stopping")
-                self.machine.stop()
+                self.machine.pause()
                 self.machine.request_exit(1, f"colo: lost the arbiter lease ({e}): another side serves")
             elif not self.lease_warned:
                 self.lease_warned = True
@@ -217,19 +235,19 @@ class _Side:
                     self._say(f"may not serve: {e}")
                     return False
                 time.sleep(LEASE_RETRY_S)
-        self.takeover_answer = None
-        self.link.on_takeover_reply = self._takeover_reply
         self.link.takeover(epoch)
         self.serving = True
         self.last_renew = time.monotonic()
         return True
 
-    def _takeover_reply(self, accepted, reason):
-        self.takeover_answer = (accepted, reason)
+    def checkpoint_requested(self, reason):
+        """The client endpoint asks for a checkpoint: only a primary takes one."""
+
+    def takeover_answered(self, accepted, reason):
         if not accepted:
             self.serving = False
             self._say(f"the client endpoint refused the takeover: {reason}; stopping")
-            self.machine.stop()
+            self.machine.pause()
             self.machine.request_exit(1, f"colo: fenced off by the client endpoint: {reason}")
 
     def _flush_records(self, force=False):
@@ -241,16 +259,16 @@ class _Side:
             record = records[done]
             if self.writer is not None:
                 self.writer.write(record.as_dict())
-            t = self.totals
-            t["checkpoints"] += 1
-            t["triggers"][record.trigger] = t["triggers"].get(record.trigger, 0) + 1
+            totals = self.totals
+            totals["checkpoints"] += 1
+            totals["triggers"][record.trigger] = totals["triggers"].get(record.trigger, 0) + 1
             if record.status == "ok":
-                t["ok"] += 1
-                t["bytes"] += record.ram_bytes + record.device_bytes
+                totals["ok"] += 1
+                totals["bytes"] += record.ram_bytes + record.device_bytes
             elif record.status == "rejected":
-                t["rejected"] += 1
+                totals["rejected"] += 1
             else:
-                t["failed"] += 1
+                totals["failed"] += 1
             self.recent.append(record)
             done += 1
         del records[:done]
@@ -265,7 +283,7 @@ class _Side:
         self._flush_records()
         ok = [r for r in self.recent if r.status == "ok"]
         pauses = sorted(r.pause_ms for r in ok)
-        self.status_line.update(role=self.mode if self.active else f"{self.status.last_mode}, alone",
+        self.status_line.update(role=self.mode if self.active else f"{self.colo_status.last_mode}, alone",
                                 checkpoints=self.totals["checkpoints"], ok=self.totals["ok"],
                                 last_pause_ms=ok[-1].pause_ms if ok else None,
                                 median_pause_ms=pauses[len(pauses) // 2] if pauses else None,
@@ -277,18 +295,18 @@ class _Side:
         """The COLO figures of query-migrate (counts since the start; pauses over the last
         RECENT_RECORDS checkpoints)."""
         self._flush_records()
-        t = self.totals
+        totals = self.totals
         ok = [r for r in self.recent if r.status == "ok"]
         pauses = sorted(r.pause_ms for r in ok)
         return {
-            "mode": self.status.mode, "checkpoints": t["checkpoints"], "ok": t["ok"],
-            "failed": t["failed"], "rejected": t["rejected"],  # rejected: corrupted, truncated or replayed
-            "triggers": dict(t["triggers"]),
+            "mode": self.colo_status.mode, "checkpoints": totals["checkpoints"], "ok": totals["ok"],
+            "failed": totals["failed"], "rejected": totals["rejected"],  # rejected: corrupted, truncated or replayed
+            "triggers": dict(totals["triggers"]),
             "pause-ms-median": pauses[len(pauses) // 2] if pauses else None,
             "pause-ms-max": pauses[-1] if pauses else None,
             "last-pause-ms": ok[-1].pause_ms if ok else None,
             "last-dirty-pages": ok[-1].pages if ok else None,
-            "bytes": t["bytes"],
+            "bytes": totals["bytes"],
             "heartbeats-received": self.channel.heartbeats_received if self.channel else 0,
             "failover-ms": self.failover_ms,
             "exit-reason": self.exit_reason,
@@ -302,10 +320,12 @@ class _Side:
             self.lease.close()
 
     def _say(self, text):
-        print(f"colo {self.mode if self.active else self.status.last_mode}: {text}", file=sys.stderr, flush=True)
+        print(f"colo {self.mode if self.active else self.colo_status.last_mode}: {text}", file=sys.stderr, flush=True)
 
 
 class ColoPrimary(_Side):
+    """The primary: checkpoints on its triggers (a :class:`colo.checkpoint.CheckpointListener`)."""
+
     mode = "primary"
 
     def __init__(self, machine, migration, settings, link, sock):
@@ -313,34 +333,27 @@ class ColoPrimary(_Side):
         self.node = settings.node or "primary"
         self.lease = Lease(settings, self.node)
         self.lease.acquire()
-        self.cp = ck.CheckpointPrimary(machine, sock, debug=settings.debug,
-                                       timeout=settings.heartbeat_timeout_ms / 1e3, key=settings.key)
-        self.cp.started = self.started
-        self.cp.handshake()
-        self.passive = self.cp.peer_passive
-        if settings.kill_at is not None:
-            self.cp.fault_at = settings.kill_at
-            self.cp.fault = _kill_self
-        self.cp.background_send = True
-        self.cp.on_pause = self._on_pause
-        self.cp.on_unpause = self._on_unpause
+        faults = FaultInjection(*settings.kill_at, _kill_self) if settings.kill_at is not None else None
+        self.checkpoints = CheckpointPrimary(machine, sock, link=link, listener=self, debug=settings.debug,
+                                             timeout=settings.heartbeat_timeout_ms / 1e3, key=settings.key,
+                                             background_send=True, faults=faults, started=self.started)
+        self.checkpoints.handshake()
+        self.passive = self.checkpoints.peer_passive
         self.forced = None
         self.next_periodic = time.monotonic() + self.delay_s()
         self.captured_out = link.out_offset if link is not None else 0
         self.output_since = None
-        if link is not None:
-            link.on_checkpoint_request = self._proxy_request
-        migration.parameter_listeners.append(self._parameter_changed)
-        self._begin(self.cp.channel)
+        migration.add_parameter_listener(self._parameter_changed)
+        self._begin(self.checkpoints.channel)
 
     def records(self):
-        return self.cp.records
+        return self.checkpoints.records
 
     def sending(self):
-        return self.cp.sending
+        return self.checkpoints.sending
 
     def busy(self):
-        return self.cp.sending or self.cp.pending_phase in ("sending", "loading")
+        return self.checkpoints.peer_busy()
 
     def delay_s(self):
         return self.migration.parameters["x-checkpoint-delay"] / 1e3
@@ -349,49 +362,44 @@ class ColoPrimary(_Side):
         if name == "x-checkpoint-delay" and self.active:
             self.forced = "forced"  # as QEMU: a new delay takes effect with a checkpoint now
 
-    def _proxy_request(self, reason):
+    def checkpoint_requested(self, reason):
         word = reason.split()[0] if reason else "forced"
         self.forced = word if word in ("mismatch", "timeout") else "forced"
 
-    def request_checkpoint(self, trigger="forced"):
-        self.forced = trigger
-
-    def _on_pause(self, seq):
+    def checkpoint_paused(self, seq):
         if self.link is not None:
-            self.link.mark(seq)
             self.captured_out = self.link.out_offset
         self.output_since = None
 
-    def _on_unpause(self, seq, ok):
-        if not ok and self.link is not None:
-            self.link.unmark(seq)
+    def checkpoint_ended(self, seq, ok):
         self.next_periodic = time.monotonic() + self.delay_s()
 
     def _on_readable(self):
         if not self.active:
             return
         try:
-            for kind, payload in self.cp.channel.poll():
+            for kind, payload in self.checkpoints.channel.poll():
                 try:
-                    self.cp.step(kind, payload)
-                except ck.CheckpointError as e:  # abandoned or not captured: the next one retries
+                    self.checkpoints.step(kind, payload)
+                except CheckpointError as e:  # abandoned or not captured: the next one retries
                     self._say(str(e))
         except ChannelError as e:
             self.peer_lost(str(e), "error")
 
     def _tick_active(self, now):
-        if self.cp.send_error is not None:
-            self.peer_lost(str(self.cp.send_error), "error")
+        checkpoints = self.checkpoints
+        if checkpoints.send_error is not None:
+            self.peer_lost(str(checkpoints.send_error), "error")
             return
         if not self._heartbeat(now):
             return
         self._renew_lease(now)
-        if not self.cp.sending and self.cp.pending is None and self.machine.status == "running":
+        if not checkpoints.sending and checkpoints.pending is None and self.machine.status == "running":
             trigger = self._due_trigger(now)
             if trigger is not None:
                 self.forced = None
                 try:
-                    self.cp.request(trigger)
+                    checkpoints.request(trigger)
                 except ChannelError as e:
                     self.peer_lost(str(e), "error")
                     return
@@ -401,33 +409,40 @@ class ColoPrimary(_Side):
     def _due_trigger(self, now):
         if self.forced is not None:
             return self.forced
-        if self.passive and self.link is not None:
-            if self.link.out_offset > self.captured_out:
-                if self.output_since is None:
-                    self.output_since = now
-                    # a halted guest must not sleep past the output delay
-                    self.machine.idle_wait_cap = self.settings.output_delay_ms / 1e3
-                elif now - self.output_since >= self.settings.output_delay_ms / 1e3:
-                    self.machine.idle_wait_cap = self.settings.heartbeat_period_ms / 2e3
-                    return "output"
+        if self.passive and self.link is not None and self._output_waited(now):
+            return "output"
         if now >= self.next_periodic:
             return "periodic"
         return None
+
+    def _output_waited(self, now):
+        """Passive pairs: has output waited ``output_delay_ms`` for a checkpoint?"""
+        if self.link.out_offset <= self.captured_out:
+            return False
+        if self.output_since is None:
+            self.output_since = now
+            # a halted guest must not sleep past the output delay
+            self.machine.idle_wait_cap = self.settings.output_delay_ms / 1e3
+            return False
+        if now - self.output_since >= self.settings.output_delay_ms / 1e3:
+            self.machine.idle_wait_cap = self.settings.heartbeat_period_ms / 2e3
+            return True
+        return False
 
     def peer_lost(self, reason_text, reason):
         """The secondary is gone (or declared gone): leave COLO and serve alone."""
         if not self.active:
             return
         lost_at = time.monotonic()
-        self.cp._fail(reason_text)
+        self.checkpoints.fail_pending(reason_text)
         self._leave(reason_text, reason)
-        self.cp.close()  # the sender thread too
+        self.checkpoints.close()  # the sender thread too
         self._flush_records()
-        m = self.machine
+        machine = self.machine
         if self.link is not None and not self._takeover(bump=True):
-            m.stop()
-            m.request_exit(1, "colo: the secondary is lost and this primary holds no lease: stopping "
-                              "(exactly one side may serve)")
+            machine.pause()
+            machine.request_exit(1, "colo: the secondary is lost and this primary holds no lease: stopping "
+                                    "(exactly one side may serve)")
         self.failover_ms = (time.monotonic() - lost_at) * 1e3
         self._exit_event(reason)
 
@@ -440,6 +455,8 @@ def _kill_self(phase, seq):
 
 
 class ColoSecondary(_Side):
+    """The secondary: takes the primary's checkpoints; serves alone when the primary is lost."""
+
     mode = "secondary"
 
     def __init__(self, machine, migration, settings, link, sock, passive=False):
@@ -447,38 +464,30 @@ class ColoSecondary(_Side):
         self.node = settings.node or "secondary"
         self.passive = passive
         self.lease = Lease(settings, self.node)
-        self.cs = ck.CheckpointSecondary(machine, sock, timeout=settings.heartbeat_timeout_ms / 1e3,
-                                         key=settings.key, passive=passive)
-        self.cs.handshake()
-        self.cs.after_apply = self._after_apply
-        self.stopped_for_checkpoint = False
-        if link is not None:
-            link.send_sync(0)
-        self._begin(self.cs.channel)
+        self.checkpoints = CheckpointSecondary(machine, sock, link=link, timeout=settings.heartbeat_timeout_ms / 1e3,
+                                               key=settings.key, passive=passive)
+        self.checkpoints.handshake()
+        self._begin(self.checkpoints.channel)
         if not passive:
-            machine.cont()
+            machine.resume()
 
     def records(self):
-        return self.cs.records
-
-    def _after_apply(self, seq):
-        if self.link is not None:
-            self.link.send_sync(seq)
+        return self.checkpoints.records
 
     def _on_readable(self):
         if not self.active:
             return
         try:
-            for kind, payload in self.cs.channel.poll():
-                if kind == ck.ABANDON:
+            for kind, payload in self.checkpoints.channel.poll():
+                if kind == ABANDON:
                     continue  # the primary gave up a checkpoint we were not taking
-                if kind != ck.CHECKPOINT_REQUEST:
-                    raise ChannelError(f"colo: expected CHECKPOINT_REQUEST, got {ck.NAMES[kind]}")
+                if kind != CHECKPOINT_REQUEST:
+                    raise ChannelError(f"colo: expected CHECKPOINT_REQUEST, got {NAMES[kind]}")
                 try:
-                    self.cs.take(payload)
-                except (ck.CheckpointRejected, ck.CheckpointAbandoned) as e:
+                    self.checkpoints.take(payload)
+                except (CheckpointRejected, CheckpointAbandoned) as e:
                     self._say(str(e))
-        except ck.ConsistencyError as e:
+        except ConsistencyError as e:
             self._say(str(e))
             self.machine.request_exit(1, str(e))
         except ChannelError as e:
@@ -495,15 +504,15 @@ class ColoSecondary(_Side):
         if not self.active:
             return
         lost_at = time.monotonic()
-        m = self.machine
-        m.stop()
+        machine = self.machine
+        machine.pause()
         self._leave(reason_text, reason)
         if self.link is not None and not self._takeover(bump=False):
-            m.request_exit(1, "colo: the primary is lost but this secondary may not serve (split brain "
-                              "averted: the lease is held elsewhere)")
+            machine.request_exit(1, "colo: the primary is lost but this secondary may not serve (split brain "
+                                    "averted: the lease is held elsewhere)")
             return
-        m.cont()
+        machine.resume()
         self.failover_ms = (time.monotonic() - lost_at) * 1e3
-        self._say(f"serving alone from checkpoint {self.cs.applied_seq} "
+        self._say(f"serving alone from checkpoint {self.checkpoints.applied_seq} "
                   f"(failover took {self.failover_ms:.1f} ms)")
         self._exit_event(reason)

@@ -200,7 +200,7 @@ class ProxyMonitor:
 
     def __init__(self, port, timeout=2.0):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.reader = pw.FrameReader()
+        self.reader = pw.frame_reader()
         self.sock.sendall(pw.hello("monitor", "demo"))
 
     def status(self):

@@ -1,8 +1,11 @@
 """The serial link of a COLO VM to the client endpoint (``-serial colo:HOST:PORT,...``).
 
 A character backend for COM1 that speaks :mod:`colo.proxywire` to ``emu colo proxy``.
-What matters for failover is guest state, so the link keeps, as a device section
-(``colo-link``) saved in every checkpoint:
+
+The link holds no guest state: what the guest sees of its serial port is the UART, saved
+as its own section of the machine stream.  What the link keeps is replication state
+(:class:`LinkState`), the positions of the two byte streams the client endpoint
+addresses:
 
 * ``in_offset``: how many input bytes the UART has accepted (the proxy re-sends input
   from there after a checkpoint or a failover);
@@ -10,21 +13,27 @@ What matters for failover is guest state, so the link keeps, as a device section
 * ``log``: the output bytes ``[log_base, out_offset)`` not yet known to have reached the
   client (trimmed as RELEASED messages come).
 
-So the primary's unreleased output travels inside the checkpoint that covers it, and
-after applying a checkpoint the secondary tells the proxy (SYNC) exactly which output is
-now committed and where both streams continue.  Host-side plumbing (the socket, input
-received but not yet taken by the UART, output not yet sent) is never saved: after a
-load it is rebuilt from the offsets.
+They must match the guest state of the same instant for a failover to be exact, so they
+travel with every checkpoint (and with checkpoint 0, the initial migration) as the
+checkpoint's replication part (:mod:`colo.replicationpart`), never inside the machine
+stream: a snapshot of a COLO VM is a plain machine's snapshot.  So the primary's
+unreleased output travels inside the checkpoint that covers it, and after applying a
+checkpoint the secondary tells the proxy (SYNC) exactly which output is now committed and
+where both streams continue.  Host-side plumbing (the socket, input received but not yet
+taken by the UART, output not yet sent) is never saved: after a restore it is rebuilt
+from the offsets.
 """
 
 import socket
+import struct
 import sys
 import time
+from dataclasses import dataclass
+from typing import Protocol
 
 from emu import chardev
-from emu.device import Device
 from emu.errors import ConfigError, StateError
-from emu.state.vmstate import U64, VarBytes, VMStateDescription
+from emu.replication import RunLoopServices
 
 from . import proxywire as pw
 
@@ -52,15 +61,55 @@ def parse_link_spec(spec):
     return settings
 
 
-class ColoLink(Device):
-    """Backend (write/read_fds/on_readable/flush/close) and state section in one object."""
+@dataclass(frozen=True)
+class LinkState:
+    """The link's replication state: stream positions and unreleased output.
+
+    Encoded as ``in_offset u64 | out_offset u64 | log_base u64 | log`` (the log is the rest)."""
+
+    in_offset: int
+    out_offset: int
+    log_base: int
+    log: bytes
+
+    HEAD = struct.Struct(">QQQ")
+    MAX_SIZE = HEAD.size + MAX_LOG
+
+    def encode(self):
+        return self.HEAD.pack(self.in_offset, self.out_offset, self.log_base) + self.log
+
+    @classmethod
+    def decode(cls, data):
+        """A LinkState from its encoding, checked whole (a hostile peer may have sent it)."""
+        if not cls.HEAD.size <= len(data) <= cls.MAX_SIZE:
+            raise StateError(f"colo-link: {len(data)} bytes of link state (expected {cls.HEAD.size}.."
+                             f"{cls.MAX_SIZE})")
+        in_offset, out_offset, log_base = cls.HEAD.unpack_from(data)
+        state = cls(in_offset, out_offset, log_base, bytes(data[cls.HEAD.size:]))
+        if state.log_base + len(state.log) != state.out_offset:
+            raise StateError(f"colo-link: log [{state.log_base}, +{len(state.log)}) does not end at "
+                             f"out_offset {state.out_offset}")
+        return state
+
+
+class LinkListener(Protocol):
+    """Who hears what the client endpoint asks of a VM (the COLO side that runs it)."""
+
+    def checkpoint_requested(self, reason: str) -> None:
+        """The compare wants a checkpoint (``mismatch ...`` or ``timeout ...``)."""
+
+    def takeover_answered(self, accepted: bool, reason: str) -> None:
+        """The endpoint's answer to :meth:`ColoLink.takeover`."""
+
+
+class ColoLink:
+    """The backend of COM1 (write/read_fds/on_readable/flush/close) on the client endpoint."""
 
     def __init__(self, host, port, role="primary", mode="compare", node="", log=sys.stderr):
-        super().__init__("colo-link")
         self.role, self.mode, self.node = role, mode, node or role
         self.address = (host, port)
         self.log_file = log
-        # guest state
+        # replication state (LinkState)
         self.in_offset = 0
         self.out_offset = 0
         self.log_base = 0
@@ -69,12 +118,11 @@ class ColoLink(Device):
         self.received = 0      # input offset up to which bytes were handed to the machine
         self.sent = 0          # output offset up to which OUT messages are queued
         self.outgoing = bytearray()
-        self.reader = pw.FrameReader()
+        self.reader = pw.frame_reader()
         self.connected = False
         self.released = 0
         self.machine = None
-        self.on_checkpoint_request = None  # callable(reason)
-        self.on_takeover_reply = None      # callable(accepted, reason)
+        self.listener = None
         self.log_overflow = 0
         try:
             self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
@@ -87,22 +135,22 @@ class ColoLink(Device):
         self.flush()
 
     # ------------------------------------------------------------------ wiring
-    def attach(self, machine, consumer):
-        """Become part of ``machine`` (state section, after-load hook); returns the input
-        consumer the machine must use (it counts what the UART accepted)."""
+    def attach(self, machine: RunLoopServices, consumer):
+        """Serve COM1 of ``machine``; returns the input consumer the machine must use (it
+        counts what the UART accepted).  A guest reset does not rewind the streams: the
+        client saw what it saw."""
         self.machine = machine
-        machine.add_device(self)
-        machine.after_load.append(self._after_load)
 
         def counted(data):
             accepted = consumer(data)
             self.in_offset += accepted
             return accepted
-        self._consumer = counted
         return counted
 
-    def reset(self):
-        """A guest reset does not rewind the streams: the client saw what it saw."""
+    def listen(self, listener):
+        """Report the endpoint's checkpoint requests and takeover answers to ``listener``
+        (a :class:`LinkListener`)."""
+        self.listener = listener
 
     # ------------------------------------------------------------------ backend interface
     def write(self, data):
@@ -182,11 +230,11 @@ class ColoLink(Device):
                 del self.log[:keep_from - self.log_base]
                 self.log_base = keep_from
         elif kind == pw.CHECKPOINT:
-            if self.on_checkpoint_request is not None:
-                self.on_checkpoint_request(payload.decode("utf-8", "replace"))
+            if self.listener is not None:
+                self.listener.checkpoint_requested(payload.decode("utf-8", "replace"))
         elif kind in (pw.ACTIVE, pw.REFUSED):
-            if self.on_takeover_reply is not None:
-                self.on_takeover_reply(kind == pw.ACTIVE, payload.decode("utf-8", "replace"))
+            if self.listener is not None:
+                self.listener.takeover_answered(kind == pw.ACTIVE, payload.decode("utf-8", "replace"))
         else:
             raise pw.ProxyProtocolError(f"proxy: unexpected {pw.NAMES[kind]} sent to a VM")
         return b""
@@ -213,28 +261,26 @@ class ColoLink(Device):
         self.flush_all()
 
     def takeover(self, epoch):
-        """Ask the proxy to make this VM the only one served (answer via on_takeover_reply)."""
+        """Ask the proxy to make this VM the only one served (the listener hears the answer)."""
         self.flush()
         self._queue(pw.offset_message(pw.TAKEOVER, epoch))
         self.flush_all()
 
-    # ------------------------------------------------------------------ state
-    def _after_load(self):
-        """The streams continue from the loaded offsets: drop host-side leftovers."""
+    # ------------------------------------------------------------------ replication state
+    def link_state(self):
+        """The stream positions and unreleased output now (taken with the guest paused)."""
+        return LinkState(self.in_offset, self.out_offset, self.log_base, bytes(self.log))
+
+    def restore(self, state):
+        """Continue the streams from ``state`` (of the checkpoint just applied): host-side
+        leftovers, and input the machine holds for the UART, are dropped."""
+        self.in_offset, self.out_offset = state.in_offset, state.out_offset
+        self.log_base, self.log = state.log_base, bytearray(state.log)
         self.received = self.in_offset
         self.sent = self.out_offset
         self.released = min(self.released, self.out_offset)
         if self.machine is not None:
             self.machine.discard_pending_input(self)
-
-    def _check(self, version_id):
-        if self.log_base + len(self.log) != self.out_offset:
-            raise StateError(f"colo-link: log [{self.log_base}, +{len(self.log)}) does not end at "
-                             f"out_offset {self.out_offset}")
-
-    VMSTATE = VMStateDescription("colo-link", version_id=1, minimum_version_id=1, fields=[
-        U64("in_offset"), U64("out_offset"), U64("log_base"), VarBytes("log", MAX_LOG),
-    ], post_load=_check)
 
     # ------------------------------------------------------------------ helpers
     def _queue(self, message):

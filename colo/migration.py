@@ -14,8 +14,12 @@ Destination (``-incoming tcp:HOST:PORT``): waits in ``inmigrate``, checks HELLO 
 type, RAM size, protocol version), writes RAM streams into its RAM as they arrive, loads
 the device state on COMPLETE and runs.
 
-Both sides use only the machine's public surface (pause/stop/cont, save_state,
-load_state, save_ram, load_ram, the dirty log).
+With ``x-colo`` the migration is the pair's checkpoint 0: the source also sends the
+replication part (:mod:`colo.replicationpart`, its COLO link's stream positions and
+unreleased output) before COMPLETE, the destination restores its link from it, and the
+connection goes on as the checkpoint channel.
+
+Both sides use a machine only through its replication surface (:mod:`emu.replication`).
 """
 
 import socket
@@ -25,11 +29,11 @@ import time
 
 import numpy as np
 
-from emu.state import stream as snapshot
 from emu.chardev import listen_tcp
 from emu.errors import ConfigError, EmuError, StateError
+from emu.replication import ReplicationSurface
 
-from . import wire
+from . import replicationpart, wire
 
 CAPABILITIES = ("events", "return-path", "x-colo", "xbzrle", "postcopy-ram", "auto-converge",
                 "pause-before-switchover")
@@ -95,12 +99,12 @@ class MigrationState:
 class MigrationController:
     """The source side, and the capabilities/parameters QMP sets on either side."""
 
-    def __init__(self, machine):
+    def __init__(self, machine: ReplicationSurface):
         self.machine = machine
         self.capabilities = {name: False for name in CAPABILITIES}
         self.parameters = dict(DEFAULT_PARAMETERS)
         self.state = MigrationState()
-        self.parameter_listeners = []  # callables(name, value) (COLO reacts to x-checkpoint-delay)
+        self._parameter_listeners = []  # callables(name, value) (COLO reacts to x-checkpoint-delay)
         self._job = None
         # COLO: set up by `emu colo` (settings, the serial link) and by the pair once it runs
         from .controller import ColoSettings, ColoStatus
@@ -124,6 +128,7 @@ class MigrationController:
                            else "'-incoming' was not specified on the command line")
         self.incoming = self._start_incoming(uri)
         self._start_incoming = None
+
     def set_capabilities(self, entries):
         if self.active():
             raise EmuError("There's a migration process in progress")
@@ -154,14 +159,18 @@ class MigrationController:
             checked[name] = value
         self.parameters.update(checked)
         for name, value in checked.items():
-            for listener in self.parameter_listeners:
+            for listener in self._parameter_listeners:
                 listener(name, value)
+
+    def add_parameter_listener(self, listener):
+        """Call ``listener(name, value)`` whenever QMP sets a parameter."""
+        self._parameter_listeners.append(listener)
 
     def query_parameters(self):
         return dict(self.parameters)
 
     def query(self):
-        info = self.state.info(self.machine.ram.size)
+        info = self.state.info(self.machine.ram_size)
         if self.colo is not None:
             info["x-colo"] = self.colo.info()
         return info
@@ -182,6 +191,14 @@ class MigrationController:
         return ColoSecondary(self.machine, self, self.colo_settings, self.colo_link, sock,
                              passive=self.colo_passive)
 
+    def colo_started(self, side):
+        """The pair runs: query-migrate reports ``colo`` and the side's figures."""
+        self.colo = side
+        self.state.status = "colo"
+
+    def colo_ended(self):
+        self.state.status = "completed"
+
     def active(self):
         return self.state.status in ("setup", "active", "device")
 
@@ -199,26 +216,28 @@ class MigrationController:
             raise EmuError(f"migrate: unsupported URI {uri!r} (tcp:HOST:PORT, exec:COMMAND or file:PATH)")
         self.state = MigrationState()
         self.state.start = time.monotonic()
-        self._set_status("setup")
+        self.set_status("setup")
         self._job.begin()
 
     def cancel(self):
         if self._job is not None and self.active():
             self._job.abandon("cancelled", "migration cancelled by the user")
 
-    # ------------------------------------------------------------------ helpers for jobs
-    def _set_status(self, status):
+    # ------------------------------------------------------------------ for the jobs
+    def set_status(self, status):
+        """The migration's status, announced as a MIGRATION event (with ``events``, as QEMU)."""
         self.state.status = status
-        if self.capabilities["events"]:  # as QEMU: MIGRATION events only with this capability
+        if self.capabilities["events"]:
             self.machine.emit("MIGRATION", {"status": status})
 
-    def _finish(self, status, error=None):
-        st = self.state
-        st.total_time_ms = (time.monotonic() - st.start) * 1e3
-        st.error = error
-        self._set_status(status)
-        if self._job in self.machine.background_jobs:
-            self.machine.background_jobs.remove(self._job)
+    def end_job(self, status, error=None):
+        """The outgoing migration is over with ``status``: its job leaves the run loop and
+        the dirty log stops."""
+        state = self.state
+        state.total_time_ms = (time.monotonic() - state.start) * 1e3
+        state.error = error
+        self.set_status(status)
+        self.machine.remove_background_job(self._job)
         self.machine.stop_dirty_log()
 
 
@@ -237,16 +256,16 @@ class _PipeSink:
     def __init__(self, uri):
         self.proc = None
         if uri.startswith("file:"):
-            self.f = open(uri[5:], "wb")  # noqa: SIM115 - closed in close()
+            self.file = open(uri[5:], "wb")  # noqa: SIM115 - closed in close()
         else:
             self.proc = subprocess.Popen(uri[5:], shell=True, stdin=subprocess.PIPE)
-            self.f = self.proc.stdin
+            self.file = self.proc.stdin
 
     def sendall(self, data):
-        self.f.write(data)
+        self.file.write(data)
 
     def close(self):
-        self.f.close()
+        self.file.close()
         if self.proc is not None and self.proc.wait(timeout=30) != 0:
             raise EmuError(f"migrate: the exec command exited with status {self.proc.returncode}")
 
@@ -262,8 +281,8 @@ class PrecopyJob:
     """One outgoing live migration, advanced a step at a time between CPU slices."""
 
     def __init__(self, controller, sock):
-        self.c = controller
-        self.m = controller.machine
+        self.controller = controller
+        self.machine = controller.machine
         self.sock = sock
         self.next_full_page = 0
         self.phase = "full"
@@ -273,25 +292,20 @@ class PrecopyJob:
         self.send_seconds = 0.0
         self.sync_sent = 0
         self.sync_acked = 0
-        self.replies = wire.FrameReader(max_frame=1 << 20)
-        self.send_seconds = 0.0
+        self.replies = wire.frame_reader(max_payload=1 << 20)
 
     def begin(self):
-        m = self.m
+        machine, controller = self.machine, self.controller
         try:
-            self._send(wire.HELLO, wire.hello_payload(m.machine_type, m.ram.size))
-            kind, payload = wire.recv_frame(self.sock, REPLY_TIMEOUT_S)
-            if kind == wire.ABANDON:
-                raise wire.ChannelError(f"destination refused: {payload.decode(errors='replace')}")
-            if kind != wire.ACCEPT:
-                raise wire.ChannelError(f"destination answered {wire.NAMES[kind]} to HELLO")
+            self._send(wire.HELLO, wire.hello_payload(machine.machine_type, machine.ram_size))
+            self._expect_reply(wire.ACCEPT, "HELLO", "refused")
         except wire.ChannelError as e:
             self._fail(str(e))
             raise EmuError(f"migrate: {e}") from None
-        m.start_dirty_log()
-        self.c.state.setup_time_ms = (time.monotonic() - self.c.state.start) * 1e3
-        self.c._set_status("active")
-        m.background_jobs.append(self)
+        machine.start_dirty_log()
+        controller.state.setup_time_ms = (time.monotonic() - controller.state.start) * 1e3
+        controller.set_status("active")
+        machine.add_background_job(self)
 
     def __call__(self):
         """One step (from the run loop): a chunk of the first pass or one dirty pass."""
@@ -305,37 +319,45 @@ class PrecopyJob:
         except (wire.ChannelError, OSError) as e:
             self._fail(f"connection lost: {e}")
 
+    def _expect_reply(self, kind, after, refusal):
+        """Wait for the destination's answer ``kind`` to ``after``; ABANDON is its refusal."""
+        got, payload = wire.recv_frame(self.sock, self.replies, REPLY_TIMEOUT_S)
+        if got == wire.ABANDON:
+            raise wire.ChannelError(f"destination {refusal}: {payload.decode(errors='replace')}")
+        if got != kind:
+            raise wire.ChannelError(f"destination answered {wire.NAMES[got]} to {after}")
+
     def _bandwidth_allows(self):
         since, sent = self.bytes_at
-        limit = self.c.parameters["max-bandwidth"]
+        limit = self.controller.parameters["max-bandwidth"]
         elapsed = time.monotonic() - since
-        return self.c.state.transferred - sent <= limit * elapsed
+        return self.controller.state.transferred - sent <= limit * elapsed
 
     def _send(self, kind, payload=b""):
         started = time.monotonic()
         self.sock.sendall(wire.frame(kind, payload))
         self.send_seconds += time.monotonic() - started
-        self.c.state.transferred += len(payload) + wire.HEADER.size
+        self.controller.state.transferred += len(payload) + wire.HEADER.size
 
     def _measured_bandwidth(self):
         """Bytes per second of sending (and building) the streams so far."""
-        return max(self.c.state.transferred / max(self.send_seconds, 1e-6), 1.0)
+        return max(self.controller.state.transferred / max(self.send_seconds, 1e-6), 1.0)
 
     def _send_pages(self, pages):
         if len(pages) == 0:
             return
-        stream = self.m.save_ram(pages)
-        zero = len(pages) - int(np.count_nonzero(snapshot.nonzero_pages(self.m.ram.buf, pages)))
-        self.c.state.zero_pages += zero
-        self.c.state.normal_pages += len(pages) - zero
+        stream = self.machine.save_ram(pages)
+        zero = self.machine.count_zero_pages(pages)
+        self.controller.state.zero_pages += zero
+        self.controller.state.normal_pages += len(pages) - zero
         self._send(wire.RAM, stream)
 
     def _full_pass_step(self):
-        npages = self.m.ram.npages
+        npages = self.machine.page_count
         end = min(npages, self.next_full_page + CHUNK_PAGES)
         self._send_pages(np.arange(self.next_full_page, end))
         self.next_full_page = end
-        self.c.state.remaining_pages = npages - end
+        self.controller.state.remaining_pages = npages - end
         if end == npages:
             self.phase = "dirty"
             self.last_pass = time.monotonic()
@@ -370,67 +392,69 @@ class PrecopyJob:
     def _dirty_pass(self):
         if not self._synced():
             return  # the destination is still applying: let the guest run meanwhile
-        st = self.c.state
-        pages = self.m.dirty_pages()
+        state, parameters = self.controller.state, self.controller.parameters
+        pages = self.machine.dirty_pages()
         now = time.monotonic()
-        st.passes += 1
-        st.dirty_rate = len(pages) / max(now - self.last_pass, 1e-6)
+        state.passes += 1
+        state.dirty_rate = len(pages) / max(now - self.last_pass, 1e-6)
         self.last_pass = now
-        st.remaining_pages = len(pages)
+        state.remaining_pages = len(pages)
         # as QEMU: the bandwidth actually achieved so far decides whether the rest fits
-        bandwidth = min(self.c.parameters["max-bandwidth"], self._measured_bandwidth())
+        bandwidth = min(parameters["max-bandwidth"], self._measured_bandwidth())
         expected_ms = len(pages) * 4096 / bandwidth * 1e3
-        if expected_ms <= self.c.parameters["downtime-limit"] or st.passes >= MAX_DIRTY_PASSES:
+        if expected_ms <= parameters["downtime-limit"] or state.passes >= MAX_DIRTY_PASSES:
             self._stop_and_copy(pages)
         else:
             self._send_pages(pages)
             self._send_sync()
 
     def _stop_and_copy(self, pages):
-        m, st = self.m, self.c.state
+        """The guest stops; the last pages and the device state go over (with ``x-colo``
+        also the replication part: this is the pair's checkpoint 0)."""
+        machine, controller = self.machine, self.controller
         stopped_at = time.monotonic()
-        self.was_running = m.status == "running"
-        if self.was_running:
-            m.stop()
-        link = self.c.colo_link if self.c.capabilities["x-colo"] else None
+        self.was_running = machine.status == "running"
+        machine.pause()
+        link = controller.colo_link if controller.capabilities["x-colo"] else None
         if link is not None:
             link.mark(0)  # output beyond this point waits for the pair (checkpoint 0)
-        self.c._set_status("device")
+        controller.set_status("device")
         try:
-            mask = np.zeros(m.ram.npages, dtype=bool)  # (np.union1d's lazy import costs 11 ms)
+            mask = np.zeros(machine.page_count, dtype=bool)  # (np.union1d's lazy import costs 11 ms)
             mask[pages] = True
-            mask[m.dirty_pages()] = True
-            pages = np.flatnonzero(mask)
-            self._send_pages(pages)
-            self._send(wire.STATE, m.save_state())
+            mask[machine.dirty_pages()] = True
+            self._send_pages(np.flatnonzero(mask))
+            self._send(wire.STATE, machine.save_state())
+            if controller.capabilities["x-colo"]:
+                self._send(wire.REPLICATION, replicationpart.encode(link.link_state() if link is not None else None))
             self._send(wire.COMPLETE)
-            kind, payload = wire.recv_frame(self.sock, REPLY_TIMEOUT_S)
-            if kind == wire.ABANDON:
-                raise wire.ChannelError(f"destination abandoned: {payload.decode(errors='replace')}")
-            if kind != wire.DONE:
-                raise wire.ChannelError(f"destination answered {wire.NAMES[kind]} to COMPLETE")
+            self._expect_reply(wire.DONE, "COMPLETE", "abandoned")
         except (wire.ChannelError, OSError) as e:
             if link is not None:
                 link.unmark(0)
             self._fail(f"{e}")
             return
-        st.downtime_ms = (time.monotonic() - stopped_at) * 1e3
-        st.remaining_pages = 0
-        if self.c.capabilities["x-colo"]:
-            self.c._finish("completed")
-            try:
-                self.c.enter_colo_primary(self.sock)
-            except EmuError as e:
-                if link is not None:
-                    link.unmark(0)  # no pair after all: serve unprotected
-                self._fail(f"entering COLO: {e}")
-                return
-            if self.was_running:
-                m.cont()
+        controller.state.downtime_ms = (time.monotonic() - stopped_at) * 1e3
+        controller.state.remaining_pages = 0
+        if controller.capabilities["x-colo"]:
+            self._enter_colo(link)
             return
         self.sock.close()
-        m.status = "postmigrate"
-        self.c._finish("completed")
+        machine.status = "postmigrate"
+        controller.end_job("completed")
+
+    def _enter_colo(self, link):
+        """The migration is checkpoint 0 of the pair: this connection becomes its channel."""
+        self.controller.end_job("completed")
+        try:
+            self.controller.enter_colo_primary(self.sock)
+        except EmuError as e:
+            if link is not None:
+                link.unmark(0)  # no pair after all: serve unprotected
+            self._fail(f"entering COLO: {e}")
+            return
+        if self.was_running:
+            self.machine.resume()
 
     def abandon(self, status, reason):
         try:
@@ -438,7 +462,7 @@ class PrecopyJob:
         except OSError:
             pass
         self._close_and_resume()
-        self.c._finish(status, reason if status == "failed" else None)
+        self.controller.end_job(status, reason if status == "failed" else None)
 
     def _fail(self, reason):
         try:
@@ -446,7 +470,7 @@ class PrecopyJob:
         except OSError:
             pass
         self._close_and_resume()
-        self.c._finish("failed", reason)
+        self.controller.end_job("failed", reason)
 
     def _close_and_resume(self):
         try:
@@ -454,45 +478,46 @@ class PrecopyJob:
         except OSError:
             pass
         if self.was_running:
-            self.m.cont()
+            self.machine.resume()
 
 
 class OneWayJob(PrecopyJob):
     """exec:/file: targets: the guest stops, everything is written once (no replies)."""
 
     def begin(self):
-        m, st = self.m, self.c.state
-        self.was_running = m.status == "running"
-        if self.was_running:
-            m.stop()
+        machine, state = self.machine, self.controller.state
+        self.was_running = machine.status == "running"
+        machine.pause()
         stopped_at = time.monotonic()
         try:
-            self._send(wire.HELLO, wire.hello_payload(m.machine_type, m.ram.size))
-            self._send_pages(np.arange(m.ram.npages))
-            self._send(wire.STATE, m.save_state())
+            self._send(wire.HELLO, wire.hello_payload(machine.machine_type, machine.ram_size))
+            self._send_pages(np.arange(machine.page_count))
+            self._send(wire.STATE, machine.save_state())
             self._send(wire.COMPLETE)
             self.sock.close()
         except (OSError, EmuError) as e:
             self._fail(str(e))
             raise EmuError(f"migrate: {e}") from None
-        st.downtime_ms = (time.monotonic() - stopped_at) * 1e3
-        m.status = "postmigrate"
-        self.c._finish("completed")
+        state.downtime_ms = (time.monotonic() - stopped_at) * 1e3
+        machine.status = "postmigrate"
+        self.controller.end_job("completed")
 
 
 class IncomingMigration:
     """The destination of ``-incoming``: takes one migration stream, then runs."""
 
-    def __init__(self, machine, uri, autostart=True, on_error=None, controller=None):
+    def __init__(self, machine: ReplicationSurface, uri, autostart=True, on_error=None, controller=None):
         self.machine = machine
         self.controller = controller  # its capabilities say whether the pair goes on in COLO
         self.autostart = autostart
         self.on_error = on_error or self._exit_with_error
-        self.reader = wire.FrameReader()
+        self.reader = wire.frame_reader()
         self.conn = None
         self.listener = None
         self.hello_ok = False
         self.state_stream = None
+        self.replication_received = False  # x-colo: the source's replication part has come
+        self.link_state = None
         self.pages_received = 0
         self.probes = 0  # connections dropped before they began a migration
         self.peer = None
@@ -533,7 +558,7 @@ class IncomingMigration:
         print(f"emu: -incoming: ignored a connection from {peer}: {reason} ({self.probes} so far); "
               f"still waiting on port {self.port}", file=sys.stderr, flush=True)
         self._close()
-        self.reader = wire.FrameReader()
+        self.reader = wire.frame_reader()
 
     def _committed(self):
         """The source said HELLO: no other connection is taken from now on."""
@@ -584,48 +609,68 @@ class IncomingMigration:
             self.conn.setblocking(False)
 
     def _message(self, kind, payload, reply=True):
-        m = self.machine
+        """One message of the source (``reply``: a live source waits for answers)."""
+        machine = self.machine
         if kind == wire.ABANDON:
             raise wire.ChannelError(f"the source abandoned the migration: {payload.decode(errors='replace')}")
         if not self.hello_ok:
-            if kind != wire.HELLO:
-                raise wire.ChannelError(f"expected HELLO, got {wire.NAMES[kind]}")
-            version, machine_type, ram_size = wire.parse_hello(payload)
-            if version != wire.PROTOCOL_VERSION:
-                raise wire.ChannelError(f"protocol version {version}, this side speaks {wire.PROTOCOL_VERSION}")
-            if machine_type != m.machine_type:
-                raise wire.ChannelError(f"machine type {machine_type!r}, this machine is {m.machine_type!r}")
-            if ram_size != m.ram.size:
-                raise wire.ChannelError(f"RAM size {ram_size >> 20} MiB, this machine has {m.ram.size >> 20} MiB")
-            self.hello_ok = True
-            self._committed()
-            if reply:
-                self._reply(wire.ACCEPT)
-            return
-        if kind == wire.RAM:
-            self.pages_received += m.load_ram(payload)
+            self._hello(kind, payload, reply)
+        elif kind == wire.RAM:
+            self.pages_received += machine.load_ram(payload)
         elif kind == wire.SYNC:
             if reply:
                 self._reply(wire.SYNCED, payload)
         elif kind == wire.STATE:
             self.state_stream = payload
+        elif kind == wire.REPLICATION and self._colo(reply):
+            self.link_state = replicationpart.decode(payload, has_link=self.controller.colo_link is not None)
+            self.replication_received = True
         elif kind == wire.COMPLETE:
-            if self.state_stream is None:
-                raise wire.ChannelError("COMPLETE without device state")
-            # nothing to roll back to: a failed incoming migration ends this process
-            m.load_state(self.state_stream, rollback=False)
-            colo = self.controller is not None and self.controller.capabilities["x-colo"] and reply
-            if reply:
-                self._reply(wire.DONE)
-                if colo:
-                    self._enter_colo()
-                    return
-                self._close()
-            m.status = "paused"
-            if self.autostart:
-                m.cont()
+            self._complete(reply)
         else:
             raise wire.ChannelError(f"unexpected {wire.NAMES[kind]}")
+
+    def _colo(self, reply):
+        """Whether this migration is the checkpoint 0 of a COLO pair."""
+        return reply and self.controller is not None and self.controller.capabilities["x-colo"]
+
+    def _hello(self, kind, payload, reply):
+        machine = self.machine
+        if kind != wire.HELLO:
+            raise wire.ChannelError(f"expected HELLO, got {wire.NAMES[kind]}")
+        version, machine_type, ram_size = wire.parse_hello(payload)
+        if version != wire.PROTOCOL_VERSION:
+            raise wire.ChannelError(f"protocol version {version}, this side speaks {wire.PROTOCOL_VERSION}")
+        if machine_type != machine.machine_type:
+            raise wire.ChannelError(f"machine type {machine_type!r}, this machine is {machine.machine_type!r}")
+        if ram_size != machine.ram_size:
+            raise wire.ChannelError(f"RAM size {ram_size >> 20} MiB, this machine has {machine.ram_size >> 20} MiB")
+        self.hello_ok = True
+        self._committed()
+        if reply:
+            self._reply(wire.ACCEPT)
+
+    def _complete(self, reply):
+        """COMPLETE: everything has come; check the rest, apply it, answer DONE and run (or,
+        in a COLO pair, go on as its secondary)."""
+        machine, colo = self.machine, self._colo(reply)
+        if self.state_stream is None:
+            raise wire.ChannelError("COMPLETE without device state")
+        if colo and not self.replication_received:
+            raise wire.ChannelError("COMPLETE without the replication part a COLO pair needs")
+        checked = machine.check_state(self.state_stream)
+        machine.apply_state(checked, rollback=False)  # nothing to roll back to: a failed one ends this process
+        if colo and self.link_state is not None:
+            self.controller.colo_link.restore(self.link_state)
+        if reply:
+            self._reply(wire.DONE)
+            if colo:
+                self._enter_colo()
+                return
+            self._close()
+        machine.status = "paused"
+        if self.autostart:
+            machine.resume()
 
     def _enter_colo(self):
         """The pair goes on as primary and secondary: this connection is the checkpoint channel."""

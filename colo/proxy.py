@@ -116,7 +116,7 @@ class _Conn(BufferedConn):
 
     def __init__(self, sock, peer):
         super().__init__(sock, peer)
-        self.reader = pw.FrameReader()
+        self.reader = pw.frame_reader()
         self.open = True
         self.role = None
         self.node = ""

@@ -42,6 +42,8 @@ import struct
 
 from emu.errors import EmuError
 
+from .framing import FrameFormat, FrameReader
+
 HEADER = struct.Struct(">BI")
 U64 = struct.Struct(">Q")
 SYNC_HEAD = struct.Struct(">QQQQ")
@@ -61,10 +63,16 @@ class ProxyProtocolError(EmuError):
     """A peer sent something that is not a well-formed message of this protocol."""
 
 
+FORMAT = FrameFormat(HEADER, NAMES, ProxyProtocolError, max_payload=MAX_PAYLOAD, prefix="proxy: ")
+
+
 def frame(kind, payload=b""):
-    if len(payload) > MAX_PAYLOAD:
-        raise ProxyProtocolError(f"proxy: {NAMES[kind]} payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-    return HEADER.pack(kind, len(payload)) + bytes(payload)
+    return FORMAT.frame(kind, payload)
+
+
+def frame_reader():
+    """A reader of this protocol's frames."""
+    return FrameReader(FORMAT)
 
 
 def hello(role, node="", mode="compare"):
@@ -137,27 +145,3 @@ def parse_sync(payload):
     if log_base + len(log) != out_offset:
         raise ProxyProtocolError(f"proxy: SYNC log [{log_base}, +{len(log)}) does not end at {out_offset}")
     return seq, in_offset, out_offset, log_base, log
-
-
-class FrameReader:
-    """Reassembles frames from a byte stream; lengths are checked before buffering."""
-
-    def __init__(self):
-        self.buf = bytearray()
-
-    def feed(self, chunk):
-        self.buf += chunk
-
-    def frames(self):
-        out = []
-        while len(self.buf) >= HEADER.size:
-            kind, length = HEADER.unpack_from(self.buf)
-            if kind not in NAMES:
-                raise ProxyProtocolError(f"proxy: unknown message type {kind}")
-            if length > MAX_PAYLOAD:
-                raise ProxyProtocolError(f"proxy: {NAMES[kind]} of {length} bytes exceeds {MAX_PAYLOAD}")
-            if len(self.buf) < HEADER.size + length:
-                break
-            out.append((kind, bytes(self.buf[HEADER.size:HEADER.size + length])))
-            del self.buf[:HEADER.size + length]
-        return out

@@ -1,14 +1,16 @@
-"""Framing for the migration and replication channel.
+"""The migration channel's messages.
 
-Every message is ``type u8 | length u64 | payload`` (big-endian).  Lengths are checked
-against a limit before anything is buffered, so a hostile peer cannot make us allocate
-without bound.  :class:`FrameReader` reassembles frames from a non-blocking socket.
+Every message is a frame ``type u8 | length u64 | payload`` (big-endian,
+:mod:`colo.framing`).  Lengths are checked against a limit before anything is buffered,
+so a hostile peer cannot make us allocate without bound.
 """
 
 import socket
 import struct
 
 from emu.errors import ConfigError, EmuError
+
+from .framing import FrameFormat, FrameReader, read_frame
 
 HEADER = struct.Struct(">BQ")
 MAX_FRAME = 1 << 31  # a whole 1 GiB machine's RAM fits
@@ -23,20 +25,29 @@ DONE = 6           # destination: applied, running
 ABANDON = 7        # either side: give up; payload is the reason (UTF-8)
 SYNC = 8           # source: tell me when you have applied everything up to here (u64 sequence)
 SYNCED = 9         # destination: applied up to that SYNC
+REPLICATION = 10   # source, x-colo only, before COMPLETE: the pair's replication part (colo.replicationpart)
 
 NAMES = {HELLO: "HELLO", ACCEPT: "ACCEPT", RAM: "RAM", STATE: "STATE", COMPLETE: "COMPLETE", DONE: "DONE",
-         ABANDON: "ABANDON", SYNC: "SYNC", SYNCED: "SYNCED"}
+         ABANDON: "ABANDON", SYNC: "SYNC", SYNCED: "SYNCED", REPLICATION: "REPLICATION"}
 
 MAGIC = b"EMUMIGR\0"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: REPLICATION (a COLO link's state no longer travels in the device state)
 
 
 class ChannelError(EmuError):
     """The peer broke the protocol, went away, or abandoned."""
 
 
+FORMAT = FrameFormat(HEADER, NAMES, ChannelError, max_payload=MAX_FRAME)
+
+
 def frame(kind, payload=b""):
-    return HEADER.pack(kind, len(payload)) + payload
+    return FORMAT.frame(kind, payload)
+
+
+def frame_reader(max_payload=None):
+    """A reader of this channel's frames (``max_payload``: a tighter limit)."""
+    return FrameReader(FORMAT, max_payload)
 
 
 def hello_payload(machine_type, ram_size):
@@ -60,42 +71,12 @@ def parse_hello(payload):
         raise ChannelError("malformed HELLO") from None
 
 
-class FrameReader:
-    """Incremental frame assembly; feed() bytes, take complete (type, payload) frames."""
-
-    def __init__(self, max_frame=MAX_FRAME):
-        self.buf = bytearray()
-        self.max_frame = max_frame
-
-    def feed(self, data):
-        self.buf += data
-
-    def frames(self):
-        out = []
-        while len(self.buf) >= HEADER.size:
-            kind, length = HEADER.unpack_from(self.buf, 0)
-            if kind not in NAMES:
-                raise ChannelError(f"unknown message type {kind}")
-            if length > self.max_frame:
-                raise ChannelError(f"{NAMES[kind]} of {length} bytes exceeds the limit of {self.max_frame}")
-            if len(self.buf) < HEADER.size + length:
-                break
-            out.append((kind, bytes(self.buf[HEADER.size:HEADER.size + length])))
-            del self.buf[:HEADER.size + length]
-        return out
-
-
-def recv_frame(sock, timeout):
-    """Blocking receive of one frame (used where the protocol waits for a reply)."""
+def recv_frame(sock, reader, timeout):
+    """Blocking receive of one frame, where the protocol waits for a reply (``reader``
+    keeps what was received before)."""
     sock.settimeout(timeout)
     try:
-        header = _recv_exact(sock, HEADER.size)
-        kind, length = HEADER.unpack(header)
-        if kind not in NAMES:
-            raise ChannelError(f"unknown message type {kind}")
-        if length > MAX_FRAME:
-            raise ChannelError(f"{NAMES[kind]} of {length} bytes exceeds the limit")
-        return kind, _recv_exact(sock, length)
+        return read_frame(reader, lambda n: _recv_exact(sock, n))
     except socket.timeout:
         raise ChannelError(f"no reply within {timeout} s") from None
     except OSError as e:

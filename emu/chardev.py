@@ -1,24 +1,9 @@
 """Host-side character backends behind a serial port (the ``-serial`` option).
 
 Modelled on QEMU's chardevs (``chardev/char-stdio.c``, ``char-file.c``, ``char-socket.c``,
-``char-null.c``).  A backend is host plumbing, not guest state: it is never saved.
-
-The interface the run loop uses (with the ``selectors`` module):
-
-``write(data)``
-    Guest output.  Never blocks the emulator for long; a backend that cannot take the
-    bytes drops them (as QEMU does once its retries run out).
-``read_fds()``
-    The file descriptors to watch for input *now*.  The list changes when a TCP client
-    connects or leaves and when stdin reaches end of file; the loop asks again after every
-    ``on_readable`` call.
-``on_readable(fd)``
-    Read what ``fd`` has: bytes for the guest, or ``b''`` when nothing is for the guest
-    (a client was accepted, a peer closed, end of file).
-``flush()``
-    Push out output held back earlier (the UART calls it between CPU slices).
-``close()``
-    Release the host resources (terminal settings, sockets, files); safe to call twice.
+``char-null.c``).  A backend is host plumbing, not guest state: it is never saved.  Every
+backend is a :class:`CharBackend`; its methods are the whole interface the UART, the board
+and the run loop (with the ``selectors`` module) use.
 """
 
 import atexit
@@ -50,22 +35,36 @@ class BackendOpenError(ConfigError):
 
 
 class CharBackend:
-    """A backend with no input that discards output; subclasses override what they do."""
+    """The interface of a backend, with the behaviour of one that has no input and discards
+    output; each backend overrides what it does."""
 
     def write(self, data):
-        pass
+        """Guest output.  Never blocks the emulator for long; a backend that cannot take the
+        bytes drops them (as QEMU does once its retries run out)."""
 
     def read_fds(self):
+        """The file descriptors to watch for input *now*.  The list changes when a TCP client
+        connects or leaves and when stdin reaches end of file; the loop asks again after
+        every :meth:`on_readable` call."""
         return []
 
     def on_readable(self, fd):
+        """Read what ``fd`` has: bytes for the guest, or ``b''`` when nothing is for the
+        guest (a client was accepted, a peer closed, end of file)."""
         return b""
 
     def flush(self):
-        pass
+        """Push out output held back earlier (the UART calls it between CPU slices)."""
 
     def close(self):
-        pass
+        """Release the host resources (terminal settings, sockets, files); safe to call twice."""
+
+    def attach(self, machine, consumer):
+        """The board connects this backend to a serial port of ``machine``, whose input goes
+        to ``consumer(data) -> bytes accepted``; returns the consumer the machine is to feed.
+        A backend with state of its own beside the guest's (the COLO link) keeps the
+        machine here and counts what the guest accepts; the others need nothing."""
+        return consumer
 
 
 class NullBackend(CharBackend):

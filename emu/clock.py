@@ -1,7 +1,7 @@
 """The virtual clock (nanoseconds) and the timers it drives.
 
-Every device timer is a :class:`Timer` on the machine's :class:`VirtualClock`.  The clock
-reads its time from a *source*:
+Every device timer is a :class:`Timer` on the machine's :class:`VirtualClock`.  Guest time
+runs in one of three modes (its arithmetic is ``guest_clock_*`` in ``emu/cpu/emuc.c``):
 
 * ``realtime``: guest time follows the host monotonic clock while the machine runs and
   stands still while it is paused (QEMU's ``QEMU_CLOCK_VIRTUAL``);
@@ -14,7 +14,8 @@ Timers never fire by themselves: the run loop (or a test) calls :meth:`run_due_t
 
 import heapq
 import itertools
-import time
+
+from emu.cpu import _emuc
 
 NS_PER_SEC = 1_000_000_000
 
@@ -49,56 +50,52 @@ class Timer:
 
 
 class VirtualClock:
-    """Guest time in nanoseconds plus the set of armed timers."""
+    """Guest time in nanoseconds plus the set of armed timers.
 
-    def __init__(self, mode="realtime"):
-        if mode not in ("realtime", "icount", "manual"):
+    Guest time itself is kept in C (``guest_clock`` in ``emu/cpu/emuc.h``), where the virtual
+    TSC and the deadline checks read it inside the engine; this class reads and sets it
+    there, so that there is one definition of it.  ``base`` is the ``guest_clock`` to use
+    (the machine passes the one in its C state); without it the clock has its own.
+    """
+
+    MODES = ("realtime", "icount", "manual")
+
+    def __init__(self, mode="realtime", *, base=None, ns_per_unit=1):
+        if mode not in self.MODES:
             raise ValueError(f"clock: unknown mode {mode!r}")
+        if base is None:
+            base = _emuc.ffi.new("guest_clock *")
+        self.base = base
+        base.mode = {"realtime": _emuc.lib.GUEST_CLOCK_REALTIME, "icount": _emuc.lib.GUEST_CLOCK_ICOUNT,
+                     "manual": _emuc.lib.GUEST_CLOCK_MANUAL}[mode]
+        base.ns_per_unit = ns_per_unit
+        base.running = 0
         self.mode = mode
         self._heap = []
         self._counter = itertools.count()
-        self._manual_ns = 0
-        # realtime: guest_ns = host_ns - _offset while running; frozen while paused
-        self._running = False
-        self._offset = time.monotonic_ns()
-        self._frozen_ns = 0
-        # icount: guest_ns = _icount_base + work_units * ns_per_unit
-        self.icount_source = None  # callable returning executed work units
-        self.ns_per_unit = 1
-        self._icount_base = 0
+        self._now = _emuc.lib.guest_clock_now
+        self.set_now(0)
+
+    @property
+    def ns_per_unit(self):
+        """Deterministic mode: guest nanoseconds per unit of guest work (byte of code run)."""
+        return self.base.ns_per_unit
 
     # --- reading time -------------------------------------------------------------
     def now(self):
-        if self.mode == "realtime":
-            if self._running:
-                return time.monotonic_ns() - self._offset
-            return self._frozen_ns
-        if self.mode == "icount":
-            return self._icount_base + self.icount_source() * self.ns_per_unit
-        return self._manual_ns
+        return self._now(self.base)
 
     # --- run state (realtime) -----------------------------------------------------
     def start(self):
         """Let guest time flow again (realtime) from where it stopped."""
-        if self.mode == "realtime" and not self._running:
-            self._offset = time.monotonic_ns() - self._frozen_ns
-            self._running = True
+        _emuc.lib.guest_clock_start(self.base)
 
     def stop(self):
-        if self.mode == "realtime" and self._running:
-            self._frozen_ns = time.monotonic_ns() - self._offset
-            self._running = False
+        _emuc.lib.guest_clock_stop(self.base)
 
     def set_now(self, ns):
         """Place the clock at ``ns`` (state load)."""
-        ns = int(ns)
-        if self.mode == "realtime":
-            self._frozen_ns = ns
-            self._offset = time.monotonic_ns() - ns
-        elif self.mode == "icount":
-            self._icount_base = ns - self.icount_source() * self.ns_per_unit
-        else:
-            self._manual_ns = ns
+        _emuc.lib.guest_clock_set(self.base, int(ns))
 
     def warp_to(self, ns):
         """Jump forward to ``ns`` (an idle CPU in icount mode skips to the next deadline)."""
@@ -107,14 +104,16 @@ class VirtualClock:
 
     def step(self, delta_ns):
         """Manual mode: advance time and fire every timer that came due, in order."""
-        target = self._manual_ns + int(delta_ns)
+        if self.mode != "manual":
+            raise ValueError(f"clock: step() moves a manual clock, not a {self.mode} one")
+        target = self.now() + int(delta_ns)
         while True:
             d = self.next_deadline()
             if d is None or d > target:
                 break
-            self._manual_ns = max(self._manual_ns, d)
+            self.set_now(max(self.now(), d))
             self.run_due_timers()
-        self._manual_ns = target
+        self.set_now(target)
         self.run_due_timers()
 
     # --- timers --------------------------------------------------------------------
@@ -148,9 +147,3 @@ class VirtualClock:
             timer.callback()
             fired += 1
             now = self.now()
-
-    def armed_timers(self):
-        """Every armed timer (for state save and debugging)."""
-        self._clean()
-        return sorted({id(t): t for *_, t in self._heap if t.deadline is not None}.values(),
-                      key=lambda t: (t.deadline, t.name))

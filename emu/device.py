@@ -79,10 +79,6 @@ class PortBus:
         """Whether no device claims any port of [base, base + count)."""
         return all(self._owner[port] is None for port in range(base, base + count))
 
-    def owner(self, port):
-        entry = self._owner[port & 0xFFFF]
-        return entry[0] if entry else None
-
     def read(self, port, size):
         port &= 0xFFFF
         entry = self._owner[port]

@@ -1,8 +1,8 @@
-"""Boot image loaders: multiboot v1 kernels, raw binaries and the PC BIOS ROM.
+"""Boot image loaders: multiboot v1 kernels, Linux bzImages, raw binaries and the PC BIOS ROM.
 
 Each loader writes its image into guest RAM through :meth:`GuestRam.write` (so the pages are
 marked dirty and stale translated code is dropped) and returns an :class:`EntryState` that
-``Cpu.enter`` turns into registers.
+``X86Cpu.enter`` turns into registers.
 
 Multiboot follows the Multiboot Specification 0.6.96 and hands the kernel what QEMU does
 (hw/i386/multiboot.c together with its option ROM pc-bios/optionrom/multiboot.S), so a
@@ -48,7 +48,7 @@ class EntryState:
 
     ``mode`` is ``"real"``, ``"protected32"`` or ``"long64"``; ``ip`` is EIP/RIP (IP in real
     mode, relative to ``cs``).  ``regs`` holds general registers by lowercase name plus the
-    keys ``gdt``/``gdt_limit`` (GDTR base and limit) and ``ds_selector`` that ``Cpu.enter``
+    keys ``gdt``/``gdt_limit`` (GDTR base and limit) and ``ds_selector`` that ``X86Cpu.enter``
     interprets.  In real mode ``cs`` is the selector and the hidden base is ``cs << 4``
     unless ``cs_base`` says otherwise (the reset vector); in protected and long mode ``cs``
     is the code selector of flat 4 GiB segments, data segments use ``cs + 8``.  ``notes``
@@ -631,27 +631,51 @@ def load_linux(ram, path, image, cmdline="", initrd=(), host_decompress=None):
         host_decompress = LINUX_HOST_DECOMPRESS
     header = parse_linux_header(image, path)
     notes = []
-    ram_size = ram.size
-    setup_size = (header.setup_sects + 1) * 512
-    protected = image[setup_size:]
-
     load = header.pref_address or LINUX_DEFAULT_LOAD
     if header.relocatable and header.kernel_alignment and load % header.kernel_alignment:
         load = LINUX_DEFAULT_LOAD
-    pieces = None
+    pieces, entry = _linux_kernel_pieces(image, header, load, path, host_decompress, notes)
+    kernel_end = _check_kernel_fits(pieces, load, header, ram.size, path)
+    cmd = _linux_cmdline(cmdline, header, path)
+    initrd_path, initrd_data = _read_initrd(initrd, path)
+    initrd_addr = _place_initrd(initrd_path, initrd_data, header, ram.size, kernel_end)
+    zero_page = _linux_zero_page(image, header, load, initrd_addr, len(initrd_data or b""), ram.size)
+
+    for piece in pieces:
+        ram.write(piece.address, piece.data)
+        if piece.size > len(piece.data):
+            ram.write(piece.address + len(piece.data), bytes(piece.size - len(piece.data)))
+    if initrd_data is not None:
+        ram.write(initrd_addr, initrd_data)
+    ram.write(LINUX_GDT_ADDR, LINUX_GDT)
+    ram.write(LINUX_PML4_ADDR, _identity_page_tables())
+    ram.write(LINUX_ZERO_PAGE_ADDR, zero_page)
+    ram.write(LINUX_CMDLINE_ADDR, cmd + b"\0")
+
+    regs = {"cr3": LINUX_PML4_ADDR, "gdt": LINUX_GDT_ADDR, "gdt_limit": len(LINUX_GDT) - 1,
+            "ds_selector": LINUX_BOOT_DS, "rsi": LINUX_ZERO_PAGE_ADDR, "rsp": LINUX_STACK_TOP}
+    return EntryState("long64", entry, regs, cs=LINUX_BOOT_CS, notes=notes)
+
+
+def _linux_kernel_pieces(image, header, load, path, host_decompress, notes):
+    """(pieces, entry): the vmlinux segments decompressed on the host when asked and possible,
+    else the protected-mode kernel at ``load``, which then decompresses itself."""
+    protected = image[(header.setup_sects + 1) * 512:]
     if host_decompress:
         end = header.payload_offset + header.payload_length
         if header.payload_length and end <= len(protected):
             vmlinux = _decompress_payload(protected[header.payload_offset:end])
             loaded = _vmlinux_pieces(vmlinux) if vmlinux else None
             if loaded is not None:
-                pieces, entry = loaded
-        if pieces is None:
-            notes.append(f"{path}: the kernel payload could not be decompressed on the host; "
-                         f"the kernel decompresses itself (slow)")
-    if pieces is None:
-        pieces = [_Piece(load, protected, max(len(protected), header.init_size), "protected-mode kernel")]
-        entry = load + STARTUP_64_OFFSET
+                return loaded
+        notes.append(f"{path}: the kernel payload could not be decompressed on the host; "
+                     f"the kernel decompresses itself (slow)")
+    pieces = [_Piece(load, protected, max(len(protected), header.init_size), "protected-mode kernel")]
+    return pieces, load + STARTUP_64_OFFSET
+
+
+def _check_kernel_fits(pieces, load, header, ram_size, path):
+    """The end of the kernel's memory (its init_size included), checked against RAM."""
     kernel_start = min(p.address for p in pieces)
     kernel_end = max(max(p.address + p.size for p in pieces), load + header.init_size)
     if kernel_start < HIGH_RAM_START:
@@ -660,24 +684,34 @@ def load_linux(ram, path, image, cmdline="", initrd=(), host_decompress=None):
         raise ConfigError(f"{path}: the kernel needs memory up to {kernel_end:#x} "
                           f"({(kernel_end + (1 << 20) - 1) >> 20} MiB) and RAM is {ram_size >> 20} MiB; "
                           f"give more memory with -m")
+    return kernel_end
 
+
+def _linux_cmdline(cmdline, header, path):
     cmd = cmdline.encode() if isinstance(cmdline, str) else bytes(cmdline or b"")
     limit = min(header.cmdline_size or 255, LINUX_CMDLINE_MAX - 1)
     if len(cmd) > limit:
         raise ConfigError(f"{path}: kernel command line is {len(cmd)} bytes, the kernel accepts "
                           f"at most {limit} (cmdline_size)")
+    return cmd
 
-    initrd_path, initrd_data = _read_initrd(initrd, path)
-    initrd_addr = initrd_size = 0
-    if initrd_data is not None:
-        initrd_size = len(initrd_data)
-        initrd_top = min(header.initrd_addr_max, ram_size - 1) + 1
-        initrd_addr = (initrd_top - initrd_size) & ~(PAGE_SIZE - 1)
-        if initrd_addr < kernel_end:
-            raise ConfigError(f"initrd {initrd_path}: {initrd_size} bytes do not fit between the kernel "
-                              f"(ends at {kernel_end:#x}) and {initrd_top:#x} (RAM {ram_size >> 20} MiB, "
-                              f"initrd_addr_max {header.initrd_addr_max:#x}); give more memory with -m")
 
+def _place_initrd(initrd_path, initrd_data, header, ram_size, kernel_end):
+    """Where the initrd goes: page-aligned, as high as initrd_addr_max and RAM allow (0: none)."""
+    if initrd_data is None:
+        return 0
+    initrd_size = len(initrd_data)
+    initrd_top = min(header.initrd_addr_max, ram_size - 1) + 1
+    initrd_addr = (initrd_top - initrd_size) & ~(PAGE_SIZE - 1)
+    if initrd_addr < kernel_end:
+        raise ConfigError(f"initrd {initrd_path}: {initrd_size} bytes do not fit between the kernel "
+                          f"(ends at {kernel_end:#x}) and {initrd_top:#x} (RAM {ram_size >> 20} MiB, "
+                          f"initrd_addr_max {header.initrd_addr_max:#x}); give more memory with -m")
+    return initrd_addr
+
+
+def _linux_zero_page(image, header, load, initrd_addr, initrd_size, ram_size):
+    """The boot_params page: the image's setup header as a boot loader fills it, and the e820 map."""
     zero_page = bytearray(PAGE_SIZE)
     zero_page[HDR_SETUP_SECTS:header.header_end] = image[HDR_SETUP_SECTS:header.header_end]
     zero_page[HDR_TYPE_OF_LOADER] = 0xFF
@@ -691,21 +725,7 @@ def load_linux(ram, path, image, cmdline="", initrd=(), host_decompress=None):
     zero_page[BP_E820_ENTRIES] = len(e820)
     for i, (base, length, kind) in enumerate(e820):
         struct.pack_into("<QQI", zero_page, BP_E820_TABLE + 20 * i, base, length, kind)
-
-    for piece in pieces:
-        ram.write(piece.address, piece.data)
-        if piece.size > len(piece.data):
-            ram.write(piece.address + len(piece.data), bytes(piece.size - len(piece.data)))
-    if initrd_data is not None:
-        ram.write(initrd_addr, initrd_data)
-    ram.write(LINUX_GDT_ADDR, LINUX_GDT)
-    ram.write(LINUX_PML4_ADDR, _identity_page_tables())
-    ram.write(LINUX_ZERO_PAGE_ADDR, bytes(zero_page))
-    ram.write(LINUX_CMDLINE_ADDR, cmd + b"\0")
-
-    regs = {"cr3": LINUX_PML4_ADDR, "gdt": LINUX_GDT_ADDR, "gdt_limit": len(LINUX_GDT) - 1,
-            "ds_selector": LINUX_BOOT_DS, "rsi": LINUX_ZERO_PAGE_ADDR, "rsp": LINUX_STACK_TOP}
-    return EntryState("long64", entry, regs, cs=LINUX_BOOT_CS, notes=notes)
+    return bytes(zero_page)
 
 
 # ---------------------------------------------------------------------------- raw binaries

@@ -30,13 +30,13 @@ class Machine:
         self.machine_type = machine_type
         self.no_reboot = no_reboot
         self.trace_categories = set(trace or ())
-        self.clock = VirtualClock("icount" if icount else "realtime")
-        self.clock.ns_per_unit = ns_per_unit
-        self.ram = GuestRam(ram_size)
-        self.ports = PortBus()
         self.ffi, self.clib = _emuc.ffi, _emuc.lib
         self.cstate = self.ffi.new("emu_state *")
-        self.clock.icount_source = lambda: self.cstate.icount
+        # guest time lives in the C state, where the TSC and deadline hooks read it
+        self.clock = VirtualClock("icount" if icount else "realtime", base=self.ffi.addressof(self.cstate, "clock"),
+                                  ns_per_unit=ns_per_unit)
+        self.ram = GuestRam(ram_size)
+        self.ports = PortBus()
         cpu_trace = self.trace if "int" in self.trace_categories else None
         self.cpu = X86Cpu(self.ram, self.ports, self.clock, self.cstate, self.ffi, self.clib,
                           icount=icount, has_lapic=has_lapic, trace=cpu_trace)
@@ -66,6 +66,8 @@ class Machine:
         self.exit_message = None
         self.reset_requested = False
         self.boot = None  # callable that loads images and sets the CPU entry state
+        self.serial_backends = []  # the host side of the board's serial ports (CharBackend); closed with it
+        self.name = None  # the guest's name (-name), for QMP query-name
         self.selector = selectors.DefaultSelector()
         self._input_states = []  # (backend, consumer, pending bytearray), one per input
         self._inputs = {}  # fd -> one of _input_states
@@ -166,7 +168,7 @@ class Machine:
     def request_exit(self, status, message=None):
         self.exit_status = status
         self.exit_message = message
-        self.cstate.frozen = 1  # Unicorn finishes the current block: let it touch no device
+        self.cstate.exiting = 1  # Unicorn finishes the current block: let it touch no device
         self.cpu.request_stop()
 
     def request_reset(self):
@@ -174,14 +176,32 @@ class Machine:
         self.cpu.request_stop()
 
     # ------------------------------------------------------------------ replication surface
+    # What migration and replication may use of a machine: emu.replication.ReplicationSurface.
     def pause(self):
-        """Make run() return at the next slice boundary (guest time stops with it)."""
-        self.pause_requested = True
-        self.cpu.request_stop()
+        """Stop the guest (QMP ``stop``, a checkpoint): guest time stops at once, run()
+        returns at the next slice boundary, the monitor hears STOP."""
+        if self.status == "running":
+            self.status = "paused"
+            self.pause_requested = True
+            self.cpu.request_stop()
+            self.clock.stop()  # guest time stops now, not when the loop gets to return
+            self.emit("STOP")
 
     def resume(self):
-        """Allow run() to continue; call run() again to let the guest go on."""
-        self.pause_requested = False
+        """Let a paused (or not yet started, or migrated) guest run again (QMP ``cont``)."""
+        if self.status in ("paused", "prelaunch", "postmigrate"):
+            self.status = "running"
+            self.pause_requested = False
+            self.clock.start()  # a pause/resume pair inside the loop (a checkpoint) must not freeze guest time
+            self.emit("RESUME")
+
+    @property
+    def ram_size(self):
+        return self.ram.size
+
+    @property
+    def page_count(self):
+        return self.ram.npages
 
     def save_state(self, ram_pages=None, out=None):
         """Device state (CPU, clock, devices) as a checked stream; RAM pages if asked
@@ -190,18 +210,50 @@ class Machine:
         from emu.state import machinestate  # numpy and the stream format: not needed to run
         return machinestate.save(self, ram_pages, out)
 
+    def check_state(self, data, verify_checksum=True):
+        """Check a whole stream from :meth:`save_state` without applying it (everything
+        :meth:`load_state` checks); returns what :meth:`apply_state` takes."""
+        from emu.state import machinestate
+        return machinestate.check(self, data, verify_checksum)
+
+    def apply_state(self, checked, rollback=True):
+        """Apply a stream :meth:`check_state` passed; should a device refuse it still, the
+        machine is left as it was.  ``rollback``: the device state to return to then, a
+        :meth:`save_state` stream taken since the guest last ran (True: taken now; False:
+        nothing worth keeping, no copy)."""
+        from emu.state import machinestate
+        machinestate.load(self, checked, rollback)
+
     def load_state(self, data, rollback=True):
         """Load a stream from :meth:`save_state`; rejected whole, machine untouched, if bad."""
-        from emu.state import machinestate
-        machinestate.load(self, data, rollback)
+        self.apply_state(self.check_state(data), rollback)
 
     def save_ram(self, pages):
         from emu.state import machinestate  # numpy and the stream format: not needed to run
         return machinestate.save_ram(self, pages)
 
+    def check_ram(self, data, verify_checksum=True):
+        """Check a whole RAM-only stream without writing it; returns its pages."""
+        from emu.state import machinestate
+        return machinestate.check_ram(self, data, verify_checksum)
+
     def load_ram(self, data):
         from emu.state import machinestate  # numpy and the stream format: not needed to run
         return machinestate.load_ram(self, data)
+
+    def copy_ram(self):
+        """A copy of all of RAM (a COLO secondary's RAM cache starts as one)."""
+        return self.ram.buf.copy()
+
+    def write_ram_pages(self, pages, source):
+        """Copy ``pages`` of ``source`` (a buffer the size of RAM, e.g. a RAM cache) into
+        RAM, as a host write: translated code over them is dropped, the dirty log sees them."""
+        from emu.state import machinestate
+        machinestate.write_pages(self, pages, source)
+
+    def count_zero_pages(self, pages):
+        from emu.state import machinestate
+        return machinestate.count_zero_pages(self, pages)
 
     def state_digest(self):
         from emu.state import machinestate  # numpy and the stream format: not needed to run
@@ -281,7 +333,7 @@ class Machine:
         """Release host resources (terminal settings, sockets, files)."""
         for device in self.devices:
             device.poll()
-        for backend in getattr(self, "serial_backends", ()):
+        for backend in self.serial_backends:
             backend.close()
         for resource in self.host_resources:
             if hasattr(resource, "close"):
@@ -289,7 +341,7 @@ class Machine:
 
     def reset(self):
         """System reset: every device and the CPU back to power-on, images reloaded."""
-        self.cstate.frozen = 0
+        self.cstate.exiting = 0
         for device in self.devices:
             device.reset()
         self.cpu.reset()
@@ -298,14 +350,6 @@ class Machine:
         self.reset_requested = False
         self.stats["resets"] += 1
 
-    def sync_time(self):
-        """Hand the clock's offsets to the C hooks (virtual TSC, deadlines)."""
-        s, clock = self.cstate, self.clock
-        if clock.mode == "icount":
-            s.icount_base_ns = clock._icount_base
-        else:
-            s.rt_offset_ns = clock._offset
-
     # ------------------------------------------------------------------ the run loop
     def run(self, until_ns=None):
         """Run until the guest exits (returns the exit status) or ``until_ns`` of guest time."""
@@ -313,7 +357,6 @@ class Machine:
         clock.start()
         try:
             while self.exit_status is None:
-                self.sync_time()
                 clock.run_due_timers()
                 self._poll_devices()
                 self._service_host_io(0)
@@ -458,6 +501,14 @@ class Machine:
             self._refresh_inputs()
 
     # ------------------------------------------------------------------ host side services
+    def add_background_job(self, job):
+        """Call ``job()`` between slices, and while paused (live migration passes, COLO)."""
+        self.background_jobs.append(job)
+
+    def remove_background_job(self, job):
+        if job in self.background_jobs:
+            self.background_jobs.remove(job)
+
     def add_fd_handler(self, fd, callback):
         """Call ``callback()`` between slices whenever ``fd`` is readable (monitor, migration)."""
         self._fd_handlers[fd] = callback
@@ -490,22 +541,6 @@ class Machine:
         for listener in list(self.event_listeners):
             listener(event, data or {})
 
-    def stop(self):
-        """Pause the guest (QMP ``stop``): guest time stops too."""
-        if self.status == "running":
-            self.status = "paused"
-            self.pause()
-            self.clock.stop()  # guest time stops now, not when the loop gets to return
-            self.emit("STOP")
-
-    def cont(self):
-        """Resume the guest (QMP ``cont``)."""
-        if self.status in ("paused", "prelaunch", "postmigrate"):
-            self.status = "running"
-            self.resume()
-            self.clock.start()  # a stop/cont pair inside the loop (a checkpoint) must not freeze guest time
-            self.emit("RESUME")
-
     def main_loop(self):
         """Run until the guest exits; while paused only the host side (monitor...) is served."""
         while self.exit_status is None:
@@ -514,7 +549,6 @@ class Machine:
                 for job in list(self.background_jobs):
                     job()
                 continue
-            self.resume()
             self.run()
         self.status = "shutdown"
         self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})

@@ -99,7 +99,7 @@ class _Parser(argparse.ArgumentParser):
             i += count
 
 
-def _run_parser():
+def run_parser():
     p = _Parser(prog="emu run", description="Run a guest on the emulated PC.")
     p.add_argument("-h", "-help", "--help", action="store_true", help="print this help and exit")
     p.add_argument("-version", "--version", action="store_true", help="print the version and exit")
@@ -243,11 +243,11 @@ def _savevm_at(args):
         raise ConfigError(f"-savevm-at: bad time {ms!r} (milliseconds of guest time)") from None
     if when < 0:
         raise ConfigError(f"-savevm-at: negative time {ms!r}")
-    _check_writable("-savevm-at", path)
+    check_writable("-savevm-at", path)
     return int(when * 1_000_000), path
 
 
-def _check_writable(option, path):
+def check_writable(option, path):
     """Fail now, in one line, if ``path`` cannot be created (the file is not left behind)."""
     existed = os.path.exists(path)
     try:
@@ -311,7 +311,7 @@ def _daemonize():
 
 
 def cmd_run(argv):
-    return run_machine(_run_parser().parse_args(argv))
+    return run_machine(run_parser().parse_args(argv))
 
 
 def _check_run_options(args):
@@ -328,6 +328,17 @@ def _check_run_options(args):
         raise ConfigError("-incoming defer: needs -qmp (the migrate-incoming command gives the URI)")
 
 
+class _RunParts:
+    """What :func:`run_machine` has set up so far; whatever exists is closed on every way out."""
+
+    def __init__(self):
+        self.machine = self.monitor = self.migration = None
+        self.pidfile_written = False
+
+    def close(self):
+        _close(self.machine, self.monitor, self.migration)
+
+
 def run_machine(args, configure=None):
     """Build the machine ``args`` describe and run it; ``configure(machine, migration)``
     runs before the guest starts (``emu colo`` sets up the pair there).
@@ -336,73 +347,115 @@ def run_machine(args, configure=None):
     error (one line, exit status 2, the guest never runs)."""
     _check_run_options(args)
     savevm = _savevm_at(args)
-    snapshot = None
-    if args.loadvm is not None:
-        try:
-            with open(args.loadvm, "rb") as f:
-                snapshot = f.read()
-        except OSError as e:
-            raise ConfigError(f"-loadvm: cannot read {args.loadvm!r}: {e.strerror}") from None
+    snapshot = _read_loadvm(args)
     if args.pidfile is not None:
-        _check_writable("-pidfile", args.pidfile)
+        check_writable("-pidfile", args.pidfile)
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    machine = monitor = migration = None
-    pidfile_written = False
-    status = None
+    parts = _RunParts()
     try:
-        machine = build_from_args(args)
-        machine.name = _guest_name(args.name)
-        colo_links = [b for b in getattr(machine, "serial_backends", ()) if getattr(b, "role", None) is not None]
-        if args.qmp is not None or args.incoming is not None or colo_links or configure is not None:
-            # migration and COLO are reached through QMP, -incoming or a pair's serial link
-            from colo.migration import IncomingMigration, MigrationController
-
-            migration = MigrationController(machine)
-            for backend in colo_links:  # the serial link of a COLO pair
-                migration.colo_link = backend
-                migration.colo_passive = backend.mode == "passive"
-        if args.qmp is not None:
-            from frontend.qmp import QmpServer
-            monitor = QmpServer(machine, args.qmp, migration=migration)
-        if args.incoming == "defer":
-            machine.status = "inmigrate"
-            migration.defer_incoming(lambda uri: IncomingMigration(
-                machine, uri, autostart=not args.start_paused, controller=migration))
-        elif args.incoming is not None:
-            migration.incoming = IncomingMigration(machine, args.incoming, autostart=not args.start_paused,
-                                                   controller=migration)
-        if snapshot is not None:
-            try:
-                machine.load_state(snapshot)
-            except StateError as e:
-                raise ConfigError(f"-loadvm: {args.loadvm}: {e}") from None
-        if args.start_paused and machine.status == "running":
-            machine.status = "prelaunch"
-        if configure is not None:
-            configure(machine, migration)
-        if args.daemonize:
-            _daemonize()
-        if args.pidfile is not None:
-            _write_pidfile(args.pidfile)
-            pidfile_written = True
+        _set_up(args, configure, snapshot, parts)
     except (EmuError, OSError) as e:
-        _close(machine, monitor, migration)
+        parts.close()
         _restore_signals(previous)
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(str(e) if isinstance(e, EmuError) else f"{e.strerror or e}") from None
     except (KeyboardInterrupt, Terminated) as e:  # e.g. while -serial ...,server waits for its client
-        _close(machine, monitor, migration)
+        parts.close()
         _restore_signals(previous)
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
         print(f"emu: terminating on signal {signum}", file=sys.stderr)
         return 0
     try:
+        status = _run_guest(args, configure, savevm, parts)
+    finally:
+        parts.close()
+        _restore_signals(previous)
+        if parts.pidfile_written:
+            _unlink_quietly(args.pidfile)
+    if parts.machine.exit_message:
+        print(f"emu: {parts.machine.exit_message}", file=sys.stderr)
+    return 0 if status is None else status
+
+
+def _read_loadvm(args):
+    """The ``-loadvm`` snapshot's bytes (read before anything is built), or None."""
+    if args.loadvm is None:
+        return None
+    try:
+        with open(args.loadvm, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"-loadvm: cannot read {args.loadvm!r}: {e.strerror}") from None
+
+
+def _set_up(args, configure, snapshot, parts):
+    """Build the machine and what serves it (monitor, migration), load the snapshot, detach."""
+    machine = parts.machine = build_from_args(args)
+    machine.name = _guest_name(args.name)
+    migration = parts.migration = _migration_controller(args, machine, configure)
+    if args.qmp is not None:
+        from frontend.qmp import QmpServer
+        parts.monitor = QmpServer(machine, args.qmp, migration=migration)
+    _set_up_incoming(args, machine, migration)
+    if snapshot is not None:
+        try:
+            machine.load_state(snapshot)
+        except StateError as e:
+            raise ConfigError(f"-loadvm: {args.loadvm}: {e}") from None
+    if args.start_paused and machine.status == "running":
+        machine.status = "prelaunch"
+    if configure is not None:
+        configure(machine, migration)
+    if args.daemonize:
+        _daemonize()
+    if args.pidfile is not None:
+        _write_pidfile(args.pidfile)
+        parts.pidfile_written = True
+
+
+def _migration_controller(args, machine, configure):
+    """Migration and COLO, when something can reach them: QMP, -incoming or a pair's serial
+    link (``emu colo`` configures one itself); None otherwise."""
+    from colo.link import ColoLink  # the serial link of a COLO pair (-serial colo:...)
+
+    colo_links = [backend for backend in machine.serial_backends if isinstance(backend, ColoLink)]
+    if args.qmp is None and args.incoming is None and not colo_links and configure is None:
+        return None
+    from colo.migration import MigrationController
+
+    migration = MigrationController(machine)
+    for backend in colo_links:  # the serial link of a COLO pair
+        migration.colo_link = backend
+        migration.colo_passive = backend.mode == "passive"
+    return migration
+
+
+def _set_up_incoming(args, machine, migration):
+    """``-incoming URI`` listens now; ``-incoming defer`` waits for QMP migrate-incoming."""
+    if args.incoming is None:
+        return
+    from colo.migration import IncomingMigration
+
+    if args.incoming == "defer":
+        machine.status = "inmigrate"
+        migration.defer_incoming(lambda uri: IncomingMigration(
+            machine, uri, autostart=not args.start_paused, controller=migration))
+    else:
+        migration.incoming = IncomingMigration(machine, args.incoming, autostart=not args.start_paused,
+                                               controller=migration)
+
+
+def _run_guest(args, configure, savevm, parts):
+    """Run until the guest or the user ends it; returns the exit status (None: run ended
+    without one)."""
+    machine, status = parts.machine, None
+    try:
         if savevm is not None:
             status = machine.run(until_ns=savevm[0])
             _save_at(machine, savevm, status)
         if status is None:
-            interactive = (monitor is not None or args.start_paused or args.incoming is not None
+            interactive = (parts.monitor is not None or args.start_paused or args.incoming is not None
                            or configure is not None)
             status = machine.main_loop() if interactive else machine.run()
     except (KeyboardInterrupt, Terminated) as e:
@@ -412,14 +465,7 @@ def run_machine(args, configure=None):
     except EmuError as e:
         machine.exit_message = str(e)
         status = RUNTIME_FAILURE_STATUS
-    finally:
-        _close(machine, monitor, migration)
-        _restore_signals(previous)
-        if pidfile_written:
-            _unlink_quietly(args.pidfile)
-    if machine.exit_message:
-        print(f"emu: {machine.exit_message}", file=sys.stderr)
-    return 0 if status is None else status
+    return status
 
 
 def _save_at(machine, savevm, status):

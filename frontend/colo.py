@@ -29,7 +29,6 @@ USAGE = """usage: emu colo COMMAND [options]
 (emu colo COMMAND --help for each)"""
 
 CONNECT_WAIT_S = 20.0
-KILL_PHASES = ("after-request", "before-send", "mid-ram", "mid-device", "before-digest", "after-received")
 
 
 def _pair_options(parser, role):
@@ -84,15 +83,17 @@ def _settings(args):
         raise ConfigError("--heartbeat-timeout must be above --heartbeat-period (both > 0)")
     arbiter = parse_tcp_uri(args.arbiter, "--arbiter") if args.arbiter else None
     if args.records:  # checked now: the records file is opened only once the pair has formed
-        from frontend.cli import _check_writable
+        from frontend.cli import check_writable
         if not args.records.lower().endswith((".json", ".csv")):
             raise ConfigError(f"--records: {args.records!r} must end in .json or .csv")
-        _check_writable("--records", args.records)
+        check_writable("--records", args.records)
     kill_at = None
     if getattr(args, "x_kill_at", None):
+        from colo.checkpoint import FAULT_PHASES
+
         phase, _, seq = args.x_kill_at.partition(":")
-        if phase not in KILL_PHASES or not seq.isdigit():
-            raise ConfigError(f"--x-kill-at: expected PHASE:SEQ with PHASE one of {', '.join(KILL_PHASES)}")
+        if phase not in FAULT_PHASES or not seq.isdigit():
+            raise ConfigError(f"--x-kill-at: expected PHASE:SEQ with PHASE one of {', '.join(FAULT_PHASES)}")
         kill_at = (phase, int(seq))
     return ColoSettings(heartbeat_period_ms=args.heartbeat_period, heartbeat_timeout_ms=args.heartbeat_timeout,
                         output_delay_ms=getattr(args, "output_delay", 1.0), arbiter=arbiter, group=args.group,
@@ -102,9 +103,9 @@ def _settings(args):
 
 def _pair_args(role, argv):
     """``emu run`` options plus the pair's, parsed; and the COLO settings they give."""
-    from frontend.cli import _run_parser
+    from frontend.cli import run_parser
 
-    parser = _run_parser()
+    parser = run_parser()
     parser.prog = f"emu colo {role}"
     _pair_options(parser, role)
     args = parser.parse_args(argv)
@@ -182,9 +183,9 @@ def cmd_primary(argv):
 
         def protect_later():  # the guest runs unprotected until then (a boot, say)
             if time.monotonic() >= start_at:
-                machine.background_jobs.remove(protect_later)
+                machine.remove_background_job(protect_later)
                 protect()
-        machine.background_jobs.append(protect_later)
+        machine.add_background_job(protect_later)
 
     return run_machine(args, configure)  # SIGTERM ends it like Ctrl-C: records flushed, sockets closed
 

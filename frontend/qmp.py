@@ -112,85 +112,109 @@ class JsonStream:
 
     def feed(self, data):
         """Returns a list of (value, None) or (None, QmpError) in input order."""
-        buf = self.buf
-        buf += data
+        self.buf += data
         out = []
-        while True:
-            n = len(buf)
-            if self.in_string:
-                m = _IN_STRING.search(buf, self.pos)
-                if m is None:
-                    self.pos = n
-                    break
-                i = m.start()
-                if buf[i] == 0x5C:  # backslash: skip the escaped byte
-                    if i + 1 >= n:
-                        self.pos = i
-                        break
-                    self.pos = i + 2
-                    continue
-                self.in_string = False
-                self.pos = i + 1
-                if self.depth == 0:
-                    out.append(self._finish(self.pos))
-                continue
-            if self.depth:
-                m = _STRUCTURAL.search(buf, self.pos)
-                if m is None:
-                    self.pos = n
-                    break
-                i = m.start()
-                self.pos = i + 1
-                c = buf[i]
-                if c == 0x22:
-                    self.in_string = True
-                elif c in b"{[":
-                    self.depth += 1
-                    if self.depth > MAX_NESTING:
-                        out.append((None, QmpError("JSON parse error, nesting too deep")))
-                        self._discard()
-                else:
-                    self.depth -= 1
-                    if self.depth == 0:
-                        out.append(self._finish(self.pos))
-                continue
-            if self.bare:
-                m = _TOKEN_END.search(buf, self.pos)
-                if m is None:
-                    self.pos = n
-                    break
-                self.pos = m.start()
-                self.bare = False
+        while self._step(out):
+            pass
+        self._keep_unfinished(out)
+        return out
+
+    def _step(self, out):
+        """Scan on from ``pos`` in the current state; False when the buffer needs more input."""
+        if self.in_string:
+            return self._scan_string(out)
+        if self.depth:
+            return self._scan_nested(out)
+        if self.bare:
+            return self._scan_bare(out)
+        return self._scan_value_start(out)
+
+    def _scan_string(self, out):
+        buf, n = self.buf, len(self.buf)
+        m = _IN_STRING.search(buf, self.pos)
+        if m is None:
+            self.pos = n
+            return False
+        i = m.start()
+        if buf[i] == 0x5C:  # backslash: skip the escaped byte
+            if i + 1 >= n:
+                self.pos = i
+                return False
+            self.pos = i + 2
+            return True
+        self.in_string = False
+        self.pos = i + 1
+        if self.depth == 0:
+            out.append(self._finish(self.pos))
+        return True
+
+    def _scan_nested(self, out):
+        """Inside an object or array: only quotes and brackets matter."""
+        buf = self.buf
+        m = _STRUCTURAL.search(buf, self.pos)
+        if m is None:
+            self.pos = len(buf)
+            return False
+        i = m.start()
+        self.pos = i + 1
+        c = buf[i]
+        if c == 0x22:
+            self.in_string = True
+        elif c in b"{[":
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                out.append((None, QmpError("JSON parse error, nesting too deep")))
+                self._discard()
+        else:
+            self.depth -= 1
+            if self.depth == 0:
                 out.append(self._finish(self.pos))
-                continue
-            while self.pos < n and buf[self.pos] in _WHITESPACE:
-                self.pos += 1
-            if self.pos >= n:
-                break
-            c = buf[self.pos]
-            self.start = self.pos
+        return True
+
+    def _scan_bare(self, out):
+        """A bare top-level token (number, true, null...) ends at whitespace or a bracket."""
+        m = _TOKEN_END.search(self.buf, self.pos)
+        if m is None:
+            self.pos = len(self.buf)
+            return False
+        self.pos = m.start()
+        self.bare = False
+        out.append(self._finish(self.pos))
+        return True
+
+    def _scan_value_start(self, out):
+        buf, n = self.buf, len(self.buf)
+        while self.pos < n and buf[self.pos] in _WHITESPACE:
             self.pos += 1
-            if c in b"{[":
-                self.depth = 1
-            elif c == 0x22:
-                self.in_string = True
-            elif c in b"}]":
-                self.start = None
-                out.append((None, QmpError("JSON parse error, expecting value")))
-            else:
-                self.bare = True
+        if self.pos >= n:
+            return False
+        c = buf[self.pos]
+        self.start = self.pos
+        self.pos += 1
+        if c in b"{[":
+            self.depth = 1
+        elif c == 0x22:
+            self.in_string = True
+        elif c in b"}]":
+            self.start = None
+            out.append((None, QmpError("JSON parse error, expecting value")))
+        else:
+            self.bare = True
+        return True
+
+    def _keep_unfinished(self, out):
+        """Drop what has been consumed; keep a value still being collected (up to MAX_INPUT)."""
+        buf = self.buf
         if self.start is None:
             del buf[:self.pos]
             self.pos = 0
+        elif self.pos - self.start > MAX_INPUT:
+            out.append((None, QmpError("JSON parse error, input too large")))
+            self._discard()
         else:
-            if self.pos - self.start > MAX_INPUT:
-                out.append((None, QmpError("JSON parse error, input too large")))
-                self._discard()
-            else:
-                del buf[:self.start]
-                self.pos -= self.start
-                self.start = 0
-        return out
+            del buf[:self.start]
+            self.pos -= self.start
+            self.start = 0
 
     def _discard(self):
         """Drop the value being collected (QEMU's streamer resets on an error too)."""
@@ -271,88 +295,6 @@ def _check_value(kind, value, path):
 
 
 FREE_FORM = object()  # arguments handed on unchecked (their receiver validates them)
-
-
-# ---------------------------------------------------------------------------- register dump
-_SEG_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
-_SYS_TYPES = (
-    ("Reserved", "TSS16-avl", "LDT", "TSS16-busy", "CallGate16", "TaskGate", "IntGate16", "TrapGate16",
-     "Reserved", "TSS32-avl", "Reserved", "TSS32-busy", "CallGate32", "Reserved", "IntGate32", "TrapGate32"),
-    ("<hiword>", "Reserved", "LDT", "Reserved", "Reserved", "Reserved", "Reserved", "Reserved", "Reserved",
-     "TSS64-avl", "Reserved", "TSS64-busy", "CallGate64", "Reserved", "IntGate64", "TrapGate64"),
-)
-
-
-def format_registers(cpu):
-    """``info registers`` as QEMU's x86_cpu_dump_state() prints it for a 64-bit CPU
-    (target/i386/cpu-dump.c), with the FPU and SSE part."""
-    from unicorn import x86_const as X
-
-    from emu.cpu import context as xc
-    from emu.cpu.state import MSRS
-
-    uc = cpu.uc
-    ctx = cpu.snapshot()
-    hflags = ctx.hflags
-    lma = bool(hflags & xc.HF_LMA)
-    pe = bool(cpu.reg("cr0") & 1)
-    reg = cpu.reg
-    lines = ["", "CPU#0"]
-    names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp"] + [f"r{i}" for i in range(8, 16)]
-    for row in range(4):
-        lines.append(" ".join(f"{name.upper():3s}={reg(name):016x}" for name in names[4 * row:4 * row + 4]))
-    eflags = cpu.eflags
-    flag_chars = "".join(ch if eflags & bit else "-" for ch, bit in
-                         (("D", 1 << 10), ("O", 1 << 11), ("S", 1 << 7), ("Z", 1 << 6), ("A", 1 << 4),
-                          ("P", 1 << 2), ("C", 1)))
-    lines.append(f"RIP={reg('rip'):016x} RFL={eflags:08x} [{flag_chars}] CPL={hflags & 3} "
-                 f"II={(hflags >> 3) & 1} A20=1 SMM=0 HLT={int(bool(cpu.halted))}")
-
-    def segment(name, values):
-        selector, base, limit, flags = values
-        text = f"{name:3s}={selector:04x} {base:016x} {limit:08x} {flags & 0x00FFFF00:08x}"
-        if pe and flags & xc.DESC_P:
-            text += f" DPL={(flags >> xc.DESC_DPL_SHIFT) & 3} "
-            if flags & xc.DESC_S:
-                if flags & xc.DESC_CS:
-                    text += "CS64" if flags & xc.DESC_L else ("CS32" if flags & xc.DESC_B else "CS16")
-                    text += f" [{'C' if flags & xc.DESC_C else '-'}{'R' if flags & xc.DESC_W else '-'}"
-                else:
-                    text += "DS  " if flags & xc.DESC_B or lma else "DS16"
-                    text += f" [{'E' if flags & (1 << 10) else '-'}{'W' if flags & xc.DESC_W else '-'}"
-                text += f"{'A' if flags & xc.DESC_A else '-'}]"
-            else:
-                text += _SYS_TYPES[int(lma)][(flags >> 8) & 15]
-        return text
-
-    for name in _SEG_NAMES:
-        lines.append(segment(name.upper(), ctx.segment(name)))
-    lines.append(segment("LDT", ctx.system_segment("ldt")))
-    lines.append(segment("TR", ctx.system_segment("tr")))
-    for table in ("gdtr", "idtr"):
-        _, base, limit, _ = uc.reg_read(getattr(X, f"UC_X86_REG_{table.upper()}"))
-        lines.append(f"{table[:3].upper()}=     {base:016x} {limit:08x}")
-    lines.append(f"CR0={reg('cr0') & 0xFFFFFFFF:08x} CR2={reg('cr2'):016x} CR3={reg('cr3'):016x} "
-                 f"CR4={reg('cr4') & 0xFFFFFFFF:08x}")
-    lines.append("".join(f"DR{i}={reg(f'dr{i}'):016x} " for i in range(4)))
-    lines.append(f"DR6={reg('dr6'):016x} DR7={reg('dr7'):016x}")
-    lines.append(f"EFER={uc.reg_read(X.UC_X86_REG_MSR, MSRS['efer']):016x}")
-    fsw = uc.reg_read(X.UC_X86_REG_FPSW)
-    tags = uc.reg_read(X.UC_X86_REG_FPTAG)
-    ftw = sum(1 << i for i in range(8) if (tags >> (2 * i)) & 3 != 3)
-    lines.append(f"FCW={uc.reg_read(X.UC_X86_REG_FPCW):04x} FSW={fsw:04x} [ST={(fsw >> 11) & 7}] FTW={ftw:02x} "
-                 f"MXCSR={uc.reg_read(X.UC_X86_REG_MXCSR):08x}")
-    fpr = []
-    for i in range(8):
-        mantissa, exponent = uc.reg_read(getattr(X, f"UC_X86_REG_FP{i}"))
-        fpr.append(f"FPR{i}={mantissa:016x} {exponent:04x}")
-    lines += [" ".join(fpr[i:i + 2]) for i in range(0, 8, 2)]
-    xmm = []
-    for i in range(16 if hflags & xc.HF_CS64 else 8):
-        value = uc.reg_read(getattr(X, f"UC_X86_REG_XMM{i}"))
-        xmm.append(f"XMM{i:02d}={value >> 64:016x} {value & (2**64 - 1):016x}")
-    lines += [" ".join(xmm[i:i + 2]) for i in range(0, len(xmm), 2)]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- the server
@@ -656,12 +598,12 @@ class QmpServer:
         return [{"name": name} for name in self.commands]
 
     def _cmd_stop(self, client, args):
-        self.machine.stop()
+        self.machine.pause()
 
     def _cmd_cont(self, client, args):
         if self.machine.status in ("shutdown", "internal-error", "guest-panicked"):
             raise QmpError("Resetting the Virtual Machine is required")
-        self.machine.cont()
+        self.machine.resume()
 
     def _cmd_system_reset(self, client, args):
         machine = self.machine
@@ -709,7 +651,7 @@ class QmpServer:
             raise QmpError(str(e)) from None
 
     def _cmd_query_name(self, client, args):
-        name = getattr(self.machine, "name", None)
+        name = self.machine.name
         return {} if name is None else {"name": name}
 
     def _cmd_query_colo_status(self, client, args):
@@ -764,6 +706,7 @@ class QmpServer:
         if what == "registers":
             if words[1:] and words[1] not in ("-a", "0"):
                 return f"CPU#{words[1]} not available\n"
+            from frontend.registers import format_registers  # the CPU modules: not for -version
             return format_registers(self.machine.cpu)
         if what == "status":
             status = self.machine.status
@@ -795,7 +738,7 @@ class QmpServer:
         name = words[0] if words else datetime.datetime.now().strftime("vm-%Y%m%d%H%M%S")
         path = self._snapshot_path(name)
         was_running = machine.status == "running"
-        machine.stop()  # as QEMU: STOP, save, RESUME
+        machine.pause()  # as QEMU: STOP, save, RESUME
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
@@ -809,7 +752,7 @@ class QmpServer:
             raise QmpError(f"Could not save snapshot '{name}': {e}") from None
         finally:
             if was_running:
-                machine.cont()
+                machine.resume()
 
     def _hmp_loadvm(self, words):
         if not words:
@@ -825,7 +768,7 @@ class QmpServer:
             raise QmpError(f"Could not read snapshot '{name}': {e.strerror or e}") from None
         machine = self.machine
         was_running = machine.status == "running"
-        machine.stop()
+        machine.pause()
         try:
             # a rejected stream leaves the machine untouched, so it runs on either way
             machine.load_state(data)
@@ -833,7 +776,7 @@ class QmpServer:
             raise QmpError(f"Snapshot '{name}': {e}") from None
         finally:
             if was_running:
-                machine.cont()
+                machine.resume()
 
     _XP_SIZES = {"b": 1, "h": 2, "w": 4, "g": 8}
 

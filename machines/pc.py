@@ -90,47 +90,79 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
 
     ``fw_cfg_files``: ``-fw_cfg`` option values, files added to the fw_cfg directory;
     ``netdevs``, ``devices``, ``drives``: ``-netdev``, ``-device``, ``-drive`` values
-    (machines.pcslots); ``debugcon``: the ``-debugcon`` character device.
+    (machines.pcslots); ``debugcon``: the ``-debugcon`` character device.  The devices are
+    added in the order of the table above: it is also the order of their state sections and
+    of the hooks that re-drive interrupt lines after a load.
     """
     user_files = [parse_user_file(spec) for spec in fw_cfg_files]  # option errors before anything is built
     machine = Machine(MACHINE_TYPE, ram_size, icount=icount_shift is not None, no_reboot=no_reboot,
                       trace=trace, has_lapic=lapic, ns_per_unit=1 << (icount_shift or 0))
-    clock = machine.clock
-
     pic = Pic8259Pair(int_output=lambda level: machine.notify_interrupt() if level else None)
     for part, base, count in pic.port_devices():
         machine.add_device(part, [(base, count)])
-    machine.pic = pic
+    if rtc_base is None:
+        rtc_base = DETERMINISTIC_RTC_BASE if icount_shift is not None else int(time.time())
+    _add_timers(machine, pic, rtc_base)
+    _add_serial_ports(machine, pic, serial)
+    _add_system_ports(machine, pic)
+    _add_fw_cfg(machine, kernel, append, user_files)
+    if debugcon is not None:
+        _add_debugcon(machine, debugcon, debugcon_iobase)
+    local_apic = None
+    memory = machine.memory
+    if lapic:
+        local_apic = LocalApic("lapic@0xfee00000", machine.clock, notify=machine.notify_interrupt)
+        machine.add_device(local_apic)
+        memory.add("lapic", LAPIC_BASE, 0x1000, "mmio", local_apic, priority=APIC_PRIORITY, commit=False)
+    machine.interrupt_controller = InterruptRouter(pic, local_apic)
+    bios_alias = _add_bios(machine, bios)
+    guest_errors = machine.trace if "guest_errors" in machine.trace_categories else None
+    pci = PcPci(machine, memory, pic, local_apic, bios_alias, guest_errors)
+    pci.add_cards(netdevs, devices, drives)
+    machine.host_resources.append(pci)
+    machine.after_load.append(pic.sync_outputs)  # last: the inputs above are driven by now
+
+    machine.boot = _boot_function(kernel=kernel, append=append, initrd=initrd, bios=bios_alias is not None,
+                                  flat=flat, pci=pci)
+    machine.reset()
+    machine.stats["resets"] = 0
+    memory.commit()
+    return machine
+
+
+def _add_timers(machine, pic, rtc_base):
+    """The 8254 PIT on IRQ 0 (with port 0x61) and the RTC on IRQ 8."""
+    clock = machine.clock
     pit = Pit8254(clock, irq=pic.irq_line(0))
     machine.add_device(pit, [(0x40, 4)])
     machine.add_device(SystemControlPortB(pit, clock), [(0x61, 1)])
     machine.after_load.append(pit.sync_irq)
-
-    if rtc_base is None:
-        rtc_base = DETERMINISTIC_RTC_BASE if icount_shift is not None else int(time.time())
-    rtc = Mc146818Rtc("rtc@0x70", irq=pic.irq_line(8), clock=clock, base_time=rtc_base, ram_size=ram_size)
+    rtc = Mc146818Rtc("rtc@0x70", irq=pic.irq_line(8), clock=clock, base_time=rtc_base, ram_size=machine.ram.size)
     machine.add_device(rtc, [(0x70, 2)])
     machine.after_load.append(lambda: rtc.irq.set_level(rtc.irq_level()))
 
+
+def _add_serial_ports(machine, pic, serial):
+    """COM1 and COM2 (a UART behind its C fast path) with the backends the ``-serial`` specs name."""
     if len(serial) > len(SERIAL_PORTS):
         raise ConfigError(f"-serial: at most {len(SERIAL_PORTS)} serial ports")
-    machine.serial_backends = []
     for index, spec in enumerate(serial):
         backend = chardev.parse_serial_spec(spec)
         if backend is None:
             continue
         base, irq = SERIAL_PORTS[index]
-        uart = Uart16550(f"serial@{base:#x}", irq=pic.irq_line(irq), clock=clock, backend=backend)
+        uart = Uart16550(f"serial@{base:#x}", irq=pic.irq_line(irq), clock=machine.clock, backend=backend)
         front = UartFastPath(uart, base, machine.cstate, machine.clib, ring=index)
         machine.add_device(front, [(base, 8)])
-        consumer = front.receive
-        if hasattr(backend, "attach"):  # a backend with guest state of its own (the COLO link)
-            consumer = backend.attach(machine, consumer)
-        machine.add_input(backend, consumer)
+        machine.add_input(backend, backend.attach(machine, front.receive))
         machine.serial_backends.append(backend)
         front.sync()
         machine.after_load += [uart.refresh_irq, front.sync]
 
+
+def _add_system_ports(machine, pic):
+    """isa-debug-exit, the POST port, the A20 gate and the keyboard controller and reset
+    registers that drive it or reset the machine."""
     machine.add_device(IsaDebugExit("debugexit@0xf4", on_exit=machine.request_exit), [(0xF4, 4)])
     post = machine.add_device(PostCodePort("post@0x80"), [(0x80, 1)])
     machine.fast_paths.append(PostCodeFastPath(post, machine.cstate, machine.clib))
@@ -142,51 +174,41 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     machine.add_device(kbc.command_port(), [(0x64, 1)])
     machine.after_load.append(kbc.sync_irq)
     machine.add_device(ResetControl("rcr@0xcf9", on_reset=machine.request_reset), [(0xCF9, 1)])
-    fw_cfg = FwCfg("fw_cfg@0x510", ram_size=ram_size, dma_memory=machine.ram)
+
+
+def _add_fw_cfg(machine, kernel, append, user_files):
+    """fw_cfg with the machine's RAM size and map, a Linux kernel's command line and the -fw_cfg files."""
+    fw_cfg = FwCfg("fw_cfg@0x510", ram_size=machine.ram.size, dma_memory=machine.ram)
     if kernel and _is_linux_kernel(kernel):
         fw_cfg.add_cmdline(append or "")  # as x86_load_linux; QEMU's multiboot path gives none
     # the RAM map firmware reads (QEMU's e820_add_entry: struct e820_entry {u64 address, length; u32 type})
-    fw_cfg.add_file("etc/e820", struct.pack("<QQI", 0, ram_size, 1))
+    fw_cfg.add_file("etc/e820", struct.pack("<QQI", 0, machine.ram.size, 1))
     for user_file in user_files:
         if user_file.warning:
             print(f"emu: {user_file.warning}", file=sys.stderr)
         fw_cfg.add_user_file(user_file)
     machine.add_device(fw_cfg, fw_cfg.port_ranges())
 
-    if debugcon is not None:
-        backend = chardev.parse_serial_spec(debugcon)
-        if backend is not None:
-            machine.add_device(IsaDebugcon(f"debugcon@{debugcon_iobase:#x}", backend), [(debugcon_iobase, 1)])
-            machine.host_resources.append(backend)
 
-    local_apic = None
-    memory = machine.memory
-    if lapic:
-        local_apic = LocalApic("lapic@0xfee00000", clock, notify=machine.notify_interrupt)
-        machine.add_device(local_apic)
-        memory.add("lapic", LAPIC_BASE, 0x1000, "mmio", local_apic, priority=APIC_PRIORITY, commit=False)
-    machine.interrupt_controller = InterruptRouter(pic, local_apic)
+def _add_debugcon(machine, spec, iobase):
+    """isa-debugcon at ``iobase`` with the character device ``-debugcon`` names."""
+    backend = chardev.parse_serial_spec(spec)
+    if backend is not None:
+        machine.add_device(IsaDebugcon(f"debugcon@{iobase:#x}", backend), [(iobase, 1)])
+        machine.host_resources.append(backend)
 
-    bios_rom = loaders.load_bios(bios) if bios else None
-    bios_alias = None
-    if bios_rom is not None:
-        (high, high_data), (isa_base, isa_data) = loaders.bios_layout(bios_rom)
-        rom = HostBuffer(high_data)
-        bios_alias = HostBuffer(isa_data)
-        machine.host_resources += [rom, bios_alias]  # the engine maps them in place: keep them
-        memory.add("bios", high, rom.size, "rom", rom.address, priority=ROM_PRIORITY, commit=False)
-    guest_errors = machine.trace if "guest_errors" in machine.trace_categories else None
-    pci = PcPci(machine, memory, pic, local_apic, bios_alias, guest_errors)
-    pci.add_cards(netdevs, devices, drives)
-    machine.host_resources.append(pci)
-    machine.after_load.append(pic.sync_outputs)  # last: the inputs above are driven by now
 
-    machine.boot = _boot_function(kernel=kernel, append=append, initrd=initrd, bios=bios_rom is not None,
-                                  flat=flat, pci=pci)
-    machine.reset()
-    machine.stats["resets"] = 0
-    memory.commit()
-    return machine
+def _add_bios(machine, bios):
+    """The ``-bios`` ROM ending at 4 GiB; returns the buffer of its last 128 KiB, which the
+    i440FX's PAM windows show below 1 MiB (None without a BIOS)."""
+    if not bios:
+        return None
+    (high, high_data), (isa_base, isa_data) = loaders.bios_layout(loaders.load_bios(bios))
+    rom = HostBuffer(high_data)
+    bios_alias = HostBuffer(isa_data)
+    machine.host_resources += [rom, bios_alias]  # the engine maps them in place: keep them
+    machine.memory.add("bios", high, rom.size, "rom", rom.address, priority=ROM_PRIORITY, commit=False)
+    return bios_alias
 
 
 def _is_linux_kernel(path):

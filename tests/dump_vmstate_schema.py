@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from emu.state import stream as snapshot  # noqa: E402
+from emu.state import stream  # noqa: E402
 from emu.cpu.state import VMSTATE as CPU_VMSTATE  # noqa: E402
 from emu.state.machinestate import CLOCK_VMSTATE, state_objects  # noqa: E402
 from machines import pc  # noqa: E402
@@ -59,7 +59,7 @@ def build_schema(machine=None):
         sections[section_id] = description.name
     return {
         "machine": machine.machine_type,
-        "format_version": snapshot.FORMAT_VERSION,
+        "format_version": stream.FORMAT_VERSION,
         "sections": sections,
         "descriptions": descriptions,
     }

@@ -3,9 +3,9 @@
 import os
 import subprocess
 import tempfile
-import types
 
 from emu.device import Device
+from emu.loaders import EntryState
 from emu.machine import Machine
 
 
@@ -65,4 +65,4 @@ def bare_machine(icount=True, ram=16 << 20, **kw):
 
 
 def entry(mode, ip, cs=0x08, **regs):
-    return types.SimpleNamespace(mode=mode, ip=ip, cs=cs, regs=regs)
+    return EntryState(mode, ip, regs, cs=cs)

@@ -138,7 +138,7 @@ class Guest:
 
     @property
     def pic(self):
-        return self.machine.pic
+        return self.machine.interrupt_controller.pic  # the board's InterruptRouter
 
     @property
     def lapic(self):
@@ -156,7 +156,7 @@ class Guest:
         return self.machine.cpu.mode()
 
     def cpl(self):
-        return self.machine.cpu.snapshot().hflags & 3
+        return self.machine.cpu.context().hflags & 3
 
     def pic_request_pending(self):
         """The 8259's INT output is up: a request not yet acknowledged by an INTA cycle."""

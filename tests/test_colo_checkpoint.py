@@ -20,6 +20,7 @@ import xxhash
 from conftest import firmware
 
 from colo import checkpoint as ck
+from colo import checkpointwire
 from colo.wire import HEADER, ChannelError
 from emu.state import machinestate
 from machines import pc
@@ -174,13 +175,13 @@ def wrong_digest(c):
 def truncated_device_state(c):
     """A shorter device buffer, consistently announced and digested: only parsing catches it."""
     c.device_state = c.device_state[:len(c.device_state) // 2]
-    c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state)
+    c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state, c.replication_part)
     return c
 
 
 def stale_digest(c):
     """A digest made for another sequence number (a replayed checkpoint)."""
-    c.digest = ck.checkpoint_digest(c.seq - 1, c.ram_stream, c.device_state)
+    c.digest = ck.checkpoint_digest(c.seq - 1, c.ram_stream, c.device_state, c.replication_part)
     return c
 
 
@@ -212,6 +213,36 @@ def test_refused_checkpoint_changes_nothing_and_its_pages_go_again(cpair, corrup
     assert prec.seq == 3 and prec.pages == len(refused_pages)
 
 
+def test_checkpoint_a_device_refuses_leaves_the_secondary_as_it_was(cpair):
+    """A checkpoint whose digest and streams check out, but whose UART state the device
+    refuses when it is applied: the secondary goes back to its own state of the pause (not
+    the last checkpoint's: it ran on since), the cache is untouched, the pages go again."""
+    advance(cpair.pm, 2 * MS)
+    cpair.good_checkpoint()
+    advance(cpair.sm, 1 * MS)
+    own_state, good_cache = state_fingerprint(cpair.sm), ram_hash(cpair.secondary.cache)
+    advance(cpair.pm, 2 * MS)
+    uart = dict(machinestate.state_objects(cpair.pm))["serial@0x3f8"]
+
+    def refused_by_the_uart(c):
+        ier, uart.ier = uart.ier, 0xFF
+        try:
+            c.device_state = cpair.pm.save_state()
+        finally:
+            uart.ier = ier
+        c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state, c.replication_part)
+        return c
+    cpair.primary.corrupt = refused_by_the_uart
+    prec, srec = cpair.checkpoint()
+    assert isinstance(srec, ck.CheckpointRejected) and "field ier" in str(srec), srec
+    assert isinstance(prec, ck.CheckpointAbandoned), prec
+    assert state_fingerprint(cpair.sm) == own_state
+    assert ram_hash(cpair.secondary.cache) == good_cache
+    assert cpair.secondary.applied_seq == 1
+    prec, _ = cpair.good_checkpoint()
+    assert prec.seq == 3
+
+
 def test_checkpoint_cut_off_mid_device_state_is_not_applied(cpair):
     advance(cpair.pm, 2 * MS)
     advance(cpair.sm, 1 * MS)
@@ -238,7 +269,7 @@ def test_secondary_that_ran_on_goes_back_to_the_last_checkpoint(pair):
     good_digest = state_fingerprint(pair.sm)
     advance(pair.sm, 3 * MS)
     assert state_fingerprint(pair.sm) != good_digest
-    pair.sm.stop()
+    pair.sm.pause()
     pair.secondary.restore_last_checkpoint()
     assert state_fingerprint(pair.sm) == good_digest
 
@@ -275,15 +306,17 @@ def reply(sock):
     return kind, sock.recv(length, socket.MSG_WAITALL) if length else b""
 
 
-def test_handshake_refuses_another_protocol_version(raw_secondary):
+@pytest.mark.parametrize("version", [checkpointwire.PROTOCOL_VERSION - 1, checkpointwire.PROTOCOL_VERSION + 1])
+def test_handshake_refuses_another_protocol_version(raw_secondary, version):
     secondary, peer, _ = raw_secondary
     bad = bytearray(ck.ready_payload(secondary.machine))
-    bad[len(ck.MAGIC):len(ck.MAGIC) + 4] = struct.pack(">I", 2)
+    magic = checkpointwire.MAGIC
+    bad[len(magic):len(magic) + 4] = struct.pack(">I", version)
     peer.sendall(frame(ck.CHECKPOINT_READY, bytes(bad)))
-    with pytest.raises(ChannelError, match="protocol 2"):
+    with pytest.raises(ChannelError, match=f"protocol {version}"):
         secondary.handshake()
     kind, payload = reply(peer)
-    assert kind == ck.ABANDON and b"protocol 2" in payload
+    assert kind == ck.ABANDON and f"protocol {version}".encode() in payload
 
 
 @pytest.mark.parametrize("frames, message", [

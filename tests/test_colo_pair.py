@@ -5,7 +5,7 @@ import json
 
 import pytest
 from colopair import Proc
-from conftest import firmware
+from conftest import firmware, run_emu
 from emuproc import Qmp
 from emuproc import wait_for as wait
 
@@ -186,3 +186,20 @@ def test_shared_key_pairs_only_with_the_same_key(tmp_path, connect):
     finally:
         pri.kill()
         sec.kill()
+
+
+def test_a_snapshot_of_a_colo_vm_loads_in_a_plain_run(tmp_path):
+    """The COLO link keeps no guest state (its stream positions travel with checkpoints,
+    not in the machine stream): ``-savevm-at`` of a VM whose COM1 is a COLO link writes a
+    plain machine's snapshot, which ``emu run`` loads with any COM1 and runs to the end."""
+    proxy = Proc(tmp_path, "proxy", ["colo", "proxy", "--client", "tcp:127.0.0.1:0", "--listen", "tcp:127.0.0.1:0"])
+    try:
+        vm_port = proxy.wait_for(r"client on [\d.]+:\d+, VMs on [\d.]+:(\d+)").group(1)
+        guest = ["-icount", "-kernel", firmware("idle.elf"), "-append", "ticks=2"]
+        snapshot = tmp_path / "colo-vm.snap"
+        saved = run_emu(*guest, "-serial", f"colo:127.0.0.1:{vm_port},role=primary", "-savevm-at", "5", str(snapshot))
+        assert saved.returncode == 1 and b"saved the machine at" in saved.stderr, saved.stderr
+        restored = run_emu(*guest, "-serial", "null", "-loadvm", str(snapshot))
+        assert restored.returncode == saved.returncode, restored.stderr
+    finally:
+        proxy.kill()

@@ -31,7 +31,7 @@ class Peer:
 
     def __init__(self, port, role, node=None, mode="compare", hello=True):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
-        self.reader = pw.FrameReader()
+        self.reader = pw.frame_reader()
         self.frames = []
         self.closed = False
         if hello:

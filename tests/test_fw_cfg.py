@@ -6,7 +6,7 @@ import struct
 import pytest
 from conftest import firmware
 
-from frontend.cli import _run_parser, build_from_args
+from frontend.cli import run_parser, build_from_args
 from emu.device import PortBus
 from emu.errors import ConfigError, GuestError, StateError
 from emu.devices.fw_cfg import FwCfg, parse_user_file
@@ -223,7 +223,7 @@ def test_duplicate_user_file_names_the_option():
 def test_emu_run_fw_cfg_option_reaches_the_machine(tmp_path, capsys):
     blob = tmp_path / "blob"
     blob.write_bytes(b"from a file")
-    args = _run_parser().parse_args(["-kernel", firmware("hello.elf"), "-serial", "null",
+    args = run_parser().parse_args(["-kernel", firmware("hello.elf"), "-serial", "null",
                                      "-fw_cfg", "opt/emu-colo/node,string=P", "-fw_cfg", f"name=x,file={blob}"])
     machine = build_from_args(args)
     try:
@@ -233,7 +233,7 @@ def test_emu_run_fw_cfg_option_reaches_the_machine(tmp_path, capsys):
     finally:
         machine.close()
     assert 'emu: -fw_cfg name=x,file=' in capsys.readouterr().err
-    args = _run_parser().parse_args(["-kernel", firmware("hello.elf"), "-serial", "null",
+    args = run_parser().parse_args(["-kernel", firmware("hello.elf"), "-serial", "null",
                                      "-fw_cfg", "opt/a,string=1", "-fw_cfg", "opt/a,string=2"])
     with pytest.raises(ConfigError, match="duplicate file 'opt/a'"):
         build_from_args(args)

@@ -52,8 +52,8 @@ def test_guest_time_flows_after_a_stop_and_cont_inside_the_loop():
     def checkpoint_like():
         calls.append(m.clock.now())
         if len(calls) == 1:
-            m.stop()
-            m.cont()
+            m.pause()
+            m.resume()
         if time.monotonic() - started > 5:
             m.request_exit(99, "guest time did not advance")
     m.background_jobs.append(checkpoint_like)

@@ -65,13 +65,13 @@ def _find_late_offsets():
     checks.append((struct.unpack_from("<i", raw, OFFSETS["a20_mask"])[0], -1))  # A20 enabled at reset
     for got, want in checks:
         if got != want:
-            raise ImportError("x86context: Unicorn's context layout is not the one of unicorn 2.1.4")
+            raise ImportError("cpu context: Unicorn's context layout is not the one of unicorn 2.1.4")
     uc.reg_write(UC_X86_REG_DR0, 0x13572468)
     uc.reg_write(UC_X86_REG_DR1, 0x24681357)
     raw = bytes(uc.context_save())
     dr = raw.find(struct.pack("<QQ", 0x13572468, 0x24681357))
     if dr < 0:
-        raise ImportError("x86context: debug registers not found in the context")
+        raise ImportError("cpu context: debug registers not found in the context")
     OFFSETS.update(dr=dr, error_code=dr - 16, exception_is_int=dr - 12, exception_next_eip=dr - 8,
                    old_exception=dr + 64 + 32)
 
@@ -172,9 +172,6 @@ class ContextView:
         """Set the LDTR or TR cache (no hflags depend on them)."""
         ctypes.memmove(self.address + OFFSETS[name], struct.pack("<I4xQII", selector, base, limit, flags),
                        SEGMENT_SIZE)
-
-    def set_cpl(self, cpl):
-        self.set_u32("hflags", (self.hflags & ~HF_CPL_MASK) | cpl)
 
 
 def descriptor_parts(low, high):

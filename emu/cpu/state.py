@@ -40,13 +40,24 @@ _MSR_INDEX = list(MSRS.values())
 
 
 class CpuState:
-    """The fields of the CPU as attributes, filled from and applied to an :class:`X86Cpu`."""
+    """The fields of the CPU as attributes, for the ``cpu`` section of a state stream.
+
+    ``CpuState.capture(cpu)`` reads them from an :class:`~emu.cpu.x86.X86Cpu` (a save);
+    ``CpuState(cpu)`` starts empty, a state load fills the fields (``VMSTATE.apply``) and
+    :meth:`write_to_cpu` puts them into the CPU.
+    """
 
     def __init__(self, cpu):
         self.cpu = cpu
-        self.capture()
 
-    def capture(self):
+    @classmethod
+    def capture(cls, cpu):
+        """The state of ``cpu`` now."""
+        state = cls(cpu)
+        state._read_cpu()
+        return state
+
+    def _read_cpu(self):
         uc = self.cpu.uc
         for name, value in zip(_PLAIN, uc.reg_read_batch(_PLAIN_IDS), strict=True):  # one engine call, not 60
             setattr(self, name, value)
@@ -63,7 +74,7 @@ class CpuState:
         self.hflags2 = ctx.u32("hflags2")
         cpu = self.cpu
         values = cpu.ffi.new("uint64_t[]", len(MSRS))
-        if cpu.clib.read_msrs(cpu.s, cpu._uc_handle, X.UC_X86_REG_MSR, _MSR_INDEX, values, len(MSRS)):
+        if cpu.clib.read_msrs(cpu.cstate, cpu._uc_handle, X.UC_X86_REG_MSR, _MSR_INDEX, values, len(MSRS)):
             raise StateError("cpu: the engine refused to read an MSR")
         for name, value in zip(MSRS, values, strict=True):
             setattr(self, f"msr_{name}", value)
@@ -79,10 +90,10 @@ class CpuState:
         for value in uc.reg_read_batch(_XMM_IDS):
             self.xmm += [value & (2**64 - 1), value >> 64]
         self.halted = self.cpu.halted
-        self.tsc_offset = self.cpu.s.tsc_offset
-        self.work_counter = self.cpu.s.icount
+        self.tsc_offset = self.cpu.cstate.tsc_offset
+        self.work_counter = self.cpu.cstate.clock.icount
 
-    def apply(self):
+    def write_to_cpu(self):
         """Write every field into the engine (the stream was verified before this runs)."""
         cpu, uc = self.cpu, self.cpu.uc
         cpu._power_on_context()
@@ -118,8 +129,8 @@ class CpuState:
         ctx.set_i32("old_exception", -1)
         ctx.restore()
         uc.reg_write(X.UC_X86_REG_RIP, self.rip)
-        cpu.s.tsc_offset = self.tsc_offset
-        cpu.s.icount = self.work_counter
+        cpu.cstate.tsc_offset = self.tsc_offset
+        cpu.cstate.clock.icount = self.work_counter
         cpu._after_restore()
         cpu.halted = self.halted
 
@@ -134,8 +145,6 @@ def _check(state, version_id):
         raise StateError(f"cpu: field cr0: {state.cr0:#x} enables paging without protection")
     if state.msr_efer & (1 << 10) and not state.cr0 & 0x80000000:
         raise StateError(f"cpu: field msr_efer: long mode active ({state.msr_efer:#x}) without paging")
-    if not 0 <= state.hflags & 3 <= 3:
-        raise StateError("cpu: field hflags: bad CPL")
     for seg in SEGMENTS + ["ldt", "tr"]:
         # the engine's segment cache holds a 16-bit selector and 32-bit limit and flags
         selector, _base, limit, flags = getattr(state, f"seg_{seg}")

@@ -1,7 +1,9 @@
 """The x86 CPU: one Unicorn engine plus everything Unicorn does not do for a full system.
 
-Unicorn executes instructions and nothing more (see ``shared/UNICORN.md``).  This module
-adds, on the host side:
+Unicorn executes instructions and nothing more: it has no way to raise an interrupt and
+never enters the guest's IDT (Unicorn issues 1857 and 1227), leaves stale exception state
+behind after a fault (issue 1883) and reports no ``hlt`` (issue 1082); ``engine/README.md``
+lists what our engine build adds.  This module adds, on the host side:
 
 * interrupt and exception delivery in real mode (IVT), 32-bit protected mode (IDT with
   interrupt/trap gates, privilege change through the TSS) and long mode (16-byte gates,
@@ -95,7 +97,7 @@ class X86Cpu:
         self.ram = ram
         self.ports = ports
         self.clock = clock
-        self.s = cstate  # the C helper's emu_state
+        self.cstate = cstate  # the C helper's emu_state
         self.ffi, self.clib = ffi, clib
         self.icount = icount
         self.has_lapic = has_lapic
@@ -124,7 +126,7 @@ class X86Cpu:
         self.block_hook = icount or not self.engine.patched
         self._real_mode_context = bytes(Uc(UC_ARCH_X86, UC_MODE_16).context_save())
         self.ctx = xc.ContextView(self.uc)
-        self._fresh = False  # ctx holds the engine's current state (reads need no engine call)
+        self._context_fresh = False  # ctx holds the engine's current state (reads need no engine call)
         self.ctx.load_raw(self._real_mode_context)
         self.ctx.restore()
         self.uc.mem_map_ptr(0, ram.size, UC_PROT_ALL, ram.address)
@@ -135,7 +137,7 @@ class X86Cpu:
     def _c_hook(self, hook_type, fn_name, *extra, begin=1, end=0):
         handle = uc_hook_h()
         fn = int(self.ffi.cast("uintptr_t", getattr(self.clib, fn_name)))
-        user = int(self.ffi.cast("uintptr_t", self.s))
+        user = int(self.ffi.cast("uintptr_t", self.cstate))
         args = [ctypes.c_uint64(begin), ctypes.c_uint64(end)] + [ctypes.c_int(e) for e in extra]
         err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), hook_type, ctypes.c_void_p(fn),
                                 ctypes.c_void_p(user), *args)
@@ -145,15 +147,13 @@ class X86Cpu:
         return handle
 
     def _install_hooks(self):
-        s = self.s
-        s.emu_stop = self.ffi.cast("void *", _uc_function_pointer("uc_emu_stop"))
-        s.reg_write = self.ffi.cast("void *", _uc_function_pointer("uc_reg_write"))
-        s.reg_read = self.ffi.cast("void *", _uc_function_pointer("uc_reg_read"))
-        s.tsc_hz = TSC_HZ
-        s.icount_mode = 1 if self.icount else 0
-        s.ns_per_unit = self.clock.ns_per_unit
-        s.icount_limit = NEVER
-        s.deadline_ns = 2**62
+        cstate = self.cstate
+        cstate.emu_stop = self.ffi.cast("void *", _uc_function_pointer("uc_emu_stop"))
+        cstate.reg_write = self.ffi.cast("void *", _uc_function_pointer("uc_reg_write"))
+        cstate.reg_read = self.ffi.cast("void *", _uc_function_pointer("uc_reg_read"))
+        cstate.tsc_hz = TSC_HZ
+        cstate.icount_limit = NEVER
+        cstate.deadline_ns = 2**62
 
         @self.ffi.callback("uint32_t(uint32_t, int)", onerror=self._callback_error, error=0xFFFFFFFF)
         def py_in(port, size):
@@ -164,8 +164,8 @@ class X86Cpu:
             self.ports.write(port, size, value)
 
         self._keep += [py_in, py_out]
-        s.py_in = py_in
-        s.py_out = py_out
+        cstate.py_in = py_in
+        cstate.py_out = py_out
         self._c_hook(UC_HOOK_INSN, "on_out", X.UC_X86_INS_OUT)
         self._c_hook(UC_HOOK_INSN, "on_in", X.UC_X86_INS_IN)
         self._c_hook(UC_HOOK_INSN, "on_rdtsc", X.UC_X86_INS_RDTSC)
@@ -182,9 +182,9 @@ class X86Cpu:
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped, None, self.ram.size, NEVER)
         self._cpuid_table = self._native_cpuid()
         if not self.block_hook:
-            if self.clib.deadline_timer_start(s, self._uc_handle) != 0:
+            if self.clib.deadline_timer_start(cstate, self._uc_handle) != 0:
                 raise GuestError("cpu: cannot start the deadline timer thread")
-            weakref.finalize(self, self.clib.deadline_timer_stop, s)
+            weakref.finalize(self, self.clib.deadline_timer_stop, cstate)
 
     def add_c_memory_write_hook(self, fn_name, begin, end):
         return self._c_hook(UC_HOOK_MEM_WRITE, fn_name, begin=begin, end=end)
@@ -195,16 +195,16 @@ class X86Cpu:
 
     def _setup_fast_delivery(self):
         """Hand the C delivery path what it needs: our context buffer and its layout, RAM."""
-        s, ffi = self.s, self.ffi
-        s.ctx = ffi.cast("void *", self.ctx.address)
-        s.context_save = ffi.cast("void *", _uc_function_pointer("uc_context_save"))
-        s.context_restore = ffi.cast("void *", _uc_function_pointer("uc_context_restore"))
+        cstate, ffi = self.cstate, self.ffi
+        cstate.ctx = ffi.cast("void *", self.ctx.address)
+        cstate.context_save = ffi.cast("void *", _uc_function_pointer("uc_context_save"))
+        cstate.context_restore = ffi.cast("void *", _uc_function_pointer("uc_context_restore"))
         for field in ("regs", "eip", "eflags", "hflags", "segs", "tr", "idt", "gdt", "cr", "old_exception"):
-            setattr(s, f"off_{field}", xc.OFFSETS[field])
-        s.reg_rsp, s.reg_rip, s.reg_eflags = X.UC_X86_REG_RSP, X.UC_X86_REG_RIP, X.UC_X86_REG_EFLAGS
-        s.ram = ffi.cast("uint8_t *", self.ram.address)
-        s.ram_size = self.ram.size
-        s.host_dirty = ffi.cast("uint8_t *", self.ram.host_dirty_address)
+            setattr(cstate, f"off_{field}", xc.OFFSETS[field])
+        cstate.reg_rsp, cstate.reg_rip, cstate.reg_eflags = X.UC_X86_REG_RSP, X.UC_X86_REG_RIP, X.UC_X86_REG_EFLAGS
+        cstate.ram = ffi.cast("uint8_t *", self.ram.address)
+        cstate.ram_size = self.ram.size
+        cstate.host_dirty = ffi.cast("uint8_t *", self.ram.host_dirty_address)
         self._uc_handle = ffi.cast("void *", self.uc._uch.value)
         self.fast_delivery = True
 
@@ -249,7 +249,7 @@ class X86Cpu:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         if flush_code:
             self.uc.ctl_flush_tb()
-        self._stale()
+        self._invalidate_context()
 
     def map_mmio(self, base, size, device, offset=0):
         """``device.mmio_read/mmio_write`` at ``base`` (``offset``: where in the device's
@@ -280,8 +280,8 @@ class X86Cpu:
         if self.icount:
             # deterministic: the block hook stops before the next block (an emu_stop from an
             # I/O hook would end wherever the current translated block happens to end)
-            self.s.stop_reason |= self.clib.STOP_REQUEST
-            self.s.icount_limit = self.s.icount
+            self.cstate.stop_reason |= self.clib.STOP_REQUEST
+            self.cstate.icount_limit = self.cstate.clock.icount
         else:
             self.uc.emu_stop()
 
@@ -405,7 +405,7 @@ class X86Cpu:
             self.request_stop()
             return
         self._pending_a20_mask = None
-        ctx = self.snapshot()
+        ctx = self.context()
         if ctx.i32("a20_mask") != mask:
             ctx.set_i32("a20_mask", mask)
             ctx.restore()
@@ -425,28 +425,28 @@ class X86Cpu:
             self.engine.invalidate_code(int(first) << 12, (int(last) + 1) << 12)
 
     # ------------------------------------------------------------------ registers
-    def snapshot(self):
+    def context(self):
         """The engine's state as a :class:`~emu.cpu.context.ContextView`, saved at most once
         between changes: the run loop reads RIP, IF, the mode and the control registers
         from it instead of paying for one engine call per register."""
-        if not self._fresh:
+        if not self._context_fresh:
             self.ctx.save()
-            self._fresh = True
+            self._context_fresh = True
         return self.ctx
 
-    def _stale(self):
-        self._fresh = False
+    def _invalidate_context(self):
+        self._context_fresh = False
 
     def reg(self, name):
         return self.uc.reg_read(getattr(X, "UC_X86_REG_" + name.upper()))
 
     def set_reg(self, name, value):
-        self._stale()
+        self._invalidate_context()
         self.uc.reg_write(getattr(X, "UC_X86_REG_" + name.upper()), value)
 
     @property
     def rip(self):
-        return self.snapshot().u64("eip")
+        return self.context().u64("eip")
 
     @property
     def eflags(self):
@@ -454,11 +454,11 @@ class X86Cpu:
         return self.uc.reg_read(X.UC_X86_REG_EFLAGS)
 
     def interrupts_enabled(self):
-        return bool(self.snapshot().u64("eflags") & EFLAGS_IF)
+        return bool(self.context().u64("eflags") & EFLAGS_IF)
 
     def mode(self):
         """'real', 'protected32' (or 16-bit PM), 'long64' (or compatibility), 'vm86'."""
-        ctx = self.snapshot()
+        ctx = self.context()
         if not ctx.u64("cr") & CR0_PE:
             return "real"
         if ctx.u64("eflags") & EFLAGS_VM:
@@ -494,7 +494,7 @@ class X86Cpu:
         ctx.load_system_segment("ldt", 0, 0, 0xFFFF, xc.DESC_P | (2 << 8))
         ctx.load_system_segment("tr", 0, 0, 0xFFFF, xc.DESC_P | (11 << 8))
         ctx.restore()
-        self._stale()
+        self._invalidate_context()
 
     def enter(self, entry):
         """Start from a loader's :class:`~emu.loaders.EntryState`."""
@@ -503,7 +503,7 @@ class X86Cpu:
             ctx = self.ctx.save()
             for seg in ("cs", "ds", "es", "ss", "fs", "gs"):
                 sel = entry.cs if seg == "cs" else entry.regs.get(seg, 0)
-                base = getattr(entry, "cs_base", None) if seg == "cs" else None
+                base = entry.cs_base if seg == "cs" else None
                 _, _, limit, flags = ctx.segment(seg)
                 ctx.load_segment(seg, sel, (sel << 4) if base is None else base, limit, flags)
             ctx.restore()
@@ -538,7 +538,7 @@ class X86Cpu:
         self._after_restore()
 
     def _after_restore(self):
-        self._stale()
+        self._invalidate_context()
         self.halted = False
         self.events.clear()
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -554,41 +554,41 @@ class X86Cpu:
         one instruction; the slice ends at the block start after it.  (An instruction-count
         limit would do the same, but Unicorn drops every translated block at the next
         uncounted ``emu_start`` after one.)"""
-        s = self.s
-        s.stop_reason = 0
+        cstate = self.cstate
+        cstate.stop_reason = 0
         window = interrupt_waiting or past_shadow
         if not self.engine.patched:
-            s.irq_waiting = 1 if window else 0
-            s.irq_skip_blocks = 1 if past_shadow else 0
+            cstate.irq_waiting = 1 if window else 0
+            cstate.irq_skip_blocks = 1 if past_shadow else 0
         elif window:
             self.engine.request_irq_window(True)  # the engine lets a shadowed instruction pass
-        ctx = self.snapshot()
+        ctx = self.context()
         cr2 = ctx.u64("cr", 2)
         rip = ctx.u64("eip")
         self.stop_requested = False
-        s.deadline_ns = deadline_ns
+        cstate.deadline_ns = deadline_ns
         if self.icount:
             budget = max(1, (deadline_ns - self.clock.now() + self.clock.ns_per_unit - 1) // self.clock.ns_per_unit)
-            s.icount_limit = s.icount + budget
+            cstate.icount_limit = cstate.clock.icount + budget
         elif not self.block_hook:
-            self.clib.deadline_timer_arm(s, deadline_ns)
-        self._stale()
+            self.clib.deadline_timer_arm(cstate, deadline_ns)
+        self._invalidate_context()
         self.running = True
         try:
             self.uc.emu_start(rip, NEVER)
         except UcError as e:
-            if not self.s.frozen:  # after an exit request the rest of the block does not matter
+            if not self.cstate.exiting:  # after an exit request the rest of the block does not matter
                 self._engine_error(e)
         finally:
             self.running = False
-            self._stale()  # a hook may have read registers mid-slice: that copy is old now
+            self._invalidate_context()  # a hook may have read registers mid-slice: that copy is old now
             if not self.block_hook:
-                self.clib.deadline_timer_disarm(s)
+                self.clib.deadline_timer_disarm(cstate)
             if window and self.engine.patched:
                 if self.engine.irq_window_pending():
                     self.engine.request_irq_window(False)  # the slice ended for another reason
                 else:
-                    s.stop_reason |= self.clib.STOP_IRQ_WINDOW
+                    cstate.stop_reason |= self.clib.STOP_IRQ_WINDOW
             if not self.engine.patched:
                 self._repair_after_slice(cr2)  # the stock engine's phantom page fault
             if self._pending_a20_mask is not None:
@@ -601,7 +601,7 @@ class X86Cpu:
 
     def _repair_after_slice(self, cr2):
         """Unicorn leaves a phantom #PF (CR2, old_exception) after every emu_start: undo it."""
-        ctx = self.snapshot()
+        ctx = self.context()
         changed = False
         if ctx.i32("old_exception") != -1:
             ctx.set_i32("old_exception", -1)
@@ -627,19 +627,19 @@ class X86Cpu:
         """True when the engine returned because the guest executed ``hlt``."""
         if self.engine.patched:
             return not self.events and self.engine.halted()
-        if self.s.stop_reason or self.stop_requested or self.events:
+        if self.cstate.stop_reason or self.stop_requested or self.events:
             return False
-        result = self.clib.after_hlt(self.s, self._uc_handle)  # reads the context into self.ctx
-        self._fresh = result >= 0
+        result = self.clib.after_hlt(self.cstate, self._uc_handle)  # reads the context into self.ctx
+        self._context_fresh = result >= 0
         return result == 1
 
     def interrupt_shadow(self):
-        return bool(self.snapshot().hflags & xc.HF_INHIBIT_IRQ)
+        return bool(self.context().hflags & xc.HF_INHIBIT_IRQ)
 
     # ------------------------------------------------------------------ memory through the MMU
     def translate(self, linear, write=False, user=False):
         """Linear -> physical through the guest page tables (raises Fault(#PF))."""
-        ctx = self.snapshot()
+        ctx = self.context()
         cr0 = ctx.u64("cr", 0)
         long_mode = bool(ctx.hflags & xc.HF_LMA)
         if not cr0 & CR0_PG:
@@ -725,7 +725,7 @@ class X86Cpu:
             raise GuestError(f"cpu: interrupt frame write to {phys:#x} outside RAM")
 
     # ------------------------------------------------------------------ descriptors
-    def _descriptor(self, selector, ctx, vector_for_error=None):
+    def _descriptor(self, selector, ctx):
         """(base, limit, flags) of a GDT/LDT descriptor; Fault(#GP/#NP) when invalid."""
         index = selector & ~7
         if selector & 4:
@@ -745,7 +745,7 @@ class X86Cpu:
         try:
             self._deliver_with_fault_rules(vector, external, software, error_code, next_ip)
         finally:
-            self._stale()
+            self._invalidate_context()
 
     def _deliver_with_fault_rules(self, vector, external, software, error_code, next_ip):
         while True:
@@ -755,12 +755,12 @@ class X86Cpu:
                 return
             except Fault as fault:
                 if fault.vector == PF and fault.cr2 is not None:
-                    self._stale()
+                    self._invalidate_context()
                     self.uc.reg_write(X.UC_X86_REG_CR2, fault.cr2)
                 if software:
                     # a fault raised by int n / int3 / into points at that instruction
                     start = self._software_interrupt_start(next_ip)
-                    self._stale()
+                    self._invalidate_context()
                     self.uc.reg_write(X.UC_X86_REG_RIP, start)
                 if vector == DF:
                     raise TripleFault(f"cpu: triple fault: {EXCEPTION_NAMES.get(fault.vector)} while delivering "
@@ -792,7 +792,7 @@ class X86Cpu:
                               + (f" err={error_code:#x}" if push_error else "") + (" (external)" if external else ""))
         if self.fast_delivery and mode in ("protected32", "long64"):
             # the common case in C; anything unusual (a fault on the way...) comes back here
-            if self.clib.deliver_fast(self.s, self._uc_handle, vector, int(bool(software)), return_ip,
+            if self.clib.deliver_fast(self.cstate, self._uc_handle, vector, int(bool(software)), return_ip,
                                       int(push_error), (error_code or 0) & 0xFFFFFFFF) == 0:
                 return
         if mode == "real":
@@ -808,7 +808,7 @@ class X86Cpu:
         _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
         if vector * 4 + 3 > idt_limit:
             raise Fault(GP, vector * 8 + 2)
-        ctx = self.snapshot()
+        ctx = self.context()
         ss_sel, ss_base, _, _ = ctx.segment("ss")
         cs_sel = ctx.segment("cs")[0]
         sp = self.uc.reg_read(X.UC_X86_REG_SP)
@@ -825,7 +825,7 @@ class X86Cpu:
         self.uc.reg_write(X.UC_X86_REG_EFLAGS, flags & ~(EFLAGS_IF | EFLAGS_TF | EFLAGS_AC | EFLAGS_RF))
         self.uc.reg_write(X.UC_X86_REG_RIP, ip)
 
-    def _gate(self, vector, size, software, external):
+    def _gate(self, vector, size, external):
         _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
         ext = 1 if external else 0
         if vector * size + size - 1 > idt_limit:
@@ -858,9 +858,9 @@ class X86Cpu:
         return base, limit, flags
 
     def _deliver_protected(self, vector, return_ip, software, push_error, error_code, external):
-        ctx = self.snapshot()
+        ctx = self.context()
         cpl = ctx.cpl
-        raw, low, high, gate_type, gate_dpl, present, ext = self._gate(vector, 8, software, external)
+        _, low, high, gate_type, gate_dpl, present, ext = self._gate(vector, 8, external)
         self._check_gate(vector, gate_type, gate_dpl, present, software, ext, cpl, (6, 7, 0xE, 0xF))
         offset = (low & 0xFFFF) | (high & 0xFFFF0000)
         selector = low >> 16
@@ -876,23 +876,10 @@ class X86Cpu:
         esp = self.uc.reg_read(X.UC_X86_REG_ESP)
         eflags = self.eflags
         if target_dpl < cpl and not cs_flags & xc.DESC_C:
-            _, tss_base, tss_limit, tss_flags = ctx.system_segment("tr")
-            if (tss_flags >> 8) & 0xF not in (9, 0xB):
-                raise UnsupportedError(f"cpu: vector {vector:#x}: privilege change through a 16-bit TSS "
-                                       f"is not supported")
-            slot = 4 + 8 * target_dpl
-            if slot + 7 > tss_limit:
-                raise Fault(TS, 0)
-            new_esp, new_ss = struct.unpack("<II", self.read_virtual(tss_base + slot, 8))
-            new_ss &= 0xFFFF
-            if not new_ss & 0xFFFC:
-                raise Fault(TS, ext)
-            nss_base, nss_limit, nss_flags = self._descriptor(new_ss, ctx)
-            if not nss_flags & xc.DESC_P:
-                raise Fault(SS, (new_ss & 0xFFFC) + ext)
+            new_ss, stack_base, new_ss_limit, new_ss_flags, sp = self._tss_stack(vector, ctx, target_dpl, ext)
+            new_ss_cache = (new_ss, stack_base, new_ss_limit, new_ss_flags)
+            stack_mask = 0xFFFFFFFF if new_ss_flags & xc.DESC_B else 0xFFFF
             words = [old_ss, esp, eflags, old_cs, return_ip]
-            stack_base, sp, stack_mask = nss_base, new_esp, 0xFFFFFFFF if nss_flags & xc.DESC_B else 0xFFFF
-            new_ss_cache = (new_ss, nss_base, nss_limit, nss_flags)
         else:
             words = [eflags, old_cs, return_ip]
             stack_base, sp, stack_mask = ss_base, esp, 0xFFFFFFFF if ss_flags & xc.DESC_B else 0xFFFF
@@ -900,7 +887,6 @@ class X86Cpu:
             target_dpl = cpl
         if push_error:
             words.append(error_code)
-        width = 4 if is32 else 2
         fmt = "<I" if is32 else "<H"
         frame = b"".join(struct.pack(fmt, w & (0xFFFFFFFF if is32 else 0xFFFF)) for w in reversed(words))
         sp = (sp - len(frame)) & stack_mask
@@ -910,26 +896,42 @@ class X86Cpu:
             if f.vector == PF:
                 raise
             raise Fault(SS, ext) from None
-        del width
         if new_ss_cache is not None:
             ctx.load_segment("ss", *new_ss_cache)
         ctx.load_segment("cs", (selector & 0xFFFC) | target_dpl, cs_base, cs_limit, cs_flags)
         ctx.set_i32("old_exception", -1)
         ctx.restore()
-        if stack_mask == 0xFFFF:
-            self.uc.reg_write(X.UC_X86_REG_SP, sp)
-        else:
-            self.uc.reg_write(X.UC_X86_REG_ESP, sp)
+        # QEMU's SET_ESP (target/i386/tcg/seg_helper.c): a 16-bit stack keeps the bits of the
+        # stack pointer above 15, a 32-bit one clears bits 63:32
+        self.uc.reg_write(X.UC_X86_REG_SP if stack_mask == 0xFFFF else X.UC_X86_REG_RSP, sp)
         new_flags = eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
         if not gate_type & 1:  # interrupt gate
             new_flags &= ~EFLAGS_IF
         self.uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
         self.uc.reg_write(X.UC_X86_REG_RIP, offset)
 
+    def _tss_stack(self, vector, ctx, dpl, ext):
+        """The stack of ring ``dpl`` from the 32-bit TSS: (SS selector, base, limit, flags, ESP)."""
+        _, tss_base, tss_limit, tss_flags = ctx.system_segment("tr")
+        if (tss_flags >> 8) & 0xF not in (9, 0xB):
+            raise UnsupportedError(f"cpu: vector {vector:#x}: privilege change through a 16-bit TSS "
+                                   f"is not supported")
+        slot = 4 + 8 * dpl
+        if slot + 7 > tss_limit:
+            raise Fault(TS, 0)
+        esp, selector = struct.unpack("<II", self.read_virtual(tss_base + slot, 8))
+        selector &= 0xFFFF
+        if not selector & 0xFFFC:
+            raise Fault(TS, ext)
+        base, limit, flags = self._descriptor(selector, ctx)
+        if not flags & xc.DESC_P:
+            raise Fault(SS, (selector & 0xFFFC) + ext)
+        return selector, base, limit, flags, esp
+
     def _deliver_long(self, vector, return_ip, software, push_error, error_code, external):
-        ctx = self.snapshot()
+        ctx = self.context()
         cpl = ctx.cpl
-        raw, low, high, gate_type, gate_dpl, present, ext = self._gate(vector, 16, software, external)
+        raw, low, high, gate_type, gate_dpl, present, ext = self._gate(vector, 16, external)
         self._check_gate(vector, gate_type, gate_dpl, present, software, ext, cpl, (0xE, 0xF))
         high2 = struct.unpack_from("<I", raw, 8)[0]
         offset = (low & 0xFFFF) | (high & 0xFFFF0000) | (high2 << 32)
@@ -979,7 +981,7 @@ class X86Cpu:
         if not efer & EFER_SCE or not efer & EFER_LMA:
             raise Fault(UD)
         next_rip = self.rip
-        self._stale()
+        self._invalidate_context()
         star = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_STAR)
         lstar = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_LSTAR)
         fmask = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_SFMASK)
@@ -995,7 +997,7 @@ class X86Cpu:
         ctx.restore()
         self.uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~EFLAGS_RF)
         self.uc.reg_write(X.UC_X86_REG_RIP, lstar)
-        self._stale()
+        self._invalidate_context()
 
     def disassemble(self, count=4):
         """The next instructions at RIP, for error messages and traces (capstone)."""
@@ -1013,4 +1015,4 @@ class X86Cpu:
     def _linear_rip(self):
         if self.mode() == "long64":
             return self.rip
-        return (self.snapshot().segment("cs")[1] + self.rip) & 0xFFFFFFFF
+        return (self.context().segment("cs")[1] + self.rip) & 0xFFFFFFFF

@@ -316,46 +316,16 @@ class LocalApic(Device):
         self._write_register((offset >> 4) & 0xFF, value & 0xFFFFFFFF)
 
     def _read_register(self, index):
-        if index == REG_ID:
-            return self.apic_id << 24
-        if index == REG_VERSION:
-            return VERSION_REGISTER
-        if index == REG_TPR:
-            return self.tpr
-        if index == REG_APR:
-            return self.apr()
-        if index == REG_PPR:
-            return self.ppr()
-        if index in (REG_EOI, REG_RRD):
+        """Register ``index`` (MMIO offset / 16) of the xAPIC map (SDM vol. 3, table 11-1); an
+        index no register has reads 0 and signals an illegal register address."""
+        for base, count, name in ARRAY_REGISTERS:
+            if base <= index < base + count:
+                return getattr(self, name)[index - base]
+        read = REGISTER_READERS.get(index)
+        if read is None:
+            self._signal_error(ESR_ILLEGAL_REGISTER)
             return 0
-        if index == REG_LDR:
-            return self.ldr << 24
-        if index == REG_DFR:
-            return self.dfr_model << 28 | 0x0FFFFFFF
-        if index == REG_SVR:
-            return self.svr
-        if REG_ISR <= index < REG_ISR + 8:
-            return self.isr[index - REG_ISR]
-        if REG_TMR <= index < REG_TMR + 8:
-            return self.tmr[index - REG_TMR]
-        if REG_IRR <= index < REG_IRR + 8:
-            return self.irr[index - REG_IRR]
-        if index == REG_ESR:
-            return self.esr
-        if index == REG_ICR_LOW:
-            return self.icr_low  # delivery status (bit 12) idle: IPIs are sent at once
-        if index == REG_ICR_HIGH:
-            return self.icr_high
-        if REG_LVT <= index < REG_LVT + NUM_LVT:
-            return self.lvt[index - REG_LVT]
-        if index == REG_INITIAL_COUNT:
-            return self.initial_count
-        if index == REG_CURRENT_COUNT:
-            return self.current_count()
-        if index == REG_DIVIDE_CONFIG:
-            return self.divide_config
-        self._signal_error(ESR_ILLEGAL_REGISTER)
-        return 0
+        return read(self)
 
     def _write_register(self, index, value):
         if index in READ_ONLY:
@@ -576,9 +546,16 @@ class LocalApic(Device):
 
     # ------------------------------------------------------------------ state
     def _post_load(self, version_id):
-        def bad(field, why):
-            raise StateError(f"{self.name}: field {field}: {why}")
+        """Reject a state this APIC cannot be in; derive the timer's count shift."""
+        self._check_loaded_registers()
+        self._check_loaded_timer()
+        self.count_shift = count_shift_for(self.divide_config)
 
+    def _bad_state(self, field, why):
+        raise StateError(f"{self.name}: field {field}: {why}")
+
+    def _check_loaded_registers(self):
+        bad = self._bad_state
         reserved_base = 0xFF | 1 << 9 | BASE_X2APIC | ~((1 << self.phys_addr_bits) - 1)
         if self.base_msr & reserved_base:
             bad("base_msr", f"value {self.base_msr:#x} sets reserved bits")
@@ -601,15 +578,18 @@ class LocalApic(Device):
         for field in ("irr", "isr", "tmr"):
             if getattr(self, field)[0] & 0xFFFF:
                 bad(field, f"vectors 0-15 ({getattr(self, field)[0] & 0xFFFF:#06x}) are never accepted")
+
+    def _check_loaded_timer(self):
         deadline = self.timer.deadline
-        if deadline is not None:
-            if self.lvt[LVT_TIMER] & LVT_MASKED:
-                bad("timer", "armed while the LVT timer entry is masked")
-            if self.initial_count == 0:
-                bad("timer", "armed with an initial count of 0")
-            if deadline <= self.initial_count_load_time:
-                bad("timer", f"deadline {deadline} is not after the count load time {self.initial_count_load_time}")
-        self.count_shift = count_shift_for(self.divide_config)
+        if deadline is None:
+            return
+        if self.lvt[LVT_TIMER] & LVT_MASKED:
+            self._bad_state("timer", "armed while the LVT timer entry is masked")
+        if self.initial_count == 0:
+            self._bad_state("timer", "armed with an initial count of 0")
+        if deadline <= self.initial_count_load_time:
+            self._bad_state("timer", f"deadline {deadline} is not after the count load time "
+                                     f"{self.initial_count_load_time}")
 
     VMSTATE = VMStateDescription(
         "apic", version_id=1, minimum_version_id=1,
@@ -623,3 +603,26 @@ class LocalApic(Device):
         ],
         post_load=lambda dev, version_id: dev._post_load(version_id),
     )
+
+
+#: the array registers of the map: (first index, count, attribute)
+ARRAY_REGISTERS = ((REG_ISR, 8, "isr"), (REG_TMR, 8, "tmr"), (REG_IRR, 8, "irr"), (REG_LVT, NUM_LVT, "lvt"))
+#: what reading each other register gives (SDM vol. 3, table 11-1)
+REGISTER_READERS = {
+    REG_ID: lambda apic: apic.apic_id << 24,
+    REG_VERSION: lambda apic: VERSION_REGISTER,
+    REG_TPR: lambda apic: apic.tpr,
+    REG_APR: LocalApic.apr,
+    REG_PPR: LocalApic.ppr,
+    REG_EOI: lambda apic: 0,
+    REG_RRD: lambda apic: 0,
+    REG_LDR: lambda apic: apic.ldr << 24,
+    REG_DFR: lambda apic: apic.dfr_model << 28 | 0x0FFFFFFF,
+    REG_SVR: lambda apic: apic.svr,
+    REG_ESR: lambda apic: apic.esr,
+    REG_ICR_LOW: lambda apic: apic.icr_low,  # delivery status (bit 12) idle: IPIs are sent at once
+    REG_ICR_HIGH: lambda apic: apic.icr_high,
+    REG_INITIAL_COUNT: lambda apic: apic.initial_count,
+    REG_CURRENT_COUNT: LocalApic.current_count,
+    REG_DIVIDE_CONFIG: lambda apic: apic.divide_config,
+}

@@ -25,7 +25,7 @@ class UartFastPath(Device):
         super().__init__(uart.name)
         self.uart = uart
         self.base = base
-        self.s = cstate
+        self.cstate = cstate
         self.clib = clib
         self.ring = ring
         self.enabled = True
@@ -70,29 +70,29 @@ class UartFastPath(Device):
         The ring's head and tail are free-running 32-bit counters: their difference is
         taken modulo 2**32 (after 4 GiB of output the head wraps before the tail does).
         The C side never lets the head run more than a ring ahead of the tail."""
-        s, ring = self.s, self.ring
-        head, tail = s.ring_head[ring], s.ring_tail[ring]
+        cstate, ring = self.cstate, self.ring
+        head, tail = cstate.ring_head[ring], cstate.ring_tail[ring]
         pending = (head - tail) & 0xFFFFFFFF
         if not pending:
             return
         start = tail & (RING_SIZE - 1)
         first = min(pending, RING_SIZE - start)
-        data = bytes(s.ring[ring][start:start + first]) + bytes(s.ring[ring][0:pending - first])
-        s.ring_tail[ring] = head
+        data = bytes(cstate.ring[ring][start:start + first]) + bytes(cstate.ring[ring][0:pending - first])
+        cstate.ring_tail[ring] = head
         self.uart.emit_fast(data)
 
     def sync(self):
         """Route THR/LSR through C exactly when the model says it is safe."""
         lsr = self.uart.fast_lsr_value() if self.enabled else None
         fast = lsr is not None and self.uart.fast_tx_allowed()
-        s, clib = self.s, self.clib
+        cstate, clib = self.cstate, self.clib
         if fast:
-            s.out_kind[self.base + THR_OFFSET] = clib.OUT_RING
-            s.in_kind[self.base + LSR_OFFSET] = clib.IN_CONST
-            s.in_value[self.base + LSR_OFFSET] = lsr
+            cstate.out_kind[self.base + THR_OFFSET] = clib.OUT_RING
+            cstate.in_kind[self.base + LSR_OFFSET] = clib.IN_CONST
+            cstate.in_value[self.base + LSR_OFFSET] = lsr
         elif self.fast:
-            s.out_kind[self.base + THR_OFFSET] = clib.OUT_PYTHON
-            s.in_kind[self.base + LSR_OFFSET] = clib.IN_PYTHON
+            cstate.out_kind[self.base + THR_OFFSET] = clib.OUT_PYTHON
+            cstate.in_kind[self.base + LSR_OFFSET] = clib.IN_PYTHON
         self.fast = fast
 
 
@@ -106,14 +106,14 @@ class PostCodeFastPath:
 
     def __init__(self, device, cstate, clib):
         self.device = device
-        self.s = cstate
+        self.cstate = cstate
         cstate.out_kind[self.PORT] = clib.OUT_STORE
         cstate.in_kind[self.PORT] = clib.IN_CONST
         cstate.in_value[self.PORT] = device.io_read(0, 1)
         self.from_model()
 
     def to_model(self):
-        self.device.last_post_code = self.s.out_last[self.PORT]
+        self.device.last_post_code = self.cstate.out_last[self.PORT]
 
     def from_model(self):
-        self.s.out_last[self.PORT] = self.device.last_post_code & 0xFF
+        self.cstate.out_last[self.PORT] = self.device.last_post_code & 0xFF

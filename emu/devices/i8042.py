@@ -131,23 +131,24 @@ class Ps2Mouse(Ps2Keyboard):
         self.put(0x08, 0, 0)  # no buttons, no movement
 
     def write(self, value):
+        """A byte from the controller (ps2_write_mouse): the argument of a pending command, in
+        wrap mode an echo (but for the two commands that still work there), else a command."""
         command, self.write_cmd = self.write_cmd, NO_COMMAND
         if command == 0xE8:
             self.resolution = value
             self.put(ACK)
-            return
-        if command == 0xF3:
+        elif command == 0xF3:
             self.sample_rate = value
             self.put(ACK)
-            return
-        if self.wrap:
-            if value == 0xEC:
-                self.wrap = 0
-                self.put(ACK)
-                return
-            if value != 0xFF:
-                self.put(value)
-                return
+        elif self.wrap and value == 0xEC:
+            self.wrap = 0
+            self.put(ACK)
+        elif self.wrap and value != 0xFF:
+            self.put(value)
+        else:
+            self._command(value)
+
+    def _command(self, value):
         if value in (0xE6, 0xE7):
             self.status = (self.status & ~MOUSE_SCALE21) | (MOUSE_SCALE21 if value == 0xE7 else 0)
         elif value == 0xEA:

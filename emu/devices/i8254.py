@@ -462,40 +462,50 @@ class Pit8254(Device):
 
     # ------------------------------------------------------------------ state
     def _post_load(self, version_id):
-        def bad(field, ch, why):
-            raise StateError(f"{self.name}: field {field}[{ch}]: {why}")
-
-        flags = ("bcd", "status_latched", "null_count", "gate")
+        """Reject a state no 8254 channel can be in (fields checked in order, channel by channel)."""
         for ch in range(NUM_CHANNELS):
-            for field in flags:
-                if getattr(self, field)[ch] > 1:
-                    bad(field, ch, f"value {getattr(self, field)[ch]} is not 0 or 1")
-            if self.mode[ch] > 7:
-                bad("mode", ch, f"value {self.mode[ch]} is not 0..7")
-            rw = self.rw_mode[ch]
-            if not RW_LSB <= rw <= RW_WORD0:
-                bad("rw_mode", ch, f"value {rw} is not 1..3")
-            allowed = (RW_WORD0, RW_WORD1) if rw == RW_WORD0 else (rw,)
-            if self.read_state[ch] not in allowed:
-                bad("read_state", ch, f"value {self.read_state[ch]} does not fit access mode {rw}")
-            if self.write_state[ch] not in allowed:
-                bad("write_state", ch, f"value {self.write_state[ch]} does not fit access mode {rw}")
-            if self.count_latched[ch] > RW_WORD0:
-                bad("count_latched", ch, f"value {self.count_latched[ch]} is not 0..3")
-            if self.counter_state[ch] > CE_HELD:
-                bad("counter_state", ch, f"value {self.counter_state[ch]} is not 0..2")
-            for field in ("count", "reload_value"):
-                if not 1 <= getattr(self, field)[ch] <= 0x10000:
-                    bad(field, ch, f"value {getattr(self, field)[ch]} is not 1..65536")
-            if self.held_ticks[ch] < 0:
-                bad("held_ticks", ch, f"value {self.held_ticks[ch]} is negative")
-            if self.reload_time[ch] != -1:
-                if self.reload_time[ch] < 0:
-                    bad("reload_time", ch, f"value {self.reload_time[ch]} is negative")
-                if self.counter_state[ch] != CE_COUNTING or self._mode(ch) not in (2, 3):
-                    bad("reload_time", ch, "a period-end reload is pending on a channel that is not "
-                                           "counting in mode 2 or 3")
+            self._check_loaded_access(ch)
+            self._check_loaded_counter(ch)
         self._irq_event_time = self.irq_timer.deadline
+
+    def _bad_field(self, field, ch, why):
+        raise StateError(f"{self.name}: field {field}[{ch}]: {why}")
+
+    def _check_loaded_access(self, ch):
+        """The control word's fields and the access state machine."""
+        bad = self._bad_field
+        for field in ("bcd", "status_latched", "null_count", "gate"):
+            if getattr(self, field)[ch] > 1:
+                bad(field, ch, f"value {getattr(self, field)[ch]} is not 0 or 1")
+        if self.mode[ch] > 7:
+            bad("mode", ch, f"value {self.mode[ch]} is not 0..7")
+        rw = self.rw_mode[ch]
+        if not RW_LSB <= rw <= RW_WORD0:
+            bad("rw_mode", ch, f"value {rw} is not 1..3")
+        allowed = (RW_WORD0, RW_WORD1) if rw == RW_WORD0 else (rw,)
+        if self.read_state[ch] not in allowed:
+            bad("read_state", ch, f"value {self.read_state[ch]} does not fit access mode {rw}")
+        if self.write_state[ch] not in allowed:
+            bad("write_state", ch, f"value {self.write_state[ch]} does not fit access mode {rw}")
+        if self.count_latched[ch] > RW_WORD0:
+            bad("count_latched", ch, f"value {self.count_latched[ch]} is not 0..3")
+
+    def _check_loaded_counter(self, ch):
+        """The counting element and its timing."""
+        bad = self._bad_field
+        if self.counter_state[ch] > CE_HELD:
+            bad("counter_state", ch, f"value {self.counter_state[ch]} is not 0..2")
+        for field in ("count", "reload_value"):
+            if not 1 <= getattr(self, field)[ch] <= 0x10000:
+                bad(field, ch, f"value {getattr(self, field)[ch]} is not 1..65536")
+        if self.held_ticks[ch] < 0:
+            bad("held_ticks", ch, f"value {self.held_ticks[ch]} is negative")
+        if self.reload_time[ch] != -1:
+            if self.reload_time[ch] < 0:
+                bad("reload_time", ch, f"value {self.reload_time[ch]} is negative")
+            if self.counter_state[ch] != CE_COUNTING or self._mode(ch) not in (2, 3):
+                bad("reload_time", ch, "a period-end reload is pending on a channel that is not "
+                                       "counting in mode 2 or 3")
 
     VMSTATE = VMStateDescription(
         "i8254", version_id=1, minimum_version_id=1,

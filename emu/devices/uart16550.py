@@ -108,7 +108,8 @@ def loopback_modem_lines(mcr):
 
 
 class Uart16550(Device):
-    """One 16550A at 8 consecutive ports; ``backend`` receives the transmitted bytes.
+    """One 16550A at 8 consecutive ports; ``backend`` (an :class:`~emu.chardev.CharBackend`,
+    or None: output is dropped) receives the transmitted bytes.
 
     The machine calls :meth:`receive` with host input, :meth:`poll` between CPU slices
     (lets a backend flush), and :meth:`refresh_irq` after a state load.
@@ -475,17 +476,22 @@ class Uart16550(Device):
         self.irq.set_level(self._line_level())
 
     def poll(self):
-        flush = getattr(self.backend, "flush", None)
-        if flush is not None:
-            flush()
+        if self.backend is not None:
+            self.backend.flush()
 
     # ------------------------------------------------------------------ state
     def _check_loaded_state(self, version_id):
         """Reject a state this chip cannot be in; nothing is derived beyond what is checked."""
-        def bad(field, why):
-            raise StateError(f"{self.name}: field {field}: {why}")
-
         fifo_mode = bool(self.fcr & FCR_FE)
+        self._check_loaded_registers(fifo_mode)
+        self._check_loaded_fifos(fifo_mode)
+        self._check_loaded_interrupts(fifo_mode)
+
+    def _bad_field(self, field, why):
+        raise StateError(f"{self.name}: field {field}: {why}")
+
+    def _check_loaded_registers(self, fifo_mode):
+        bad = self._bad_field
         if self.ier & ~0x0F:
             bad("ier", f"{self.ier:#x} has bits above 3 set")
         if self.mcr & ~MCR_MASK:
@@ -494,6 +500,9 @@ class Uart16550(Device):
             bad("fcr", f"{self.fcr:#x} is not a value the FIFO control register can hold")
         if self.modem_inputs & ~MSR_LINES:
             bad("modem_inputs", f"{self.modem_inputs:#x} has delta bits set")
+
+    def _check_loaded_fifos(self, fifo_mode):
+        bad = self._bad_field
         if len(self.rx_fifo_errors) != len(self.rx_fifo):
             bad("rx_fifo_errors", f"{len(self.rx_fifo_errors)} entries for {len(self.rx_fifo)} characters")
         if any(e & ~LSR_CHAR_ERRORS for e in self.rx_fifo_errors):
@@ -506,6 +515,9 @@ class Uart16550(Device):
             bad("lsr", "FIFO error bit set while the FIFOs are disabled")
         if self.tx_fifo or self.lsr & (LSR_THRE | LSR_TEMT) != LSR_THRE | LSR_TEMT:
             bad("tx_fifo", "the transmitter holds data between accesses, which this model never does")
+
+    def _check_loaded_interrupts(self, fifo_mode):
+        bad = self._bad_field
         if self.thr_ipending and not self.ier & IER_THRI:
             bad("thr_ipending", "set while IER.ETBEI is clear")
         if self.timeout_ipending and not (fifo_mode and self.rx_fifo):

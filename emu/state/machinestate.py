@@ -2,16 +2,18 @@
 
 What is saved: the CPU (by register name, :mod:`emu.cpu.state`), the virtual clock, and
 every device's ``VMSTATE`` (each armed timer travels with its device as an absolute
-deadline).  Loading first parses and checks the whole stream and decodes every section,
-then applies it; should a device still refuse a value in its ``post_load``, the machine is
-put back exactly as it was before the load started.
+deadline).  Loading is two steps that a caller may also take apart (a COLO secondary
+checks a checkpoint whole before it decides to apply it): :func:`check` parses and checks
+the whole stream and decodes every section, touching nothing; :func:`apply` writes a
+checked stream into the machine.  Should a device still refuse a value in its
+``post_load``, the machine is put back exactly as it was before the load started.
 """
 
 import hashlib
 
 import numpy as np
 
-from emu.state import stream as snapshot
+from emu.state import stream
 from emu.cpu.state import VMSTATE as CPU_VMSTATE
 from emu.cpu.state import CpuState
 from emu.errors import StateError
@@ -58,8 +60,8 @@ def save(machine, ram_pages=None, out=None):
     """The machine's state as one stream; ``ram_pages``: None (no RAM), "all" or page numbers.
     With ``out`` (a binary file) the stream is written there and its size returned."""
     _prepare(machine)
-    writer = snapshot.StreamWriter(machine.machine_type, machine.ram.size)
-    writer.device("cpu", 0, CPU_VMSTATE.version_id, CPU_VMSTATE.save(CpuState(machine.cpu)))
+    writer = stream.StreamWriter(machine.machine_type, machine.ram.size)
+    writer.device("cpu", 0, CPU_VMSTATE.version_id, CPU_VMSTATE.save(CpuState.capture(machine.cpu)))
     writer.device("clock", 0, CLOCK_VMSTATE.version_id, CLOCK_VMSTATE.save(ClockState(machine.clock.now())))
     for name, obj in state_objects(machine):
         writer.device(name, 0, obj.VMSTATE.version_id, obj.VMSTATE.save(obj))
@@ -70,9 +72,30 @@ def save(machine, ram_pages=None, out=None):
     return writer.finish(out)
 
 
-def decode(machine, data):
-    """Parse and check a stream against this machine; returns what :func:`apply` needs."""
-    parsed = snapshot.parse(data, machine.machine_type, machine.ram.size)
+class CheckedState:
+    """A device-state stream that passed every check of :func:`check`: the parsed stream
+    (its RAM pages, if any, are ``ram_pages``) and every section decoded."""
+
+    __slots__ = ("parsed", "decoded")
+
+    def __init__(self, parsed, decoded):
+        self.parsed, self.decoded = parsed, decoded
+
+    @property
+    def ram_pages(self):
+        return self.parsed.ram_pages
+
+
+def check(machine, data, verify_checksum=True):
+    """Parse and check a whole stream against this machine, touching nothing; returns what
+    :func:`apply` takes.  ``verify_checksum=False`` skips only the stream's own checksum,
+    for a caller that has verified a digest over these very bytes."""
+    return CheckedState(*decode(machine, data, verify_checksum))
+
+
+def decode(machine, data, verify_checksum=True):
+    """Parse and check a stream against this machine: (parsed stream, decoded sections)."""
+    parsed = stream.parse(data, machine.machine_type, machine.ram.size, verify_checksum)
     descriptions = {("cpu", 0): CPU_VMSTATE, ("clock", 0): CLOCK_VMSTATE}
     descriptions.update({(name, 0): obj.VMSTATE for name, obj in state_objects(machine)})
     missing = sorted(k[0] for k in descriptions if k not in parsed.devices)
@@ -95,21 +118,21 @@ def decode(machine, data):
     return parsed, decoded
 
 
-def apply(machine, parsed, decoded):
-    """Write a decoded stream into the machine (it must not be running).
+def apply(machine, checked):
+    """Write a checked stream into the machine (it must not be running).
 
     Device state goes first, RAM last: only a device's post_load can still refuse, and
     then no page has been written yet."""
+    parsed, decoded = checked.parsed, checked.decoded
     # the loaded state is a live machine again, whatever this one was doing (even exiting)
     machine.exit_status = machine.exit_message = None
     machine.reset_requested = False
-    machine.cstate.frozen = 0
-    cpu_state = CpuState.__new__(CpuState)
-    cpu_state.cpu = machine.cpu
+    machine.cstate.exiting = 0
+    cpu_state = CpuState(machine.cpu)
     CPU_VMSTATE.apply(cpu_state, decoded[("cpu", 0)])
     clock_state = ClockState()
     CLOCK_VMSTATE.apply(clock_state, decoded[("clock", 0)])
-    cpu_state.apply()  # sets the work counter the deterministic clock is based on
+    cpu_state.write_to_cpu()  # sets the work counter the deterministic clock is based on
     machine.clock.set_now(clock_state.now_ns)
     for name, obj in state_objects(machine):
         obj.VMSTATE.apply(obj, decoded[(name, 0)])
@@ -119,46 +142,79 @@ def apply(machine, parsed, decoded):
         hook()
     if parsed.ram_pages is not None:
         _write_pages(machine, parsed.ram_pages)
-    machine.sync_time()  # the C hooks read guest time from offsets set here
 
 
 def _write_pages(machine, ram_pages):
     ram_pages.write_into(machine.ram.buf)
-    machine.ram.host_dirty[ram_pages.pages] = 1
-    machine.cpu.host_wrote_pages(ram_pages.pages)
+    _host_wrote(machine, ram_pages.pages)
 
 
-def load(machine, data, rollback=True):
-    """Load a stream; on any error the machine is left exactly as it was (``rollback``:
-    an incoming migration, whose machine holds nothing yet, skips taking the copy)."""
-    parsed, decoded = decode(machine, data)
-    if not rollback:
-        apply(machine, parsed, decoded)
+def _host_wrote(machine, pages):
+    """Pages written from the host: the dirty log learns of them, translated code over them goes."""
+    machine.ram.host_dirty[pages] = 1
+    machine.cpu.host_wrote_pages(pages)
+
+
+def load(machine, checked, rollback=True):
+    """Apply a checked stream; on any error the machine is left exactly as it was.
+
+    ``rollback``: True takes the copy to return to now; a stream from :func:`save` taken
+    since the machine last ran is that copy already; False skips it (an incoming
+    migration, whose machine holds nothing yet)."""
+    if rollback is False:
+        apply(machine, checked)
         return
-    rollback = save(machine)  # device state only: RAM is written last, after every check
+    before = save(machine) if rollback is True else rollback  # device state only: RAM is written last
     try:
-        apply(machine, parsed, decoded)
+        apply(machine, checked)
     except Exception:
-        apply(machine, *decode(machine, rollback))
+        apply(machine, check(machine, before))
         raise
 
 
 def save_ram(machine, pages):
     """A stream with RAM pages only (no device state), for page sets."""
-    writer = snapshot.StreamWriter(machine.machine_type, machine.ram.size)
+    writer = stream.StreamWriter(machine.machine_type, machine.ram.size)
     writer.ram(machine.ram.buf, pages)
     return writer.finish()
 
 
-def load_ram(machine, data):
-    """Load a RAM-only stream; checked whole before any page is written."""
-    parsed = snapshot.parse(data, machine.machine_type, machine.ram.size)
+def check_ram(machine, data, verify_checksum=True):
+    """Check a whole RAM-only stream, touching nothing; returns its pages
+    (:class:`emu.state.stream.RamPages`).  ``verify_checksum`` as for :func:`check`."""
+    parsed = stream.parse(data, machine.machine_type, machine.ram.size, verify_checksum)
     if parsed.devices:
         raise StateError(f"RAM stream carries device sections: {sorted(k[0] for k in parsed.devices)}")
     if parsed.ram_pages is None:
         raise StateError("RAM stream has no RAM section")
-    _write_pages(machine, parsed.ram_pages)
-    return len(parsed.ram_pages.pages)
+    return parsed.ram_pages
+
+
+def load_ram(machine, data):
+    """Load a RAM-only stream; checked whole before any page is written."""
+    ram_pages = check_ram(machine, data)
+    _write_pages(machine, ram_pages)
+    return len(ram_pages.pages)
+
+
+def write_pages(machine, pages, source):
+    """Copy ``pages`` of ``source`` (a buffer the size of RAM) into RAM."""
+    pages = np.asarray(pages, dtype=np.int64)
+    if not len(pages):
+        return
+    ram = machine.ram.buf.reshape(-1, stream.PAGE_SIZE)
+    data = stream.nonzero_pages(source, pages)
+    ram[pages[data]] = source.reshape(-1, stream.PAGE_SIZE)[pages[data]]
+    # a zero page only needs writing where RAM is not zero already: touching untouched host
+    # memory would make the kernel allocate it
+    zero = pages[~data]
+    ram[zero[stream.nonzero_pages(machine.ram.buf, zero)]] = 0
+    _host_wrote(machine, pages)
+
+
+def count_zero_pages(machine, pages):
+    """How many of ``pages`` hold only zero bytes."""
+    return len(pages) - int(np.count_nonzero(stream.nonzero_pages(machine.ram.buf, pages)))
 
 
 def digest(machine):
@@ -170,5 +226,5 @@ def digest(machine):
 
 
 def device_state_digest_bytes(machine):
-    stream = save(machine)
-    return stream[:-snapshot.DIGEST_SIZE]
+    data = save(machine)
+    return data[:-stream.DIGEST_SIZE]

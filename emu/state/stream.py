@@ -133,9 +133,34 @@ def _need(buf, pos, n, what):
         raise StateError(f"state stream truncated in {what} (offset {pos}, need {n} more bytes of {len(buf)})")
 
 
-def parse(data, expect_machine=None, expect_ram_size=None):
-    """Check a whole stream and split it into sections; touches nothing."""
-    buf = memoryview(data).cast("B")
+def parse(data, expect_machine=None, expect_ram_size=None, verify_checksum=True):
+    """Check a whole stream and split it into sections; touches nothing.
+
+    ``verify_checksum=False`` skips the checksum comparison alone (every other check
+    stays), for a caller that has verified a digest over these very bytes."""
+    body, pos, parsed = _parse_header(memoryview(data).cast("B"), expect_machine, expect_ram_size,
+                                      verify_checksum)
+    end = len(body)
+    index = 0
+    while True:
+        _need(body, pos, 1, "section kind")
+        kind = body[pos]
+        pos += 1
+        if kind == KIND_END:
+            if pos != end:
+                raise StateError(f"state stream has {end - pos} bytes after its end marker")
+            return parsed
+        if kind not in (KIND_DEVICE, KIND_RAM):
+            raise StateError(f"state stream section {index}: unknown kind {kind}")
+        if index >= MAX_SECTIONS:
+            raise StateError(f"state stream has more than {MAX_SECTIONS} sections")
+        pos = _parse_section(body, pos, kind, index, parsed)
+        index += 1
+
+
+def _parse_header(buf, expect_machine, expect_ram_size, verify_checksum):
+    """Magic, format version and checksum of the whole stream, then machine type and RAM size:
+    (the body without the checksum, the offset of the first section, an empty ParsedStream)."""
     _need(buf, 0, len(MAGIC) + 4, "header")
     if bytes(buf[:len(MAGIC)]) != MAGIC:
         raise StateError(f"not an emu-colo state stream (magic {bytes(buf[:len(MAGIC)])!r})")
@@ -147,7 +172,7 @@ def parse(data, expect_machine=None, expect_ram_size=None):
     if len(buf) < DIGEST_SIZE + 1:
         raise StateError("state stream truncated (no checksum)")
     body, digest = buf[:-DIGEST_SIZE], bytes(buf[-DIGEST_SIZE:])
-    if xxhash.xxh3_128(body).digest() != digest:
+    if verify_checksum and xxhash.xxh3_128(body).digest() != digest:
         raise StateError("state stream checksum mismatch (corrupted or truncated)")
     pos = len(MAGIC) + 4
     # bounds against the body: the checksum after it is not part of the header
@@ -163,46 +188,37 @@ def parse(data, expect_machine=None, expect_ram_size=None):
         raise StateError(f"state stream is for machine {machine_type!r}, this machine is {expect_machine!r}")
     if expect_ram_size is not None and ram_size != expect_ram_size:
         raise StateError(f"state stream has {ram_size >> 20} MiB of RAM, this machine {expect_ram_size >> 20} MiB")
-    parsed = ParsedStream(machine_type, ram_size, version)
-    end = len(body)
-    index = 0
-    while True:
-        _need(body, pos, 1, "section kind")
-        kind = body[pos]
-        pos += 1
-        if kind == KIND_END:
-            if pos != end:
-                raise StateError(f"state stream has {end - pos} bytes after its end marker")
-            return parsed
-        if kind not in (KIND_DEVICE, KIND_RAM):
-            raise StateError(f"state stream section {index}: unknown kind {kind}")
-        if index >= MAX_SECTIONS:
-            raise StateError(f"state stream has more than {MAX_SECTIONS} sections")
-        _need(body, pos, 2, f"section {index} header")
-        (nlen,) = struct.unpack_from(">H", body, pos)
-        pos += 2
-        _need(body, pos, nlen + 16, f"section {index} header")
-        section_id = printable_name(bytes(body[pos:pos + nlen]))
-        pos += nlen
-        instance, sversion, length = struct.unpack_from(">IIQ", body, pos)
-        pos += 16
-        _need(body, pos, length + 8, f"section {section_id!r}")
-        payload = body[pos:pos + length]
-        pos += length
-        footer, footer_index = struct.unpack_from(">II", body, pos)
-        pos += 8
-        if footer != FOOTER or footer_index != index:
-            raise StateError(f"section {section_id!r}: bad footer (length field wrong or data misplaced)")
-        if kind == KIND_RAM:
-            if parsed.ram_pages is not None:
-                raise StateError("state stream has two RAM sections")
-            parsed.ram_pages = _parse_ram(payload, ram_size)
-        else:
-            key = (section_id, instance)
-            if key in parsed.devices:
-                raise StateError(f"section {section_id!r} instance {instance} appears twice")
-            parsed.devices[key] = (sversion, bytes(payload))
-        index += 1
+    return body, pos, ParsedStream(machine_type, ram_size, version)
+
+
+def _parse_section(body, pos, kind, index, parsed):
+    """One section after its kind byte (name, instance, version, length, payload, footer)
+    into ``parsed``; returns the offset after it."""
+    _need(body, pos, 2, f"section {index} header")
+    (nlen,) = struct.unpack_from(">H", body, pos)
+    pos += 2
+    _need(body, pos, nlen + 16, f"section {index} header")
+    section_id = printable_name(bytes(body[pos:pos + nlen]))
+    pos += nlen
+    instance, sversion, length = struct.unpack_from(">IIQ", body, pos)
+    pos += 16
+    _need(body, pos, length + 8, f"section {section_id!r}")
+    payload = body[pos:pos + length]
+    pos += length
+    footer, footer_index = struct.unpack_from(">II", body, pos)
+    pos += 8
+    if footer != FOOTER or footer_index != index:
+        raise StateError(f"section {section_id!r}: bad footer (length field wrong or data misplaced)")
+    if kind == KIND_RAM:
+        if parsed.ram_pages is not None:
+            raise StateError("state stream has two RAM sections")
+        parsed.ram_pages = _parse_ram(payload, parsed.ram_size)
+    else:
+        key = (section_id, instance)
+        if key in parsed.devices:
+            raise StateError(f"section {section_id!r} instance {instance} appears twice")
+        parsed.devices[key] = (sversion, bytes(payload))
+    return pos
 
 
 def _parse_ram(payload, ram_size):
