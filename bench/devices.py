@@ -35,7 +35,8 @@ def _helpers():
 def _guest(lg, kernel, initrd, image, netns, qemu):
     devices = ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-pci,netdev=n0",
                "-drive", f"file={image},format=raw,if=virtio"]
-    program = [QEMU, "-M", "pc", "-accel", "tcg", "-nodefaults", "-display", "none", "-monitor", "none"] if qemu else None
+    qemu_cmd = [QEMU, "-M", "pc", "-accel", "tcg", "-nodefaults", "-display", "none", "-monitor", "none"]
+    program = qemu_cmd if qemu else None
     return lg.LinuxGuest(kernel, initrd, *devices, append=f"{lg.APPEND} emu.ip={GUEST_IP}/24,{HOST_IP}",
                          netns=netns, program=program)
 
