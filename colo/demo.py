@@ -768,8 +768,6 @@ def parse_args(argv):
     p.add_argument("--records", metavar="DIR", help="logs and per-checkpoint records here (default: a new temporary "
                                                     "directory)")
     p.add_argument("--no-live", action="store_true", help="plain progress lines instead of the live view")
-    p.add_argument("--reprotect", action="store_true",
-                   help="after the failover, protect the survivor with a fresh secondary (not supported yet)")
     args = p.parse_args(argv)
     if args.requests < 1:
         raise ConfigError("colo demo: --requests must be at least 1")
@@ -784,9 +782,6 @@ def parse_args(argv):
         raise ConfigError("colo demo: --interval must be 0 or more")
     if args.time_every < 0 or args.node_every < 0:
         raise ConfigError("colo demo: --time-every and --node-every must be 0 (none) or more")
-    if args.reprotect:
-        raise ConfigError("colo demo: --reprotect is not supported yet: a VM that has left COLO cannot start a "
-                          "new migration with x-colo to a fresh secondary")
     return args
 
 
