@@ -230,6 +230,16 @@ def test_daemonize_detaches_and_writes_the_daemons_pid(tmp_path):
     with contextlib.suppress(EOFError):
         qmp.close()
     wait_for(lambda: not pidfile.exists(), what="the daemon to remove its pidfile")
+    wait_for(lambda: not _alive(pid), what="the daemon to exit")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
 
 
 # ---------------------------------------------------------------------- incoming: defer and probes

@@ -600,6 +600,15 @@ int deadline_timer_start(emu_state *s, void *uc) {
     return 0;
 }
 
+/* In the child of a fork (-daemonize) the parent's thread does not exist, and its lock may
+   have been held at the fork: leave that timer alone (a small leak) and start a new one. */
+int deadline_timer_after_fork(emu_state *s) {
+    deadline_timer *old = (deadline_timer *)s->timer;
+    if (!old) return 0;
+    s->timer = NULL;
+    return deadline_timer_start(s, old->uc);
+}
+
 void deadline_timer_arm(emu_state *s, int64_t guest_deadline_ns) {
     deadline_timer *t = (deadline_timer *)s->timer;
     pthread_mutex_lock(&t->lock);

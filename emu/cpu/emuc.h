@@ -119,6 +119,7 @@ int deadline_timer_start(emu_state *s, void *uc);
 void deadline_timer_arm(emu_state *s, int64_t guest_deadline_ns);
 void deadline_timer_disarm(emu_state *s);
 void deadline_timer_stop(emu_state *s);
+int deadline_timer_after_fork(emu_state *s);
 /* --- cffi cdef end --- */
 
 #endif /* EMU_CPU_EMUC_H */

@@ -18,6 +18,8 @@ register is reachable in every mode; ``emu_start`` then takes RIP (not a linear 
 
 import ctypes
 import fractions
+import functools
+import os
 import struct
 import weakref
 
@@ -56,6 +58,13 @@ TSC_HZ = 1_000_000_000  # the virtual TSC ticks once per guest nanosecond (1 GHz
 # clock: emu/devices/apic.py's timer counts guest nanoseconds, a 1 GHz bus clock as in QEMU.
 CRYSTAL_HZ = 1_000_000_000
 
+
+
+def _restart_timer_after_fork(cpu_ref):
+    """In a forked child (``-daemonize``) the deadline timer thread must be started anew."""
+    cpu = cpu_ref()
+    if cpu is not None and cpu.clib.deadline_timer_after_fork(cpu.cstate) != 0:
+        raise GuestError("cpu: cannot restart the deadline timer thread after fork")
 
 class Fault(Exception):
     """An exception raised by our own delivery code (a fault while pushing a frame...)."""
@@ -185,6 +194,7 @@ class X86Cpu:
             if self.clib.deadline_timer_start(cstate, self._uc_handle) != 0:
                 raise GuestError("cpu: cannot start the deadline timer thread")
             weakref.finalize(self, self.clib.deadline_timer_stop, cstate)
+            os.register_at_fork(after_in_child=functools.partial(_restart_timer_after_fork, weakref.ref(self)))
 
     def add_c_memory_write_hook(self, fn_name, begin, end):
         return self._c_hook(UC_HOOK_MEM_WRITE, fn_name, begin=begin, end=end)
