@@ -48,7 +48,7 @@ def _timed(guest, command, timeout=300):
 
 
 def _measure(lg, network, kernel, initrd, qemu):
-    """{figure: value} for one emulator."""
+    """{figure: (value, unit)} for one emulator."""
     with tempfile.TemporaryDirectory() as tmp:
         image = pathlib.Path(tmp) / "disk.img"
         subprocess.run(["truncate", "-s", f"{DISK_MB * 2}M", str(image)], check=True)
@@ -74,10 +74,10 @@ def _measure(lg, network, kernel, initrd, qemu):
             read_s, out = _timed(guest, f"dd if=/dev/vda of=/dev/null bs=1M count={DISK_MB} 2>&1")
             if not re.search(rf"{DISK_MB}\+0 records in", out):
                 raise RuntimeError(f"dd read: {out[-300:]!r}")
-            return {"HTTP small file (1 KiB), host curl": requests_per_s,
-                    f"HTTP {BIG_MB} MB file, host curl": big_mb_per_s,
-                    f"disk sequential write, dd {DISK_MB} MB": DISK_MB / write_s,
-                    f"disk sequential read, dd {DISK_MB} MB": DISK_MB / read_s}
+            return {"HTTP small file (1 KiB), host curl": (requests_per_s, "req/s"),
+                    f"HTTP {BIG_MB} MB file, host curl": (big_mb_per_s, "MB/s"),
+                    f"disk sequential write, dd {DISK_MB} MB": (DISK_MB / write_s, "MB/s"),
+                    f"disk sequential read, dd {DISK_MB} MB": (DISK_MB / read_s, "MB/s")}
         finally:
             guest.close()
 
@@ -103,9 +103,8 @@ def run():
     ours = _in_own_namespace(lg, kernel, initrd, qemu=False)
     theirs = _in_own_namespace(lg, kernel, initrd, qemu=True) if QEMU else {}
     rows = []
-    for figure, value in ours.items():
-        unit = "req/s" if figure.startswith("HTTP small") else "MB/s"
-        reference = theirs.get(figure)
+    for figure, (value, unit) in ours.items():
+        reference = theirs.get(figure, (None,))[0]
         rows.append({"figure": f"{figure} (emu)", "unit": unit, "value": value, "target": ">= 1/2 of QEMU"})
         if reference is not None:
             rows.append({"figure": f"{figure} (QEMU TCG)", "unit": unit, "value": reference,

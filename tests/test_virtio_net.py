@@ -19,6 +19,8 @@ TX_BUF, RX_BUF = 0x200000, 0x280000
 
 
 class Wire:
+    offloads = False  # plain frames, as the socket netdev
+
     def __init__(self):
         self.frames = []
 

@@ -18,7 +18,6 @@ register is reachable in every mode; ``emu_start`` then takes RIP (not a linear 
 
 import ctypes
 import fractions
-import functools
 import os
 import struct
 import weakref
@@ -60,11 +59,17 @@ CRYSTAL_HZ = 1_000_000_000
 
 
 
-def _restart_timer_after_fork(cpu_ref):
-    """In a forked child (``-daemonize``) the deadline timer thread must be started anew."""
-    cpu = cpu_ref()
-    if cpu is not None and cpu.clib.deadline_timer_after_fork(cpu.cstate) != 0:
-        raise GuestError("cpu: cannot restart the deadline timer thread after fork")
+_CPUS_WITH_TIMER = weakref.WeakSet()  # their deadline timer thread does not survive a fork
+
+
+def _restart_timers_after_fork():
+    """In a forked child (``-daemonize``) each deadline timer thread must be started anew."""
+    for cpu in list(_CPUS_WITH_TIMER):
+        if cpu.clib.deadline_timer_after_fork(cpu.cstate) != 0:
+            raise GuestError("cpu: cannot restart the deadline timer thread after fork")
+
+
+os.register_at_fork(after_in_child=_restart_timers_after_fork)
 
 class Fault(Exception):
     """An exception raised by our own delivery code (a fault while pushing a frame...)."""
@@ -194,7 +199,7 @@ class X86Cpu:
             if self.clib.deadline_timer_start(cstate, self._uc_handle) != 0:
                 raise GuestError("cpu: cannot start the deadline timer thread")
             weakref.finalize(self, self.clib.deadline_timer_stop, cstate)
-            os.register_at_fork(after_in_child=functools.partial(_restart_timer_after_fork, weakref.ref(self)))
+            _CPUS_WITH_TIMER.add(self)
 
     def add_c_memory_write_hook(self, fn_name, begin, end):
         return self._c_hook(UC_HOOK_MEM_WRITE, fn_name, begin=begin, end=end)

@@ -40,14 +40,16 @@ def parse_mac(text):
 
 
 class VirtioNet(VirtioPciDevice):
-    """``backend``: send(frame); the board hands received frames to :meth:`receive`."""
+    """``backend``: ``send(frame)``, and ``offloads`` (whether it also takes
+    ``send_offloaded(header, frame)``, see emu.netdev); the board hands received frames to
+    :meth:`receive`."""
 
     DEVICE_TYPE = VIRTIO_ID_NET
     CLASS_CODE = 0x020000
 
     def __init__(self, name, ram, backend, mac, msi, trace=None, request_stop=None):
         self.pending = collections.deque()
-        offloads = TX_OFFLOADS if getattr(backend, "offloads", False) else 0
+        offloads = TX_OFFLOADS if backend.offloads else 0
         super().__init__(name, ram, [QUEUE_SIZE, QUEUE_SIZE], F_MAC | F_STATUS | offloads, msi, msix_vectors=3,
                          trace=trace, request_stop=request_stop)
         self.backend = backend
