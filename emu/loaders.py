@@ -13,19 +13,34 @@ kernel sees the same addresses under both:
 ``0x9000-0x94ff``     memory map: e820 entries, each with the multiboot ``size`` prefix
 ``0x9500-0x9557``     multiboot information structure (EBX)
 ``0x9800-0x9827``     GDT as the option ROM's: 0x08 code32, 0x10 data32, 0x18 code16,
-                      0x20 data16, all base 0
+                      0x20 data16, all base 0 (these three move when the kernel is there)
 kernel end, aligned   module list, module strings, kernel command line, boot loader name
 next pages            each module, page-aligned, in ``-initrd`` order
 ====================  ==================================================================
 
 The kernel starts in 32-bit protected mode, paging and interrupts off, CS=0x08, data
-segments 0x10, EAX=0x2BADB002, EBX=0x9500 and ECX=the entry point (the option ROM jumps
-through ECX).  Differences from QEMU, all on inputs QEMU mishandles: images that overlap
-the boot area, the 0x9fc00-0xfffff hole or the end of RAM, and headers with unknown
-required flag bits (3-15, which the specification says a loader must refuse) are rejected
-instead of booting into corrupted memory.  The memory map is this machine's (no SeaBIOS
-tables at the top of RAM), so ``mem_upper`` is (RAM - 1 MiB) / 1 KiB where QEMU reports
-128 KiB less; ``mem_lower`` is 639, the base memory below the EBDA, as int 0x12 reports it.
+segments 0x10, EAX=0x2BADB002, EBX=the information structure and ECX=the entry point (the
+option ROM jumps through ECX).
+
+Where an image lies in memory that is not RAM on a PC, the loader does what QEMU's does:
+
+* Bytes of a segment inside 0xa0000-0xfffff (VGA memory, option ROMs and the read-only
+  BIOS shadow) are not loaded: QEMU's option ROM copies them there too, and the writes are
+  discarded.  ``ld -m elf_i386 -Ttext=0x100000`` with binutils >= 2.31 makes such a
+  segment (only the ELF and program headers, at 0xff000), and the kernel runs.  The user
+  gets a note; only an entry point in that range is refused.
+* A kernel in conventional memory over 0x9000-0x9fff, where QEMU puts the boot
+  structures (and then overwrites them with the kernel, leaving EBX at garbage), keeps
+  its bytes, and the boot structures move to the first free pages after the modules,
+  with a note.
+* What is refused is what really collides: an image beyond the end of RAM or 4 GiB, the
+  module list or a module reaching the 0x9fc00-0xfffff hole, an entry point outside RAM,
+  and headers with unknown required flag bits (3-15, which the specification says a
+  loader must refuse).
+
+The memory map is this machine's (no SeaBIOS tables at the top of RAM), so ``mem_upper``
+is (RAM - 1 MiB) / 1 KiB where QEMU reports 128 KiB less; ``mem_lower`` is 639, the base
+memory below the EBDA, as int 0x12 reports it.
 
 The BIOS ROM follows QEMU's x86_bios_rom_init (hw/i386/x86-common.c): the whole ROM ends at
 4 GiB and its last 128 KiB (or all of a smaller ROM) is aliased to end at 1 MiB.
@@ -84,13 +99,14 @@ INFO_MMAP = 1 << 6
 INFO_BOOTLOADER_NAME = 1 << 9
 INFO_FLAGS = INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODULES | INFO_MMAP | INFO_BOOTLOADER_NAME
 
-BOOT_AREA_START = 0x9000
-BOOT_AREA_END = 0xA000
-MMAP_ADDR = 0x9000
+BOOT_AREA_START = 0x9000        # QEMU's place for the boot structures, when the kernel leaves it free
+BOOT_AREA_SIZE = 0x1000
+MMAP_OFFSET = 0x000
 MMAP_CAPACITY = 0x500
-INFO_ADDR = 0x9500
+INFO_OFFSET = 0x500
 INFO_SIZE = 88
-GDT_ADDR = 0x9800
+GDT_OFFSET = 0x800
+INFO_ADDR = BOOT_AREA_START + INFO_OFFSET
 BOOT_STACK_TOP = 0x7000
 BOOT_DEVICE = 0x8000FFFF        # QEMU's fixed value: first BIOS disk, no partition
 BOOTLOADER_NAME = b"emu-colo"
@@ -102,6 +118,7 @@ BOOT_GDT = struct.pack(
 SEL_CODE32 = 0x08
 
 LOW_RAM_END = 0x9FC00           # the EBDA starts here: int 0x12 under SeaBIOS reports 639 KiB
+VGA_AND_BIOS_START = 0xA0000    # VGA memory, option ROMs, BIOS shadow: up to 1 MiB, not RAM
 HIGH_RAM_START = 0x100000
 BIOS_AREA_START = 0xF0000
 E820_RAM = 1
@@ -273,7 +290,7 @@ def memory_map(ram_size):
     ]
 
 
-def _check_placement(piece, ram_size, path):
+def _check_fits(piece, ram_size, path):
     start, end = piece.address, piece.address + piece.size
     where = f"{path}: {piece.what} at {start:#x}-{end - 1:#x}"
     if end > 1 << 32:
@@ -281,12 +298,48 @@ def _check_placement(piece, ram_size, path):
     if end > ram_size:
         raise ConfigError(f"{where} ends beyond the {ram_size >> 20} MiB of RAM (end {ram_size:#x}); "
                           f"give more memory with -m")
-    if start < BOOT_AREA_END and end > BOOT_AREA_START:
-        raise ConfigError(f"{where} overlaps the multiboot boot area {BOOT_AREA_START:#x}-{BOOT_AREA_END - 1:#x} "
-                          f"(memory map, information structure, GDT)")
+
+
+def _check_outside_hole(piece, path):
+    """What the loader places itself (module list, modules, boot area) must be usable RAM."""
+    start, end = piece.address, piece.address + piece.size
     if start < HIGH_RAM_START and end > LOW_RAM_END:
-        raise ConfigError(f"{where} overlaps {LOW_RAM_END:#x}-{HIGH_RAM_START - 1:#x} "
-                          f"(EBDA, VGA and BIOS area), which is not usable RAM")
+        raise ConfigError(f"{path}: {piece.what} at {start:#x}-{end - 1:#x} overlaps "
+                          f"{LOW_RAM_END:#x}-{HIGH_RAM_START - 1:#x} (EBDA, VGA and BIOS area), "
+                          f"which is not usable RAM")
+
+
+def _without_vga_and_bios_area(pieces, entry, path, notes):
+    """The kernel's pieces with their bytes in 0xa0000-0xfffff left out, as QEMU's loader
+    ends up doing (its copies there hit VGA memory and the read-only BIOS shadow)."""
+    if VGA_AND_BIOS_START <= entry < HIGH_RAM_START:
+        raise ConfigError(f"{path}: entry point {entry:#x} lies in {VGA_AND_BIOS_START:#x}-"
+                          f"{HIGH_RAM_START - 1:#x} (VGA, option ROMs and BIOS), which is not RAM")
+    kept = []
+    for piece in pieces:
+        start, end = piece.address, piece.address + piece.size
+        if end <= VGA_AND_BIOS_START or start >= HIGH_RAM_START:
+            kept.append(piece)
+            continue
+        notes.append(f"{path}: {piece.what} at {start:#x}-{end - 1:#x} lies in {VGA_AND_BIOS_START:#x}-"
+                     f"{HIGH_RAM_START - 1:#x} (VGA, option ROMs and BIOS), which is not RAM: its bytes "
+                     f"there are not loaded, as under QEMU")
+        for low, high in ((start, min(end, VGA_AND_BIOS_START)), (max(start, HIGH_RAM_START), end)):
+            if low < high:
+                kept.append(_Piece(low, piece.data[low - start:high - start], high - low, piece.what))
+    return kept
+
+
+def _boot_area_address(placed, path, notes):
+    """QEMU's 0x9000, or the first page after everything else when an image is there."""
+    if not any(p.address < BOOT_AREA_START + BOOT_AREA_SIZE and p.address + p.size > BOOT_AREA_START
+               for p in placed):
+        return BOOT_AREA_START
+    address = _page_align(max(p.address + p.size for p in placed))
+    notes.append(f"{path}: the kernel occupies {BOOT_AREA_START:#x}-{BOOT_AREA_START + BOOT_AREA_SIZE - 1:#x}, "
+                 f"where QEMU puts the memory map and the multiboot information (and then loads the "
+                 f"kernel over them); they are at {address:#x} instead (EBX={address + INFO_OFFSET:#x})")
+    return address
 
 
 def load_multiboot(ram, path, cmdline="", modules=()):
@@ -330,20 +383,28 @@ def _load_multiboot_image(ram, path, image, header, cmdline, modules):
         module_images.append(_read_image(file_name, "multiboot module"))
 
     layout = _ModuleLayout(pieces, path, cmdline, modules, module_images)
-    placed = [*pieces, layout.info_piece, *layout.module_pieces]
-    for piece in placed:
-        _check_placement(piece, ram.size, path)
+    pieces = _without_vga_and_bios_area(pieces, entry, path, notes)
+    ours = [layout.info_piece, *layout.module_pieces]
+    for piece in [*pieces, *ours]:
+        _check_fits(piece, ram.size, path)
+    boot_area = _boot_area_address([*pieces, *ours], path, notes)
+    boot_piece = _Piece(boot_area, b"", BOOT_AREA_SIZE, "multiboot boot area (memory map, information structure, GDT)")
+    _check_fits(boot_piece, ram.size, path)
+    boot_piece.data = _boot_area(ram.size, boot_area, layout.cmdline_addr, layout.bootloader_addr,
+                                 layout.mods_addr, len(modules))
+    ours.append(boot_piece)
+    for piece in ours:
+        _check_outside_hole(piece, path)
     if entry >= ram.size:
         raise ConfigError(f"{path}: entry point {entry:#x} is outside the {ram.size >> 20} MiB of RAM")
 
-    for piece in placed:
+    for piece in [*pieces, *ours]:
         ram.write(piece.address, piece.data + bytes(piece.size - len(piece.data)))
-    _write_boot_area(ram, layout.cmdline_addr, layout.bootloader_addr, layout.mods_addr, len(modules))
 
     regs = {
-        "eax": MULTIBOOT_BOOT_MAGIC, "ebx": INFO_ADDR, "ecx": entry, "edx": 0,
+        "eax": MULTIBOOT_BOOT_MAGIC, "ebx": boot_area + INFO_OFFSET, "ecx": entry, "edx": 0,
         "esi": 0, "edi": 0, "ebp": 0, "esp": BOOT_STACK_TOP,
-        "gdt": GDT_ADDR, "gdt_limit": len(BOOT_GDT) - 1,
+        "gdt": boot_area + GDT_OFFSET, "gdt_limit": len(BOOT_GDT) - 1,
     }
     return EntryState("protected32", entry, regs, cs=SEL_CODE32, notes=notes)
 
@@ -397,22 +458,21 @@ class _ModuleLayout:
         self.info_piece = _Piece(self.mods_addr, bytes(block), len(block), "multiboot module list and strings")
 
 
-def _write_boot_area(ram, cmdline_addr, bootloader_addr, mods_addr, mods_count):
-    """Memory map, information structure and GDT at their fixed low addresses."""
-    entries = memory_map(ram.size)
+def _boot_area(ram_size, address, cmdline_addr, bootloader_addr, mods_addr, mods_count):
+    """The page holding the memory map, the information structure and the GDT."""
+    entries = memory_map(ram_size)
     mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in entries)
     assert len(mmap) <= MMAP_CAPACITY
     mem_upper = next(length for base, length, kind in entries if base == HIGH_RAM_START) >> 10
     info = bytearray(INFO_SIZE)
     struct.pack_into("<7I", info, 0, INFO_FLAGS, LOW_RAM_END >> 10, mem_upper, BOOT_DEVICE,
                      cmdline_addr, mods_count, mods_addr)
-    struct.pack_into("<2I", info, 44, len(mmap), MMAP_ADDR)
+    struct.pack_into("<2I", info, 44, len(mmap), address + MMAP_OFFSET)
     struct.pack_into("<I", info, 64, bootloader_addr)
-    area = bytearray(BOOT_AREA_END - BOOT_AREA_START)
-    for address, data in ((MMAP_ADDR, mmap), (INFO_ADDR, info), (GDT_ADDR, BOOT_GDT)):
-        offset = address - BOOT_AREA_START
+    area = bytearray(BOOT_AREA_SIZE)
+    for offset, data in ((MMAP_OFFSET, mmap), (INFO_OFFSET, info), (GDT_OFFSET, BOOT_GDT)):
         area[offset:offset + len(data)] = data
-    ram.write(BOOT_AREA_START, area)
+    return bytes(area)
 
 
 # ---------------------------------------------------------------------------- dispatch

@@ -352,6 +352,10 @@ CASES = [
     FirmwareCase("pcedges-reset-cf9", "firmware/build/pcedges.elf", append="reset=2",
                  expect_regex=pcedges_output() + rb"resetting\r\n", exit_status=0),
     FirmwareCase("idle-default", "firmware/build/idle.elf", expect=b"idle ticks=200\r\n", slow=True),
+    # linked with plain ld: a header-only segment at 0xff000, in the BIOS area
+    FirmwareCase("mbplain", "firmware/build/mbplain.elf", expect=b"mbplain: running at 1 MiB\r\n"),
+    # a kernel at 0x8000-0xa84b, over the page where the multiboot information usually goes
+    FirmwareCase("mblow", "firmware/build/mblow.elf", expect=b"mblow: image intact\r\n"),
 ]
 
 CASES_BY_NAME = {case.name: case for case in CASES}

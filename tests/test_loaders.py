@@ -335,10 +335,11 @@ def test_aout_without_load_end_loads_the_rest_of_the_file(tmp_path):
     (dict(bss_end=0x100020), "bss_end_addr 0x100020 is below the end of the loaded image 0x100040"),
     (dict(load_addr=0xFFFFF000, header_addr=0xFFFFF010, load_end=0, bss_end=0x0),
      "does not fit in the 32-bit address space"),
-    (dict(load_addr=0x8000, header_addr=0x8010, load_end=0x8040, bss_end=0x9800),
-     "overlaps the multiboot boot area 0x9000-0x9fff"),
-    (dict(load_addr=0xA0000, header_addr=0xA0010, load_end=0xA0040, bss_end=0),
-     "overlaps 0x9fc00-0xfffff (EBDA, VGA and BIOS area)"),
+    (dict(load_addr=0xA0000, header_addr=0xA0010, load_end=0xA0040, bss_end=0, entry=0xA0030),
+     "entry point 0xa0030 lies in 0xa0000-0xfffff (VGA, option ROMs and BIOS), which is not RAM"),
+    # the module list follows the image, page-aligned: at 0x9f000 it would reach the EBDA
+    (dict(load_addr=0x8000, header_addr=0x8010, load_end=0x8040, bss_end=0x9E800, entry=0x8030),
+     "multiboot module list and strings at 0x9f000-0x9ffff overlaps 0x9fc00-0xfffff (EBDA, VGA and BIOS area)"),
     (dict(bss_end=0x1001000), "a.out kludge image at 0x100000-0x1000fff ends beyond the 16 MiB of RAM"),
     (dict(entry=0x2000000), "entry point 0x2000000 is outside the 16 MiB of RAM"),
     (dict(flags=0x10008), "unknown required bits 0x8"),
@@ -466,9 +467,44 @@ def test_elf_segment_outside_ram(tmp_path):
     expect_error("program header 0 at 0x2000000-", str(path))
 
 
-def test_elf_segment_over_the_boot_area(tmp_path):
-    path = build_elf(tmp_path, KERNEL.replace("{flags}", "0"), LINKER_SCRIPT.replace("0x100000", "0x9400"))
-    expect_error("overlaps the multiboot boot area", str(path))
+def test_a_kernel_over_the_boot_area_keeps_its_bytes_and_the_boot_area_moves(tmp_path):
+    """QEMU writes the kernel over its boot structures at 0x9000 (EBX then points at kernel
+    bytes); we keep the kernel intact and put the structures after it, with a note."""
+    path = build_elf(tmp_path, KERNEL.replace("{flags}", "0"), LINKER_SCRIPT.replace("0x100000", "0x8000"))
+    ram = GuestRam(16 * MIB)
+    entry = loaders.load_multiboot(ram, str(path), cmdline="x=1")
+    sym = symbols(path)
+    assert ram.read(sym["marker"], 12) == b"DATA-SEGMENT"            # the page at 0x9000 is the kernel's
+    end = sym["bss_start"] + 0x2345
+    info = parse_info(ram, entry.regs["ebx"])
+    boot_area = entry.regs["ebx"] - loaders.INFO_OFFSET
+    assert boot_area % 0x1000 == 0 and boot_area >= end
+    assert read_cstring(ram, info["cmdline"]) == f"{path} x=1".encode()
+    assert info["mmap_addr"] == boot_area and info["mem_lower"] == 639
+    assert parse_mmap(ram, info["mmap_addr"], info["mmap_length"])[0] == (0, 0x9FC00, 1)
+    descriptors = struct.unpack("<5Q", ram.read(entry.regs["gdt"], entry.regs["gdt_limit"] + 1))
+    assert entry.regs["gdt"] == boot_area + 0x800 and descriptors[1] == 0x00CF9A000000FFFF
+    assert any(f"EBX={entry.regs['ebx']:#x}" in note for note in entry.notes)
+
+
+def test_a_header_only_segment_in_the_bios_area_is_left_out(tmp_path):
+    """Plain `ld -m elf_i386 -Ttext=0x100000` (binutils >= 2.31, separate code) puts the ELF
+    and program headers in a read-only PT_LOAD at 0xff000: QEMU's copy there hits the BIOS
+    shadow, and the kernel runs.  So does ours, with a note."""
+    src, obj, out = tmp_path / "k.S", tmp_path / "k.o", tmp_path / "k.elf"
+    src.write_text(KERNEL.replace("{flags}", "0").replace('.section .multiboot, "a"', ".text"))
+    subprocess.run(["as", "--32", "-o", obj, src], check=True, capture_output=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0x100000", "-o", out, obj], check=True, capture_output=True)
+    segments = loaders._elf32_load_segments(str(out), out.read_bytes())[1]
+    if not any(p.address < 0x100000 for p in segments):
+        pytest.skip("this ld does not put the headers in a segment of their own")
+    ram = GuestRam(16 * MIB)
+    ram.write(0xF0000, b"\xEE" * 0x10000)
+    entry = loaders.load_multiboot(ram, str(out))
+    assert ram.read(0xF0000, 0x10000) == b"\xEE" * 0x10000          # nothing written below 1 MiB
+    assert ram.read(entry.ip, 5) == b"\xb8\x34\x12\x00\x00"
+    assert entry.regs["ebx"] == 0x9500
+    assert any("not loaded, as under QEMU" in note and "0xff000" in note for note in entry.notes)
 
 
 def test_a_truncated_linux_bzimage_is_dispatched_to_the_linux_loader(tmp_path):
