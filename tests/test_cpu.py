@@ -666,3 +666,41 @@ def test_deterministic_machine_offers_no_host_entropy():
     assert not bare_machine(icount=True).cpu.cpuid(1, 0)[2] & rdrand
     assert not bare_machine(icount=True).cpu.cpuid(7, 0)[1] & rdseed
     assert bare_machine(icount=False).cpu.cpuid(1, 0)[2] & rdrand
+
+
+MISC_ENABLE = r"""
+start:
+    mov ecx, 0x1a0              # IA32_MISC_ENABLE
+    rdmsr
+    mov [0x200000], eax
+    mov [0x200004], edx
+    xor eax, eax                # fast strings off
+    xor edx, edx
+    wrmsr
+    mov al, 0
+    out 0xf4, al
+again:
+    mov ecx, 0x1a0
+    rdmsr
+    mov [0x200008], eax
+    mov al, 0
+    out 0xf4, al
+"""
+
+
+def test_misc_enable_has_fast_strings_on_after_reset_and_is_saved():
+    """IA32_MISC_ENABLE as QEMU's reset leaves it: bit 0, fast strings (Linux keeps REP_GOOD
+    and its rep-string copies only when it reads 1); what the guest writes survives a restore."""
+    code, sym = assemble(MISC_ENABLE, 0x100000)
+    m = bare_machine()
+    m.ram.write(0x100000, code)
+    m.cpu.enter(entry("protected32", 0x100000))
+    assert run(m)[0] == 1
+    assert struct.unpack("<II", m.ram.read(0x200000, 8)) == (1, 0)
+    saved = m.save_state()
+    fresh = bare_machine()
+    fresh.load_state(saved)
+    fresh.ram.write(0x100000, code)
+    fresh.cpu.set_reg("eip", sym["again"])
+    assert run(fresh)[0] == 1
+    assert struct.unpack("<I", fresh.ram.read(0x200008, 4))[0] == 0

@@ -24,7 +24,10 @@ MSRS = {
     "mtrr_def_type": 0x2FF, "mtrr_fix64k_00000": 0x250, "mtrr_fix16k_80000": 0x258, "mtrr_fix16k_a0000": 0x259,
     **{f"mtrr_fix4k_{0xC0000 + 0x8000 * i:05x}": 0x268 + i for i in range(8)},
     **{f"mtrr_phys{'base' if i % 2 == 0 else 'mask'}{i // 2}": 0x200 + i for i in range(16)},
+    "misc_enable": 0x1A0,
 }
+#: The version_id that added an MSR to the stream (others: 1); an older stream keeps the reset value.
+MSR_SINCE = {"misc_enable": 2}
 X87 = [f"fp{i}" for i in range(8)]  # the physical x87 registers (mantissa, exponent)
 XMM = [f"xmm{i}" for i in range(16)]
 
@@ -46,6 +49,8 @@ class CpuState:
     ``CpuState(cpu)`` starts empty, a state load fills the fields (``VMSTATE.apply``) and
     :meth:`write_to_cpu` puts them into the CPU.
     """
+
+    msr_misc_enable = 1     # the reset value (fast strings on), for streams from before version 2
 
     def __init__(self, cpu):
         self.cpu = cpu
@@ -160,11 +165,11 @@ def _fields():
         fields.append(Array(f"seg_{seg}", U64, 4))
     fields += [U64("gdtr_base"), U32("gdtr_limit"), U64("idtr_base"), U32("idtr_limit"),
                U32("hflags"), U32("hflags2")]
-    fields += [U64(f"msr_{name}") for name in MSRS]
+    fields += [U64(f"msr_{name}", since=MSR_SINCE.get(name, 1)) for name in MSRS]
     fields += [U32("fpcw"), U32("fpsw"), U32("fptag"), U32("mxcsr"),
                Array("x87", U64, 16), Array("xmm", U64, 32), Bool("halted"), I64("tsc_offset"),
                U64("work_counter")]
     return fields
 
 
-VMSTATE = VMStateDescription("cpu", version_id=1, minimum_version_id=1, fields=_fields(), post_load=_check)
+VMSTATE = VMStateDescription("cpu", version_id=2, minimum_version_id=1, fields=_fields(), post_load=_check)

@@ -51,6 +51,8 @@ CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
 CR4_PSE, CR4_PAE = 1 << 4, 1 << 5
 EFER_SCE, EFER_LME, EFER_LMA = 1, 1 << 8, 1 << 10
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
+MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING = 0x1A0, 1 << 0
+CPUID_7_EBX_ERMS = 1 << 9
 
 TSC_HZ = 1_000_000_000  # the virtual TSC ticks once per guest nanosecond (1 GHz, constant)
 # The core crystal of CPUID leaf 0x15, which Linux also takes as the local APIC timer's input
@@ -360,6 +362,10 @@ class X86Cpu:
             c &= ~(1 << 30)
             table[(7, 0)][1] &= ~(1 << 18)
         table[(1, 0)] = [a, b, c, d]
+        # no ERMS: a translated rep movsb/stosb moves one byte per iteration, so a guest that
+        # trusts the hint (Linux's clear_user/copy_user) runs 4-8 times slower than with
+        # rep movsq/stosq; QEMU's default CPU model does not offer it either
+        table[(7, 0)][1] &= ~CPUID_7_EBX_ERMS
         # hypervisor leaves: vendor "emu-colo    ", no features
         vendor = struct.unpack("<III", b"EmuColoEmuCo")
         table[(0x40000000, 0)] = [0x40000000, *vendor]
@@ -504,6 +510,8 @@ class X86Cpu:
         # x87 and SSE control words as after RESET/FINIT (Unicorn leaves them 0)
         self.uc.reg_write(X.UC_X86_REG_FPCW, 0x37F)
         self.uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
+        # IA32_MISC_ENABLE as QEMU's reset leaves it: fast strings on (Unicorn clears it)
+        self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING))
         # LDTR and TR caches as QEMU's x86_cpu_reset: present, LDT type 2, busy 32-bit TSS
         ctx = self.ctx.save()
         ctx.load_system_segment("ldt", 0, 0, 0xFFFF, xc.DESC_P | (2 << 8))
