@@ -1,4 +1,5 @@
-"""Boot image loaders: multiboot v1 kernels, Linux bzImages, raw binaries and the PC BIOS ROM.
+"""Boot image loaders: multiboot v1 kernels, Linux bzImages, PVH ELF kernels, raw binaries
+and the PC BIOS ROM.  ``-kernel`` tries them in QEMU's order: bzImage, multiboot, PVH.
 
 Each loader writes its image into guest RAM through :meth:`GuestRam.write` (so the pages are
 marked dirty and stale translated code is dropped) and returns an :class:`EntryState` that
@@ -81,6 +82,8 @@ class EntryState:
 # ---------------------------------------------------------------------------- multiboot
 
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
+MULTIBOOT2_HEADER_MAGIC = 0xE85250D6   # recognised only to say so: QEMU does not load it either
+MULTIBOOT2_SEARCH_LIMIT = 32768
 MULTIBOOT_BOOT_MAGIC = 0x2BADB002
 #: QEMU scans for a header that would fit whole (48 bytes with the video fields).
 HEADER_SEARCH_LIMIT = 8192 - 48
@@ -492,10 +495,16 @@ def load_kernel(ram, path, cmdline="", modules=()):
     if is_linux_image(image):
         return load_linux(ram, path, image, cmdline, modules)
     header = find_multiboot_header(image, path)
-    if header is None:
-        raise ConfigError(f"{path}: not a multiboot kernel (no header with magic "
-                          f"{MULTIBOOT_HEADER_MAGIC:#x} in the first 8 KiB) and not a Linux bzImage")
-    return _load_multiboot_image(ram, path, image, header, cmdline, modules)
+    if header is not None:
+        return _load_multiboot_image(ram, path, image, header, cmdline, modules)
+    pvh_entry = find_pvh_entry(image, path)
+    if pvh_entry is not None:
+        return load_pvh(ram, path, image, pvh_entry, cmdline, modules)
+    multiboot2 = struct.pack("<I", MULTIBOOT2_HEADER_MAGIC) in image[:MULTIBOOT2_SEARCH_LIMIT]
+    raise ConfigError(f"{path}: not a multiboot kernel (no header with magic {MULTIBOOT_HEADER_MAGIC:#x} in "
+                      f"the first 8 KiB), not a Linux bzImage and not an ELF with a PVH entry note"
+                      + (" (it has a multiboot2 header, which QEMU's -kernel does not load either: "
+                         "add a multiboot v1 header or a PVH note, or boot it from GRUB)" if multiboot2 else ""))
 
 
 # Linux/x86 boot protocol (Documentation/arch/x86/boot.rst), 64-bit entry as QEMU's
@@ -789,6 +798,172 @@ def _linux_zero_page(image, header, load, initrd_addr, initrd_size, ram_size):
 
 
 # ---------------------------------------------------------------------------- raw binaries
+
+# PVH (Xen's x86/HVM direct boot ABI, docs/misc/pvh.pandoc), as QEMU's load_elfboot and its
+# option ROM pc-bios/optionrom/pvh_main.c do it: an ELF32 or ELF64 kernel whose PT_NOTE holds
+# XEN_ELFNOTE_PHYS32_ENTRY is loaded at its segments' physical addresses and entered there in
+# 32-bit protected mode, paging off, with EBX = the hvm_start_info structure.  QEMU keeps that
+# structure in its option ROM; here it goes to the page the multiboot loader uses:
+PVH_BOOT_PAGE = BOOT_AREA_START      # 0x9000: memory map, module list, start info, GDT
+PVH_MEMMAP_OFFSET = 0x000
+PVH_MODLIST_OFFSET = 0x400
+PVH_START_INFO_OFFSET = 0x500
+PVH_GDT_OFFSET = 0x800
+PVH_CMDLINE_ADDR = 0x20000           # QEMU's cmdline_addr for a kernel without a setup header
+PVH_INITRD_MAX = 0x37FFFFFF          # QEMU's initrd_max without a setup header
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+XEN_HVM_START_MAGIC = 0x336EC578
+HVM_START_INFO = struct.Struct("<IIIIQQQQII")   # magic version flags nr_modules modlist cmdline rsdp memmap entries
+HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")      # paddr size cmdline_paddr reserved
+HVM_MEMMAP_ENTRY = struct.Struct("<QQII")       # addr size type reserved
+ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+ELF64_PHDR = struct.Struct("<IIQQQQQQ")          # type flags offset vaddr paddr filesz memsz align
+PT_NOTE = 4
+
+
+def _elf_program_headers(image, path):
+    """[(p_type, offset, paddr, filesz, memsz)] of a little-endian x86 ELF32 or ELF64 image."""
+    elf_class = image[4] if len(image) > 4 else 0
+    header, phdr = {1: (ELF32_HEADER, ELF32_PHDR), 2: (ELF64_HEADER, ELF64_PHDR)}.get(elf_class, (None, None))
+    if header is None or len(image) < header.size or image[5] != 1:
+        raise ConfigError(f"{path}: malformed ELF: not a little-endian ELF32 or ELF64 file")
+    fields = header.unpack_from(image)
+    if fields[2] not in (3, 62):
+        raise ConfigError(f"{path}: not an x86 ELF (machine {fields[2]})")
+    phoff, phentsize, phnum = fields[5], fields[9], fields[10]
+    if phnum and phentsize < phdr.size:
+        raise ConfigError(f"{path}: malformed ELF: program header entries of {phentsize} bytes")
+    if phoff + phnum * phentsize > len(image):
+        raise ConfigError(f"{path}: malformed ELF: the program header table reaches past the end of the file")
+    headers = []
+    for index in range(phnum):
+        values = phdr.unpack_from(image, phoff + index * phentsize)
+        if elf_class == 1:
+            p_type, offset, _vaddr, paddr, filesz, memsz, _flags, _align = values
+        else:
+            p_type, _flags, offset, _vaddr, paddr, filesz, memsz, _align = values
+        if p_type in (PT_LOAD, PT_NOTE) and offset + filesz > len(image):
+            raise ConfigError(f"{path}: program header {index} reaches past the end of the file (truncated image?)")
+        headers.append((p_type, offset, paddr, filesz, memsz))
+    return elf_class, headers
+
+
+def find_pvh_entry(image, path="kernel"):
+    """The physical entry point of the PVH note (XEN_ELFNOTE_PHYS32_ENTRY), or None when the
+    image is not an ELF or has no such note (QEMU reads a 64-bit value from an ELF64's note)."""
+    if image[:4] != b"\x7fELF":
+        return None
+    elf_class, headers = _elf_program_headers(image, path)
+    for p_type, offset, _paddr, filesz, _memsz in headers:
+        if p_type != PT_NOTE:
+            continue
+        note, end = offset, offset + filesz
+        while note + 12 <= end:
+            namesz, descsz, n_type = struct.unpack_from("<III", image, note)
+            desc = note + 12 + (namesz + 3) // 4 * 4
+            if desc + descsz > end:
+                raise ConfigError(f"{path}: malformed ELF note at file offset {note:#x} (reaches past its segment)")
+            if image[note + 12:note + 12 + namesz].rstrip(b"\0") == b"Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
+                width = 8 if elf_class == 2 and descsz >= 8 else 4
+                if descsz < width:
+                    raise ConfigError(f"{path}: the PVH entry note has {descsz} bytes of address")
+                return int.from_bytes(image[desc:desc + width], "little")
+            note = desc + (descsz + 3) // 4 * 4
+    return None
+
+
+def _without_note_only_segments_beyond_ram(pieces, headers, ram_size, path, notes):
+    """``ld -Ttext=...`` without a script leaves the note section at the default base
+    (0x8048000 for i386) in a PT_LOAD of its own: beyond RAM it is not loaded (QEMU's copy
+    there lands nowhere either); any other segment beyond RAM is still refused."""
+    note_ranges = [(paddr, paddr + filesz) for p_type, _offset, paddr, filesz, _memsz in headers if p_type == PT_NOTE]
+    kept = []
+    for piece in pieces:
+        beyond = piece.address + piece.size > ram_size
+        if beyond and any(start <= piece.address and piece.address + piece.size <= end for start, end in note_ranges):
+            notes.append(f"{path}: {piece.what} at {piece.address:#x} holds only ELF notes and lies beyond RAM: "
+                         f"not loaded")
+            continue
+        kept.append(piece)
+    return kept
+
+
+def _pvh_boot_addresses(pieces, cmdline_size, ram_size, path, notes):
+    """The boot page (0x9000) and the command line (0x20000), or, where the kernel lies there
+    (QEMU keeps its structures in the option ROM, so such a kernel runs), the pages after it."""
+    end = _page_align(max(p.address + p.size for p in pieces))
+
+    def free(start, size):
+        return not any(p.address < start + size and p.address + p.size > start for p in pieces)
+
+    boot_page = PVH_BOOT_PAGE if free(PVH_BOOT_PAGE, BOOT_AREA_SIZE) else end
+    cmdline_addr = PVH_CMDLINE_ADDR if free(PVH_CMDLINE_ADDR, cmdline_size) else None
+    if cmdline_addr is None or PVH_CMDLINE_ADDR + cmdline_size > LOW_RAM_END:
+        cmdline_addr = max(end, boot_page + BOOT_AREA_SIZE)
+    if boot_page != PVH_BOOT_PAGE or cmdline_addr != PVH_CMDLINE_ADDR:
+        notes.append(f"{path}: the kernel lies where the PVH start info ({PVH_BOOT_PAGE:#x}) or the command line "
+                     f"({PVH_CMDLINE_ADDR:#x}) usually go: they are at {boot_page:#x} "
+                     f"(EBX={boot_page + PVH_START_INFO_OFFSET:#x}) and {cmdline_addr:#x}")
+    for start, size, what in ((boot_page, BOOT_AREA_SIZE, "PVH start info"),
+                              (cmdline_addr, cmdline_size, "command line")):
+        _check_fits(_Piece(start, b"", size, what), ram_size, path)
+        _check_outside_hole(_Piece(start, b"", size, what), path)
+    return boot_page, cmdline_addr
+
+
+def load_pvh(ram, path, image, entry, cmdline="", initrd=()):
+    """Load a PVH kernel: its PT_LOAD segments at their physical addresses, the command line,
+    one ``-initrd`` module at the top of low RAM, and the hvm_start_info (version 1, with the
+    memory map) that EBX points to."""
+    notes = []
+    _, headers = _elf_program_headers(image, path)
+    pieces = [_Piece(paddr, image[offset:offset + filesz], memsz, f"program header {index}")
+              for index, (p_type, offset, paddr, filesz, memsz) in enumerate(headers)
+              if p_type == PT_LOAD and memsz]
+    if not pieces:
+        raise ConfigError(f"{path}: ELF image has no loadable (PT_LOAD) segment")
+    for before, after in itertools.pairwise(sorted(pieces, key=lambda p: p.address)):
+        if before.address + before.size > after.address:
+            raise ConfigError(f"{path}: {before.what} ({before.address:#x}+{before.size:#x}) overlaps "
+                              f"{after.what} at {after.address:#x}")
+    pieces = _without_vga_and_bios_area(pieces, entry, path, notes)
+    pieces = _without_note_only_segments_beyond_ram(pieces, headers, ram.size, path, notes)
+    for piece in pieces:
+        _check_fits(piece, ram.size, path)
+    if entry >= ram.size:
+        raise ConfigError(f"{path}: PVH entry point {entry:#x} is outside the {ram.size >> 20} MiB of RAM")
+    cmd = cmdline.encode() + b"\0"
+    boot_page, cmdline_addr = _pvh_boot_addresses(pieces, len(cmd), ram.size, path, notes)
+    initrd_path, initrd_data = _read_initrd(initrd, path)
+    modlist = b""
+    if initrd_data is not None:
+        kernel_end = max(*(p.address + p.size for p in pieces), boot_page + BOOT_AREA_SIZE, cmdline_addr + len(cmd))
+        top = min(PVH_INITRD_MAX, ram.size - 1) + 1
+        initrd_addr = (top - len(initrd_data)) & ~(PAGE_SIZE - 1)
+        if initrd_addr < max(kernel_end, HIGH_RAM_START):
+            raise ConfigError(f"initrd {initrd_path}: {len(initrd_data)} bytes do not fit between the kernel "
+                              f"(ends at {kernel_end:#x}) and {top:#x}; give more memory with -m")
+        modlist = HVM_MODLIST_ENTRY.pack(initrd_addr, len(initrd_data), 0, 0)
+    entries = memory_map(ram.size)
+    memmap = b"".join(HVM_MEMMAP_ENTRY.pack(base, length, kind, 0) for base, length, kind in entries)
+    start_info = HVM_START_INFO.pack(
+        XEN_HVM_START_MAGIC, 1, 0, 1 if modlist else 0, boot_page + PVH_MODLIST_OFFSET if modlist else 0,
+        cmdline_addr, 0, boot_page + PVH_MEMMAP_OFFSET, len(entries), 0)
+    page = bytearray(BOOT_AREA_SIZE)
+    for offset, data in ((PVH_MEMMAP_OFFSET, memmap), (PVH_MODLIST_OFFSET, modlist),
+                         (PVH_START_INFO_OFFSET, start_info), (PVH_GDT_OFFSET, BOOT_GDT)):
+        page[offset:offset + len(data)] = data
+
+    for piece in pieces:
+        ram.write(piece.address, piece.data + bytes(piece.size - len(piece.data)))
+    if initrd_data is not None:
+        ram.write(initrd_addr, initrd_data)
+    ram.write(cmdline_addr, cmd)
+    ram.write(boot_page, page)
+    regs = {"ebx": boot_page + PVH_START_INFO_OFFSET, "eax": 0, "ecx": 0, "edx": 0, "esi": 0, "edi": 0,
+            "ebp": 0, "esp": BOOT_STACK_TOP, "gdt": boot_page + PVH_GDT_OFFSET, "gdt_limit": len(BOOT_GDT) - 1}
+    return EntryState("protected32", entry, regs, cs=SEL_CODE32, notes=notes)
+
 
 def load_flat(ram, path, address, entry=None):
     """A raw binary at ``address``, entered in 32-bit protected mode at ``entry`` (default

@@ -30,10 +30,11 @@ STORE_INSNS_PER_16_BYTES = 8
 class FirmwareCase:
     """One guest run.
 
-    image: path relative to the repository root.  kind: "kernel" (multiboot, -kernel)
-    or "bios" (-bios).  fw_cfg: -fw_cfg option values, files the guest can read.  input
-    is written to COM1 once the output contains input_after (the guest prints that
-    marker when its receiver is ready).  The output must equal expect, or fully match
+    image: path relative to the repository root.  kind: "kernel" (-kernel: multiboot or
+    PVH) or "bios" (-bios); initrd: a file (relative to the root) given with -initrd.
+    fw_cfg: -fw_cfg option values, files the guest can read.  input is written to COM1
+    once the output contains input_after (the guest prints that marker when its
+    receiver is ready).  The output must equal expect, or fully match
     the bytes regex expect_regex.  slow: takes seconds even on QEMU (default-size
     workloads); emulator tests may leave such cases out.
     """
@@ -42,6 +43,7 @@ class FirmwareCase:
     image: str
     kind: str = "kernel"
     append: str = ""
+    initrd: str = ""
     fw_cfg: tuple[str, ...] = ()
     input: bytes = b""
     input_after: bytes = b""
@@ -71,6 +73,8 @@ def qemu_command(case: FirmwareCase, root, qemu: str = "qemu-system-x86_64") -> 
         command += ["-kernel", image]
         if case.append:
             command += ["-append", case.append]
+        if case.initrd:
+            command += ["-initrd", str(root / case.initrd)]
     for spec in case.fw_cfg:
         command += ["-fw_cfg", spec]
     return command
@@ -88,6 +92,8 @@ def emu_command(case: FirmwareCase, root, extra=()) -> list[str]:
     command += ["-kernel", image]
     if case.append:
         command += ["-append", case.append]
+    if case.initrd:
+        command += ["-initrd", str(root / case.initrd)]
     return command
 
 
@@ -356,6 +362,14 @@ CASES = [
     FirmwareCase("mbplain", "firmware/build/mbplain.elf", expect=b"mbplain: running at 1 MiB\r\n"),
     # a kernel at 0x8000-0xa84b, over the page where the multiboot information usually goes
     FirmwareCase("mblow", "firmware/build/mblow.elf", expect=b"mblow: image intact\r\n"),
+    # no multiboot header: an ELF note with the PVH entry (Xen's direct boot ABI, as QEMU boots it)
+    FirmwareCase("pvh", "firmware/build/pvh.elf", append="a=1 b=two", initrd="firmware/pvh-module.txt",
+                 expect=b"pvh: start info magic and version ok\r\npvh: protected mode, paging off\r\n"
+                        b"pvh: cmdline [a=1 b=two]\r\npvh: memory map has RAM at 0 and at 1 MiB\r\n"
+                        b"pvh: module [module text from the host]\r\npvh: done\r\n"),
+    FirmwareCase("pvh-bare", "firmware/build/pvh.elf",
+                 expect=b"pvh: start info magic and version ok\r\npvh: protected mode, paging off\r\n"
+                        b"pvh: cmdline []\r\npvh: memory map has RAM at 0 and at 1 MiB\r\npvh: done\r\n"),
 ]
 
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -226,6 +226,15 @@ def test_fw_cfg_has_no_command_line_for_a_multiboot_kernel():
         machine.close()
 
 
+def test_fw_cfg_has_the_command_line_of_a_pvh_kernel():
+    """A PVH ELF takes x86_load_linux's path too: the command line is in fw_cfg and in RAM."""
+    machine = pc.build(kernel=firmware("pvh.elf"), append="console=ttyS0", serial=["null"], icount_shift=0)
+    try:
+        assert _fw_cfg_command_line(machine) == (14, b"console=ttyS0\0")
+    finally:
+        machine.close()
+
+
 def test_newc_archive_round_trip():
     sys.path.insert(0, str(ROOT))
     from linux.build import CpioEntry, write_newc

@@ -585,3 +585,90 @@ def test_bios_entry_is_the_reset_vector():
     entry = loaders.bios_entry()
     assert (entry.mode, entry.cs, entry.ip, entry.cs_base) == ("real", 0xF000, 0xFFF0, 0xFFFF0000)
     assert entry.cs_base + entry.ip == 0xFFFFFFF0
+
+
+# ----------------------------------------------------------------------------- PVH
+
+PVH_KERNEL = """
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4, {descsz}, 18
+    .asciz "Xen"
+    {width} pvh_start
+    .text
+    .code32
+    .globl pvh_start
+    nop
+pvh_start:
+    hlt
+"""
+
+PVH_SCRIPT = """
+ENTRY(pvh_start)
+PHDRS { text PT_LOAD FLAGS(5); note PT_NOTE FLAGS(4); }
+SECTIONS { . = {base}; .text : { *(.text) } :text .note.Xen : { *(.note.Xen) } :text :note }
+"""
+
+
+def pvh_elf(tmp_path, bits=32, base=0x100000, descsz=None):
+    width = ".long" if bits == 32 else ".quad"
+    source = PVH_KERNEL.format(descsz=descsz or bits // 8, width=width)
+    return build_elf(tmp_path, source, PVH_SCRIPT.replace("{base}", hex(base)), bits=bits, name=f"pvh{bits}.elf")
+
+
+def parse_start_info(ram, address):
+    names = ("magic", "version", "flags", "nr_modules", "modlist", "cmdline", "rsdp", "memmap", "memmap_entries")
+    return dict(zip(names, struct.unpack("<IIIIQQQQI", ram.read(address, 52)), strict=True))
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_a_pvh_elf_is_entered_at_its_note_with_the_start_info(tmp_path, bits):
+    path = pvh_elf(tmp_path, bits)
+    module = tmp_path / "module.bin"
+    module.write_bytes(b"M" * 5000)
+    ram = GuestRam(16 * MIB)
+    entry = loaders.load_kernel(ram, str(path), "console=ttyS0", [str(module)])
+    assert (entry.mode, entry.ip, entry.cs) == ("protected32", symbols(path)["pvh_start"], 0x08)
+    info = parse_start_info(ram, entry.regs["ebx"])
+    assert (info["magic"], info["version"], info["flags"], info["rsdp"]) == (0x336EC578, 1, 0, 0)
+    assert read_cstring(ram, info["cmdline"]) == b"console=ttyS0"         # no path prefix, as QEMU
+    memmap = [struct.unpack("<QQII", ram.read(info["memmap"] + 24 * i, 24))[:3] for i in range(info["memmap_entries"])]
+    assert memmap[0] == (0, 0x9FC00, 1) and memmap[-1] == (0x100000, 15 * MIB, 1)
+    assert info["nr_modules"] == 1
+    paddr, size = struct.unpack("<QQ", ram.read(info["modlist"], 16))
+    assert size == 5000 and paddr % 4096 == 0 and paddr + size <= 16 * MIB < paddr + size + 4096
+    assert ram.read(paddr, size) == b"M" * 5000
+    descriptors = struct.unpack("<5Q", ram.read(entry.regs["gdt"], entry.regs["gdt_limit"] + 1))
+    assert descriptors[1] == 0x00CF9A000000FFFF and descriptors[2] == 0x00CF92000000FFFF
+
+
+def test_a_pvh_kernel_over_the_boot_page_moves_the_start_info(tmp_path):
+    path = pvh_elf(tmp_path, base=0x9000)
+    ram = GuestRam(16 * MIB)
+    entry = loaders.load_kernel(ram, str(path), "x=1")
+    assert ram.read(entry.ip, 1) == b"\xf4"                                  # the kernel's hlt is intact
+    assert entry.regs["ebx"] == 0xA500 and parse_start_info(ram, 0xA500)["magic"] == 0x336EC578
+    assert read_cstring(ram, parse_start_info(ram, 0xA500)["cmdline"]) == b"x=1"
+    assert any("EBX=0xa500" in note for note in entry.notes)
+
+
+def test_pvh_errors_name_what_collides(tmp_path):
+    big = tmp_path / "big.img"
+    big.write_bytes(bytes(15 * MIB))
+    with pytest.raises(ConfigError, match=r"initrd .*big.img: 15728640 bytes do not fit between the kernel"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(pvh_elf(tmp_path)), "", [str(big)])
+    with pytest.raises(ConfigError, match="takes one -initrd file, got 2"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(pvh_elf(tmp_path)), "", [str(big), str(big)])
+    with pytest.raises(ConfigError, match="the PVH entry note has 2 bytes of address"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(pvh_elf(tmp_path, descsz=2)))
+
+
+def test_an_elf_without_multiboot_header_or_pvh_note_is_refused_and_multiboot2_is_named(tmp_path):
+    plain = build_elf(tmp_path, ".text\n.globl _start\n_start: hlt\n",
+                      "ENTRY(_start)\nSECTIONS { . = 0x100000; .text : { *(.text) } }")
+    with pytest.raises(ConfigError, match=r"not a Linux bzImage and not an ELF with a PVH entry note$"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(plain))
+    mb2 = tmp_path / "mb2.bin"
+    mb2.write_bytes(bytes(64) + struct.pack("<4I", 0xE85250D6, 0, 16, (-(0xE85250D6 + 16)) & 0xFFFFFFFF) + bytes(64))
+    with pytest.raises(ConfigError, match="it has a multiboot2 header, which QEMU's -kernel does not load either"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(mb2))
