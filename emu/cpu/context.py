@@ -76,7 +76,25 @@ def _find_late_offsets():
                    old_exception=dr + 64 + 32)
 
 
+def _find_xcr0():
+    """XCR0 has no register id in Unicorn's API: find it as the one field of the context that
+    XSETBV changes (a UC_MODE_64 engine starts with CR4.OSXSAVE set and XCR0 = x87 | SSE)."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x1000)
+    # mov eax, 1; xor ecx, ecx; xor edx, edx; xsetbv
+    uc.mem_write(0, bytes.fromhex("b801000000" "31c9" "31d2" "0f01d1"))
+    before = bytes(uc.context_save())
+    uc.emu_start(0, 12)
+    after = bytes(uc.context_save())
+    found = [off for off in range(HEADER, len(before) - 7, 8)
+             if struct.unpack_from("<Q", before, off)[0] == 3 and struct.unpack_from("<Q", after, off)[0] == 1]
+    if len(found) != 1:
+        raise ImportError(f"cpu context: XCR0 not found in the context (candidates {found})")
+    OFFSETS["xcr0"] = found[0]
+
+
 _find_late_offsets()
+_find_xcr0()
 
 
 class ContextView:

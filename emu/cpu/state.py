@@ -3,14 +3,14 @@
 Everything is saved by name and value, not as Unicorn's opaque context: the general,
 segment (with their hidden caches), control, debug, x87/SSE registers, the MSRs a guest
 can program (including the MTRRs Unicorn's context omits), the internal ``hflags`` (CPL,
-interrupt shadow, ...), and what only the emulator knows: halted, the TSC offset and the
-deterministic work counter.
+interrupt shadow, ...), XCR0 (a subsection, sent when it is not the RESET value), and what
+only the emulator knows: halted, the TSC offset and the deterministic work counter.
 """
 
 from unicorn import x86_const as X
 
 from emu.errors import StateError
-from emu.state.vmstate import I64, U32, U64, Array, Bool, VMStateDescription
+from emu.state.vmstate import I64, U32, U64, Array, Bool, Subsection, VMStateDescription
 
 GENERAL = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
            "r14", "r15", "rip", "rflags"]
@@ -28,6 +28,7 @@ MSRS = {
 }
 #: The version_id that added an MSR to the stream (others: 1); an older stream keeps the reset value.
 MSR_SINCE = {"misc_enable": 2}
+XCR0_RESET = 1  # x87 state only (SDM vol. 1, 13.3)
 X87 = [f"fp{i}" for i in range(8)]  # the physical x87 registers (mantissa, exponent)
 XMM = [f"xmm{i}" for i in range(16)]
 
@@ -54,6 +55,7 @@ class CpuState:
 
     def __init__(self, cpu):
         self.cpu = cpu
+        self.xcr0 = XCR0_RESET  # what a stream without the cpu/xsave subsection means
 
     @classmethod
     def capture(cls, cpu):
@@ -77,6 +79,7 @@ class CpuState:
             setattr(self, f"{table}_limit", limit)
         self.hflags = ctx.hflags
         self.hflags2 = ctx.u32("hflags2")
+        self.xcr0 = ctx.u64("xcr0")
         cpu = self.cpu
         values = cpu.ffi.new("uint64_t[]", len(MSRS))
         if cpu.clib.read_msrs(cpu.cstate, cpu._uc_handle, X.UC_X86_REG_MSR, _MSR_INDEX, values, len(MSRS)):
@@ -131,6 +134,7 @@ class CpuState:
             ctx.load_system_segment(seg, *getattr(self, f"seg_{seg}"))
         ctx.set_u32("hflags", self.hflags)  # exact: CPL, interrupt shadow, modes
         ctx.set_u32("hflags2", self.hflags2)
+        ctx.set_u64("xcr0", self.xcr0)
         ctx.set_i32("old_exception", -1)
         ctx.restore()
         uc.reg_write(X.UC_X86_REG_RIP, self.rip)
@@ -150,6 +154,7 @@ def _check(state, version_id):
         raise StateError(f"cpu: field cr0: {state.cr0:#x} enables paging without protection")
     if state.msr_efer & (1 << 10) and not state.cr0 & 0x80000000:
         raise StateError(f"cpu: field msr_efer: long mode active ({state.msr_efer:#x}) without paging")
+    _check_xcr0(state)
     for seg in SEGMENTS + ["ldt", "tr"]:
         # the engine's segment cache holds a 16-bit selector and 32-bit limit and flags
         selector, _base, limit, flags = getattr(state, f"seg_{seg}")
@@ -157,6 +162,16 @@ def _check(state, version_id):
             raise StateError(f"cpu: field seg_{seg}: selector {selector:#x} is wider than 16 bits")
         if limit > 0xFFFFFFFF or flags > 0xFFFFFFFF:
             raise StateError(f"cpu: field seg_{seg}: limit {limit:#x} or flags {flags:#x} wider than 32 bits")
+
+
+def _check_xcr0(state):
+    """XCR0 as XSETBV would have accepted it on this CPU (SDM vol. 1, 13.3)."""
+    eax, _, _, edx = state.cpu.cpuid(0xD, 0)
+    supported = (edx << 32) | eax
+    xcr0 = state.xcr0
+    if not xcr0 & 1 or xcr0 & ~(supported | XCR0_RESET) or (xcr0 & 6) == 4:
+        raise StateError(f"cpu: field xcr0: {xcr0:#x} is not a valid XCR0 for this CPU "
+                         f"(x87 required, AVX needs SSE, supported components {supported:#x})")
 
 
 def _fields():
@@ -172,4 +187,7 @@ def _fields():
     return fields
 
 
-VMSTATE = VMStateDescription("cpu", version_id=2, minimum_version_id=1, fields=_fields(), post_load=_check)
+VMSTATE_XSAVE = VMStateDescription("cpu/xsave", version_id=1, minimum_version_id=1, fields=[U64("xcr0")])
+VMSTATE = VMStateDescription("cpu", version_id=2, minimum_version_id=1, fields=_fields(),
+                             subsections=[Subsection(VMSTATE_XSAVE, needed=lambda state: state.xcr0 != XCR0_RESET)],
+                             post_load=_check)
