@@ -721,6 +721,13 @@ start:
     xor edx, edx
     mov eax, 3                   # XCR0 = x87 | SSE
     xsetbv
+    mov rax, cr4
+    or eax, 1 << 22              # CR4.PKE
+    mov cr4, rax
+    mov eax, 0x55555554          # PKRU: every key but 0 access-disabled (Linux's default)
+    xor ecx, ecx
+    xor edx, edx
+    wrpkru
     mov al, 0
     out 0xf4, al                 # the state is saved here
     jmp after_restore            # ends the block: the next one runs only after the restore
@@ -734,22 +741,25 @@ after_restore:
     xor ecx, ecx
     xgetbv
     mov [results+16], eax
+    xor ecx, ecx
+    rdpkru
+    mov [results+24], eax
     mov al, 0
     out 0xf4, al
 """
 
 
-def test_tsc_aux_and_xcr0_survive_a_save_and_a_restore_into_a_fresh_machine():
-    """RDTSCP returns IA32_TSC_AUX as WRMSR left it, and the MSR and XCR0 travel in the state
-    (XCR0 has no engine register: a restore left Unicorn's x87|SSE reset value)."""
+def test_tsc_aux_xcr0_and_pkru_survive_a_save_and_a_restore_into_a_fresh_machine():
+    """RDTSCP returns IA32_TSC_AUX as WRMSR left it, and the MSR, XCR0 and PKRU travel in the
+    state (XCR0 and PKRU have no engine register: a restore left their reset values)."""
     m, _ = long_mode_machine(TSC_AUX_XCR0)
     assert run(m)[0] == 1
     stream = m.save_state(ram_pages="all")
     fresh = bare_machine(icount=True)
     fresh.load_state(stream)
     assert run(fresh)[0] == 1
-    rcx, aux, xcr0 = struct.unpack("<QI4xI", fresh.ram.read(0x200000, 20))
-    assert (rcx, aux, xcr0) == (0x1234abcd, 0x1234abcd, 3)
+    rcx, aux, xcr0, pkru = struct.unpack("<QI4xI4xI", fresh.ram.read(0x200000, 28))
+    assert (rcx, aux, xcr0, pkru) == (0x1234abcd, 0x1234abcd, 3, 0x55555554)
 
 
 def test_xcr0_is_x87_only_after_reset_and_cpuid_osxsave_follows_cr4():
@@ -761,4 +771,4 @@ def test_xcr0_is_x87_only_after_reset_and_cpuid_osxsave_follows_cr4():
     assert cpu._dynamic_cpuid(1, 0, 1 << 18, 1)[2] & (1 << 27)
     assert cpu._dynamic_cpuid(0xD, 0, 1 << 18, 3)[1] == 576
     eax, _, ecx, edx = cpu.cpuid(0xD, 0)
-    assert (edx << 32 | eax, ecx) == (3, 576)  # no AVX state without AVX
+    assert (edx << 32 | eax, ecx) == (0x203, 0xA88)  # x87, SSE, PKRU: no AVX state without AVX

@@ -3,8 +3,8 @@
 Everything is saved by name and value, not as Unicorn's opaque context: the general,
 segment (with their hidden caches), control, debug, x87/SSE registers, the MSRs a guest
 can program (including the MTRRs Unicorn's context omits), the internal ``hflags`` (CPL,
-interrupt shadow, ...), XCR0 (a subsection, sent when it is not the RESET value), and what
-only the emulator knows: halted, the TSC offset and the deterministic work counter.
+interrupt shadow, ...), XCR0 and PKRU (subsections, sent when not at their RESET values),
+and what only the emulator knows: halted, the TSC offset and the deterministic work counter.
 """
 
 from unicorn import x86_const as X
@@ -56,6 +56,7 @@ class CpuState:
     def __init__(self, cpu):
         self.cpu = cpu
         self.xcr0 = XCR0_RESET  # what a stream without the cpu/xsave subsection means
+        self.pkru = 0  # idem, cpu/pkru
 
     @classmethod
     def capture(cls, cpu):
@@ -80,6 +81,7 @@ class CpuState:
         self.hflags = ctx.hflags
         self.hflags2 = ctx.u32("hflags2")
         self.xcr0 = ctx.u64("xcr0")
+        self.pkru = ctx.u32("pkru")
         cpu = self.cpu
         values = cpu.ffi.new("uint64_t[]", len(MSRS))
         if cpu.clib.read_msrs(cpu.cstate, cpu._uc_handle, X.UC_X86_REG_MSR, _MSR_INDEX, values, len(MSRS)):
@@ -135,6 +137,7 @@ class CpuState:
         ctx.set_u32("hflags", self.hflags)  # exact: CPL, interrupt shadow, modes
         ctx.set_u32("hflags2", self.hflags2)
         ctx.set_u64("xcr0", self.xcr0)
+        ctx.set_u32("pkru", self.pkru)
         ctx.set_i32("old_exception", -1)
         ctx.restore()
         uc.reg_write(X.UC_X86_REG_RIP, self.rip)
@@ -155,6 +158,8 @@ def _check(state, version_id):
     if state.msr_efer & (1 << 10) and not state.cr0 & 0x80000000:
         raise StateError(f"cpu: field msr_efer: long mode active ({state.msr_efer:#x}) without paging")
     _check_xcr0(state)
+    if state.pkru and not state.cpu.cpuid(7, 0)[2] & (1 << 3):
+        raise StateError(f"cpu: field pkru: {state.pkru:#x} on a CPU without protection keys")
     for seg in SEGMENTS + ["ldt", "tr"]:
         # the engine's segment cache holds a 16-bit selector and 32-bit limit and flags
         selector, _base, limit, flags = getattr(state, f"seg_{seg}")
@@ -188,6 +193,8 @@ def _fields():
 
 
 VMSTATE_XSAVE = VMStateDescription("cpu/xsave", version_id=1, minimum_version_id=1, fields=[U64("xcr0")])
+VMSTATE_PKRU = VMStateDescription("cpu/pkru", version_id=1, minimum_version_id=1, fields=[U32("pkru")])
 VMSTATE = VMStateDescription("cpu", version_id=2, minimum_version_id=1, fields=_fields(),
-                             subsections=[Subsection(VMSTATE_XSAVE, needed=lambda state: state.xcr0 != XCR0_RESET)],
+                             subsections=[Subsection(VMSTATE_XSAVE, needed=lambda state: state.xcr0 != XCR0_RESET),
+                                          Subsection(VMSTATE_PKRU, needed=lambda state: state.pkru != 0)],
                              post_load=_check)

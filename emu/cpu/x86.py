@@ -22,17 +22,16 @@ import os
 import struct
 import weakref
 
-from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
+from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
                      UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
                      UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE, UC_HOOK_MEM_WRITE_PROT, UC_MEM_FETCH_UNMAPPED,
-                     UC_MEM_WRITE_UNMAPPED, UC_MODE_16, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc,
-                     UcError)
+                     UC_MEM_WRITE_UNMAPPED, UC_MODE_16, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UcError)
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import uclib
 
 from emu.cpu import context as xc
-from emu.cpu.engine import EngineControls, warn_if_stock
+from emu.cpu.engine import EngineControls, new_engine, warn_if_stock
 from emu.errors import GuestError, UnsupportedError
 
 NEVER = 0xFFFF_FFFF_FFFF_FFFF
@@ -139,7 +138,7 @@ class X86Cpu:
         self._rom_hooks = {}  # base of a ROM mapping -> its write-protection hook
         self._rom_write_handler = None
 
-        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc = new_engine(UC_MODE_64)
         self.engine = EngineControls(self.uc)
         warn_if_stock(self.engine)
         if self.engine.patched:
@@ -161,7 +160,7 @@ class X86Cpu:
     def _reset_context(self):
         """A fresh real-mode engine's context, with XCR0 as after RESET: x87 state only
         (Unicorn enables SSE state too, for user-mode code that never runs XSETBV)."""
-        raw = bytearray(bytes(Uc(UC_ARCH_X86, UC_MODE_16).context_save()))
+        raw = bytearray(bytes(new_engine(UC_MODE_16).context_save()))
         struct.pack_into("<Q", raw, xc.OFFSETS["xcr0"], XCR0_X87)
         return bytes(raw)
 
@@ -348,7 +347,7 @@ class X86Cpu:
 
     # ---- CPUID: the engine's own answers, corrected to describe this machine
     def _native_cpuid(self):
-        probe = Uc(UC_ARCH_X86, UC_MODE_64)
+        probe = new_engine(UC_MODE_64)
         probe.mem_map(0, 0x1000)
         probe.mem_write(0, b"\x0f\xa2\xf4")  # cpuid; hlt
         table = {}
@@ -394,11 +393,11 @@ class X86Cpu:
 
     @staticmethod
     def _xsave_components(table):
-        """Leaf 0xD lists only the state components whose feature CPUID offers.  The engine
-        derives its list before dropping the features TCG lacks (AVX on its Haswell model), so
-        it names AVX state although AVX is #UD; QEMU lists a component only with its feature.
-        The state-dependent parts (the OSXSAVE bit, the size for the current XCR0) are
-        filled in at each CPUID (_dynamic_cpuid)."""
+        """Leaf 0xD lists only the state components whose feature CPUID offers, as QEMU's
+        does.  The stock engine derives its list before dropping the features TCG lacks (AVX),
+        so it names AVX state although AVX is #UD (our build re-derives it: patch 0012).  The
+        state-dependent parts (the OSXSAVE bit, the size for the current XCR0) are filled in
+        at each CPUID (_dynamic_cpuid)."""
         ecx1, ebx7, ecx7 = table[(1, 0)][2], table.get((7, 0), [0] * 4)[1], table.get((7, 0), [0] * 4)[2]
         if not ecx1 & CPUID1_ECX_XSAVE:
             for sub in range(_SUBLEAVES[0xD]):
