@@ -547,9 +547,30 @@ test_cr4:
     CR4_BIT cr4.reserved_bit31_gp, 0x80000000, feat_la57, GP0, GP0
     ret
 
-/* ---- SMAP and PKU instructions when not offered */
+/* ---- SMAP and PKU: supervisor access to a user page, protection keys (or #UD without) */
+    .macro READ_PROBE name, want    /* a supervisor read of the user page */
+    ARM 1f
+    mov user_probe(%rip), %rax
+1:  OUTCOME \name, \want
+    .endm
+
 test_smap_pku:
     IF_FEATURE feat_smap, 2f
+    mov %cr4, %rax
+    or $CR4_SMAP, %eax
+    mov %rax, %cr4
+    READ_PROBE smap.supervisor_read_of_user_page_pf, 0x10e  /* #PF, P */
+    ARM 1f
+    movq $1, user_probe(%rip)
+1:  OUTCOME smap.supervisor_write_of_user_page_pf, 0x30e    /* #PF, P | W */
+    stac
+    READ_PROBE smap.read_with_ac_set, NONE
+    clac
+    READ_PROBE smap.read_after_clac_pf, 0x10e
+    mov %cr4, %rax
+    and $~CR4_SMAP, %eax
+    mov %rax, %cr4
+    READ_PROBE smap.read_with_cr4_smap_clear, NONE
     jmp 3f
 2:  ARM 1f
     stac
@@ -558,12 +579,91 @@ test_smap_pku:
     clac
 1:  OUTCOME smap.clac_not_offered_ud, UD
 3:  IF_FEATURE feat_pku, 2f
+    call test_pku
     jmp 3f
 2:  xor %ecx, %ecx
     ARM 1f
     rdpkru
 1:  OUTCOME pku.rdpkru_not_offered_ud, UD
 3:  ret
+
+    .macro OSPKE_BIT                /* RAX = CPUID.7.0:ECX.OSPKE */
+    mov $7, %eax
+    xor %ecx, %ecx
+    cpuid
+    mov %ecx, %eax
+    shr $4, %eax
+    and $1, %eax
+    .endm
+
+    .macro PKRU_IS name, value
+    xor %ecx, %ecx
+    rdpkru
+    mov $\value, %edx
+    CHECK \name
+    .endm
+
+    .macro SET_PKRU value
+    xor %ecx, %ecx
+    xor %edx, %edx
+    mov $\value, %eax
+    wrpkru
+    .endm
+
+/* Protection key 1 on the user page; PKRU.AD1 (bit 2) forbids reading it, in ring 0 too. */
+test_pku:
+    OSPKE_BIT
+    xor %edx, %edx
+    CHECK pku.cpuid_ospke_clear_before_cr4
+    xor %ecx, %ecx
+    ARM 1f
+    rdpkru
+1:  OUTCOME pku.rdpkru_without_cr4_pke_ud, UD
+    mov %cr4, %rax
+    or $CR4_PKE, %eax
+    mov %rax, %cr4
+    OSPKE_BIT
+    mov $1, %edx
+    CHECK pku.cpuid_ospke_set_after_cr4
+    PKRU_IS pku.pkru_after_reset, 0
+    mov $user_probe, %ebx
+    shr $12, %ebx
+    mov $1 << 59, %rax              /* PTE bits 62:59: the page's protection key */
+    mov $pt0, %edx
+    or %rax, (%rdx,%rbx,8)
+    mov $user_probe, %eax
+    invlpg (%rax)
+    READ_PROBE pku.key1_read_allowed, NONE
+    SET_PKRU 4
+    PKRU_IS pku.wrpkru_rdpkru, 4
+    READ_PROBE pku.key1_access_disabled_pf, 0x210e      /* #PF, P | PK */
+    SET_PKRU 8                        /* WD1: writes refused, reads allowed */
+    READ_PROBE pku.key1_write_disabled_read_allowed, NONE
+    ARM 1f
+    movq $1, user_probe(%rip)
+1:  OUTCOME pku.key1_write_disabled_write_pf, 0x230e    /* #PF, P | W | PK */
+    SET_PKRU 0
+    mov $1, %ecx
+    ARM 1f
+    rdpkru
+1:  OUTCOME pku.rdpkru_ecx1_gp, GP0
+    mov $1, %ecx
+    xor %edx, %edx
+    xor %eax, %eax
+    ARM 1f
+    wrpkru
+1:  OUTCOME pku.wrpkru_ecx1_gp, GP0
+    mov $user_probe, %ebx
+    shr $12, %ebx
+    mov $~(0xf << 59), %rax
+    mov $pt0, %edx
+    and %rax, (%rdx,%rbx,8)
+    mov $user_probe, %eax
+    invlpg (%rax)
+    mov %cr4, %rax
+    and $~CR4_PKE, %eax
+    mov %rax, %cr4
+    ret
 
 /* ---- non-canonical bases */
 test_canonical:
@@ -707,6 +807,9 @@ exc_common:
 
 /* ------------------------------------------------------------------ data */
     .section .user_data, "aw"
+    .balign 16
+user_probe:                         /* a user page the supervisor reads (SMAP, PKU) */
+    .quad 0x5a5a5a5a5a5a5a5a
     .balign 16
 user_stack_bottom:
     .skip 4096

@@ -303,15 +303,15 @@ def pcedges_output(unassigned_dword=rb"(?:00000000|ffffffff)", unassigned_byte=r
 # on a reserved CR4 bit, so the guest skips those checks there.  The "outcome" lines are
 # where QEMU 7.2 and the SDM part: no #NM for XSAVE/XRSTOR with CR0.TS, no #GP for a
 # non-canonical base; we give QEMU's answer (ff: no exception).
-CPUEDGES_QEMU_CPU = "qemu64,+xsave,+xsaveopt,+rdtscp,+fsgsbase"
-CPUEDGES_FEATURES = ("cpuedges: xsave=1 xgetbv1=0 rdtscp=1 rdpid=0 fsgsbase=1 smap=0 pku=0 la57=0 "
-                     "xcr0_supported=0000000000000003")
+CPUEDGES_QEMU_CPU = "qemu64,+xsave,+xsaveopt,+xgetbv1,+rdtscp,+fsgsbase,+smap,+pku"
+CPUEDGES_FEATURES = ("cpuedges: xsave=1 xgetbv1=1 rdtscp=1 rdpid=0 fsgsbase=1 smap=1 pku=1 la57=0 "
+                     "xcr0_supported=0000000000000203")
 CPUEDGES_TSC_AUX = [f"tscaux.{check}_{value}" for value in ("10", "256", "0xdeadbeef") for check in ("rdmsr", "rdtscp")]
 CPUEDGES_XSAVE = [
     "tscaux.rdpid_not_offered_ud",
     "osxsave.cpuid_clear_before_cr4", "xgetbv.without_osxsave_ud", "xsetbv.without_osxsave_ud",
     "xsave.without_osxsave_ud", "xrstor.without_osxsave_ud", "osxsave.cpuid_set_after_cr4",
-    "xgetbv.xcr0_after_reset", "xgetbv.ecx1_not_offered_gp", "xgetbv.ecx2_gp",
+    "xgetbv.xcr0_after_reset", "xgetbv.ecx1_offered", "xgetbv.ecx2_gp",
     "xsetbv.ecx1_gp", "xsetbv.x87_clear_gp", "xsetbv.avx_without_sse_gp", "xsetbv.reserved_bit10_gp",
     "xsetbv.reserved_bit63_gp", "xsetbv.unsupported_component_gp", "xsetbv.supported_components",
     "xgetbv.reads_xcr0_set", "xsave.aligned", "xsave.misaligned_gp", "xrstor.misaligned_gp", "xrstor.valid",
@@ -319,7 +319,14 @@ CPUEDGES_XSAVE = [
 ]
 CPUEDGES_CR0_TS = ["xsave.cr0_ts outcome=000000ff", "xrstor.cr0_ts outcome=000000ff"]
 CPUEDGES_CR4 = ["cr4.la57_in_long_mode_gp", "cr4.smap", "cr4.pke", "cr4.reserved_bit31_gp"]
-CPUEDGES_SMAP_PKU = ["smap.stac_not_offered_ud", "smap.clac_not_offered_ud", "pku.rdpkru_not_offered_ud"]
+CPUEDGES_SMAP_PKU = [
+    "smap.supervisor_read_of_user_page_pf", "smap.supervisor_write_of_user_page_pf", "smap.read_with_ac_set",
+    "smap.read_after_clac_pf", "smap.read_with_cr4_smap_clear",
+    "pku.cpuid_ospke_clear_before_cr4", "pku.rdpkru_without_cr4_pke_ud", "pku.cpuid_ospke_set_after_cr4",
+    "pku.pkru_after_reset", "pku.key1_read_allowed", "pku.wrpkru_rdpkru", "pku.key1_access_disabled_pf",
+    "pku.key1_write_disabled_read_allowed", "pku.key1_write_disabled_write_pf", "pku.rdpkru_ecx1_gp",
+    "pku.wrpkru_ecx1_gp",
+]
 CPUEDGES_CANONICAL = [f"{name} outcome=000000ff" for name in (
     "lgdt.noncanonical", "lidt.noncanonical", "wrmsr.fs_base_noncanonical", "wrmsr.gs_base_noncanonical",
     "wrmsr.kernel_gs_base_noncanonical", "wrfsbase.noncanonical", "wrgsbase.noncanonical",
