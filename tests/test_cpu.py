@@ -728,6 +728,10 @@ start:
     xor ecx, ecx
     xor edx, edx
     wrpkru
+    mov ecx, 0x405               # MC1_STATUS
+    mov eax, 0x5a5a5a5a
+    mov edx, 0x80000000
+    wrmsr
     mov al, 0
     out 0xf4, al                 # the state is saved here
     jmp after_restore            # ends the block: the next one runs only after the restore
@@ -744,22 +748,26 @@ after_restore:
     xor ecx, ecx
     rdpkru
     mov [results+24], eax
+    mov ecx, 0x405
+    rdmsr
+    mov [results+32], eax
+    mov [results+36], edx
     mov al, 0
     out 0xf4, al
 """
 
 
-def test_tsc_aux_xcr0_and_pkru_survive_a_save_and_a_restore_into_a_fresh_machine():
-    """RDTSCP returns IA32_TSC_AUX as WRMSR left it, and the MSR, XCR0 and PKRU travel in the
-    state (XCR0 and PKRU have no engine register: a restore left their reset values)."""
+def test_tsc_aux_xcr0_pkru_and_mce_banks_survive_a_save_and_a_restore_into_a_fresh_machine():
+    """RDTSCP returns IA32_TSC_AUX as WRMSR left it; that MSR, XCR0, PKRU (no engine register
+    for either) and the machine-check banks travel in the state."""
     m, _ = long_mode_machine(TSC_AUX_XCR0)
     assert run(m)[0] == 1
     stream = m.save_state(ram_pages="all")
     fresh = bare_machine(icount=True)
     fresh.load_state(stream)
     assert run(fresh)[0] == 1
-    rcx, aux, xcr0, pkru = struct.unpack("<QI4xI4xI", fresh.ram.read(0x200000, 28))
-    assert (rcx, aux, xcr0, pkru) == (0x1234abcd, 0x1234abcd, 3, 0x55555554)
+    rcx, aux, xcr0, pkru, mc1_status = struct.unpack("<QI4xI4xI4xQ", fresh.ram.read(0x200000, 40))
+    assert (rcx, aux, xcr0, pkru, mc1_status) == (0x1234abcd, 0x1234abcd, 3, 0x55555554, 0x800000005a5a5a5a)
 
 
 def test_xcr0_is_x87_only_after_reset_and_cpuid_osxsave_follows_cr4():

@@ -3,8 +3,8 @@
 Everything is saved by name and value, not as Unicorn's opaque context: the general,
 segment (with their hidden caches), control, debug, x87/SSE registers, the MSRs a guest
 can program (including the MTRRs Unicorn's context omits), the internal ``hflags`` (CPL,
-interrupt shadow, ...), XCR0 and PKRU (subsections, sent when not at their RESET values),
-and what only the emulator knows: halted, the TSC offset and the deterministic work counter.
+interrupt shadow, ...), in subsections XCR0, PKRU and the machine-check MSRs, and what
+only the emulator knows: halted, the TSC offset and the deterministic work counter.
 """
 
 from unicorn import x86_const as X
@@ -29,6 +29,10 @@ MSRS = {
 #: The version_id that added an MSR to the stream (others: 1); an older stream keeps the reset value.
 MSR_SINCE = {"misc_enable": 2}
 XCR0_RESET = 1  # x87 state only (SDM vol. 1, 13.3)
+#: MSRs in a subsection (streams from before they were saved lack them): the machine-check
+#: MSRs, MCG_STATUS, MCG_CTL and the 10 banks MCG_CAP reports (MCi_CTL/STATUS/ADDR/MISC)
+MCE_MSRS = {"mcg_status": 0x17A, "mcg_ctl": 0x17B,
+            **{f"mc{i // 4}_{('ctl', 'status', 'addr', 'misc')[i % 4]}": 0x400 + i for i in range(40)}}
 X87 = [f"fp{i}" for i in range(8)]  # the physical x87 registers (mantissa, exponent)
 XMM = [f"xmm{i}" for i in range(16)]
 
@@ -40,7 +44,8 @@ def _reg_id(name):
 _PLAIN = GENERAL + CONTROL + DEBUG
 _PLAIN_IDS = [_reg_id(name) for name in _PLAIN]
 _XMM_IDS = [_reg_id(name) for name in XMM]
-_MSR_INDEX = list(MSRS.values())
+_SAVED_MSRS = {**MSRS, **MCE_MSRS}
+_MSR_INDEX = list(_SAVED_MSRS.values())
 
 
 class CpuState:
@@ -83,10 +88,10 @@ class CpuState:
         self.xcr0 = ctx.u64("xcr0")
         self.pkru = ctx.u32("pkru")
         cpu = self.cpu
-        values = cpu.ffi.new("uint64_t[]", len(MSRS))
-        if cpu.clib.read_msrs(cpu.cstate, cpu._uc_handle, X.UC_X86_REG_MSR, _MSR_INDEX, values, len(MSRS)):
+        values = cpu.ffi.new("uint64_t[]", len(_SAVED_MSRS))
+        if cpu.clib.read_msrs(cpu.cstate, cpu._uc_handle, X.UC_X86_REG_MSR, _MSR_INDEX, values, len(_SAVED_MSRS)):
             raise StateError("cpu: the engine refused to read an MSR")
-        for name, value in zip(MSRS, values, strict=True):
+        for name, value in zip(_SAVED_MSRS, values, strict=True):
             setattr(self, f"msr_{name}", value)
         self.fpcw = uc.reg_read(X.UC_X86_REG_FPCW)
         self.fpsw = uc.reg_read(X.UC_X86_REG_FPSW)
@@ -114,8 +119,8 @@ class CpuState:
         uc.reg_write(X.UC_X86_REG_CR0, self.cr0)
         for name in ("cr2", "cr8") + tuple(DEBUG):
             uc.reg_write(_reg_id(name), getattr(self, name))
-        for name, index in MSRS.items():
-            if name != "efer":
+        for name, index in _SAVED_MSRS.items():
+            if name != "efer" and hasattr(self, f"msr_{name}"):  # a subsection's: absent from older streams
                 uc.reg_write(X.UC_X86_REG_MSR, (index, getattr(self, f"msr_{name}")))
         for table in ("gdtr", "idtr"):
             uc.reg_write(_reg_id(table), (0, getattr(self, f"{table}_base"), getattr(self, f"{table}_limit"), 0))
@@ -194,7 +199,12 @@ def _fields():
 
 VMSTATE_XSAVE = VMStateDescription("cpu/xsave", version_id=1, minimum_version_id=1, fields=[U64("xcr0")])
 VMSTATE_PKRU = VMStateDescription("cpu/pkru", version_id=1, minimum_version_id=1, fields=[U32("pkru")])
-VMSTATE = VMStateDescription("cpu", version_id=2, minimum_version_id=1, fields=_fields(),
-                             subsections=[Subsection(VMSTATE_XSAVE, needed=lambda state: state.xcr0 != XCR0_RESET),
-                                          Subsection(VMSTATE_PKRU, needed=lambda state: state.pkru != 0)],
+VMSTATE_MCE = VMStateDescription("cpu/mce", version_id=1, minimum_version_id=1,
+                                 fields=[U64(f"msr_{name}") for name in MCE_MSRS])
+_SUBSECTIONS = [
+    Subsection(VMSTATE_XSAVE, needed=lambda state: state.xcr0 != XCR0_RESET),
+    Subsection(VMSTATE_PKRU, needed=lambda state: state.pkru != 0),
+    Subsection(VMSTATE_MCE, needed=lambda state: True),  # as QEMU's: whenever there are MCA banks (always)
+]
+VMSTATE = VMStateDescription("cpu", version_id=2, minimum_version_id=1, fields=_fields(), subsections=_SUBSECTIONS,
                              post_load=_check)
