@@ -3,8 +3,9 @@
 Everything is saved by name and value, not as Unicorn's opaque context: the general,
 segment (with their hidden caches), control, debug, x87/SSE registers, the MSRs a guest
 can program (including the MTRRs Unicorn's context omits), the internal ``hflags`` (CPL,
-interrupt shadow, ...), in subsections XCR0, PKRU and the machine-check MSRs, and what
-only the emulator knows: halted, the TSC offset and the deterministic work counter.
+interrupt shadow, ...), in subsections XCR0, PKRU and the machine-check MSRs (older
+streams lack them), and what only the emulator knows: halted, the TSC offset and the
+deterministic work counter.
 """
 
 from unicorn import x86_const as X
@@ -29,6 +30,7 @@ MSRS = {
 #: The version_id that added an MSR to the stream (others: 1); an older stream keeps the reset value.
 MSR_SINCE = {"misc_enable": 2}
 XCR0_RESET = 1  # x87 state only (SDM vol. 1, 13.3)
+XCR0_X87_SSE = 3
 #: MSRs in a subsection (streams from before they were saved lack them): the machine-check
 #: MSRs, MCG_STATUS, MCG_CTL and the 10 banks MCG_CAP reports (MCi_CTL/STATUS/ADDR/MISC)
 MCE_MSRS = {"mcg_status": 0x17A, "mcg_ctl": 0x17B,
@@ -60,7 +62,9 @@ class CpuState:
 
     def __init__(self, cpu):
         self.cpu = cpu
-        self.xcr0 = XCR0_RESET  # what a stream without the cpu/xsave subsection means
+        # a stream without cpu/xsave is from a build that did not save XCR0 and restored
+        # Unicorn's x87 | SSE: the value an OS sets on a CPU without AVX, so keep it
+        self.xcr0 = XCR0_X87_SSE
         self.pkru = 0  # idem, cpu/pkru
 
     @classmethod
@@ -202,7 +206,7 @@ VMSTATE_PKRU = VMStateDescription("cpu/pkru", version_id=1, minimum_version_id=1
 VMSTATE_MCE = VMStateDescription("cpu/mce", version_id=1, minimum_version_id=1,
                                  fields=[U64(f"msr_{name}") for name in MCE_MSRS])
 _SUBSECTIONS = [
-    Subsection(VMSTATE_XSAVE, needed=lambda state: state.xcr0 != XCR0_RESET),
+    Subsection(VMSTATE_XSAVE, needed=lambda state: True),
     Subsection(VMSTATE_PKRU, needed=lambda state: state.pkru != 0),
     Subsection(VMSTATE_MCE, needed=lambda state: True),  # as QEMU's: whenever there are MCA banks (always)
 ]
