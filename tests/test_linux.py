@@ -373,3 +373,23 @@ def test_debian_kernel_boots_with_the_local_apic(debian_linux):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_debian_vmlinux_boots_through_its_pvh_note(debian_linux, tmp_path):
+    """The kernel proper of the same bzImage (an ELF64 with XEN_ELFNOTE_PHYS32_ENTRY), given to
+    -kernel as QEMU users give a vmlinux: it starts at its 32-bit PVH entry and reaches the shell."""
+    kernel, initrd = debian_linux
+    image = open(kernel, "rb").read()
+    header = loaders.parse_linux_header(image)
+    protected = image[(header.setup_sects + 1) * 512:]
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(loaders._decompress_payload(
+        protected[header.payload_offset:header.payload_offset + header.payload_length]))
+    assert loaders.find_pvh_entry(vmlinux.read_bytes()) is not None
+    guest = LinuxGuest(str(vmlinux), initrd)
+    try:
+        guest.boot()
+        assert "6.1.0" in guest.run("uname -r")   # no setup header, no multiboot header: PVH it was
+        assert guest.poweroff() == 0
+    finally:
+        guest.close()
