@@ -12,7 +12,8 @@ import struct
 import numpy as np
 import pytest
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, Uc
-from unicorn.x86_const import UC_X86_INS_CPUID, UC_X86_INS_OUT, UC_X86_INS_SYSCALL, UC_X86_REG_RAX
+from unicorn.x86_const import (UC_X86_INS_CPUID, UC_X86_INS_OUT, UC_X86_INS_SYSCALL, UC_X86_REG_MSR, UC_X86_REG_RAX,
+                               UC_X86_REG_RDX)
 from conftest import requires_patched_engine
 from guestasm import assemble, bare_machine, entry
 
@@ -304,3 +305,15 @@ def test_xsave_components_and_xsetbv_follow_the_features_tcg_keeps():
 def _xsetbv(mask):
     """mov eax, mask; xor ecx, ecx; xor edx, edx; xsetbv"""
     return b"\xb8" + struct.pack("<I", mask) + bytes.fromhex("31c9" "31d2" "0f01d1")
+
+
+def test_arch_capabilities_msr_reads_what_the_host_set():
+    """Patch 0013: RDMSR of IA32_ARCH_CAPABILITIES returns the value the host wrote with
+    uc_reg_write (TCG read 0); the guest's WRMSR does not change it."""
+    uc = new_engine(UC_MODE_64)
+    uc.reg_write(UC_X86_REG_MSR, (0x10A, 0x4000000000000021))
+    code = (bytes.fromhex("b90a010000" "31c0" "31d2" "0f30")      # mov ecx, 0x10a; eax = edx = 0; wrmsr
+            + bytes.fromhex("b90a010000" "0f32"))                 # mov ecx, 0x10a; rdmsr
+    assert _fault_of(code, uc) is None
+    assert (uc.reg_read(UC_X86_REG_RDX), uc.reg_read(UC_X86_REG_RAX)) == (0x40000000, 0x21)
+    assert uc.reg_read(UC_X86_REG_MSR, 0x10A) == 0x4000000000000021

@@ -297,8 +297,8 @@ def test_debian_kernel_boots_to_a_busybox_shell(debian_linux, tmp_path):
         console.send("uname -sm; echo MARK-$((6*7))")
         console.expect("MARK-42", 60)
         assert b"Linux x86_64" in console.text
-        console.send("grep -c ^processor /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo; date +%s; "
-                     "echo CPU-$((2*4))")
+        console.send("grep -c ^processor /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo; "
+                     "grep -m1 '^bugs' /proc/cpuinfo; date +%s; echo CPU-$((2*4))")
         text = console.expect("CPU-8", 60).decode("latin1")
         after = text[text.rindex("CPU-$((2*4))"):]  # the line editor may wrap the echo at "e|cho"
         lines = [line.strip() for line in after.splitlines()]
@@ -307,6 +307,10 @@ def test_debian_kernel_boots_to_a_busybox_shell(debian_linux, tmp_path):
         # copies; no ERMS hint, which would make it use rep movsb/stosb (byte steps when translated)
         flags = next(line for line in lines if line.startswith("flags")) + " "
         assert " rep_good " in flags and " erms " not in flags, after
+        # IA32_ARCH_CAPABILITIES says what a CPU that does not speculate is not affected by:
+        # no page table isolation, no buffer clearing on every return to user mode
+        bugs = next(line for line in lines if line.startswith("bugs")) + " "
+        assert " arch_capabilities " in flags and " cpu_meltdown " not in bugs and " mds " not in bugs, after
         seconds = [int(line) for line in lines if line.isdigit() and len(line) >= 9]
         assert seconds and RTC_BASE <= seconds[0] <= RTC_BASE + 600, after  # the kernel read the RTC at boot
         console.send("echo kept > /tmp/f; cat /tmp/f /proc/interrupts; echo DONE-$((2*3))")

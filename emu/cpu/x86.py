@@ -53,6 +53,14 @@ EFER_SCE, EFER_LME, EFER_LMA = 1, 1 << 8, 1 << 10
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
 MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING = 0x1A0, 1 << 0
 CPUID_7_EBX_ERMS = 1 << 9
+CPUID_7_EDX_ARCH_CAPABILITIES = 1 << 29
+MSR_IA32_ARCH_CAPABILITIES = 0x10A
+#: IA32_ARCH_CAPABILITIES: not affected by Meltdown (RDCL_NO), speculative store bypass,
+#: MDS, the page-size-change machine check, TAA, the MMIO stale-data variants (SBDR_SSDP,
+#: FBSDP, PSDP), branch history injection, post-barrier RSB predictions, GDS, RFDS and ITS.
+#: True of a translated CPU, which does not speculate; Linux then skips page table isolation,
+#: the buffer clearing on every return to user mode and the return thunks.
+ARCH_CAPABILITIES = sum(1 << bit for bit in (0, 4, 5, 6, 8, 13, 14, 15, 20, 24, 26, 27, 62))
 
 TSC_HZ = 1_000_000_000  # the virtual TSC ticks once per guest nanosecond (1 GHz, constant)
 # The core crystal of CPUID leaf 0x15, which Linux also takes as the local APIC timer's input
@@ -211,6 +219,7 @@ class X86Cpu:
         # every guest store on the engine's slow path
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped, None, self.ram.size, NEVER)
         self._cpuid_table = self._native_cpuid()
+        self._offer_arch_capabilities()
         if not self.block_hook:
             if self.clib.deadline_timer_start(cstate, self._uc_handle) != 0:
                 raise GuestError("cpu: cannot start the deadline timer thread")
@@ -430,6 +439,13 @@ class X86Cpu:
                 length, offset = table[(0xD, sub)][:2]
                 size = max(size, offset + length)
         return size
+
+    def _offer_arch_capabilities(self):
+        """CPUID.7.0:EDX[29] and the MSR's value, where the engine implements its RDMSR
+        (engine patch 0013; the stock engine reads every unknown MSR as 0)."""
+        self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_IA32_ARCH_CAPABILITIES, ARCH_CAPABILITIES))
+        if self.uc.reg_read(X.UC_X86_REG_MSR, MSR_IA32_ARCH_CAPABILITIES) == ARCH_CAPABILITIES:
+            self._cpuid_table[(7, 0)][3] |= CPUID_7_EDX_ARCH_CAPABILITIES
 
     @staticmethod
     def _add_frequency_leaves(table, max_basic):
