@@ -157,8 +157,8 @@ class PcPci:
 
     def _add_nic(self, slot, backend, mac):
         self._check_slot(slot)
-        nic = VirtioNet(f"virtio-net@{slot:02x}.0", self.machine.ram, backend, mac, self._msi, trace=self.trace,
-                        request_stop=self.machine.cpu.request_stop)
+        nic = VirtioNet(f"virtio-net@{slot:02x}.0", self.machine.ram, backend, mac, self._msi, self.machine.clock,
+                        trace=self.trace, request_stop=self.machine.cpu.request_stop)
         self.bus.add(nic, slot)
         self.machine.add_device(nic)
         self.backends.append(backend)

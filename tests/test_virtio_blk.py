@@ -26,7 +26,7 @@ def image(tmp_path):
 
 def blk_rig(path, readonly=False, serial="emu-disk-1"):
     drive = RawImage(str(path), readonly=readonly, serial=serial)
-    return Rig(lambda ram, msi, trace: VirtioBlk("virtio-blk@03.0", ram, drive, msi, trace=trace)), drive
+    return Rig(lambda ram, msi, trace, clock: VirtioBlk("virtio-blk@03.0", ram, drive, msi, trace=trace)), drive
 
 
 def request(rig, queue, kind, sector, data_buffers, status_writable=True):

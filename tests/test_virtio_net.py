@@ -10,7 +10,7 @@ from virtiodriver import Rig
 
 from emu import netdev
 from emu.devices import virtio
-from emu.devices.virtio_net import F_MAC, F_STATUS, HEADER_SIZE, VirtioNet, parse_mac
+from emu.devices.virtio_net import F_MAC, F_STATUS, HEADER_SIZE, TX, TX_BATCH_NS, VirtioNet, parse_mac
 from emu.errors import ConfigError
 
 MAC = bytes.fromhex("525400123456")
@@ -30,7 +30,8 @@ class Wire:
 
 def net_rig():
     wire = Wire()
-    rig = Rig(lambda ram, msi, trace: VirtioNet("virtio-net@03.0", ram, wire, MAC, msi, trace=trace))
+    rig = Rig(lambda ram, msi, trace, clock: VirtioNet("virtio-net@03.0", ram, wire, MAC, msi, clock,
+                                                      trace=trace))
     return rig, wire
 
 
@@ -63,6 +64,53 @@ def test_transmit_and_receive_frames():
     assert struct.unpack("<BBHHHHH", header)[6] == 1  # num_buffers
     assert rig.ram.read(RX_BUF + HEADER_SIZE, 100) == b"\x01" * 100
     assert rig.ram.read(RX_BUF + 2048 + HEADER_SIZE, 1514) == b"\x02" * 1514
+
+
+def _queue_frame(rig, tx, index, frame):
+    address = TX_BUF + index * 0x1000
+    rig.ram.write(address, bytes(HEADER_SIZE) + frame)
+    return tx.add_chain([(address, HEADER_SIZE + len(frame), False)])
+
+
+def test_a_kick_opens_a_batch_window_whose_frames_leave_in_one_pass_with_one_interrupt():
+    """QEMU's transmit batching: after a kick, further kicks are off (VIRTQ_USED_F_NO_NOTIFY)
+    for TX_BATCH_NS of guest time; the frames queued meanwhile leave together, the used index
+    is written once and INTx rises once; an empty pass turns kicks back on."""
+    rig, wire = net_rig()
+    _, tx = rig.setup(FEATURES, [256, 256])
+    clock = rig.machine.clock
+    _queue_frame(rig, tx, 0, b"\x10" * 60)
+    rig.modern.mmio_write(virtio.NOTIFY_OFFSET + virtio.NOTIFY_MULTIPLIER * TX, 2, TX)  # the kick
+    rig.device.poll()
+    assert wire.frames == [] and rig.ram.read(tx.used, 2) == b"\x01\x00"       # kicks off, nothing sent yet
+    for index in (1, 2):                                                         # queued without a kick
+        _queue_frame(rig, tx, index, bytes([0x10 + index]) * 60)
+    start = clock.now()
+    rig.settle()
+    assert wire.frames == [bytes([0x10 + i]) * 60 for i in range(3)]
+    assert [head for head, _ in tx.used_entries()] == [0, 1, 2]
+    assert rig.pirqs == {3: 1} and rig.modern.mmio_read(virtio.ISR_OFFSET, 1) == 1   # one interrupt, pending
+    assert rig.ram.read(tx.used, 2) == b"\x00\x00"                               # an empty pass: kicks on
+    assert clock.now() - start == 2 * TX_BATCH_NS and not rig.device.tx_timer.armed
+
+
+def test_an_open_batch_window_survives_a_state_round_trip():
+    rig, wire = net_rig()
+    _, tx = rig.setup(FEATURES, [256, 256])
+    _queue_frame(rig, tx, 0, b"\x20" * 60)
+    rig.modern.mmio_write(virtio.NOTIFY_OFFSET + virtio.NOTIFY_MULTIPLIER * TX, 2, TX)
+    saved = rig.device.VMSTATE.save(rig.device)
+    other, other_wire = net_rig()
+    other.ram.write(0, rig.ram.read(0, 4 << 20))
+    other.machine.clock.set_now(rig.machine.clock.now())
+    other.device.VMSTATE.load(other.device, saved, rig.device.VMSTATE.version_id)
+    assert other.device.tx_timer.deadline == rig.device.tx_timer.deadline
+    other.settle()
+    assert other_wire.frames == [b"\x20" * 60] and wire.frames == []
+    version_1 = rig.device.VMSTATE.save(rig.device)[:-8]       # the same state without the timer field
+    other.device.tx_timer.arm_in(1000)
+    other.device.VMSTATE.load(other.device, version_1, 1)
+    assert not other.device.tx_timer.armed
 
 
 def test_a_frame_too_big_for_its_buffer_is_dropped_and_counted():

@@ -33,7 +33,8 @@ class Rig:
         self.bus = PciBus(self.memory, self.machine, lambda pirq, level: self.pirqs.__setitem__(pirq, level))
         self.msi = MsiLog()
         self.traces = []
-        self.device = make_device(self.machine.ram, self.msi, lambda cat, msg: self.traces.append((cat, msg)))
+        self.device = make_device(self.machine.ram, self.msi, lambda cat, msg: self.traces.append((cat, msg)),
+                                  self.machine.clock)
         self.bus.add(self.device, slot=3)
         self.device.reset()
         self.devfn = 3 << 3
@@ -44,6 +45,16 @@ class Rig:
         self.memory.commit()
         self.ram = self.machine.ram
         self.modern = self.memory.region_at(BAR4).target
+
+    def settle(self, within_ns=1_000_000):
+        """Let guest time pass while device timers (a NIC's transmit batch window) fire
+        within ``within_ns``, polling the device after each, as the run loop would."""
+        clock, end = self.machine.clock, self.machine.clock.now() + within_ns
+        self.device.poll()
+        while (deadline := clock.next_deadline()) is not None and deadline <= end:
+            clock.warp_to(deadline)
+            clock.run_due_timers()
+            self.device.poll()
 
     def cfg_read(self, offset, size):
         return self.bus.config_access(0, self.devfn, offset, size)
@@ -124,7 +135,7 @@ class DriverQueue:
 
     def kick(self):
         self.rig.modern.mmio_write(virtio.NOTIFY_OFFSET + virtio.NOTIFY_MULTIPLIER * self.index, 2, self.index)
-        self.rig.device.poll()
+        self.rig.settle()
 
     def used_entries(self):
         """New (id, len) used elements since the last call."""

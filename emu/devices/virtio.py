@@ -33,6 +33,7 @@ F_INDIRECT_DESC, F_VERSION_1 = 1 << 28, 1 << 32
 # descriptor flags (2.6.5)
 DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
 AVAIL_NO_INTERRUPT = 1
+USED_NO_NOTIFY = 1         # virtq_used.flags: the device asks the driver not to kick (2.7.10)
 NO_VECTOR = 0xFFFF
 # capability types (4.1.4)
 CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE, CAP_PCI_CFG = 1, 2, 3, 4, 5
@@ -124,6 +125,10 @@ class Virtqueue:
             ram.write(self.used + 4 + 8 * (self.used_idx % self.size), USED_ELEM.pack(head, written))
             self.used_idx = (self.used_idx + 1) & 0xFFFF
         ram.write(self.used + 2, self.used_idx.to_bytes(2, "little"))
+
+    def suppress_kicks(self, ram, suppress):
+        """Set or clear VIRTQ_USED_F_NO_NOTIFY (only a hint: a driver may kick anyway)."""
+        ram.write(self.used, (USED_NO_NOTIFY if suppress else 0).to_bytes(2, "little"))
 
     def wants_interrupt(self, ram):
         return not int.from_bytes(ram.read(self.avail, 2), "little") & AVAIL_NO_INTERRUPT
@@ -524,7 +529,7 @@ def _read_register(registers, offset, size):
     return 0
 
 
-def virtio_vmstate(name, queues, vectors, device_fields=(), post_load=None):
+def virtio_vmstate(name, queues, vectors, device_fields=(), post_load=None, version_id=1):
     """A virtio PCI device's state (QEMU's virtio-pci + VirtIODevice sections in one):
     configuration space and INTx, the transport registers, every queue (eight numbers
     each: size, enabled, the three areas, last avail index, used index, MSI-X vector), the
@@ -535,7 +540,7 @@ def virtio_vmstate(name, queues, vectors, device_fields=(), post_load=None):
         if post_load is not None:
             post_load(device, version_id)
 
-    return VMStateDescription(name, version_id=1, minimum_version_id=1, fields=[
+    return VMStateDescription(name, version_id=version_id, minimum_version_id=1, fields=[
         Bytes("config", 256), U8("intx_level"),
         U32("device_feature_select"), U32("driver_feature_select"), U64("driver_features"), U8("status"),
         U8("config_generation"), U16("queue_select"), U16("msix_config"), U8("isr"),

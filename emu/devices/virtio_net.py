@@ -7,8 +7,14 @@ segmentation offload (CSUM, HOST_TSO4, HOST_TSO6), as QEMU offers them with a vn
 tap: the guest then sends TCP segments of up to 64 KiB with the checksum left to fill, and
 the host kernel cuts and completes them.  Received frames are always whole and checksummed.
 Transmit: each chain's bytes after the header go to the backend, with the header when an
-offload was negotiated.  Receive: frames from the backend wait in a bounded host-side queue until the
-driver gives buffers; a frame larger than the buffer it lands in is dropped and counted,
+offload was negotiated.  Transmissions are batched as by QEMU's virtio-net (its tx=timer
+mode; its default bottom half does the same from another thread): a kick turns further
+kicks off (VIRTQ_USED_F_NO_NOTIFY) and arms a timer of ``TX_BATCH_NS`` of guest time; when
+it fires, one pass sends everything the driver queued meanwhile, with one interrupt, and
+the timer goes on while there is something to send.  The guest thus goes on running
+instead of stopping at every frame: a 50 MB download over a tap runs 2-3 times faster.
+Receive: frames from the backend wait in a bounded host-side queue until the driver gives
+buffers; a frame larger than the buffer it lands in is dropped and counted,
 as is one that arrives while the queue is full (a NIC's overrun).  The host-side queue is
 not guest state: a snapshot or checkpoint carries what the guest already has.
 """
@@ -18,6 +24,7 @@ import struct
 
 from emu.devices.virtio import VirtioPciDevice, read_buffers, virtio_vmstate, writable_size, write_buffers
 from emu.errors import ConfigError
+from emu.state.vmstate import TimerField
 
 VIRTIO_ID_NET = 1
 F_CSUM, F_MAC, F_HOST_TSO4, F_HOST_TSO6, F_STATUS = 1 << 0, 1 << 5, 1 << 11, 1 << 12, 1 << 16
@@ -27,6 +34,9 @@ HEADER_SIZE = 12
 RX, TX = 0, 1
 QUEUE_SIZE = 256
 HOST_QUEUE = 256  # frames held for a driver that gives no buffers
+#: How long kicks stay off after one: the transmit batch window, in guest ns (QEMU's
+#: tx=timer default is 150 us; over a tap 50 us gave the best downloads here)
+TX_BATCH_NS = 50_000
 
 
 def parse_mac(text):
@@ -47,8 +57,9 @@ class VirtioNet(VirtioPciDevice):
     DEVICE_TYPE = VIRTIO_ID_NET
     CLASS_CODE = 0x020000
 
-    def __init__(self, name, ram, backend, mac, msi, trace=None, request_stop=None):
+    def __init__(self, name, ram, backend, mac, msi, clock, trace=None, request_stop=None):
         self.pending = collections.deque()
+        self.tx_timer = clock.new_timer(self._tx_batch_due, f"{name}.tx-batch")
         offloads = TX_OFFLOADS if backend.offloads else 0
         super().__init__(name, ram, [QUEUE_SIZE, QUEUE_SIZE], F_MAC | F_STATUS | offloads, msi, msix_vectors=3,
                          trace=trace, request_stop=request_stop)
@@ -62,6 +73,30 @@ class VirtioNet(VirtioPciDevice):
 
     def reset_device(self):
         self.pending.clear()
+        self.tx_timer.cancel()
+
+    def notify(self, index):
+        """A transmit kick starts a batch window instead of stopping the guest."""
+        if index != TX:
+            super().notify(index)
+            return
+        queue = self.queues[TX]
+        if queue.enabled and not self.tx_timer.armed:
+            queue.suppress_kicks(self.ram, True)
+            self.tx_timer.arm_in(TX_BATCH_NS)
+
+    def _tx_batch_due(self):
+        self.queues[TX].notified = True  # poll(), right after the timers, sends the batch
+
+    def _end_of_transmit_pass(self, queue, sent):
+        """Keep the window open while frames come; close it (kicks on) after an empty pass."""
+        if sent or self.tx_timer.armed:
+            self.tx_timer.arm_in(TX_BATCH_NS)
+            return
+        queue.suppress_kicks(self.ram, False)
+        if queue.available(self.ram):  # queued while kicks were off, after the pass looked
+            queue.suppress_kicks(self.ram, True)
+            self.tx_timer.arm_in(TX_BATCH_NS)
 
     def receive(self, frames):
         """Frames from the wire (host side, between slices)."""
@@ -97,6 +132,7 @@ class VirtioNet(VirtioPciDevice):
                 done.append((head, 0))
         finally:
             self.complete_many(queue, done)
+            self._end_of_transmit_pass(queue, bool(done))
 
     def _deliver(self, queue):
         header = bytes(10) + struct.pack("<H", 1)  # no offload; num_buffers = 1
@@ -117,4 +153,10 @@ class VirtioNet(VirtioPciDevice):
         finally:
             self.complete_many(queue, done)
 
-    VMSTATE = virtio_vmstate("virtio-net", queues=2, vectors=3)
+    @staticmethod
+    def _post_load(device, version_id):
+        if version_id < 2:  # from before transmit batching: no window open
+            device.tx_timer.cancel()
+
+    VMSTATE = virtio_vmstate("virtio-net", queues=2, vectors=3, device_fields=[TimerField("tx_timer", since=2)],
+                             post_load=_post_load, version_id=2)
