@@ -35,8 +35,8 @@ RX, TX = 0, 1
 QUEUE_SIZE = 256
 HOST_QUEUE = 256  # frames held for a driver that gives no buffers
 #: How long kicks stay off after one: the transmit batch window, in guest ns (QEMU's
-#: tx=timer default is 150 us; over a tap 50 us gave the best downloads here)
-TX_BATCH_NS = 50_000
+#: tx=timer default is 150 us; over a tap 25-50 us gave the best figures here)
+TX_BATCH_NS = 25_000
 
 
 def parse_mac(text):
