@@ -12,7 +12,7 @@ import time
 
 from emu.cpu import _emuc
 from emu.clock import VirtualClock
-from emu.cpu.x86 import UD, Fault, TripleFault, X86Cpu
+from emu.cpu.x86 import DB, UD, Fault, TripleFault, X86Cpu
 from emu.device import Device, PortBus
 from emu.errors import EmuError, GuestError
 from emu.memmap import PhysicalMemory
@@ -407,7 +407,12 @@ class Machine:
         events, cpu.events = cpu.events, []
         if self.exit_status is not None or self.reset_requested:
             return
+        after_syscall = False
         for event in events:
+            if event.kind == "exception" and after_syscall and event.vector == DB and not event.is_software:
+                after_syscall = False  # the engine's trap for the TF before SFMASK: do_syscall decided
+                continue
+            after_syscall = event.kind == "syscall"
             if event.kind == "exception":
                 self.stats["exceptions"] += 1
                 cpu.deliver(event.vector, software=event.is_software, error_code=event.error_code,

@@ -46,6 +46,7 @@ EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6
                    10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
                    19: "#XM", 20: "#VE", 21: "#CP"}
 
+DR6_BS = 1 << 14  # single-step trap
 EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM, EFLAGS_AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
 CR4_PSE, CR4_PAE = 1 << 4, 1 << 5
@@ -991,7 +992,9 @@ class X86Cpu:
 
     def do_syscall(self):
         """SYSCALL as the SDM describes it, for the stock engine (which only calls the hook and
-        skips the instruction; our build does it inside the engine)."""
+        skips the instruction; our build does it inside the engine).  The engine's own
+        single-step trap for it saw the TF from before SFMASK: the run loop drops it, and
+        the trap is taken here when TF is still set in the kernel."""
         efer = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
         if not efer & EFER_SCE or not efer & EFER_LMA:
             raise Fault(UD)
@@ -1013,6 +1016,16 @@ class X86Cpu:
         self.uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~EFLAGS_RF)
         self.uc.reg_write(X.UC_X86_REG_RIP, lstar)
         self._invalidate_context()
+        if rflags & ~fmask & EFLAGS_TF:
+            # TF survives SFMASK: the trap comes once SYSCALL has completed, on the
+            # kernel's first instruction (QEMU's helper_rechecking_single_step)
+            self.single_step_trap()
+
+    def single_step_trap(self):
+        """The single-step trap (#DB with DR6.BS) at the current instruction boundary."""
+        self._invalidate_context()
+        self.uc.reg_write(X.UC_X86_REG_DR6, self.uc.reg_read(X.UC_X86_REG_DR6) | DR6_BS)
+        self.deliver(DB)
 
     def disassemble(self, count=4):
         """The next instructions at RIP, for error messages and traces (capstone)."""
