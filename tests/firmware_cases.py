@@ -293,6 +293,26 @@ def pcedges_output(unassigned_dword=rb"(?:00000000|ffffffff)", unassigned_byte=r
             + rb"XY\r\nALL PASS\r\n")
 
 
+# stepping.elf: every check, in its order (firmware/stepping.S)
+STEPPING_CHECKS = """
+    popf.events popf.first.vector popf.first.rip popf.first.dr6_bs popf.second.vector
+    popf.second.rip popf.third.vector popf.third.rip popf.third.dr6_bs popf.first.cs mov_ss.events
+    mov_ss.after_shadow.vector mov_ss.after_shadow.rip mov_ss.after_shadow.dr6_bs iretq.events
+    iretq.after_first.vector iretq.after_first.rip iretq.after_first.dr6_bs int_n.events
+    int_n.handler.vector int_n.handler.rip int_n.handler_tf_clear int_n.after_return.vector
+    int_n.after_return.rip int_n.after_return.dr6_bs exception.events exception.ud.vector
+    exception.ud.rip exception.handler_tf_clear exception.after_resume.vector
+    exception.after_resume.rip syscall_masked.events syscall_masked.kernel.vector
+    syscall_masked.kernel.rip syscall_masked.kernel_tf_clear syscall_masked.after_sysret.vector
+    syscall_masked.after_sysret.rip syscall_masked.after_sysret.dr6_bs
+    syscall_masked.after_sysret.cs syscall_unmasked.events syscall_unmasked.kernel_entry.vector
+    syscall_unmasked.kernel_entry.rip syscall_unmasked.kernel_entry.dr6_bs
+    syscall_unmasked.kernel_entry.cs syscall_unmasked.kernel.vector syscall_unmasked.kernel.rip
+    syscall_unmasked.after_sysret.vector syscall_unmasked.after_sysret.rip external.events
+    external.interrupt.vector external.interrupt.rip external.handler_tf_clear external.step1.vector
+    external.step1.rip external.step2.vector external.step2.rip
+""".split()
+
 CASES = [
     FirmwareCase("hello", "firmware/build/hello.elf", expect=b"Hello from emu-colo!\r\n"),
     FirmwareCase(
@@ -353,5 +373,7 @@ CASES = [
                  expect_regex=pcedges_output() + rb"resetting\r\n", exit_status=0),
     FirmwareCase("idle-default", "firmware/build/idle.elf", expect=b"idle ticks=200\r\n", slow=True),
 ]
+CASES.append(FirmwareCase("stepping", "firmware/build/stepping.elf",
+                          expect=_self_test("stepping: 64-bit mode entered", STEPPING_CHECKS)))
 
 CASES_BY_NAME = {case.name: case for case in CASES}
