@@ -144,6 +144,11 @@ void on_block(void *uc, uint64_t addr, uint32_t size, void *user) {
             return;
         }
     }
+    if (s->stop_reason & STOP_REQUEST) {
+        /* X86Cpu.request_stop from a hook: stop before this block, not inside the last one */
+        s->emu_stop(uc);
+        return;
+    }
     if (s->clock.mode == GUEST_CLOCK_ICOUNT) {
         if (s->clock.icount >= s->icount_limit) {
             s->stop_reason |= STOP_ICOUNT;

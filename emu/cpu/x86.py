@@ -293,11 +293,15 @@ class X86Cpu:
         if not self.running:
             return
         self.stop_requested = True
-        if self.icount:
-            # deterministic: the block hook stops before the next block (an emu_stop from an
-            # I/O hook would end wherever the current translated block happens to end)
+        if self.block_hook:
+            # the block hook stops before the next block.  Deterministic mode needs that (an
+            # emu_stop from an I/O hook would end wherever the current translated block
+            # happens to end), and so does the stock engine: its emu_stop from an MMIO write
+            # callback leaves RIP on the store that was just done, which then ran twice (a
+            # self IPI through the APIC's ICR was sent again on every return from its handler)
             self.cstate.stop_reason |= self.clib.STOP_REQUEST
-            self.cstate.icount_limit = self.cstate.clock.icount
+            if self.icount:
+                self.cstate.icount_limit = self.cstate.clock.icount
         else:
             self.uc.emu_stop()
 
@@ -320,7 +324,7 @@ class X86Cpu:
         moment).  Left to the next block start, Unicorn would fetch a faulting instruction
         again first, and its second #PF would become #DF."""
         self.request_stop()
-        if self.running and self.icount:
+        if self.running and self.block_hook:
             self.uc.emu_stop()
 
     def _on_unmapped(self, uc, access, address, size, value, user):
