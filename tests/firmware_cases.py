@@ -313,6 +313,21 @@ STEPPING_CHECKS = """
     external.step1.rip external.step2.vector external.step2.rip
 """.split()
 
+# apicipi.elf: every check, in its order (firmware/apicipi.S)
+APICIPI_CHECKS = """
+    once_self.events once_self.vector once_self.in_service_not_requested once_self.exit
+    once_self.isr_idle_after_eoi once_self.irr_idle_after_eoi once_physical.events
+    once_physical.first once_physical.first_exit once_physical.second once_physical.second_exit
+    order.irr_low_pending order.irr_high_pending order.events order.high_first order.high_exit
+    order.low_next order.low_exit nest_higher.events nest_higher.outer nest_higher.inner
+    nest_higher.inner_exit nest_higher.outer_exit nest_higher.inner_in_service nest_lower.events
+    nest_lower.first nest_lower.first_exit nest_lower.waited nest_lower.waited_exit
+    nest_same_class.events nest_same_class.first nest_same_class.first_exit nest_same_class.waited
+    nest_same_class.waited_exit tpr.masked_waits tpr.masked_in_irr tpr.ppr tpr.above_taken
+    tpr.above_vector tpr.released tpr.released_vector sti.events sti.after_one_instruction
+    sti_mov_ss.events sti_mov_ss.after_mov_ss level.events level.tmr_set level.edge_tmr_clear
+""".split()
+
 CASES = [
     FirmwareCase("hello", "firmware/build/hello.elf", expect=b"Hello from emu-colo!\r\n"),
     FirmwareCase(
@@ -378,5 +393,7 @@ CASES.append(FirmwareCase("stepping", "firmware/build/stepping.elf",
 # a triple fault under -no-reboot ends the run with status 0 (without it the ROM resets for
 # ever: tests/test_reset_loop.py)
 CASES.append(FirmwareCase("tripleloop", "firmware/build/tripleloop.rom", kind="bios", expect=b"R", exit_status=0))
+CASES.append(FirmwareCase("apicipi", "firmware/build/apicipi.elf",
+                          expect=_self_test("apicipi: local APIC self IPIs", APICIPI_CHECKS)))
 
 CASES_BY_NAME = {case.name: case for case in CASES}
