@@ -768,6 +768,10 @@ class X86Cpu:
             self._invalidate_context()
 
     def _deliver_with_fault_rules(self, vector, external, software, error_code, next_ip):
+        # Only an exception can be the first of a double fault: a fault while delivering an
+        # external interrupt or INT n is handled on its own, whatever the vector number (an
+        # IRQ on vector 8 or an int $8 is no #DF), as QEMU's check_exception sees it.
+        first_is_exception = not external and not software
         while True:
             try:
                 self._deliver_once(vector, external, software, error_code, next_ip)
@@ -782,14 +786,15 @@ class X86Cpu:
                     start = self._software_interrupt_start(next_ip)
                     self._invalidate_context()
                     self.uc.reg_write(X.UC_X86_REG_RIP, start)
-                if vector == DF:
+                if first_is_exception and vector == DF:
                     raise TripleFault(f"cpu: triple fault: {EXCEPTION_NAMES.get(fault.vector)} while delivering "
                                       f"#DF at RIP={self.rip:#x}") from None
-                if is_double_fault(vector, fault.vector):
+                if first_is_exception and is_double_fault(vector, fault.vector):
                     vector, error_code = DF, 0
                 else:
                     vector, error_code = fault.vector, fault.error_code
                 external, software, next_ip = False, False, None
+                first_is_exception = True
 
     def _software_interrupt_start(self, next_ip):
         """Address of the int n (CD ib), int3 (CC), into (CE) or int1 (F1) that ended at next_ip."""
