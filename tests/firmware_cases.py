@@ -328,6 +328,12 @@ APICIPI_CHECKS = """
     sti_mov_ss.events sti_mov_ss.after_mov_ss level.events level.tmr_set level.edge_tmr_clear
 """.split()
 
+# delivery.elf: every check, in its order (firmware/delivery.S)
+DELIVERY_CHECKS = """
+    int8.np.count int8.np.vector int8.np.error_code int8.np.eip irq8.np.count irq8.np.vector
+    irq8.np.error_code irq8.np.eip df.count df.vector df.error_code
+""".split()
+
 CASES = [
     FirmwareCase("hello", "firmware/build/hello.elf", expect=b"Hello from emu-colo!\r\n"),
     FirmwareCase(
@@ -395,5 +401,7 @@ CASES.append(FirmwareCase("stepping", "firmware/build/stepping.elf",
 CASES.append(FirmwareCase("tripleloop", "firmware/build/tripleloop.rom", kind="bios", expect=b"R", exit_status=0))
 CASES.append(FirmwareCase("apicipi", "firmware/build/apicipi.elf",
                           expect=_self_test("apicipi: local APIC self IPIs", APICIPI_CHECKS)))
+CASES.append(FirmwareCase("delivery", "firmware/build/delivery.elf",
+                          expect=_self_test("delivery: faults while delivering", DELIVERY_CHECKS)))
 
 CASES_BY_NAME = {case.name: case for case in CASES}
