@@ -266,6 +266,8 @@ static int ram_u64(emu_state *s, uint64_t pa, uint64_t *v, int size) {
 static int64_t translate(emu_state *s, uint64_t lin, int write) {
     uint64_t cr0 = cx64(s, s->off_cr), cr3 = cx64(s, s->off_cr + 24), cr4 = cx64(s, s->off_cr + 32);
     uint32_t hf = cx32(s, s->off_hflags);
+    int64_t high = (int64_t)lin >> 47;
+    if ((hf & HF_LMA) && high != 0 && high != -1) return -1;  /* non-canonical: #GP(0) */
     if (!(cr0 & 0x80000000u)) return (hf & HF_LMA) ? (int64_t)lin : (int64_t)(lin & 0xffffffffu);
     uint64_t e;
     int wp = (cr0 >> 16) & 1;

@@ -662,6 +662,9 @@ class X86Cpu:
         ctx = self.context()
         cr0 = ctx.u64("cr", 0)
         long_mode = bool(ctx.hflags & xc.HF_LMA)
+        if long_mode and (linear >> 47) not in (0, (1 << 17) - 1):
+            # QEMU's get_physical_address: #GP(0) for a non-canonical address, a stack's too
+            raise Fault(GP, 0)
         if not cr0 & CR0_PG:
             return linear if long_mode else linear & 0xFFFFFFFF
         cr3 = ctx.u64("cr", 3)
@@ -937,13 +940,13 @@ class X86Cpu:
 
     def _tss_stack(self, vector, ctx, dpl, ext):
         """The stack of ring ``dpl`` from the 32-bit TSS: (SS selector, base, limit, flags, ESP)."""
-        _, tss_base, tss_limit, tss_flags = ctx.system_segment("tr")
+        tr, tss_base, tss_limit, tss_flags = ctx.system_segment("tr")
         if (tss_flags >> 8) & 0xF not in (9, 0xB):
             raise UnsupportedError(f"cpu: vector {vector:#x}: privilege change through a 16-bit TSS "
                                    f"is not supported")
         slot = 4 + 8 * dpl
         if slot + 7 > tss_limit:
-            raise Fault(TS, 0)
+            raise Fault(TS, tr & 0xFFFC)  # the TSS is the culprit (QEMU's get_ss_esp_from_tss)
         esp, selector = struct.unpack("<II", self.read_virtual(tss_base + slot, 8))
         selector &= 0xFFFF
         if not selector & 0xFFFC:
@@ -975,10 +978,10 @@ class X86Cpu:
         rsp = self.uc.reg_read(X.UC_X86_REG_RSP)
         rflags = self.uc.reg_read(X.UC_X86_REG_RFLAGS)
         if ist or target_dpl < cpl:
-            _, tss_base, tss_limit, _ = ctx.system_segment("tr")
+            tr, tss_base, tss_limit, _ = ctx.system_segment("tr")
             slot = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * target_dpl
             if slot + 7 > tss_limit:
-                raise Fault(TS, 0)
+                raise Fault(TS, tr & 0xFFFC)  # the TSS is the culprit (QEMU's get_rsp_from_tss)
             new_rsp = struct.unpack("<Q", self.read_virtual(tss_base + slot, 8))[0]
         else:
             new_rsp = rsp
