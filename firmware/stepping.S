@@ -18,6 +18,10 @@
  *            after SYSCALL, on the kernel's first instruction (RIP = LSTAR, CS = kernel);
  *   external an interrupt pending when POPF sets IF and TF is taken first (TF cleared in
  *            its handler), and stepping goes on after its IRETQ.
+ * Then faults while an event is delivered in long mode (SDM 6.14, QEMU's do_interrupt64):
+ *   stack    INT n with a non-canonical RSP: the push is #GP(0) (QEMU; the SDM says #SS),
+ *            so is the #GP's own push, a double fault: #DF(0) on its IST stack, CR2 kept;
+ *   tss      a gate whose IST slot lies beyond the TSS limit: #TS(TR selector).
  * Not checked here: STI, which holds interrupts but not the trap (SDM); QEMU 7.2 holds both
  * (fixed in QEMU 9.2.4, "target/i386: do not block singlestep for STI"), so no differential
  * check can cover it.
@@ -32,6 +36,7 @@
 #define SEL_UDATA       0x20
 #define SEL_UCODE64     0x28
 #define SEL_TSS         0x30
+#define SEL_TSS_SHORT   0x40        /* the same TSS with a limit that ends before IST1 */
 
 #define PTE_P           0x001
 #define PTE_RW          0x002
@@ -58,6 +63,7 @@
 #define VEC_INT         0x81        /* int n while stepping */
 #define VEC_USER_EXIT   0x80        /* int 0x80: leave ring 3 */
 #define VEC_IPI         0x50        /* self IPI while stepping */
+#define VEC_IST_SHORT   0x84        /* an IST1 gate, used while TR is the short TSS */
 
 /* Event log entry: what happened, where (the interrupted RIP and CS), and one more value */
 #define EV_VECTOR       0
@@ -99,6 +105,7 @@ main:
 
     movl $rsp0_stack_top, tss64 + 4 /* RSP0: int 0x80 from ring 3 */
     movl $ist1_stack_top, tss64 + 36 /* IST1: #DB, whatever RSP was */
+    movl $ist2_stack_top, tss64 + 44 /* IST2: #DF */
     movw $104, tss64 + 102
     mov $tss64, %eax
     movw $103, gdt64 + SEL_TSS
@@ -107,6 +114,12 @@ main:
     mov %al, gdt64 + SEL_TSS + 4
     movb $0x89, gdt64 + SEL_TSS + 5 /* present, DPL0, available 64-bit TSS */
     mov %ah, gdt64 + SEL_TSS + 7
+    mov gdt64 + SEL_TSS, %eax       /* the short TSS: the same base, limit 0x23 */
+    mov %eax, gdt64 + SEL_TSS_SHORT
+    mov gdt64 + SEL_TSS + 4, %eax
+    mov %eax, gdt64 + SEL_TSS_SHORT + 4
+    movw $0x23, gdt64 + SEL_TSS_SHORT
+    movb $0x89, gdt64 + SEL_TSS_SHORT + 5
     lgdt gdt64_desc
 
     mov %cr4, %eax
@@ -196,6 +209,8 @@ long_entry:
     call test_syscall_masked
     call test_syscall_unmasked
     call test_external_interrupt
+    call test_noncanonical_stack
+    call test_tss_limit
 
     call check_summary_64
     jmp debug_exit_64
@@ -395,7 +410,51 @@ ext_3: nop
     CHECK_EVENT 2, 1, ext_3, external.step2
     ret
 
+/* INT n with RSP non-canonical: #GP(0) cannot be pushed either: #DF(0) on IST2. */
+test_noncanonical_stack:
+    START 0
+    mov $0x1234, %eax
+    mov %rax, %cr2
+    mov %rsp, saved_rsp(%rip)
+    mov $nc_resume, %eax
+    mov %rax, resume_rip(%rip)
+    mov $0x8000000000000000, %rsp
+    int $VEC_INT
+nc_resume:                          /* the #DF handler put saved_rsp back into RSP */
+    CHECK_COUNT 1, stack
+    EVENT 0, EV_VECTOR
+    mov $8, %edx
+    CHECK stack.double_fault
+    EVENT 0, EV_EXTRA
+    xor %edx, %edx
+    CHECK stack.double_fault.error_code
+    mov %cr2, %rax
+    mov $0x1234, %edx
+    CHECK stack.cr2_kept
+    ret
+
+/* A TSS whose limit (0x23) ends before IST1: a gate on IST1 gives #TS(its selector). */
+test_tss_limit:
+    START 0
+    mov $ts_resume, %eax
+    mov %rax, resume_rip(%rip)
+    mov $SEL_TSS_SHORT, %ax
+    ltr %ax
+ts_fault:
+    int $VEC_IST_SHORT
+ts_resume:
+    andb $~0x02, gdt64 + SEL_TSS + 5(%rip)   /* the first TSS: available again */
+    mov $SEL_TSS, %ax
+    ltr %ax
+    CHECK_COUNT 1, tss
+    CHECK_EVENT 0, 10, ts_fault, tss.ts
+    EVENT 0, EV_EXTRA
+    mov $SEL_TSS_SHORT, %edx
+    CHECK tss.ts.error_code
+    ret
+
 /* ------------------------------------------------------------------ handlers */
+
 
 /* Log event RDI with the frame at RSI (-> RIP, CS) and RDX; clobbers RAX, RBX. */
 record_event:
@@ -429,6 +488,30 @@ record_event:
     pop %rax
     .endm
 #define FRAME 40                    /* SAVE_SCRATCH's bytes: the CPU frame is above */
+
+/* Exceptions with an error code that a test expects (#TS, #DF on IST2): log vector, RIP,
+   CS and the error code; resume at resume_rip with the RSP saved_rsp holds, if set. */
+    .macro ERROR_HANDLER name, vector
+\name:
+    SAVE_SCRATCH
+    mov $\vector, %edi
+    lea FRAME + 8(%rsp), %rsi
+    mov FRAME(%rsp), %rdx
+    call record_event
+    mov resume_rip(%rip), %rax
+    mov %rax, FRAME + 8(%rsp)
+    movq $0, resume_rip(%rip)
+    mov saved_rsp(%rip), %rax
+    test %rax, %rax
+    jz 1f
+    mov %rax, FRAME + 8 + 24(%rsp)
+    movq $0, saved_rsp(%rip)
+1:  RESTORE_SCRATCH
+    add $8, %rsp
+    iretq
+    .endm
+    ERROR_HANDLER ts_handler, 10
+    ERROR_HANDLER df_handler, 8
 
 /* #DB (IST1): log RIP, CS, DR6; clear DR6; TF off in the frame when the budget is spent
    (or the log is full: a runaway). */
@@ -599,6 +682,18 @@ idt64_init:
     mov $user_exit_handler, %edx
     mov $0x00ee, %ecx               /* DPL3 */
     call idt64_set
+    mov $8, %eax
+    mov $df_handler, %edx
+    mov $0x028e, %ecx               /* IST2 */
+    call idt64_set
+    mov $10, %eax
+    mov $ts_handler, %edx
+    mov $0x008e, %ecx
+    call idt64_set
+    mov $VEC_IST_SHORT, %eax
+    mov $int_handler, %edx
+    mov $0x018e, %ecx               /* IST1: beyond the short TSS */
+    call idt64_set
     lidt idt64_desc(%rip)
     ret
 
@@ -632,6 +727,7 @@ gdt64:
     .quad 0x00cff2000000ffff        /* 0x20 user data */
     .quad 0x00affa000000ffff        /* 0x28 user code, 64-bit */
     .quad 0, 0                      /* 0x30 TSS, filled in by main */
+    .quad 0, 0                      /* 0x40 the short TSS, likewise */
 gdt64_end:
     .balign 2
 gdt64_desc:
@@ -662,6 +758,8 @@ rsp0_stack_bottom:  .skip 4096
 rsp0_stack_top:
 ist1_stack_bottom:  .skip 4096
 ist1_stack_top:
+ist2_stack_bottom:  .skip 4096
+ist2_stack_top:
 syscall_stack_bottom: .skip 4096
 syscall_stack_top:
 user_stack_bottom:  .skip 4096
@@ -674,3 +772,4 @@ step_budget:        .long 0
 resume_rip:         .quad 0
 kernel_resume_rsp:  .quad 0
 syscall_user_rsp:   .quad 0
+saved_rsp:          .quad 0
