@@ -20,7 +20,7 @@
  *            its handler), and stepping goes on after its IRETQ.
  * Then faults while an event is delivered in long mode (SDM 6.14, QEMU's do_interrupt64):
  *   stack    INT n with a non-canonical RSP: the push is #GP(0) (QEMU; the SDM says #SS),
- *            so is the #GP's own push, a double fault: #DF(0) on its IST stack, CR2 kept;
+ *            taken on an IST stack; without one the #GP's own push fails too: #DF(0);
  *   tss      a gate whose IST slot lies beyond the TSS limit: #TS(TR selector).
  * Not checked here: STI, which holds interrupts but not the trap (SDM); QEMU 7.2 holds both
  * (fixed in QEMU 9.2.4, "target/i386: do not block singlestep for STI"), so no differential
@@ -106,6 +106,7 @@ main:
     movl $rsp0_stack_top, tss64 + 4 /* RSP0: int 0x80 from ring 3 */
     movl $ist1_stack_top, tss64 + 36 /* IST1: #DB, whatever RSP was */
     movl $ist2_stack_top, tss64 + 44 /* IST2: #DF */
+    movl $ist3_stack_top, tss64 + 52 /* IST3: #GP, in one test */
     movw $104, tss64 + 102
     mov $tss64, %eax
     movw $103, gdt64 + SEL_TSS
@@ -410,27 +411,45 @@ ext_3: nop
     CHECK_EVENT 2, 1, ext_3, external.step2
     ret
 
-/* INT n with RSP non-canonical: #GP(0) cannot be pushed either: #DF(0) on IST2. */
+/* INT n with RSP non-canonical: the push is #GP(0).  With #GP on IST3 that is delivered;
+   with #GP on the same stack its own push fails too: #DF(0) on IST2. */
 test_noncanonical_stack:
+    mov $13, %eax
+    mov $gp_handler, %edx
+    mov $0x038e, %ecx               /* IST3 */
+    call idt64_set
     START 0
-    mov $0x1234, %eax
-    mov %rax, %cr2
     mov %rsp, saved_rsp(%rip)
-    mov $nc_resume, %eax
+    mov $nc_resume_1, %eax
+    mov %rax, resume_rip(%rip)
+    mov $0x8000000000000000, %rsp
+nc_fault_1:
+    int $VEC_INT
+nc_resume_1:                        /* the handler put saved_rsp back into RSP */
+    CHECK_COUNT 1, stack
+    CHECK_EVENT 0, 13, nc_fault_1, stack.gp
+    EVENT 0, EV_EXTRA
+    xor %edx, %edx
+    CHECK stack.gp.error_code
+
+    mov $13, %eax
+    mov $exc_stub_13, %edx
+    mov $0x008e, %ecx               /* #GP on the current stack again */
+    call idt64_set
+    START 0
+    mov %rsp, saved_rsp(%rip)
+    mov $nc_resume_2, %eax
     mov %rax, resume_rip(%rip)
     mov $0x8000000000000000, %rsp
     int $VEC_INT
-nc_resume:                          /* the #DF handler put saved_rsp back into RSP */
-    CHECK_COUNT 1, stack
+nc_resume_2:
+    CHECK_COUNT 1, stack_df
     EVENT 0, EV_VECTOR
     mov $8, %edx
-    CHECK stack.double_fault
+    CHECK stack_df.double_fault
     EVENT 0, EV_EXTRA
     xor %edx, %edx
-    CHECK stack.double_fault.error_code
-    mov %cr2, %rax
-    mov $0x1234, %edx
-    CHECK stack.cr2_kept
+    CHECK stack_df.error_code
     ret
 
 /* A TSS whose limit (0x23) ends before IST1: a gate on IST1 gives #TS(its selector). */
@@ -512,6 +531,7 @@ record_event:
     .endm
     ERROR_HANDLER ts_handler, 10
     ERROR_HANDLER df_handler, 8
+    ERROR_HANDLER gp_handler, 13
 
 /* #DB (IST1): log RIP, CS, DR6; clear DR6; TF off in the frame when the budget is spent
    (or the log is full: a runaway). */
@@ -760,6 +780,8 @@ ist1_stack_bottom:  .skip 4096
 ist1_stack_top:
 ist2_stack_bottom:  .skip 4096
 ist2_stack_top:
+ist3_stack_bottom:  .skip 4096
+ist3_stack_top:
 syscall_stack_bottom: .skip 4096
 syscall_stack_top:
 user_stack_bottom:  .skip 4096

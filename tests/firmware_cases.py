@@ -310,9 +310,9 @@ STEPPING_CHECKS = """
     syscall_unmasked.kernel_entry.cs syscall_unmasked.kernel.vector syscall_unmasked.kernel.rip
     syscall_unmasked.after_sysret.vector syscall_unmasked.after_sysret.rip external.events
     external.interrupt.vector external.interrupt.rip external.handler_tf_clear external.step1.vector
-    external.step1.rip external.step2.vector external.step2.rip stack.events stack.double_fault
-    stack.double_fault.error_code stack.cr2_kept tss.events tss.ts.vector tss.ts.rip
-    tss.ts.error_code
+    external.step1.rip external.step2.vector external.step2.rip stack.events stack.gp.vector
+    stack.gp.rip stack.gp.error_code stack_df.events stack_df.double_fault stack_df.error_code
+    tss.events tss.ts.vector tss.ts.rip tss.ts.error_code
 """.split()
 
 # apicipi.elf: every check, in its order (firmware/apicipi.S)
