@@ -14,7 +14,9 @@
  *   tpr      an IPI whose class is <= TPR's stays in IRR until TPR drops; PPR follows;
  *   sti      an IPI pending while IF=0 is taken after the instruction that follows STI;
  *            after STI; MOV SS the shadow is not extended (the first one counts);
- *   level    a level-triggered fixed IPI sets its TMR bit, an edge one clears it.
+ *   level    a level-triggered fixed IPI sets its TMR bit, an edge one clears it;
+ *   msr      IA32_APIC_BASE reads the base, enable and BSP bits; writing it back keeps it.
+ *            (A reserved bit is #GP(0) by the SDM and here; QEMU 7.2 drops it: not compared.)
  * Output: "PASS <name>" / "FAIL <name> ..." lines, "ALL PASS" and exit 0, or "FAILED <n>"
  * and exit 1; an unexpected exception or interrupt prints "FATAL ..." and exits 3.
  */
@@ -106,6 +108,7 @@ main:
     call test_sti
     call test_sti_mov_ss
     call test_level
+    call test_base_msr
 
     call check_summary
     ret
@@ -296,6 +299,25 @@ test_level:
     EVENT 2, EV_SEEN
     mov $SEEN_ISR, %edx
     CHECK level.edge_tmr_clear
+    ret
+
+/* IA32_APIC_BASE (MSR 0x1b): 0xfee00000 | enable (bit 11) | BSP (bit 8). */
+test_base_msr:
+    mov $0x1b, %ecx
+    rdmsr
+    push %edx
+    mov $APIC | 0x900, %edx
+    CHECK msr.reads_base_enable_bsp
+    pop %eax
+    xor %edx, %edx
+    CHECK msr.reads_high_zero
+    mov $0x1b, %ecx
+    mov $APIC | 0x900, %eax
+    xor %edx, %edx
+    wrmsr
+    rdmsr
+    mov $APIC | 0x900, %edx
+    CHECK msr.write_back_keeps
     ret
 
 /* ------------------------------------------------------------------ handlers */

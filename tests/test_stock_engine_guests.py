@@ -7,12 +7,14 @@ and the host's SYSCALL let the engine's single-step trap for the TF from before 
 the kernel.  firmware_cases.CASES runs both guests on QEMU and on our engine build.
 """
 
+import dataclasses
 import importlib.util
 import pathlib
+import re
 
 import pytest
 from conftest import ROOT, firmware
-from firmware_cases import CASES_BY_NAME, emu_command, run_guest
+from firmware_cases import APICIPI_CHECKS, CASES_BY_NAME, emu_command, run_guest
 
 
 def _stock_library_dir():
@@ -20,9 +22,21 @@ def _stock_library_dir():
     return pathlib.Path(spec.submodule_search_locations[0]) / "lib"
 
 
+def _stock_expectation(case):
+    """What case prints on the stock engine: apicipi's IA32_APIC_BASE checks fail there (its
+    RDMSR reads 0 and no hook sees WRMSR: engine patch 0012), the rest is the same."""
+    if case.name != "apicipi":
+        return case
+    msr = ["msr.reads_base_enable_bsp", "msr.write_back_keeps"]  # msr.reads_high_zero: 0 either way
+    lines = [re.escape(f"PASS {name}\r\n".encode()) if name not in msr
+             else re.escape(f"FAIL {name} ".encode()) + rb"[^\r]*\r\n" for name in APICIPI_CHECKS]
+    regex = re.escape(b"apicipi: local APIC self IPIs\r\n") + b"".join(lines) + b"FAILED %d\r\n" % len(msr)
+    return dataclasses.replace(case, expect=None, expect_regex=regex, exit_status=3)
+
+
 @pytest.mark.parametrize("name", ["stepping", "apicipi"])
 def test_guest_on_the_stock_engine(name, monkeypatch):
-    case = CASES_BY_NAME[name]
+    case = _stock_expectation(CASES_BY_NAME[name])
     firmware(pathlib.Path(case.image).name)
     stock = _stock_library_dir()
     if not (stock / "libunicorn.so.2").exists():

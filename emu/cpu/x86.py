@@ -101,6 +101,10 @@ class PendingEvent:
         self.is_software, self.next_ip, self.cr2, self.detail = is_software, next_ip, cr2, detail
 
 
+#: the callback type of engine patch 0012's RDMSR / WRMSR hooks (that of CPUID hooks)
+_MSR_HOOK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
 def _uc_function_pointer(name):
     return ctypes.cast(getattr(uclib, name), ctypes.c_void_p).value
 
@@ -129,6 +133,7 @@ class X86Cpu:
         self.on_slice_end = []  # callables run after every slice (a memory map change waits there)
         self._rom_hooks = {}  # base of a ROM mapping -> its write-protection hook
         self._rom_write_handler = None
+        self._msr_handlers = {}  # MSR index -> (read, write): add_msr
 
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.engine = EngineControls(self.uc)
@@ -201,6 +206,51 @@ class X86Cpu:
                 raise GuestError("cpu: cannot start the deadline timer thread")
             weakref.finalize(self, self.clib.deadline_timer_stop, cstate)
             _CPUS_WITH_TIMER.add(self)
+
+    def add_msr(self, index, read, write):
+        """RDMSR / WRMSR of MSR ``index`` call ``read() -> value`` / ``write(value) -> bool``
+        (False: the write raises #GP(0)).  Needs the patched engine (engine patch 0012); the
+        stock one keeps its own answers (IA32_APIC_BASE reads 0)."""
+        if not self.engine.patched:
+            return False
+        if not self._msr_handlers:
+            for insn, method in ((X.UC_X86_INS_RDMSR, self._on_rdmsr), (X.UC_X86_INS_WRMSR, self._on_wrmsr)):
+                callback = _MSR_HOOK(lambda uc, user, method=method: method())
+                handle = uc_hook_h()
+                err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), UC_HOOK_INSN, callback, None,
+                                        ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn))
+                if err:
+                    raise GuestError(f"cpu: uc_hook_add(MSR hook) failed with error {err}")
+                self._keep += [callback, handle]
+        self._msr_handlers[index] = (read, write)
+        return True
+
+    def _on_rdmsr(self):
+        """0: the engine answers; 1: done (EDX:EAX written)."""
+        try:
+            handler = self._msr_handlers.get(self.uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF)
+            if handler is None:
+                return 0
+            value = handler[0]()
+            self.uc.reg_write(X.UC_X86_REG_RAX, value & 0xFFFFFFFF)
+            self.uc.reg_write(X.UC_X86_REG_RDX, (value >> 32) & 0xFFFFFFFF)
+            return 1
+        except BaseException as e:  # re-raised from the run loop
+            self._callback_error(type(e), e, e.__traceback__)
+            return 0
+
+    def _on_wrmsr(self):
+        """0: the engine performs it; 1: done; 2: #GP(0)."""
+        try:
+            handler = self._msr_handlers.get(self.uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF)
+            if handler is None:
+                return 0
+            value = (self.uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (
+                self.uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
+            return 1 if handler[1](value) else 2
+        except BaseException as e:
+            self._callback_error(type(e), e, e.__traceback__)
+            return 1
 
     def add_c_memory_write_hook(self, fn_name, begin, end):
         return self._c_hook(UC_HOOK_MEM_WRITE, fn_name, begin=begin, end=end)
