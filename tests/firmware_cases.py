@@ -399,9 +399,6 @@ CASES = [
 ]
 CASES.append(FirmwareCase("stepping", "firmware/build/stepping.elf",
                           expect=_self_test("stepping: 64-bit mode entered", STEPPING_CHECKS)))
-# a triple fault under -no-reboot ends the run with status 0 (without it the ROM resets for
-# ever: tests/test_reset_loop.py)
-CASES.append(FirmwareCase("tripleloop", "firmware/build/tripleloop.rom", kind="bios", expect=b"R", exit_status=0))
 CASES.append(FirmwareCase("apicipi", "firmware/build/apicipi.elf",
                           expect=_self_test("apicipi: local APIC self IPIs", APICIPI_CHECKS)))
 CASES.append(FirmwareCase("delivery", "firmware/build/delivery.elf",
