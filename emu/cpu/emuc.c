@@ -226,6 +226,7 @@ uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *
 #define DESC_S (1u << 12)
 #define DESC_CS (1u << 11)
 #define DESC_C (1u << 10)
+#define DESC_W (1u << 9)
 #define DESC_G (1u << 23)
 #define HF_CPL_MASK 3u
 #define HF_CS32 (1u << 4)
@@ -436,8 +437,11 @@ static int push_frame_protected(emu_state *s, const interrupted *from, int switc
         if (slot + 7 > tr->limit || vread(s, tr->base + slot, esp_ss, 8)) return -1;
         new_ss->selector = esp_ss[1] & 0xffff;
         if (!(new_ss->selector & 0xfffc)) return -1;
+        if ((new_ss->selector & 3) != dpl) return -1;  /* #TS(SS): Python raises it */
         if (descriptor(s, new_ss->selector, &new_ss->base, &new_ss->limit, &new_ss->flags)) return -1;
-        if (!(new_ss->flags & DESC_P)) return -1;
+        uint32_t f = new_ss->flags;
+        if (((f >> 13) & 3) != dpl || !(f & DESC_S) || (f & DESC_CS) || !(f & DESC_W)) return -1;
+        if (!(f & DESC_P)) return -1;
         stack = new_ss;
         sp = esp_ss[0];
     }

@@ -1001,7 +1001,20 @@ class X86Cpu:
         selector &= 0xFFFF
         if not selector & 0xFFFC:
             raise Fault(TS, ext)
-        base, limit, flags = self._descriptor(selector, ctx)
+        # SS of the new ring (SDM, INT n: #TS(SS) unless RPL = DPL = the ring, a writable data
+        # segment; QEMU's do_interrupt_protected checks the same)
+        bad_stack = Fault(TS, (selector & 0xFFFC) + ext)
+        if selector & 3 != dpl:
+            raise bad_stack
+        try:
+            base, limit, flags = self._descriptor(selector, ctx)
+        except Fault as f:
+            if f.vector == PF:
+                raise
+            raise bad_stack from None
+        if ((flags >> xc.DESC_DPL_SHIFT) & 3 != dpl or not flags & xc.DESC_S or flags & xc.DESC_CS
+                or not flags & xc.DESC_W):
+            raise bad_stack
         if not flags & xc.DESC_P:
             raise Fault(SS, (selector & 0xFFFC) + ext)
         return selector, base, limit, flags, esp
