@@ -64,6 +64,7 @@ class Machine:
         self.interrupt_controller = None  # has_interrupt() / acknowledge()
         self.exit_status = None
         self.exit_message = None
+        self.shutdown_reason = "guest-shutdown"  # QEMU's SHUTDOWN event reason for the end of main_loop
         self.reset_requested = False
         self.boot = None  # callable that loads images and sets the CPU entry state
         self.serial_backends = []  # the host side of the board's serial ports (CharBackend); closed with it
@@ -366,6 +367,7 @@ class Machine:
                 except TripleFault as e:
                     if self.no_reboot:
                         self.exit_status, self.exit_message = 0, f"{e}; stopping (-no-reboot)"
+                        self.shutdown_reason = "guest-reset"
                         return self.exit_status
                     if "cpu" in self.trace_categories:
                         self.trace("cpu", f"{e}; resetting")
@@ -387,6 +389,7 @@ class Machine:
             if self.reset_requested:
                 if self.no_reboot:
                     self.request_exit(0, "guest requested a reset; stopping (-no-reboot)")
+                    self.shutdown_reason = "guest-reset"
                     break
                 self.reset()
                 self.emit("RESET", {"guest": True, "reason": "guest-reset"})
@@ -568,5 +571,5 @@ class Machine:
                 continue
             self.run()
         self.status = "shutdown"
-        self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        self.emit("SHUTDOWN", {"guest": True, "reason": self.shutdown_reason})
         return self.exit_status

@@ -16,6 +16,8 @@ import time
 import pytest
 from conftest import ROOT, firmware, qemu_binary
 
+from machines import pc
+
 WANTED_RESETS = 2000
 
 
@@ -78,3 +80,22 @@ def test_no_reboot_stops_at_the_first_triple_fault():
     assert (result.returncode, result.stdout) == (0, b"R")
     assert result.stderr == (b"emu: cpu: triple fault: #GP while delivering #DF at RIP=0xc; "
                              b"stopping (-no-reboot)\n")
+
+
+def test_events_of_a_triple_fault_are_qemus():
+    """RESET (guest-reset) for each triple fault; under -no-reboot SHUTDOWN with reason
+    guest-reset, as QEMU's qemu_system_reset_request(SHUTDOWN_CAUSE_GUEST_RESET)."""
+    for no_reboot in (False, True):
+        machine = pc.build(ram_size=16 << 20, bios=firmware("tripleloop.rom"), serial=(), no_reboot=no_reboot,
+                           icount_shift=0)
+        events = []
+        machine.event_listeners.append(lambda name, data, events=events: events.append((name, data)))
+        if no_reboot:
+            assert machine.main_loop() == 0
+            assert events == [("SHUTDOWN", {"guest": True, "reason": "guest-reset"})]
+        else:
+            machine.run(until_ns=200_000)
+            resets = [data for name, data in events if name == "RESET"]
+            assert len(resets) > 3 and resets[0] == {"guest": True, "reason": "guest-reset"}
+            assert machine.stats["resets"] == len(resets)
+        machine.close()
