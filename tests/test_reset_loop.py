@@ -94,7 +94,7 @@ def test_events_of_a_triple_fault_are_qemus():
             assert machine.main_loop() == 0
             assert events == [("SHUTDOWN", {"guest": True, "reason": "guest-reset"})]
         else:
-            machine.run(until_ns=200_000)
+            machine.run(until_ns=20_000)
             resets = [data for name, data in events if name == "RESET"]
             assert len(resets) > 3 and resets[0] == {"guest": True, "reason": "guest-reset"}
             assert machine.stats["resets"] == len(resets)
