@@ -9,7 +9,8 @@
  * condition", 6.8.3 "Masking exceptions and interrupts when switching stacks") and what
  * QEMU does:
  *   popf     the trap comes after the instruction that follows POPF, DR6.BS set;
- *   mov ss   the interrupt shadow delays the trap by one more instruction;
+ *   mov ss   the interrupt shadow delays the trap by one more instruction; so does POP SS
+ *            (checked in 32-bit mode before long mode: 64-bit mode has no POP SS);
  *   iretq    TF loaded by IRETQ: the trap comes after the first instruction returned to;
  *   int n    the handler runs with TF clear, no trap inside it;
  *   #UD      likewise for an exception;
@@ -83,6 +84,7 @@ main:
     call lapic_virtual_wire         /* software-enables the APIC (spurious vector 0xff) */
     mov $(IRQ_BASE + 8) << 8 | IRQ_BASE, %eax
     call pic_init                   /* every 8259A line masked: only our own events */
+    call test_pop_ss_32             /* checked in 64-bit mode (check_pop_ss) */
     mov $pdpt, %eax
     or $PTE_P | PTE_RW | PTE_US, %eax
     mov %eax, pml4
@@ -136,6 +138,51 @@ main:
     or $0x80000001, %eax            /* PG, PE */
     mov %eax, %cr0
     ljmp $SEL_KCODE64, $long_entry
+
+/* POP SS (no such instruction in 64-bit mode), in 32-bit protected mode with the
+   library's IDT: as MOV SS, it delays the trap by one more instruction. */
+test_pop_ss_32:
+    call idt32_init
+    mov $1, %eax
+    mov $db_handler_32, %edx
+    mov $0x8e, %cl
+    call idt32_set
+    movl $0, ev_count
+    push %ss
+    pushf
+    orl $RFLAGS_TF, (%esp)
+    popf
+    pop %ss
+popss_2: nop
+popss_3: nop
+    ret
+
+/* #DB in 32-bit mode: log it as db_handler does (high dwords 0), TF off in the frame. */
+db_handler_32:
+    push %eax
+    push %ebx
+    mov ev_count, %eax
+    cmp $EV_MAX, %eax
+    jae 1f
+    shl $5, %eax
+    movl $1, ev_log + EV_VECTOR(%eax)
+    movl $0, ev_log + EV_VECTOR + 4(%eax)
+    mov 8(%esp), %ebx
+    mov %ebx, ev_log + EV_RIP(%eax)
+    movl $0, ev_log + EV_RIP + 4(%eax)
+    mov 12(%esp), %ebx
+    mov %ebx, ev_log + EV_CS(%eax)
+    movl $0, ev_log + EV_CS + 4(%eax)
+    mov %dr6, %ebx
+    mov %ebx, ev_log + EV_EXTRA(%eax)
+    movl $0, ev_log + EV_EXTRA + 4(%eax)
+1:  incl ev_count
+    andl $~RFLAGS_TF, 16(%esp)
+    xor %ebx, %ebx
+    mov %ebx, %dr6
+    pop %ebx
+    pop %eax
+    iret
 
 /* ------------------------------------------------------------------ 64-bit kernel */
     .code64
@@ -202,6 +249,7 @@ long_entry:
     mov $str_banner, %esi
     call puts_64
 
+    call check_pop_ss
     call test_popf
     call test_mov_ss
     call test_iretq
@@ -215,6 +263,13 @@ long_entry:
 
     call check_summary_64
     jmp debug_exit_64
+
+/* What test_pop_ss_32 logged before long mode: one trap, after the instruction after POP SS. */
+check_pop_ss:
+    CHECK_COUNT 1, pop_ss
+    CHECK_EVENT 0, 1, popss_3, pop_ss.after_shadow
+    CHECK_BS 0, pop_ss.after_shadow
+    ret
 
 /* POPF sets TF: traps after the 1st, 2nd and 3rd instruction after it. */
 test_popf:

@@ -295,6 +295,7 @@ def pcedges_output(unassigned_dword=rb"(?:00000000|ffffffff)", unassigned_byte=r
 
 # stepping.elf: every check, in its order (firmware/stepping.S)
 STEPPING_CHECKS = """
+    pop_ss.events pop_ss.after_shadow.vector pop_ss.after_shadow.rip pop_ss.after_shadow.dr6_bs
     popf.events popf.first.vector popf.first.rip popf.first.dr6_bs popf.second.vector
     popf.second.rip popf.third.vector popf.third.rip popf.third.dr6_bs popf.first.cs mov_ss.events
     mov_ss.after_shadow.vector mov_ss.after_shadow.rip mov_ss.after_shadow.dr6_bs iretq.events
