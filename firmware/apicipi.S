@@ -14,6 +14,7 @@
  *   tpr      an IPI whose class is <= TPR's stays in IRR until TPR drops; PPR follows;
  *   sti      an IPI pending while IF=0 is taken after the instruction that follows STI;
  *            after STI; MOV SS the shadow is not extended (the first one counts);
+ *   mov ss   an IPI sent just before MOV SS is taken after the instruction after it;
  *   level    a level-triggered fixed IPI sets its TMR bit, an edge one clears it;
  *   msr      IA32_APIC_BASE reads the base, enable and BSP bits; writing it back keeps it.
  *            (A reserved bit is #GP(0) by the SDM and here; QEMU 7.2 drops it: not compared.)
@@ -107,6 +108,7 @@ main:
     call test_tpr
     call test_sti
     call test_sti_mov_ss
+    call test_mov_ss
     call test_level
     call test_base_msr
 
@@ -283,6 +285,26 @@ stimovss_after:
     CHECK sti_mov_ss.after_mov_ss
     ret
 
+/* IF set; the IPI is sent right before MOV SS: taken after the instruction after MOV SS. */
+test_mov_ss:
+    START
+    mov %ss, %ax
+    sti
+    nop
+    SELF_IPI 0x4a
+    mov %ax, %ss
+movss_next:
+    nop
+movss_after:
+    nop
+    SPIN
+    cli
+    CHECK_COUNT 2, mov_ss.events
+    EVENT 0, EV_EIP
+    mov $movss_after, %edx
+    CHECK mov_ss.after_one_instruction
+    ret
+
 /* A level-triggered fixed IPI sets the TMR bit; an edge one (the same vector) clears it. */
 test_level:
     START
@@ -395,7 +417,7 @@ irq_stub_\v:
     .balign 4
 irq_stubs:
     .text
-    .irp v, 0x40,0x41,0x42,0x43,0x44,0x45,0x46,0x47,0x48,0x49,0x60,0x62,0x63,0x66
+    .irp v, 0x40,0x41,0x42,0x43,0x44,0x45,0x46,0x47,0x48,0x49,0x4a,0x60,0x62,0x63,0x66
     IRQ_STUB \v
     .endr
     .section .rodata

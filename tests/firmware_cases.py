@@ -328,8 +328,9 @@ APICIPI_CHECKS = """
     nest_same_class.events nest_same_class.first nest_same_class.first_exit nest_same_class.waited
     nest_same_class.waited_exit tpr.masked_waits tpr.masked_in_irr tpr.ppr tpr.above_taken
     tpr.above_vector tpr.released tpr.released_vector sti.events sti.after_one_instruction
-    sti_mov_ss.events sti_mov_ss.after_mov_ss level.events level.tmr_set level.edge_tmr_clear
-    msr.reads_base_enable_bsp msr.reads_high_zero msr.write_back_keeps
+    sti_mov_ss.events sti_mov_ss.after_mov_ss mov_ss.events mov_ss.after_one_instruction
+    level.events level.tmr_set level.edge_tmr_clear msr.reads_base_enable_bsp msr.reads_high_zero
+    msr.write_back_keeps
 """.split()
 
 # delivery.elf: every check, in its order (firmware/delivery.S)
