@@ -1,4 +1,5 @@
-"""Boot image loaders: multiboot v1 kernels, Linux bzImages, raw binaries and the PC BIOS ROM.
+"""Boot image loaders: multiboot v1 kernels, Linux bzImages, PVH ELF kernels, raw binaries
+and the PC BIOS ROM.  ``-kernel`` tries them in QEMU's order: bzImage, multiboot, PVH.
 
 Each loader writes its image into guest RAM through :meth:`GuestRam.write` (so the pages are
 marked dirty and stale translated code is dropped) and returns an :class:`EntryState` that
@@ -13,19 +14,34 @@ kernel sees the same addresses under both:
 ``0x9000-0x94ff``     memory map: e820 entries, each with the multiboot ``size`` prefix
 ``0x9500-0x9557``     multiboot information structure (EBX)
 ``0x9800-0x9827``     GDT as the option ROM's: 0x08 code32, 0x10 data32, 0x18 code16,
-                      0x20 data16, all base 0
+                      0x20 data16, all base 0 (these three move when the kernel is there)
 kernel end, aligned   module list, module strings, kernel command line, boot loader name
 next pages            each module, page-aligned, in ``-initrd`` order
 ====================  ==================================================================
 
 The kernel starts in 32-bit protected mode, paging and interrupts off, CS=0x08, data
-segments 0x10, EAX=0x2BADB002, EBX=0x9500 and ECX=the entry point (the option ROM jumps
-through ECX).  Differences from QEMU, all on inputs QEMU mishandles: images that overlap
-the boot area, the 0x9fc00-0xfffff hole or the end of RAM, and headers with unknown
-required flag bits (3-15, which the specification says a loader must refuse) are rejected
-instead of booting into corrupted memory.  The memory map is this machine's (no SeaBIOS
-tables at the top of RAM), so ``mem_upper`` is (RAM - 1 MiB) / 1 KiB where QEMU reports
-128 KiB less; ``mem_lower`` is 639, the base memory below the EBDA, as int 0x12 reports it.
+segments 0x10, EAX=0x2BADB002, EBX=the information structure and ECX=the entry point (the
+option ROM jumps through ECX).
+
+Where an image lies in memory that is not RAM on a PC, the loader does what QEMU's does:
+
+* Bytes of a segment inside 0xa0000-0xfffff (VGA memory, option ROMs and the read-only
+  BIOS shadow) are not loaded: QEMU's option ROM copies them there too, and the writes are
+  discarded.  ``ld -m elf_i386 -Ttext=0x100000`` with binutils >= 2.31 makes such a
+  segment (only the ELF and program headers, at 0xff000), and the kernel runs.  The user
+  gets a note; only an entry point in that range is refused.
+* A kernel in conventional memory over 0x9000-0x9fff, where QEMU puts the boot
+  structures (and then overwrites them with the kernel, leaving EBX at garbage), keeps
+  its bytes, and the boot structures move to the first free pages after the modules,
+  with a note.
+* What is refused is what really collides: an image beyond the end of RAM or 4 GiB, the
+  module list or a module reaching the 0x9fc00-0xfffff hole, an entry point outside RAM,
+  and headers with unknown required flag bits (3-15, which the specification says a
+  loader must refuse).
+
+The memory map is this machine's (no SeaBIOS tables at the top of RAM), so ``mem_upper``
+is (RAM - 1 MiB) / 1 KiB where QEMU reports 128 KiB less; ``mem_lower`` is 639, the base
+memory below the EBDA, as int 0x12 reports it.
 
 The BIOS ROM follows QEMU's x86_bios_rom_init (hw/i386/x86-common.c): the whole ROM ends at
 4 GiB and its last 128 KiB (or all of a smaller ROM) is aliased to end at 1 MiB.
@@ -66,6 +82,8 @@ class EntryState:
 # ---------------------------------------------------------------------------- multiboot
 
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
+MULTIBOOT2_HEADER_MAGIC = 0xE85250D6   # recognised only to say so: QEMU does not load it either
+MULTIBOOT2_SEARCH_LIMIT = 32768
 MULTIBOOT_BOOT_MAGIC = 0x2BADB002
 #: QEMU scans for a header that would fit whole (48 bytes with the video fields).
 HEADER_SEARCH_LIMIT = 8192 - 48
@@ -84,13 +102,14 @@ INFO_MMAP = 1 << 6
 INFO_BOOTLOADER_NAME = 1 << 9
 INFO_FLAGS = INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODULES | INFO_MMAP | INFO_BOOTLOADER_NAME
 
-BOOT_AREA_START = 0x9000
-BOOT_AREA_END = 0xA000
-MMAP_ADDR = 0x9000
+BOOT_AREA_START = 0x9000        # QEMU's place for the boot structures, when the kernel leaves it free
+BOOT_AREA_SIZE = 0x1000
+MMAP_OFFSET = 0x000
 MMAP_CAPACITY = 0x500
-INFO_ADDR = 0x9500
+INFO_OFFSET = 0x500
 INFO_SIZE = 88
-GDT_ADDR = 0x9800
+GDT_OFFSET = 0x800
+INFO_ADDR = BOOT_AREA_START + INFO_OFFSET
 BOOT_STACK_TOP = 0x7000
 BOOT_DEVICE = 0x8000FFFF        # QEMU's fixed value: first BIOS disk, no partition
 BOOTLOADER_NAME = b"emu-colo"
@@ -102,6 +121,7 @@ BOOT_GDT = struct.pack(
 SEL_CODE32 = 0x08
 
 LOW_RAM_END = 0x9FC00           # the EBDA starts here: int 0x12 under SeaBIOS reports 639 KiB
+VGA_AND_BIOS_START = 0xA0000    # VGA memory, option ROMs, BIOS shadow: up to 1 MiB, not RAM
 HIGH_RAM_START = 0x100000
 BIOS_AREA_START = 0xF0000
 E820_RAM = 1
@@ -273,7 +293,7 @@ def memory_map(ram_size):
     ]
 
 
-def _check_placement(piece, ram_size, path):
+def _check_fits(piece, ram_size, path):
     start, end = piece.address, piece.address + piece.size
     where = f"{path}: {piece.what} at {start:#x}-{end - 1:#x}"
     if end > 1 << 32:
@@ -281,12 +301,48 @@ def _check_placement(piece, ram_size, path):
     if end > ram_size:
         raise ConfigError(f"{where} ends beyond the {ram_size >> 20} MiB of RAM (end {ram_size:#x}); "
                           f"give more memory with -m")
-    if start < BOOT_AREA_END and end > BOOT_AREA_START:
-        raise ConfigError(f"{where} overlaps the multiboot boot area {BOOT_AREA_START:#x}-{BOOT_AREA_END - 1:#x} "
-                          f"(memory map, information structure, GDT)")
+
+
+def _check_outside_hole(piece, path):
+    """What the loader places itself (module list, modules, boot area) must be usable RAM."""
+    start, end = piece.address, piece.address + piece.size
     if start < HIGH_RAM_START and end > LOW_RAM_END:
-        raise ConfigError(f"{where} overlaps {LOW_RAM_END:#x}-{HIGH_RAM_START - 1:#x} "
-                          f"(EBDA, VGA and BIOS area), which is not usable RAM")
+        raise ConfigError(f"{path}: {piece.what} at {start:#x}-{end - 1:#x} overlaps "
+                          f"{LOW_RAM_END:#x}-{HIGH_RAM_START - 1:#x} (EBDA, VGA and BIOS area), "
+                          f"which is not usable RAM")
+
+
+def _without_vga_and_bios_area(pieces, entry, path, notes):
+    """The kernel's pieces with their bytes in 0xa0000-0xfffff left out, as QEMU's loader
+    ends up doing (its copies there hit VGA memory and the read-only BIOS shadow)."""
+    if VGA_AND_BIOS_START <= entry < HIGH_RAM_START:
+        raise ConfigError(f"{path}: entry point {entry:#x} lies in {VGA_AND_BIOS_START:#x}-"
+                          f"{HIGH_RAM_START - 1:#x} (VGA, option ROMs and BIOS), which is not RAM")
+    kept = []
+    for piece in pieces:
+        start, end = piece.address, piece.address + piece.size
+        if end <= VGA_AND_BIOS_START or start >= HIGH_RAM_START:
+            kept.append(piece)
+            continue
+        notes.append(f"{path}: {piece.what} at {start:#x}-{end - 1:#x} lies in {VGA_AND_BIOS_START:#x}-"
+                     f"{HIGH_RAM_START - 1:#x} (VGA, option ROMs and BIOS), which is not RAM: its bytes "
+                     f"there are not loaded, as under QEMU")
+        for low, high in ((start, min(end, VGA_AND_BIOS_START)), (max(start, HIGH_RAM_START), end)):
+            if low < high:
+                kept.append(_Piece(low, piece.data[low - start:high - start], high - low, piece.what))
+    return kept
+
+
+def _boot_area_address(placed, path, notes):
+    """QEMU's 0x9000, or the first page after everything else when an image is there."""
+    if not any(p.address < BOOT_AREA_START + BOOT_AREA_SIZE and p.address + p.size > BOOT_AREA_START
+               for p in placed):
+        return BOOT_AREA_START
+    address = _page_align(max(p.address + p.size for p in placed))
+    notes.append(f"{path}: the kernel occupies {BOOT_AREA_START:#x}-{BOOT_AREA_START + BOOT_AREA_SIZE - 1:#x}, "
+                 f"where QEMU puts the memory map and the multiboot information (and then loads the "
+                 f"kernel over them); they are at {address:#x} instead (EBX={address + INFO_OFFSET:#x})")
+    return address
 
 
 def load_multiboot(ram, path, cmdline="", modules=()):
@@ -330,20 +386,28 @@ def _load_multiboot_image(ram, path, image, header, cmdline, modules):
         module_images.append(_read_image(file_name, "multiboot module"))
 
     layout = _ModuleLayout(pieces, path, cmdline, modules, module_images)
-    placed = [*pieces, layout.info_piece, *layout.module_pieces]
-    for piece in placed:
-        _check_placement(piece, ram.size, path)
+    pieces = _without_vga_and_bios_area(pieces, entry, path, notes)
+    ours = [layout.info_piece, *layout.module_pieces]
+    for piece in [*pieces, *ours]:
+        _check_fits(piece, ram.size, path)
+    boot_area = _boot_area_address([*pieces, *ours], path, notes)
+    boot_piece = _Piece(boot_area, b"", BOOT_AREA_SIZE, "multiboot boot area (memory map, information structure, GDT)")
+    _check_fits(boot_piece, ram.size, path)
+    boot_piece.data = _boot_area(ram.size, boot_area, layout.cmdline_addr, layout.bootloader_addr,
+                                 layout.mods_addr, len(modules))
+    ours.append(boot_piece)
+    for piece in ours:
+        _check_outside_hole(piece, path)
     if entry >= ram.size:
         raise ConfigError(f"{path}: entry point {entry:#x} is outside the {ram.size >> 20} MiB of RAM")
 
-    for piece in placed:
+    for piece in [*pieces, *ours]:
         ram.write(piece.address, piece.data + bytes(piece.size - len(piece.data)))
-    _write_boot_area(ram, layout.cmdline_addr, layout.bootloader_addr, layout.mods_addr, len(modules))
 
     regs = {
-        "eax": MULTIBOOT_BOOT_MAGIC, "ebx": INFO_ADDR, "ecx": entry, "edx": 0,
+        "eax": MULTIBOOT_BOOT_MAGIC, "ebx": boot_area + INFO_OFFSET, "ecx": entry, "edx": 0,
         "esi": 0, "edi": 0, "ebp": 0, "esp": BOOT_STACK_TOP,
-        "gdt": GDT_ADDR, "gdt_limit": len(BOOT_GDT) - 1,
+        "gdt": boot_area + GDT_OFFSET, "gdt_limit": len(BOOT_GDT) - 1,
     }
     return EntryState("protected32", entry, regs, cs=SEL_CODE32, notes=notes)
 
@@ -397,22 +461,21 @@ class _ModuleLayout:
         self.info_piece = _Piece(self.mods_addr, bytes(block), len(block), "multiboot module list and strings")
 
 
-def _write_boot_area(ram, cmdline_addr, bootloader_addr, mods_addr, mods_count):
-    """Memory map, information structure and GDT at their fixed low addresses."""
-    entries = memory_map(ram.size)
+def _boot_area(ram_size, address, cmdline_addr, bootloader_addr, mods_addr, mods_count):
+    """The page holding the memory map, the information structure and the GDT."""
+    entries = memory_map(ram_size)
     mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in entries)
     assert len(mmap) <= MMAP_CAPACITY
     mem_upper = next(length for base, length, kind in entries if base == HIGH_RAM_START) >> 10
     info = bytearray(INFO_SIZE)
     struct.pack_into("<7I", info, 0, INFO_FLAGS, LOW_RAM_END >> 10, mem_upper, BOOT_DEVICE,
                      cmdline_addr, mods_count, mods_addr)
-    struct.pack_into("<2I", info, 44, len(mmap), MMAP_ADDR)
+    struct.pack_into("<2I", info, 44, len(mmap), address + MMAP_OFFSET)
     struct.pack_into("<I", info, 64, bootloader_addr)
-    area = bytearray(BOOT_AREA_END - BOOT_AREA_START)
-    for address, data in ((MMAP_ADDR, mmap), (INFO_ADDR, info), (GDT_ADDR, BOOT_GDT)):
-        offset = address - BOOT_AREA_START
+    area = bytearray(BOOT_AREA_SIZE)
+    for offset, data in ((MMAP_OFFSET, mmap), (INFO_OFFSET, info), (GDT_OFFSET, BOOT_GDT)):
         area[offset:offset + len(data)] = data
-    ram.write(BOOT_AREA_START, area)
+    return bytes(area)
 
 
 # ---------------------------------------------------------------------------- dispatch
@@ -432,10 +495,16 @@ def load_kernel(ram, path, cmdline="", modules=()):
     if is_linux_image(image):
         return load_linux(ram, path, image, cmdline, modules)
     header = find_multiboot_header(image, path)
-    if header is None:
-        raise ConfigError(f"{path}: not a multiboot kernel (no header with magic "
-                          f"{MULTIBOOT_HEADER_MAGIC:#x} in the first 8 KiB) and not a Linux bzImage")
-    return _load_multiboot_image(ram, path, image, header, cmdline, modules)
+    if header is not None:
+        return _load_multiboot_image(ram, path, image, header, cmdline, modules)
+    pvh_entry = find_pvh_entry(image, path)
+    if pvh_entry is not None:
+        return load_pvh(ram, path, image, pvh_entry, cmdline, modules)
+    multiboot2 = struct.pack("<I", MULTIBOOT2_HEADER_MAGIC) in image[:MULTIBOOT2_SEARCH_LIMIT]
+    raise ConfigError(f"{path}: not a multiboot kernel (no header with magic {MULTIBOOT_HEADER_MAGIC:#x} in "
+                      f"the first 8 KiB), not a Linux bzImage and not an ELF with a PVH entry note"
+                      + (" (it has a multiboot2 header, which QEMU's -kernel does not load either: "
+                         "add a multiboot v1 header or a PVH note, or boot it from GRUB)" if multiboot2 else ""))
 
 
 # Linux/x86 boot protocol (Documentation/arch/x86/boot.rst), 64-bit entry as QEMU's
@@ -729,6 +798,172 @@ def _linux_zero_page(image, header, load, initrd_addr, initrd_size, ram_size):
 
 
 # ---------------------------------------------------------------------------- raw binaries
+
+# PVH (Xen's x86/HVM direct boot ABI, docs/misc/pvh.pandoc), as QEMU's load_elfboot and its
+# option ROM pc-bios/optionrom/pvh_main.c do it: an ELF32 or ELF64 kernel whose PT_NOTE holds
+# XEN_ELFNOTE_PHYS32_ENTRY is loaded at its segments' physical addresses and entered there in
+# 32-bit protected mode, paging off, with EBX = the hvm_start_info structure.  QEMU keeps that
+# structure in its option ROM; here it goes to the page the multiboot loader uses:
+PVH_BOOT_PAGE = BOOT_AREA_START      # 0x9000: memory map, module list, start info, GDT
+PVH_MEMMAP_OFFSET = 0x000
+PVH_MODLIST_OFFSET = 0x400
+PVH_START_INFO_OFFSET = 0x500
+PVH_GDT_OFFSET = 0x800
+PVH_CMDLINE_ADDR = 0x20000           # QEMU's cmdline_addr for a kernel without a setup header
+PVH_INITRD_MAX = 0x37FFFFFF          # QEMU's initrd_max without a setup header
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+XEN_HVM_START_MAGIC = 0x336EC578
+HVM_START_INFO = struct.Struct("<IIIIQQQQII")   # magic version flags nr_modules modlist cmdline rsdp memmap entries
+HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")      # paddr size cmdline_paddr reserved
+HVM_MEMMAP_ENTRY = struct.Struct("<QQII")       # addr size type reserved
+ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+ELF64_PHDR = struct.Struct("<IIQQQQQQ")          # type flags offset vaddr paddr filesz memsz align
+PT_NOTE = 4
+
+
+def _elf_program_headers(image, path):
+    """[(p_type, offset, paddr, filesz, memsz)] of a little-endian x86 ELF32 or ELF64 image."""
+    elf_class = image[4] if len(image) > 4 else 0
+    header, phdr = {1: (ELF32_HEADER, ELF32_PHDR), 2: (ELF64_HEADER, ELF64_PHDR)}.get(elf_class, (None, None))
+    if header is None or len(image) < header.size or image[5] != 1:
+        raise ConfigError(f"{path}: malformed ELF: not a little-endian ELF32 or ELF64 file")
+    fields = header.unpack_from(image)
+    if fields[2] not in (3, 62):
+        raise ConfigError(f"{path}: not an x86 ELF (machine {fields[2]})")
+    phoff, phentsize, phnum = fields[5], fields[9], fields[10]
+    if phnum and phentsize < phdr.size:
+        raise ConfigError(f"{path}: malformed ELF: program header entries of {phentsize} bytes")
+    if phoff + phnum * phentsize > len(image):
+        raise ConfigError(f"{path}: malformed ELF: the program header table reaches past the end of the file")
+    headers = []
+    for index in range(phnum):
+        values = phdr.unpack_from(image, phoff + index * phentsize)
+        if elf_class == 1:
+            p_type, offset, _vaddr, paddr, filesz, memsz, _flags, _align = values
+        else:
+            p_type, _flags, offset, _vaddr, paddr, filesz, memsz, _align = values
+        if p_type in (PT_LOAD, PT_NOTE) and offset + filesz > len(image):
+            raise ConfigError(f"{path}: program header {index} reaches past the end of the file (truncated image?)")
+        headers.append((p_type, offset, paddr, filesz, memsz))
+    return elf_class, headers
+
+
+def find_pvh_entry(image, path="kernel"):
+    """The physical entry point of the PVH note (XEN_ELFNOTE_PHYS32_ENTRY), or None when the
+    image is not an ELF or has no such note (QEMU reads a 64-bit value from an ELF64's note)."""
+    if image[:4] != b"\x7fELF":
+        return None
+    elf_class, headers = _elf_program_headers(image, path)
+    for p_type, offset, _paddr, filesz, _memsz in headers:
+        if p_type != PT_NOTE:
+            continue
+        note, end = offset, offset + filesz
+        while note + 12 <= end:
+            namesz, descsz, n_type = struct.unpack_from("<III", image, note)
+            desc = note + 12 + (namesz + 3) // 4 * 4
+            if desc + descsz > end:
+                raise ConfigError(f"{path}: malformed ELF note at file offset {note:#x} (reaches past its segment)")
+            if image[note + 12:note + 12 + namesz].rstrip(b"\0") == b"Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
+                width = 8 if elf_class == 2 and descsz >= 8 else 4
+                if descsz < width:
+                    raise ConfigError(f"{path}: the PVH entry note has {descsz} bytes of address")
+                return int.from_bytes(image[desc:desc + width], "little")
+            note = desc + (descsz + 3) // 4 * 4
+    return None
+
+
+def _without_note_only_segments_beyond_ram(pieces, headers, ram_size, path, notes):
+    """``ld -Ttext=...`` without a script leaves the note section at the default base
+    (0x8048000 for i386) in a PT_LOAD of its own: beyond RAM it is not loaded (QEMU's copy
+    there lands nowhere either); any other segment beyond RAM is still refused."""
+    note_ranges = [(paddr, paddr + filesz) for p_type, _offset, paddr, filesz, _memsz in headers if p_type == PT_NOTE]
+    kept = []
+    for piece in pieces:
+        beyond = piece.address + piece.size > ram_size
+        if beyond and any(start <= piece.address and piece.address + piece.size <= end for start, end in note_ranges):
+            notes.append(f"{path}: {piece.what} at {piece.address:#x} holds only ELF notes and lies beyond RAM: "
+                         f"not loaded")
+            continue
+        kept.append(piece)
+    return kept
+
+
+def _pvh_boot_addresses(pieces, cmdline_size, ram_size, path, notes):
+    """The boot page (0x9000) and the command line (0x20000), or, where the kernel lies there
+    (QEMU keeps its structures in the option ROM, so such a kernel runs), the pages after it."""
+    end = _page_align(max(p.address + p.size for p in pieces))
+
+    def free(start, size):
+        return not any(p.address < start + size and p.address + p.size > start for p in pieces)
+
+    boot_page = PVH_BOOT_PAGE if free(PVH_BOOT_PAGE, BOOT_AREA_SIZE) else end
+    cmdline_addr = PVH_CMDLINE_ADDR if free(PVH_CMDLINE_ADDR, cmdline_size) else None
+    if cmdline_addr is None or PVH_CMDLINE_ADDR + cmdline_size > LOW_RAM_END:
+        cmdline_addr = max(end, boot_page + BOOT_AREA_SIZE)
+    if boot_page != PVH_BOOT_PAGE or cmdline_addr != PVH_CMDLINE_ADDR:
+        notes.append(f"{path}: the kernel lies where the PVH start info ({PVH_BOOT_PAGE:#x}) or the command line "
+                     f"({PVH_CMDLINE_ADDR:#x}) usually go: they are at {boot_page:#x} "
+                     f"(EBX={boot_page + PVH_START_INFO_OFFSET:#x}) and {cmdline_addr:#x}")
+    for start, size, what in ((boot_page, BOOT_AREA_SIZE, "PVH start info"),
+                              (cmdline_addr, cmdline_size, "command line")):
+        _check_fits(_Piece(start, b"", size, what), ram_size, path)
+        _check_outside_hole(_Piece(start, b"", size, what), path)
+    return boot_page, cmdline_addr
+
+
+def load_pvh(ram, path, image, entry, cmdline="", initrd=()):
+    """Load a PVH kernel: its PT_LOAD segments at their physical addresses, the command line,
+    one ``-initrd`` module at the top of low RAM, and the hvm_start_info (version 1, with the
+    memory map) that EBX points to."""
+    notes = []
+    _, headers = _elf_program_headers(image, path)
+    pieces = [_Piece(paddr, image[offset:offset + filesz], memsz, f"program header {index}")
+              for index, (p_type, offset, paddr, filesz, memsz) in enumerate(headers)
+              if p_type == PT_LOAD and memsz]
+    if not pieces:
+        raise ConfigError(f"{path}: ELF image has no loadable (PT_LOAD) segment")
+    for before, after in itertools.pairwise(sorted(pieces, key=lambda p: p.address)):
+        if before.address + before.size > after.address:
+            raise ConfigError(f"{path}: {before.what} ({before.address:#x}+{before.size:#x}) overlaps "
+                              f"{after.what} at {after.address:#x}")
+    pieces = _without_vga_and_bios_area(pieces, entry, path, notes)
+    pieces = _without_note_only_segments_beyond_ram(pieces, headers, ram.size, path, notes)
+    for piece in pieces:
+        _check_fits(piece, ram.size, path)
+    if entry >= ram.size:
+        raise ConfigError(f"{path}: PVH entry point {entry:#x} is outside the {ram.size >> 20} MiB of RAM")
+    cmd = cmdline.encode() + b"\0"
+    boot_page, cmdline_addr = _pvh_boot_addresses(pieces, len(cmd), ram.size, path, notes)
+    initrd_path, initrd_data = _read_initrd(initrd, path)
+    modlist = b""
+    if initrd_data is not None:
+        kernel_end = max(*(p.address + p.size for p in pieces), boot_page + BOOT_AREA_SIZE, cmdline_addr + len(cmd))
+        top = min(PVH_INITRD_MAX, ram.size - 1) + 1
+        initrd_addr = (top - len(initrd_data)) & ~(PAGE_SIZE - 1)
+        if initrd_addr < max(kernel_end, HIGH_RAM_START):
+            raise ConfigError(f"initrd {initrd_path}: {len(initrd_data)} bytes do not fit between the kernel "
+                              f"(ends at {kernel_end:#x}) and {top:#x}; give more memory with -m")
+        modlist = HVM_MODLIST_ENTRY.pack(initrd_addr, len(initrd_data), 0, 0)
+    entries = memory_map(ram.size)
+    memmap = b"".join(HVM_MEMMAP_ENTRY.pack(base, length, kind, 0) for base, length, kind in entries)
+    start_info = HVM_START_INFO.pack(
+        XEN_HVM_START_MAGIC, 1, 0, 1 if modlist else 0, boot_page + PVH_MODLIST_OFFSET if modlist else 0,
+        cmdline_addr, 0, boot_page + PVH_MEMMAP_OFFSET, len(entries), 0)
+    page = bytearray(BOOT_AREA_SIZE)
+    for offset, data in ((PVH_MEMMAP_OFFSET, memmap), (PVH_MODLIST_OFFSET, modlist),
+                         (PVH_START_INFO_OFFSET, start_info), (PVH_GDT_OFFSET, BOOT_GDT)):
+        page[offset:offset + len(data)] = data
+
+    for piece in pieces:
+        ram.write(piece.address, piece.data + bytes(piece.size - len(piece.data)))
+    if initrd_data is not None:
+        ram.write(initrd_addr, initrd_data)
+    ram.write(cmdline_addr, cmd)
+    ram.write(boot_page, page)
+    regs = {"ebx": boot_page + PVH_START_INFO_OFFSET, "eax": 0, "ecx": 0, "edx": 0, "esi": 0, "edi": 0,
+            "ebp": 0, "esp": BOOT_STACK_TOP, "gdt": boot_page + PVH_GDT_OFFSET, "gdt_limit": len(BOOT_GDT) - 1}
+    return EntryState("protected32", entry, regs, cs=SEL_CODE32, notes=notes)
+
 
 def load_flat(ram, path, address, entry=None):
     """A raw binary at ``address``, entered in 32-bit protected mode at ``entry`` (default

@@ -189,7 +189,7 @@ def _add_system_ports(machine, pic):
 def _add_fw_cfg(machine, kernel, append, user_files):
     """fw_cfg with the machine's RAM size and map, a Linux kernel's command line and the -fw_cfg files."""
     fw_cfg = FwCfg("fw_cfg@0x510", ram_size=machine.ram.size, dma_memory=machine.ram)
-    if kernel and _is_linux_kernel(kernel):
+    if kernel and _kernel_reads_fw_cfg_cmdline(kernel):
         fw_cfg.add_cmdline(append or "")  # as x86_load_linux; QEMU's multiboot path gives none
     # the RAM map firmware reads (QEMU's e820_add_entry: struct e820_entry {u64 address, length; u32 type})
     fw_cfg.add_file("etc/e820", struct.pack("<QQI", 0, machine.ram.size, 1))
@@ -221,12 +221,20 @@ def _add_bios(machine, bios):
     return bios_alias
 
 
-def _is_linux_kernel(path):
-    """Whether ``-kernel`` is a Linux bzImage; an unreadable file is left to the loader to report."""
+def _kernel_reads_fw_cfg_cmdline(path):
+    """Whether ``-kernel`` takes QEMU's x86_load_linux path that puts the command line in
+    fw_cfg: a Linux bzImage, or a PVH ELF without a multiboot header.  An unreadable or
+    malformed file is left to the loader to report."""
     try:
         with open(path, "rb") as f:
-            return loaders.is_linux_image(f.read(0x206))
-    except OSError:
+            head = f.read(0x206)
+            if loaders.is_linux_image(head):
+                return True
+            if not head.startswith(b"\x7fELF"):
+                return False
+            image = head + f.read()
+        return loaders.find_multiboot_header(image, path) is None and loaders.find_pvh_entry(image, path) is not None
+    except (OSError, ConfigError):
         return False
 
 

@@ -81,7 +81,7 @@ class Guest:
         if case.kind == "bios":
             options["bios"] = image
         else:
-            options.update(kernel=image, append=case.append)
+            options.update(kernel=image, append=case.append, initrd=str(ROOT / case.initrd) if case.initrd else None)
         options["fw_cfg_files"] = case.fw_cfg
         self.machine = pc.build(**options)
         self.front = next(d for d in self.machine.devices if isinstance(d, UartFastPath))

@@ -1,4 +1,4 @@
-"""IA32_APIC_BASE through RDMSR/WRMSR reaches the local APIC model (engine patch 0012).
+"""IA32_APIC_BASE through RDMSR/WRMSR reaches the local APIC model (engine patch 0014).
 
 firmware/apicipi.elf checks what QEMU and we agree on (the value read, a write of the same
 value); these are the SDM's rules where QEMU 7.2 is silent: a reserved bit is #GP(0), and a

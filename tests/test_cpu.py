@@ -666,3 +666,117 @@ def test_deterministic_machine_offers_no_host_entropy():
     assert not bare_machine(icount=True).cpu.cpuid(1, 0)[2] & rdrand
     assert not bare_machine(icount=True).cpu.cpuid(7, 0)[1] & rdseed
     assert bare_machine(icount=False).cpu.cpuid(1, 0)[2] & rdrand
+
+
+MISC_ENABLE = r"""
+start:
+    mov ecx, 0x1a0              # IA32_MISC_ENABLE
+    rdmsr
+    mov [0x200000], eax
+    mov [0x200004], edx
+    xor eax, eax                # fast strings off
+    xor edx, edx
+    wrmsr
+    mov al, 0
+    out 0xf4, al
+again:
+    mov ecx, 0x1a0
+    rdmsr
+    mov [0x200008], eax
+    mov al, 0
+    out 0xf4, al
+"""
+
+
+def test_misc_enable_has_fast_strings_on_after_reset_and_is_saved():
+    """IA32_MISC_ENABLE as QEMU's reset leaves it: bit 0, fast strings (Linux keeps REP_GOOD
+    and its rep-string copies only when it reads 1); what the guest writes survives a restore."""
+    code, sym = assemble(MISC_ENABLE, 0x100000)
+    m = bare_machine()
+    m.ram.write(0x100000, code)
+    m.cpu.enter(entry("protected32", 0x100000))
+    assert run(m)[0] == 1
+    assert struct.unpack("<II", m.ram.read(0x200000, 8)) == (1, 0)
+    saved = m.save_state()
+    fresh = bare_machine()
+    fresh.load_state(saved)
+    fresh.ram.write(0x100000, code)
+    fresh.cpu.set_reg("eip", sym["again"])
+    assert run(fresh)[0] == 1
+    assert struct.unpack("<I", fresh.ram.read(0x200008, 4))[0] == 0
+
+
+TSC_AUX_XCR0 = r"""
+.code64
+.equ results, 0x200000
+start:
+    mov ecx, 0xC0000103          # IA32_TSC_AUX
+    mov eax, 0x1234abcd
+    xor edx, edx
+    wrmsr
+    mov rax, cr4
+    or eax, 1 << 18              # CR4.OSXSAVE
+    mov cr4, rax
+    xor ecx, ecx
+    xor edx, edx
+    mov eax, 3                   # XCR0 = x87 | SSE
+    xsetbv
+    mov rax, cr4
+    or eax, 1 << 22              # CR4.PKE
+    mov cr4, rax
+    mov eax, 0x55555554          # PKRU: every key but 0 access-disabled (Linux's default)
+    xor ecx, ecx
+    xor edx, edx
+    wrpkru
+    mov ecx, 0x405               # MC1_STATUS
+    mov eax, 0x5a5a5a5a
+    mov edx, 0x80000000
+    wrmsr
+    mov al, 0
+    out 0xf4, al                 # the state is saved here
+    jmp after_restore            # ends the block: the next one runs only after the restore
+after_restore:
+    mov rcx, -1
+    rdtscp
+    mov [results], rcx
+    mov ecx, 0xC0000103
+    rdmsr
+    mov [results+8], eax
+    xor ecx, ecx
+    xgetbv
+    mov [results+16], eax
+    xor ecx, ecx
+    rdpkru
+    mov [results+24], eax
+    mov ecx, 0x405
+    rdmsr
+    mov [results+32], eax
+    mov [results+36], edx
+    mov al, 0
+    out 0xf4, al
+"""
+
+
+def test_tsc_aux_xcr0_pkru_and_mce_banks_survive_a_save_and_a_restore_into_a_fresh_machine():
+    """RDTSCP returns IA32_TSC_AUX as WRMSR left it; that MSR, XCR0, PKRU (no engine register
+    for either) and the machine-check banks travel in the state."""
+    m, _ = long_mode_machine(TSC_AUX_XCR0)
+    assert run(m)[0] == 1
+    stream = m.save_state(ram_pages="all")
+    fresh = bare_machine(icount=True)
+    fresh.load_state(stream)
+    assert run(fresh)[0] == 1
+    rcx, aux, xcr0, pkru, mc1_status = struct.unpack("<QI4xI4xI4xQ", fresh.ram.read(0x200000, 40))
+    assert (rcx, aux, xcr0, pkru, mc1_status) == (0x1234abcd, 0x1234abcd, 3, 0x55555554, 0x800000005a5a5a5a)
+
+
+def test_xcr0_is_x87_only_after_reset_and_cpuid_osxsave_follows_cr4():
+    """SDM: XCR0 = 1 after RESET; CPUID.1:ECX.OSXSAVE is CR4.OSXSAVE (QEMU's cpu_x86_cpuid)."""
+    m = bare_machine(icount=True)
+    assert m.cpu.context().u64("xcr0") == 1
+    cpu = m.cpu
+    assert not cpu.cpuid(1, 0)[2] & (1 << 27)
+    assert cpu._dynamic_cpuid(1, 0, 1 << 18, 1)[2] & (1 << 27)
+    assert cpu._dynamic_cpuid(0xD, 0, 1 << 18, 3)[1] == 576
+    eax, _, ecx, edx = cpu.cpuid(0xD, 0)
+    assert (edx << 32 | eax, ecx) == (0x203, 0xA88)  # x87, SSE, PKRU: no AVX state without AVX

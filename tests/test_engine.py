@@ -11,15 +11,19 @@ import struct
 
 import numpy as np
 import pytest
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
-from unicorn.x86_const import UC_X86_INS_CPUID, UC_X86_INS_OUT, UC_X86_INS_SYSCALL, UC_X86_REG_RAX
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, Uc
+from unicorn.x86_const import (UC_X86_INS_CPUID, UC_X86_INS_OUT, UC_X86_INS_SYSCALL, UC_X86_REG_MSR, UC_X86_REG_RAX,
+                               UC_X86_REG_RDX)
 from conftest import requires_patched_engine
 from guestasm import assemble, bare_machine, entry
+
+from emu.cpu.engine import new_engine
 from test_dirty_log import GDT64, gate64, long_mode_tables, run_phase
 
 pytestmark = requires_patched_engine
 
 RUN_NS = 1_000_000_000
+GP = 13
 
 
 def run_to_exit(machine):
@@ -251,3 +255,65 @@ def test_syscall_enters_the_kernel_inside_the_engine():
     assert rcx == sym["back"]
     assert r11 & 0x200 and not kernel_flags & 0x200  # IF was set before, SFMASK cleared it
     assert m.stats["slices"] - slices < 1000  # not a stop per system call
+
+
+
+def _fault_of(code, uc=None):
+    """The vector a bare 64-bit engine of our CPU model (no emulator around it) raises on
+    code, or None when the code runs through."""
+    uc = uc or new_engine(UC_MODE_64)
+    uc.mem_map(0, 0x1000)
+    uc.mem_write(0, code)
+    faults = []
+
+    def on_interrupt(uc, intno, user):
+        faults.append(intno)
+        uc.emu_stop()
+
+    uc.hook_add(UC_HOOK_INTR, on_interrupt)
+    uc.emu_start(0, len(code))
+    return faults[0] if faults else None
+
+
+def _set_cr4_bit(bit):
+    """mov rax, cr4; mov rcx, 1 << bit; or rax, rcx; mov cr4, rax"""
+    return bytes.fromhex("0f20e0" "48b9") + struct.pack("<Q", 1 << bit) + bytes.fromhex("4809c8" "0f22e0")
+
+
+@pytest.mark.parametrize("bit, vector", [(12, GP), (15, GP), (24, GP), (32, GP), (21, None), (22, None), (7, None)],
+                         ids=["la57-not-offered", "reserved15", "reserved24", "bit32", "smap", "pke", "pge"])
+def test_mov_to_cr4_raises_gp_for_bits_the_cpu_does_not_offer(bit, vector):
+    """Patch 0012: #GP(0) for a CR4 bit reserved by the SDM or of a feature not offered (LA57
+    on our Skylake-Server model), bits 63:32 included; offered bits (SMAP, PKE, PGE) load.
+    Before it the engine took LA57 and switched to 5-level paging on the spot."""
+    assert _fault_of(_set_cr4_bit(bit)) == vector
+
+
+def test_xsave_components_and_xsetbv_follow_the_features_tcg_keeps():
+    """Patch 0012: the default Haswell model listed AVX state in CPUID 0xD although TCG drops
+    AVX, and XSETBV enabled it; AVX state without SSE state is refused too."""
+    haswell = Uc(UC_ARCH_X86, UC_MODE_64)
+    haswell.mem_map(0, 0x1000)
+    haswell.mem_write(0, bytes.fromhex("b80d000000" "31c9" "0fa2"))  # mov eax, 0xd; xor ecx, ecx; cpuid
+    haswell.emu_start(0, 9)
+    assert haswell.reg_read(UC_X86_REG_RAX) == 3  # x87 | SSE: no AVX (bit 2)
+    assert _fault_of(_xsetbv(7), Uc(UC_ARCH_X86, UC_MODE_64)) == GP
+    assert _fault_of(_xsetbv(5)) == GP
+    assert _fault_of(_xsetbv(3)) is None
+
+
+def _xsetbv(mask):
+    """mov eax, mask; xor ecx, ecx; xor edx, edx; xsetbv"""
+    return b"\xb8" + struct.pack("<I", mask) + bytes.fromhex("31c9" "31d2" "0f01d1")
+
+
+def test_arch_capabilities_msr_reads_what_the_host_set():
+    """Patch 0013: RDMSR of IA32_ARCH_CAPABILITIES returns the value the host wrote with
+    uc_reg_write (TCG read 0); the guest's WRMSR does not change it."""
+    uc = new_engine(UC_MODE_64)
+    uc.reg_write(UC_X86_REG_MSR, (0x10A, 0x4000000000000021))
+    code = (bytes.fromhex("b90a010000" "31c0" "31d2" "0f30")      # mov ecx, 0x10a; eax = edx = 0; wrmsr
+            + bytes.fromhex("b90a010000" "0f32"))                 # mov ecx, 0x10a; rdmsr
+    assert _fault_of(code, uc) is None
+    assert (uc.reg_read(UC_X86_REG_RDX), uc.reg_read(UC_X86_REG_RAX)) == (0x40000000, 0x21)
+    assert uc.reg_read(UC_X86_REG_MSR, 0x10A) == 0x4000000000000021

@@ -226,6 +226,15 @@ def test_fw_cfg_has_no_command_line_for_a_multiboot_kernel():
         machine.close()
 
 
+def test_fw_cfg_has_the_command_line_of_a_pvh_kernel():
+    """A PVH ELF takes x86_load_linux's path too: the command line is in fw_cfg and in RAM."""
+    machine = pc.build(kernel=firmware("pvh.elf"), append="console=ttyS0", serial=["null"], icount_shift=0)
+    try:
+        assert _fw_cfg_command_line(machine) == (14, b"console=ttyS0\0")
+    finally:
+        machine.close()
+
+
 def test_newc_archive_round_trip():
     sys.path.insert(0, str(ROOT))
     from linux.build import CpioEntry, write_newc
@@ -288,12 +297,20 @@ def test_debian_kernel_boots_to_a_busybox_shell(debian_linux, tmp_path):
         console.send("uname -sm; echo MARK-$((6*7))")
         console.expect("MARK-42", 60)
         assert b"Linux x86_64" in console.text
-        console.send("grep -c ^processor /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo; date +%s; "
-                     "echo CPU-$((2*4))")
+        console.send("grep -c ^processor /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo; "
+                     "grep -m1 '^bugs' /proc/cpuinfo; date +%s; echo CPU-$((2*4))")
         text = console.expect("CPU-8", 60).decode("latin1")
         after = text[text.rindex("CPU-$((2*4))"):]  # the line editor may wrap the echo at "e|cho"
         lines = [line.strip() for line in after.splitlines()]
         assert "1" in lines and any(line.startswith("flags") and " fpu " in line for line in lines), after
+        # fast strings on in IA32_MISC_ENABLE, as after a reset: Linux keeps its rep movsq/stosq
+        # copies; no ERMS hint, which would make it use rep movsb/stosb (byte steps when translated)
+        flags = next(line for line in lines if line.startswith("flags")) + " "
+        assert " rep_good " in flags and " erms " not in flags, after
+        # IA32_ARCH_CAPABILITIES says what a CPU that does not speculate is not affected by:
+        # no page table isolation, no buffer clearing on every return to user mode
+        bugs = next(line for line in lines if line.startswith("bugs")) + " "
+        assert " arch_capabilities " in flags and " cpu_meltdown " not in bugs and " mds " not in bugs, after
         seconds = [int(line) for line in lines if line.isdigit() and len(line) >= 9]
         assert seconds and RTC_BASE <= seconds[0] <= RTC_BASE + 600, after  # the kernel read the RTC at boot
         console.send("echo kept > /tmp/f; cat /tmp/f /proc/interrupts; echo DONE-$((2*3))")
@@ -360,3 +377,23 @@ def test_debian_kernel_boots_with_the_local_apic(debian_linux):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_debian_vmlinux_boots_through_its_pvh_note(debian_linux, tmp_path):
+    """The kernel proper of the same bzImage (an ELF64 with XEN_ELFNOTE_PHYS32_ENTRY), given to
+    -kernel as QEMU users give a vmlinux: it starts at its 32-bit PVH entry and reaches the shell."""
+    kernel, initrd = debian_linux
+    image = open(kernel, "rb").read()
+    header = loaders.parse_linux_header(image)
+    protected = image[(header.setup_sects + 1) * 512:]
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(loaders._decompress_payload(
+        protected[header.payload_offset:header.payload_offset + header.payload_length]))
+    assert loaders.find_pvh_entry(vmlinux.read_bytes()) is not None
+    guest = LinuxGuest(str(vmlinux), initrd)
+    try:
+        guest.boot()
+        assert "6.1.0" in guest.run("uname -r")   # no setup header, no multiboot header: PVH it was
+        assert guest.poweroff() == 0
+    finally:
+        guest.close()

@@ -335,10 +335,11 @@ def test_aout_without_load_end_loads_the_rest_of_the_file(tmp_path):
     (dict(bss_end=0x100020), "bss_end_addr 0x100020 is below the end of the loaded image 0x100040"),
     (dict(load_addr=0xFFFFF000, header_addr=0xFFFFF010, load_end=0, bss_end=0x0),
      "does not fit in the 32-bit address space"),
-    (dict(load_addr=0x8000, header_addr=0x8010, load_end=0x8040, bss_end=0x9800),
-     "overlaps the multiboot boot area 0x9000-0x9fff"),
-    (dict(load_addr=0xA0000, header_addr=0xA0010, load_end=0xA0040, bss_end=0),
-     "overlaps 0x9fc00-0xfffff (EBDA, VGA and BIOS area)"),
+    (dict(load_addr=0xA0000, header_addr=0xA0010, load_end=0xA0040, bss_end=0, entry=0xA0030),
+     "entry point 0xa0030 lies in 0xa0000-0xfffff (VGA, option ROMs and BIOS), which is not RAM"),
+    # the module list follows the image, page-aligned: at 0x9f000 it would reach the EBDA
+    (dict(load_addr=0x8000, header_addr=0x8010, load_end=0x8040, bss_end=0x9E800, entry=0x8030),
+     "multiboot module list and strings at 0x9f000-0x9ffff overlaps 0x9fc00-0xfffff (EBDA, VGA and BIOS area)"),
     (dict(bss_end=0x1001000), "a.out kludge image at 0x100000-0x1000fff ends beyond the 16 MiB of RAM"),
     (dict(entry=0x2000000), "entry point 0x2000000 is outside the 16 MiB of RAM"),
     (dict(flags=0x10008), "unknown required bits 0x8"),
@@ -466,9 +467,44 @@ def test_elf_segment_outside_ram(tmp_path):
     expect_error("program header 0 at 0x2000000-", str(path))
 
 
-def test_elf_segment_over_the_boot_area(tmp_path):
-    path = build_elf(tmp_path, KERNEL.replace("{flags}", "0"), LINKER_SCRIPT.replace("0x100000", "0x9400"))
-    expect_error("overlaps the multiboot boot area", str(path))
+def test_a_kernel_over_the_boot_area_keeps_its_bytes_and_the_boot_area_moves(tmp_path):
+    """QEMU writes the kernel over its boot structures at 0x9000 (EBX then points at kernel
+    bytes); we keep the kernel intact and put the structures after it, with a note."""
+    path = build_elf(tmp_path, KERNEL.replace("{flags}", "0"), LINKER_SCRIPT.replace("0x100000", "0x8000"))
+    ram = GuestRam(16 * MIB)
+    entry = loaders.load_multiboot(ram, str(path), cmdline="x=1")
+    sym = symbols(path)
+    assert ram.read(sym["marker"], 12) == b"DATA-SEGMENT"            # the page at 0x9000 is the kernel's
+    end = sym["bss_start"] + 0x2345
+    info = parse_info(ram, entry.regs["ebx"])
+    boot_area = entry.regs["ebx"] - loaders.INFO_OFFSET
+    assert boot_area % 0x1000 == 0 and boot_area >= end
+    assert read_cstring(ram, info["cmdline"]) == f"{path} x=1".encode()
+    assert info["mmap_addr"] == boot_area and info["mem_lower"] == 639
+    assert parse_mmap(ram, info["mmap_addr"], info["mmap_length"])[0] == (0, 0x9FC00, 1)
+    descriptors = struct.unpack("<5Q", ram.read(entry.regs["gdt"], entry.regs["gdt_limit"] + 1))
+    assert entry.regs["gdt"] == boot_area + 0x800 and descriptors[1] == 0x00CF9A000000FFFF
+    assert any(f"EBX={entry.regs['ebx']:#x}" in note for note in entry.notes)
+
+
+def test_a_header_only_segment_in_the_bios_area_is_left_out(tmp_path):
+    """Plain `ld -m elf_i386 -Ttext=0x100000` (binutils >= 2.31, separate code) puts the ELF
+    and program headers in a read-only PT_LOAD at 0xff000: QEMU's copy there hits the BIOS
+    shadow, and the kernel runs.  So does ours, with a note."""
+    src, obj, out = tmp_path / "k.S", tmp_path / "k.o", tmp_path / "k.elf"
+    src.write_text(KERNEL.replace("{flags}", "0").replace('.section .multiboot, "a"', ".text"))
+    subprocess.run(["as", "--32", "-o", obj, src], check=True, capture_output=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0x100000", "-o", out, obj], check=True, capture_output=True)
+    segments = loaders._elf32_load_segments(str(out), out.read_bytes())[1]
+    if not any(p.address < 0x100000 for p in segments):
+        pytest.skip("this ld does not put the headers in a segment of their own")
+    ram = GuestRam(16 * MIB)
+    ram.write(0xF0000, b"\xEE" * 0x10000)
+    entry = loaders.load_multiboot(ram, str(out))
+    assert ram.read(0xF0000, 0x10000) == b"\xEE" * 0x10000          # nothing written below 1 MiB
+    assert ram.read(entry.ip, 5) == b"\xb8\x34\x12\x00\x00"
+    assert entry.regs["ebx"] == 0x9500
+    assert any("not loaded, as under QEMU" in note and "0xff000" in note for note in entry.notes)
 
 
 def test_a_truncated_linux_bzimage_is_dispatched_to_the_linux_loader(tmp_path):
@@ -549,3 +585,90 @@ def test_bios_entry_is_the_reset_vector():
     entry = loaders.bios_entry()
     assert (entry.mode, entry.cs, entry.ip, entry.cs_base) == ("real", 0xF000, 0xFFF0, 0xFFFF0000)
     assert entry.cs_base + entry.ip == 0xFFFFFFF0
+
+
+# ----------------------------------------------------------------------------- PVH
+
+PVH_KERNEL = """
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4, {descsz}, 18
+    .asciz "Xen"
+    {width} pvh_start
+    .text
+    .code32
+    .globl pvh_start
+    nop
+pvh_start:
+    hlt
+"""
+
+PVH_SCRIPT = """
+ENTRY(pvh_start)
+PHDRS { text PT_LOAD FLAGS(5); note PT_NOTE FLAGS(4); }
+SECTIONS { . = {base}; .text : { *(.text) } :text .note.Xen : { *(.note.Xen) } :text :note }
+"""
+
+
+def pvh_elf(tmp_path, bits=32, base=0x100000, descsz=None):
+    width = ".long" if bits == 32 else ".quad"
+    source = PVH_KERNEL.format(descsz=descsz or bits // 8, width=width)
+    return build_elf(tmp_path, source, PVH_SCRIPT.replace("{base}", hex(base)), bits=bits, name=f"pvh{bits}.elf")
+
+
+def parse_start_info(ram, address):
+    names = ("magic", "version", "flags", "nr_modules", "modlist", "cmdline", "rsdp", "memmap", "memmap_entries")
+    return dict(zip(names, struct.unpack("<IIIIQQQQI", ram.read(address, 52)), strict=True))
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_a_pvh_elf_is_entered_at_its_note_with_the_start_info(tmp_path, bits):
+    path = pvh_elf(tmp_path, bits)
+    module = tmp_path / "module.bin"
+    module.write_bytes(b"M" * 5000)
+    ram = GuestRam(16 * MIB)
+    entry = loaders.load_kernel(ram, str(path), "console=ttyS0", [str(module)])
+    assert (entry.mode, entry.ip, entry.cs) == ("protected32", symbols(path)["pvh_start"], 0x08)
+    info = parse_start_info(ram, entry.regs["ebx"])
+    assert (info["magic"], info["version"], info["flags"], info["rsdp"]) == (0x336EC578, 1, 0, 0)
+    assert read_cstring(ram, info["cmdline"]) == b"console=ttyS0"         # no path prefix, as QEMU
+    memmap = [struct.unpack("<QQII", ram.read(info["memmap"] + 24 * i, 24))[:3] for i in range(info["memmap_entries"])]
+    assert memmap[0] == (0, 0x9FC00, 1) and memmap[-1] == (0x100000, 15 * MIB, 1)
+    assert info["nr_modules"] == 1
+    paddr, size = struct.unpack("<QQ", ram.read(info["modlist"], 16))
+    assert size == 5000 and paddr % 4096 == 0 and paddr + size <= 16 * MIB < paddr + size + 4096
+    assert ram.read(paddr, size) == b"M" * 5000
+    descriptors = struct.unpack("<5Q", ram.read(entry.regs["gdt"], entry.regs["gdt_limit"] + 1))
+    assert descriptors[1] == 0x00CF9A000000FFFF and descriptors[2] == 0x00CF92000000FFFF
+
+
+def test_a_pvh_kernel_over_the_boot_page_moves_the_start_info(tmp_path):
+    path = pvh_elf(tmp_path, base=0x9000)
+    ram = GuestRam(16 * MIB)
+    entry = loaders.load_kernel(ram, str(path), "x=1")
+    assert ram.read(entry.ip, 1) == b"\xf4"                                  # the kernel's hlt is intact
+    assert entry.regs["ebx"] == 0xA500 and parse_start_info(ram, 0xA500)["magic"] == 0x336EC578
+    assert read_cstring(ram, parse_start_info(ram, 0xA500)["cmdline"]) == b"x=1"
+    assert any("EBX=0xa500" in note for note in entry.notes)
+
+
+def test_pvh_errors_name_what_collides(tmp_path):
+    big = tmp_path / "big.img"
+    big.write_bytes(bytes(15 * MIB))
+    with pytest.raises(ConfigError, match=r"initrd .*big.img: 15728640 bytes do not fit between the kernel"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(pvh_elf(tmp_path)), "", [str(big)])
+    with pytest.raises(ConfigError, match="takes one -initrd file, got 2"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(pvh_elf(tmp_path)), "", [str(big), str(big)])
+    with pytest.raises(ConfigError, match="the PVH entry note has 2 bytes of address"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(pvh_elf(tmp_path, descsz=2)))
+
+
+def test_an_elf_without_multiboot_header_or_pvh_note_is_refused_and_multiboot2_is_named(tmp_path):
+    plain = build_elf(tmp_path, ".text\n.globl _start\n_start: hlt\n",
+                      "ENTRY(_start)\nSECTIONS { . = 0x100000; .text : { *(.text) } }")
+    with pytest.raises(ConfigError, match=r"not a Linux bzImage and not an ELF with a PVH entry note$"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(plain))
+    mb2 = tmp_path / "mb2.bin"
+    mb2.write_bytes(bytes(64) + struct.pack("<4I", 0xE85250D6, 0, 16, (-(0xE85250D6 + 16)) & 0xFFFFFFFF) + bytes(64))
+    with pytest.raises(ConfigError, match="it has a multiboot2 header, which QEMU's -kernel does not load either"):
+        loaders.load_kernel(GuestRam(16 * MIB), str(mb2))

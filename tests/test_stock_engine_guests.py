@@ -24,7 +24,7 @@ def _stock_library_dir():
 
 def _stock_expectation(case):
     """What case prints on the stock engine: apicipi's IA32_APIC_BASE checks fail there (its
-    RDMSR reads 0 and no hook sees WRMSR: engine patch 0012), the rest is the same."""
+    RDMSR reads 0 and no hook sees WRMSR: engine patch 0014), the rest is the same."""
     if case.name != "apicipi":
         return case
     msr = ["msr.reads_base_enable_bsp", "msr.write_back_keeps"]  # msr.reads_high_zero: 0 either way

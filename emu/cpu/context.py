@@ -11,9 +11,11 @@ different Unicorn build fails loudly here instead of corrupting guests.
 import ctypes
 import struct
 
-from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
-from unicorn.x86_const import (UC_X86_REG_CR3, UC_X86_REG_DR0, UC_X86_REG_DR1, UC_X86_REG_GDTR,
+from unicorn import UC_MODE_64
+from unicorn.x86_const import (UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_DR0, UC_X86_REG_DR1, UC_X86_REG_GDTR,
                                UC_X86_REG_RAX, UC_X86_REG_RIP)
+
+from emu.cpu.engine import new_engine
 
 HEADER = 40
 OFFSETS = {
@@ -50,7 +52,7 @@ EFLAGS_VM = 1 << 17
 
 def _find_late_offsets():
     """Locate the exception bookkeeping fields relative to the debug registers."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = new_engine(UC_MODE_64)
     uc.reg_write(UC_X86_REG_RAX, 0x1111222233334444)
     uc.reg_write(UC_X86_REG_RIP, 0x5555666677778888)
     uc.reg_write(UC_X86_REG_GDTR, (0, 0xABCDEF012345, 0x77, 0))
@@ -76,7 +78,30 @@ def _find_late_offsets():
                    old_exception=dr + 64 + 32)
 
 
+def _find_written_field(name, code, fmt, new):
+    """Locate a field that has no register id in Unicorn's API as the one place of the
+    context, past the general registers, that ``code`` (run in a fresh 64-bit engine with
+    CR4.PKE set) changes to ``new``."""
+    uc = new_engine(UC_MODE_64)  # Unicorn starts it with CR4.OSXSAVE set
+    uc.reg_write(UC_X86_REG_CR4, uc.reg_read(UC_X86_REG_CR4) | 1 << 22)
+    uc.mem_map(0, 0x1000)
+    uc.mem_write(0, code)
+    before = bytes(uc.context_save())
+    uc.emu_start(0, len(code))
+    after = bytes(uc.context_save())
+    size = struct.calcsize(fmt)
+    found = [off for off in range(OFFSETS["eflags"], len(before) - size + 1, size)
+             if struct.unpack_from(fmt, before, off)[0] != new and struct.unpack_from(fmt, after, off)[0] == new]
+    if len(found) != 1:
+        raise ImportError(f"cpu context: {name} not found in the context (candidates {found})")
+    OFFSETS[name] = found[0]
+
+
 _find_late_offsets()
+# mov eax, 1; xor ecx, ecx; xor edx, edx; xsetbv
+_find_written_field("xcr0", bytes.fromhex("b801000000" "31c9" "31d2" "0f01d1"), "<Q", 1)
+# mov eax, 0x12345674; xor ecx, ecx; xor edx, edx; wrpkru
+_find_written_field("pkru", bytes.fromhex("b874563412" "31c9" "31d2" "0f01ef"), "<I", 0x12345674)
 
 
 class ContextView:

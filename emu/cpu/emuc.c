@@ -17,6 +17,8 @@
 #define UC_X86_REG_RAX 35
 #define UC_X86_REG_RCX 38
 #define UC_X86_REG_RDX 40
+#define UC_X86_REG_MSR 248
+#define MSR_TSC_AUX 0xc0000103u
 
 uint64_t host_monotonic_ns(void) {
     struct timespec ts;
@@ -179,11 +181,16 @@ int on_rdtsc(void *uc, void *user) {
     return 1;  /* skip the host's rdtsc */
 }
 
+/* RDTSCP: the TSC, and ECX = IA32_TSC_AUX as the guest wrote it (the engine keeps the MSR;
+   the whole RCX is written: bits 63:32 are cleared in 64-bit mode) */
 int on_rdtscp(void *uc, void *user) {
     emu_state *s = (emu_state *)user;
-    uint64_t zero = 0;
+    struct { uint32_t rid; uint64_t value; } aux = { MSR_TSC_AUX, 0 };
+    uint64_t rcx;
     on_rdtsc(uc, user);
-    s->reg_write(uc, UC_X86_REG_RCX, &zero);  /* TSC_AUX of CPU 0 */
+    s->reg_read(uc, UC_X86_REG_MSR, &aux);
+    rcx = aux.value & 0xffffffffu;
+    s->reg_write(uc, UC_X86_REG_RCX, &rcx);
     return 1;
 }
 

@@ -12,8 +12,15 @@ hooks, which is correct but several times slower, and says so once.
 import ctypes
 import sys
 
-from unicorn import UC_ERR_OK, Uc
+from unicorn import UC_ARCH_X86, UC_ERR_OK, Uc
 from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.x86_const import UC_CPU_X86_SKYLAKE_SERVER
+
+#: The engine's CPU model.  Skylake-Server is the newest model whose features TCG (the
+#: engine's QEMU 5) implements once the ones it lacks are dropped (AVX, AVX-512, TSX...):
+#: SMAP and PKU among them, which the default Haswell model lacks.  Icelake-Server would
+#: add 5-level paging, which our own page walker (delivery, X86Cpu.translate) lacks.
+CPU_MODEL = UC_CPU_X86_SKYLAKE_SERVER
 
 # uc_control_type values of engine/unicorn/00*.patch (far from upstream's numbers)
 UC_CTL_DIRTY_LOG = 0x4000
@@ -27,6 +34,14 @@ UC_CTL_X86_NATIVE_SYSCALL = 0x4007
 _IO_WRITE, _IO_READ = 1, 2
 
 _warned = False
+
+
+def new_engine(mode):
+    """A Unicorn x86 engine of our CPU model.  Every engine whose state or answers we use
+    (the CPU, the reset context, the CPUID and context-layout probes) must be one."""
+    uc = Uc(UC_ARCH_X86, mode)
+    uc.ctl_set_cpu_model(CPU_MODEL)
+    return uc
 
 
 def _control(kind, nargs, rw):

@@ -3,14 +3,15 @@
 Everything is saved by name and value, not as Unicorn's opaque context: the general,
 segment (with their hidden caches), control, debug, x87/SSE registers, the MSRs a guest
 can program (including the MTRRs Unicorn's context omits), the internal ``hflags`` (CPL,
-interrupt shadow, ...), and what only the emulator knows: halted, the TSC offset and the
+interrupt shadow, ...), in subsections XCR0, PKRU and the machine-check MSRs (older
+streams lack them), and what only the emulator knows: halted, the TSC offset and the
 deterministic work counter.
 """
 
 from unicorn import x86_const as X
 
 from emu.errors import StateError
-from emu.state.vmstate import I64, U32, U64, Array, Bool, VMStateDescription
+from emu.state.vmstate import I64, U32, U64, Array, Bool, Subsection, VMStateDescription
 
 GENERAL = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
            "r14", "r15", "rip", "rflags"]
@@ -24,7 +25,16 @@ MSRS = {
     "mtrr_def_type": 0x2FF, "mtrr_fix64k_00000": 0x250, "mtrr_fix16k_80000": 0x258, "mtrr_fix16k_a0000": 0x259,
     **{f"mtrr_fix4k_{0xC0000 + 0x8000 * i:05x}": 0x268 + i for i in range(8)},
     **{f"mtrr_phys{'base' if i % 2 == 0 else 'mask'}{i // 2}": 0x200 + i for i in range(16)},
+    "misc_enable": 0x1A0,
 }
+#: The version_id that added an MSR to the stream (others: 1); an older stream keeps the reset value.
+MSR_SINCE = {"misc_enable": 2}
+XCR0_RESET = 1  # x87 state only (SDM vol. 1, 13.3)
+XCR0_X87_SSE = 3
+#: MSRs in a subsection (streams from before they were saved lack them): the machine-check
+#: MSRs, MCG_STATUS, MCG_CTL and the 10 banks MCG_CAP reports (MCi_CTL/STATUS/ADDR/MISC)
+MCE_MSRS = {"mcg_status": 0x17A, "mcg_ctl": 0x17B,
+            **{f"mc{i // 4}_{('ctl', 'status', 'addr', 'misc')[i % 4]}": 0x400 + i for i in range(40)}}
 X87 = [f"fp{i}" for i in range(8)]  # the physical x87 registers (mantissa, exponent)
 XMM = [f"xmm{i}" for i in range(16)]
 
@@ -36,7 +46,8 @@ def _reg_id(name):
 _PLAIN = GENERAL + CONTROL + DEBUG
 _PLAIN_IDS = [_reg_id(name) for name in _PLAIN]
 _XMM_IDS = [_reg_id(name) for name in XMM]
-_MSR_INDEX = list(MSRS.values())
+_SAVED_MSRS = {**MSRS, **MCE_MSRS}
+_MSR_INDEX = list(_SAVED_MSRS.values())
 
 
 class CpuState:
@@ -47,8 +58,14 @@ class CpuState:
     :meth:`write_to_cpu` puts them into the CPU.
     """
 
+    msr_misc_enable = 1     # the reset value (fast strings on), for streams from before version 2
+
     def __init__(self, cpu):
         self.cpu = cpu
+        # a stream without cpu/xsave is from a build that did not save XCR0 and restored
+        # Unicorn's x87 | SSE: the value an OS sets on a CPU without AVX, so keep it
+        self.xcr0 = XCR0_X87_SSE
+        self.pkru = 0  # idem, cpu/pkru
 
     @classmethod
     def capture(cls, cpu):
@@ -72,11 +89,13 @@ class CpuState:
             setattr(self, f"{table}_limit", limit)
         self.hflags = ctx.hflags
         self.hflags2 = ctx.u32("hflags2")
+        self.xcr0 = ctx.u64("xcr0")
+        self.pkru = ctx.u32("pkru")
         cpu = self.cpu
-        values = cpu.ffi.new("uint64_t[]", len(MSRS))
-        if cpu.clib.read_msrs(cpu.cstate, cpu._uc_handle, X.UC_X86_REG_MSR, _MSR_INDEX, values, len(MSRS)):
+        values = cpu.ffi.new("uint64_t[]", len(_SAVED_MSRS))
+        if cpu.clib.read_msrs(cpu.cstate, cpu._uc_handle, X.UC_X86_REG_MSR, _MSR_INDEX, values, len(_SAVED_MSRS)):
             raise StateError("cpu: the engine refused to read an MSR")
-        for name, value in zip(MSRS, values, strict=True):
+        for name, value in zip(_SAVED_MSRS, values, strict=True):
             setattr(self, f"msr_{name}", value)
         self.fpcw = uc.reg_read(X.UC_X86_REG_FPCW)
         self.fpsw = uc.reg_read(X.UC_X86_REG_FPSW)
@@ -104,8 +123,8 @@ class CpuState:
         uc.reg_write(X.UC_X86_REG_CR0, self.cr0)
         for name in ("cr2", "cr8") + tuple(DEBUG):
             uc.reg_write(_reg_id(name), getattr(self, name))
-        for name, index in MSRS.items():
-            if name != "efer":
+        for name, index in _SAVED_MSRS.items():
+            if name != "efer" and hasattr(self, f"msr_{name}"):  # a subsection's: absent from older streams
                 uc.reg_write(X.UC_X86_REG_MSR, (index, getattr(self, f"msr_{name}")))
         for table in ("gdtr", "idtr"):
             uc.reg_write(_reg_id(table), (0, getattr(self, f"{table}_base"), getattr(self, f"{table}_limit"), 0))
@@ -126,6 +145,8 @@ class CpuState:
             ctx.load_system_segment(seg, *getattr(self, f"seg_{seg}"))
         ctx.set_u32("hflags", self.hflags)  # exact: CPL, interrupt shadow, modes
         ctx.set_u32("hflags2", self.hflags2)
+        ctx.set_u64("xcr0", self.xcr0)
+        ctx.set_u32("pkru", self.pkru)
         ctx.set_i32("old_exception", -1)
         ctx.restore()
         uc.reg_write(X.UC_X86_REG_RIP, self.rip)
@@ -145,6 +166,9 @@ def _check(state, version_id):
         raise StateError(f"cpu: field cr0: {state.cr0:#x} enables paging without protection")
     if state.msr_efer & (1 << 10) and not state.cr0 & 0x80000000:
         raise StateError(f"cpu: field msr_efer: long mode active ({state.msr_efer:#x}) without paging")
+    _check_xcr0(state)
+    if state.pkru and not state.cpu.cpuid(7, 0)[2] & (1 << 3):
+        raise StateError(f"cpu: field pkru: {state.pkru:#x} on a CPU without protection keys")
     for seg in SEGMENTS + ["ldt", "tr"]:
         # the engine's segment cache holds a 16-bit selector and 32-bit limit and flags
         selector, _base, limit, flags = getattr(state, f"seg_{seg}")
@@ -154,17 +178,37 @@ def _check(state, version_id):
             raise StateError(f"cpu: field seg_{seg}: limit {limit:#x} or flags {flags:#x} wider than 32 bits")
 
 
+def _check_xcr0(state):
+    """XCR0 as XSETBV would have accepted it on this CPU (SDM vol. 1, 13.3)."""
+    eax, _, _, edx = state.cpu.cpuid(0xD, 0)
+    supported = (edx << 32) | eax
+    xcr0 = state.xcr0
+    if not xcr0 & 1 or xcr0 & ~(supported | XCR0_RESET) or (xcr0 & 6) == 4:
+        raise StateError(f"cpu: field xcr0: {xcr0:#x} is not a valid XCR0 for this CPU "
+                         f"(x87 required, AVX needs SSE, supported components {supported:#x})")
+
+
 def _fields():
     fields = [U64(name) for name in GENERAL + CONTROL + DEBUG]
     for seg in SEGMENTS + ["ldt", "tr"]:
         fields.append(Array(f"seg_{seg}", U64, 4))
     fields += [U64("gdtr_base"), U32("gdtr_limit"), U64("idtr_base"), U32("idtr_limit"),
                U32("hflags"), U32("hflags2")]
-    fields += [U64(f"msr_{name}") for name in MSRS]
+    fields += [U64(f"msr_{name}", since=MSR_SINCE.get(name, 1)) for name in MSRS]
     fields += [U32("fpcw"), U32("fpsw"), U32("fptag"), U32("mxcsr"),
                Array("x87", U64, 16), Array("xmm", U64, 32), Bool("halted"), I64("tsc_offset"),
                U64("work_counter")]
     return fields
 
 
-VMSTATE = VMStateDescription("cpu", version_id=1, minimum_version_id=1, fields=_fields(), post_load=_check)
+VMSTATE_XSAVE = VMStateDescription("cpu/xsave", version_id=1, minimum_version_id=1, fields=[U64("xcr0")])
+VMSTATE_PKRU = VMStateDescription("cpu/pkru", version_id=1, minimum_version_id=1, fields=[U32("pkru")])
+VMSTATE_MCE = VMStateDescription("cpu/mce", version_id=1, minimum_version_id=1,
+                                 fields=[U64(f"msr_{name}") for name in MCE_MSRS])
+_SUBSECTIONS = [
+    Subsection(VMSTATE_XSAVE, needed=lambda state: True),
+    Subsection(VMSTATE_PKRU, needed=lambda state: state.pkru != 0),
+    Subsection(VMSTATE_MCE, needed=lambda state: True),  # as QEMU's: whenever there are MCA banks (always)
+]
+VMSTATE = VMStateDescription("cpu", version_id=2, minimum_version_id=1, fields=_fields(), subsections=_SUBSECTIONS,
+                             post_load=_check)

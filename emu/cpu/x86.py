@@ -22,17 +22,16 @@ import os
 import struct
 import weakref
 
-from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
+from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
                      UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
                      UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE, UC_HOOK_MEM_WRITE_PROT, UC_MEM_FETCH_UNMAPPED,
-                     UC_MEM_WRITE_UNMAPPED, UC_MODE_16, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc,
-                     UcError)
+                     UC_MEM_WRITE_UNMAPPED, UC_MODE_16, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UcError)
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import uclib
 
 from emu.cpu import context as xc
-from emu.cpu.engine import EngineControls, warn_if_stock
+from emu.cpu.engine import EngineControls, new_engine, warn_if_stock
 from emu.errors import GuestError, UnsupportedError
 
 NEVER = 0xFFFF_FFFF_FFFF_FFFF
@@ -49,9 +48,20 @@ EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6
 DR6_BS = 1 << 14  # single-step trap
 EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM, EFLAGS_AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
-CR4_PSE, CR4_PAE = 1 << 4, 1 << 5
+CR4_PSE, CR4_PAE, CR4_OSXSAVE, CR4_PKE = 1 << 4, 1 << 5, 1 << 18, 1 << 22
+XCR0_X87, XCR0_SSE = 1, 2
 EFER_SCE, EFER_LME, EFER_LMA = 1, 1 << 8, 1 << 10
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
+MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING = 0x1A0, 1 << 0
+CPUID_7_EBX_ERMS = 1 << 9
+CPUID_7_EDX_ARCH_CAPABILITIES = 1 << 29
+MSR_IA32_ARCH_CAPABILITIES = 0x10A
+#: IA32_ARCH_CAPABILITIES: not affected by Meltdown (RDCL_NO), speculative store bypass,
+#: MDS, the page-size-change machine check, TAA, the MMIO stale-data variants (SBDR_SSDP,
+#: FBSDP, PSDP), branch history injection, post-barrier RSB predictions, GDS, RFDS and ITS.
+#: True of a translated CPU, which does not speculate; Linux then skips page table isolation,
+#: the buffer clearing on every return to user mode and the return thunks.
+ARCH_CAPABILITIES = sum(1 << bit for bit in (0, 4, 5, 6, 8, 13, 14, 15, 20, 24, 26, 27, 62))
 
 TSC_HZ = 1_000_000_000  # the virtual TSC ticks once per guest nanosecond (1 GHz, constant)
 # The core crystal of CPUID leaf 0x15, which Linux also takes as the local APIC timer's input
@@ -101,7 +111,12 @@ class PendingEvent:
         self.is_software, self.next_ip, self.cr2, self.detail = is_software, next_ip, cr2, detail
 
 
-#: the callback type of engine patch 0012's RDMSR / WRMSR hooks (that of CPUID hooks)
+# CPUID bits (SDM vol. 2A, CPUID): features, and the ones that follow CR4
+CPUID1_ECX_XSAVE, CPUID1_ECX_OSXSAVE = 1 << 26, 1 << 27
+CPUID7_ECX_PKU, CPUID7_ECX_OSPKE = 1 << 3, 1 << 4
+#: leaves with subleaves, and how many of them the table holds (0xD: up to PKRU, component 9)
+_SUBLEAVES = {4: 4, 7: 4, 0xB: 4, 0xD: 10}
+#: the callback type of engine patch 0014's RDMSR / WRMSR hooks (that of CPUID hooks)
 _MSR_HOOK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
@@ -135,7 +150,7 @@ class X86Cpu:
         self._rom_write_handler = None
         self._msr_handlers = {}  # MSR index -> (read, write): add_msr
 
-        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc = new_engine(UC_MODE_64)
         self.engine = EngineControls(self.uc)
         warn_if_stock(self.engine)
         if self.engine.patched:
@@ -144,8 +159,8 @@ class X86Cpu:
         # the patched engine needs no hook at every block in real-time mode: deadlines come
         # from a timer thread, the interrupt window from the engine itself
         self.block_hook = icount or not self.engine.patched
-        self._real_mode_context = bytes(Uc(UC_ARCH_X86, UC_MODE_16).context_save())
         self.ctx = xc.ContextView(self.uc)
+        self._real_mode_context = self._reset_context()
         self._context_fresh = False  # ctx holds the engine's current state (reads need no engine call)
         self.ctx.load_raw(self._real_mode_context)
         self.ctx.restore()
@@ -154,6 +169,13 @@ class X86Cpu:
         ram.write_listeners.append(self._host_wrote_ram)
 
     # ------------------------------------------------------------------ setup
+    def _reset_context(self):
+        """A fresh real-mode engine's context, with XCR0 as after RESET: x87 state only
+        (Unicorn enables SSE state too, for user-mode code that never runs XSETBV)."""
+        raw = bytearray(bytes(new_engine(UC_MODE_16).context_save()))
+        struct.pack_into("<Q", raw, xc.OFFSETS["xcr0"], XCR0_X87)
+        return bytes(raw)
+
     def _c_hook(self, hook_type, fn_name, *extra, begin=1, end=0):
         handle = uc_hook_h()
         fn = int(self.ffi.cast("uintptr_t", getattr(self.clib, fn_name)))
@@ -201,6 +223,7 @@ class X86Cpu:
         # every guest store on the engine's slow path
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped, None, self.ram.size, NEVER)
         self._cpuid_table = self._native_cpuid()
+        self._offer_arch_capabilities()
         if not self.block_hook:
             if self.clib.deadline_timer_start(cstate, self._uc_handle) != 0:
                 raise GuestError("cpu: cannot start the deadline timer thread")
@@ -209,7 +232,7 @@ class X86Cpu:
 
     def add_msr(self, index, read, write):
         """RDMSR / WRMSR of MSR ``index`` call ``read() -> value`` / ``write(value) -> bool``
-        (False: the write raises #GP(0)).  Needs the patched engine (engine patch 0012); the
+        (False: the write raises #GP(0)).  Needs the patched engine (engine patch 0014); the
         stock one keeps its own answers (IA32_APIC_BASE reads 0)."""
         if not self.engine.patched:
             return False
@@ -386,7 +409,7 @@ class X86Cpu:
 
     # ---- CPUID: the engine's own answers, corrected to describe this machine
     def _native_cpuid(self):
-        probe = Uc(UC_ARCH_X86, UC_MODE_64)
+        probe = new_engine(UC_MODE_64)
         probe.mem_map(0, 0x1000)
         probe.mem_write(0, b"\x0f\xa2\xf4")  # cpuid; hlt
         table = {}
@@ -399,7 +422,7 @@ class X86Cpu:
 
         max_basic = ask(0)[0]
         for leaf in range(0, max_basic + 1):
-            for sub in range(0, 4 if leaf in (4, 7, 0xB, 0xD) else 1):
+            for sub in range(0, _SUBLEAVES.get(leaf, 1)):
                 table[(leaf, sub)] = ask(leaf, sub)
         max_ext = ask(0x80000000)[0]
         for leaf in range(0x80000000, max_ext + 1):
@@ -408,6 +431,9 @@ class X86Cpu:
         d = (d | (1 << 9)) if self.has_lapic else (d & ~(1 << 9))  # APIC present only with a LAPIC
         c &= ~((1 << 21) | (1 << 24) | (1 << 3))  # no x2APIC, no TSC-deadline, no MONITOR
         c |= 1 << 31  # hypervisor present
+        c &= ~CPUID1_ECX_OSXSAVE  # follows CR4 (_dynamic_cpuid); the probe engine had it set
+        if (7, 0) in table:
+            table[(7, 0)][2] &= ~CPUID7_ECX_OSPKE
         b &= 0x0000FFFF  # initial APIC id 0, one logical processor
         if self.icount:
             # Unicorn's RDRAND and RDSEED return host entropy: a deterministic machine offers neither
@@ -415,12 +441,64 @@ class X86Cpu:
             c &= ~(1 << 30)
             table[(7, 0)][1] &= ~(1 << 18)
         table[(1, 0)] = [a, b, c, d]
+        # no ERMS: a translated rep movsb/stosb moves one byte per iteration, so a guest that
+        # trusts the hint (Linux's clear_user/copy_user) runs 4-8 times slower than with
+        # rep movsq/stosq; QEMU's default CPU model does not offer it either
+        table[(7, 0)][1] &= ~CPUID_7_EBX_ERMS
+        self._xsave_components(table)
         # hypervisor leaves: vendor "emu-colo    ", no features
         vendor = struct.unpack("<III", b"EmuColoEmuCo")
         table[(0x40000000, 0)] = [0x40000000, *vendor]
         max_basic = self._add_frequency_leaves(table, max_basic)
         self._max_basic, self._max_ext = max_basic, max_ext
         return table
+
+    @staticmethod
+    def _xsave_components(table):
+        """Leaf 0xD lists only the state components whose feature CPUID offers, as QEMU's
+        does.  The stock engine derives its list before dropping the features TCG lacks (AVX),
+        so it names AVX state although AVX is #UD (our build re-derives it: patch 0012).  The
+        state-dependent parts (the OSXSAVE bit, the size for the current XCR0) are filled in
+        at each CPUID (_dynamic_cpuid)."""
+        ecx1, ebx7, ecx7 = table[(1, 0)][2], table.get((7, 0), [0] * 4)[1], table.get((7, 0), [0] * 4)[2]
+        if not ecx1 & CPUID1_ECX_XSAVE:
+            for sub in range(_SUBLEAVES[0xD]):
+                table[(0xD, sub)] = [0, 0, 0, 0]
+            return
+        offered = XCR0_X87 | XCR0_SSE
+        if ecx1 & (1 << 28):
+            offered |= 1 << 2  # AVX: YMM upper halves
+        if ebx7 & (1 << 14):
+            offered |= 3 << 3  # MPX: BNDREGS, BNDCSR
+        if ebx7 & (1 << 16):
+            offered |= 7 << 5  # AVX-512: opmask, ZMM upper halves, high ZMM
+        if ecx7 & (1 << 3):
+            offered |= 1 << 9  # PKRU
+        eax, _, _, edx = table[(0xD, 0)]
+        supported = ((edx << 32) | eax) & offered
+        for sub in range(2, _SUBLEAVES[0xD]):
+            if not supported & (1 << sub):
+                table[(0xD, sub)] = [0, 0, 0, 0]
+        table[(0xD, 0)] = [supported & 0xFFFFFFFF, 0, 0, supported >> 32]
+        table[(0xD, 0)][2] = X86Cpu._xsave_area_size(table, supported)
+
+    @staticmethod
+    def _xsave_area_size(table, xcr0):
+        """Bytes of a standard-format XSAVE area holding the components of xcr0 (legacy area
+        and header: 576)."""
+        size = 576
+        for sub in range(2, _SUBLEAVES[0xD]):
+            if xcr0 & (1 << sub):
+                length, offset = table[(0xD, sub)][:2]
+                size = max(size, offset + length)
+        return size
+
+    def _offer_arch_capabilities(self):
+        """CPUID.7.0:EDX[29] and the MSR's value, where the engine implements its RDMSR
+        (engine patch 0013; the stock engine reads every unknown MSR as 0)."""
+        self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_IA32_ARCH_CAPABILITIES, ARCH_CAPABILITIES))
+        if self.uc.reg_read(X.UC_X86_REG_MSR, MSR_IA32_ARCH_CAPABILITIES) == ARCH_CAPABILITIES:
+            self._cpuid_table[(7, 0)][3] |= CPUID_7_EDX_ARCH_CAPABILITIES
 
     @staticmethod
     def _add_frequency_leaves(table, max_basic):
@@ -438,16 +516,30 @@ class X86Cpu:
         return max_basic
 
     def cpuid(self, leaf, sub):
-        if leaf in (4, 7, 0xB, 0xD):
-            key = (leaf, sub)
-        else:
-            key = (leaf, 0)
+        """The CPUID answer as the table holds it (without the bits that follow CPU state)."""
+        key = (leaf, sub) if leaf in _SUBLEAVES else (leaf, 0)
         return self._cpuid_table.get(key, [0, 0, 0, 0])
+
+    def _dynamic_cpuid(self, leaf, sub, cr4, xcr0):
+        """The CPUID answer with the bits that follow the CPU's state, as QEMU's
+        cpu_x86_cpuid() computes them: OSXSAVE mirrors CR4.OSXSAVE, OSPKE mirrors CR4.PKE,
+        leaf 0xD.0 EBX is the XSAVE area size for the components enabled in XCR0."""
+        a, b, c, d = self.cpuid(leaf, sub)
+        if leaf == 1 and c & CPUID1_ECX_XSAVE and cr4 & CR4_OSXSAVE:
+            c |= CPUID1_ECX_OSXSAVE
+        elif leaf == 7 and sub == 0 and c & CPUID7_ECX_PKU and cr4 & CR4_PKE:
+            c |= CPUID7_ECX_OSPKE
+        elif leaf == 0xD and sub == 0 and a:
+            b = self._xsave_area_size(self._cpuid_table, xcr0)
+        return a, b, c, d
 
     def _on_cpuid(self, uc, user):
         leaf = uc.reg_read(X.UC_X86_REG_EAX)
         sub = uc.reg_read(X.UC_X86_REG_ECX)
-        a, b, c, d = self.cpuid(leaf, sub)
+        # read the engine, not self.context(): the cached copy may predate this slice's work
+        cr4 = uc.reg_read(X.UC_X86_REG_CR4)
+        xcr0 = self.ctx.save().u64("xcr0") if leaf == 0xD else 0
+        a, b, c, d = self._dynamic_cpuid(leaf, sub, cr4, xcr0)
         uc.reg_write(X.UC_X86_REG_RAX, a)
         uc.reg_write(X.UC_X86_REG_RBX, b)
         uc.reg_write(X.UC_X86_REG_RCX, c)
@@ -559,6 +651,8 @@ class X86Cpu:
         # x87 and SSE control words as after RESET/FINIT (Unicorn leaves them 0)
         self.uc.reg_write(X.UC_X86_REG_FPCW, 0x37F)
         self.uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
+        # IA32_MISC_ENABLE as QEMU's reset leaves it: fast strings on (Unicorn clears it)
+        self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING))
         # LDTR and TR caches as QEMU's x86_cpu_reset: present, LDT type 2, busy 32-bit TSS
         ctx = self.ctx.save()
         ctx.load_system_segment("ldt", 0, 0, 0xFFFF, xc.DESC_P | (2 << 8))

@@ -102,7 +102,7 @@ class Virtqueue:
             seen += 1
             if seen > table_size:
                 raise VirtioError(f"descriptor chain from {head} loops (longer than its table)")
-            address, length, flags, nxt = DESC.unpack(ram.read(table + 16 * index, 16))
+            address, length, flags, nxt = DESC.unpack_from(ram.view, table + 16 * index)  # table checked
             if flags & DESC_INDIRECT:
                 if not indirect_allowed or in_indirect or flags & DESC_NEXT:
                     raise VirtioError("indirect descriptor not negotiated, nested, or chained")
@@ -117,10 +117,12 @@ class Virtqueue:
                 return buffers
             index = nxt
 
-    def push(self, ram, head, written):
-        """Return a chain to the driver: the used element, then the index (2.6.8)."""
-        ram.write(self.used + 4 + 8 * (self.used_idx % self.size), USED_ELEM.pack(head, written))
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
+    def push(self, ram, done):
+        """Return chains to the driver: the used elements of ``done`` [(head, bytes written)],
+        then the index once (2.6.8; a device may publish a batch with one index update)."""
+        for head, written in done:
+            ram.write(self.used + 4 + 8 * (self.used_idx % self.size), USED_ELEM.pack(head, written))
+            self.used_idx = (self.used_idx + 1) & 0xFFFF
         ram.write(self.used + 2, self.used_idx.to_bytes(2, "little"))
 
     def wants_interrupt(self, ram):
@@ -130,7 +132,8 @@ class Virtqueue:
 
 def read_buffers(ram, buffers):
     """The bytes of the driver-readable part of a chain."""
-    return b"".join(ram.read(address, length) for address, length, writable in buffers if not writable)
+    view = ram.view  # the chain's buffers were checked against RAM when it was walked
+    return b"".join(view[address:address + length] for address, length, writable in buffers if not writable)
 
 
 def write_buffers(ram, buffers, data):
@@ -351,7 +354,13 @@ class VirtioPciDevice(PciDevice):
 
     def complete(self, queue, head, written):
         """A chain is done: give it back and interrupt the driver unless it asked not to be."""
-        queue.push(self.ram, head, written)
+        self.complete_many(queue, [(head, written)])
+
+    def complete_many(self, queue, done):
+        """Chains [(head, written)] done in one pass: one index update, at most one interrupt."""
+        if not done:
+            return
+        queue.push(self.ram, done)
         if queue.wants_interrupt(self.ram):
             self.interrupt(queue.msix_vector, isr_bit=1)
 
@@ -365,7 +374,8 @@ class VirtioPciDevice(PciDevice):
             self.msi(*self.msix.message(vector))
             return
         self.isr |= isr_bit
-        self.set_irq(1)
+        if not self.intx_level:  # already asserted: the line stays up until the ISR read
+            self.set_irq(1)
 
     def config_changed(self):
         self.config_generation = (self.config_generation + 1) & 0xFF

@@ -81,34 +81,40 @@ class VirtioNet(VirtioPciDevice):
             self._deliver(queue)
 
     def _transmit(self, queue):
-        while True:
-            chain = queue.pop(self.ram, self.negotiated(1 << 28))
-            if chain is None:
-                return
-            head, buffers = chain
-            data = read_buffers(self.ram, buffers)
-            frame = data[HEADER_SIZE:]
-            if frame:
-                self.stats["tx"] += 1
-                if self.negotiated(TX_OFFLOADS):
-                    self.backend.send_offloaded(data[:HEADER_SIZE - 2] + b"\0\0", frame)  # num_buffers: rx only
-                else:
-                    self.backend.send(frame)
-            self.complete(queue, head, 0)
+        done = []  # given back together: one used index update and one interrupt per pass
+        indirect, offloaded = self.negotiated(1 << 28), self.negotiated(TX_OFFLOADS)
+        try:
+            while (chain := queue.pop(self.ram, indirect)) is not None:
+                head, buffers = chain
+                data = read_buffers(self.ram, buffers)
+                frame = data[HEADER_SIZE:]
+                if frame:
+                    self.stats["tx"] += 1
+                    if offloaded:
+                        self.backend.send_offloaded(data[:HEADER_SIZE - 2] + b"\0\0", frame)  # num_buffers: rx only
+                    else:
+                        self.backend.send(frame)
+                done.append((head, 0))
+        finally:
+            self.complete_many(queue, done)
 
     def _deliver(self, queue):
         header = bytes(10) + struct.pack("<H", 1)  # no offload; num_buffers = 1
-        while self.pending:
-            chain = queue.pop(self.ram, self.negotiated(1 << 28))
-            if chain is None:
-                return  # no buffers yet: the frames wait (the driver kicks when it adds some)
-            head, buffers = chain
-            frame = self.pending.popleft()
-            if writable_size(buffers) < HEADER_SIZE + len(frame):
-                self.stats["rx_too_big"] += 1
-                self.complete(queue, head, 0)
-                continue
-            self.stats["rx"] += 1
-            self.complete(queue, head, write_buffers(self.ram, buffers, header + frame))
+        done, indirect = [], self.negotiated(1 << 28)
+        try:
+            while self.pending:
+                chain = queue.pop(self.ram, indirect)
+                if chain is None:
+                    return  # no buffers yet: the frames wait (the driver kicks when it adds some)
+                head, buffers = chain
+                frame = self.pending.popleft()
+                if writable_size(buffers) < HEADER_SIZE + len(frame):
+                    self.stats["rx_too_big"] += 1
+                    done.append((head, 0))
+                    continue
+                self.stats["rx"] += 1
+                done.append((head, write_buffers(self.ram, buffers, header + frame)))
+        finally:
+            self.complete_many(queue, done)
 
     VMSTATE = virtio_vmstate("virtio-net", queues=2, vectors=3)
