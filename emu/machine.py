@@ -12,7 +12,7 @@ import time
 
 from emu.cpu import _emuc
 from emu.clock import VirtualClock
-from emu.cpu.x86 import UD, Fault, TripleFault, X86Cpu
+from emu.cpu.x86 import DB, UD, Fault, TripleFault, X86Cpu
 from emu.device import Device, PortBus
 from emu.errors import EmuError, GuestError
 from emu.memmap import PhysicalMemory
@@ -64,6 +64,7 @@ class Machine:
         self.interrupt_controller = None  # has_interrupt() / acknowledge()
         self.exit_status = None
         self.exit_message = None
+        self.shutdown_reason = "guest-shutdown"  # QEMU's SHUTDOWN event reason for the end of main_loop
         self.reset_requested = False
         self.boot = None  # callable that loads images and sets the CPU entry state
         self.serial_backends = []  # the host side of the board's serial ports (CharBackend); closed with it
@@ -352,52 +353,66 @@ class Machine:
 
     # ------------------------------------------------------------------ the run loop
     def run(self, until_ns=None):
-        """Run until the guest exits (returns the exit status) or ``until_ns`` of guest time."""
-        clock, cpu = self.clock, self.cpu
+        """Run until the guest exits (returns the exit status) or ``until_ns`` of guest time.
+
+        A triple fault resets the machine and the run goes on (a loop: a guest that keeps
+        triple-faulting resets for ever, as on QEMU); under ``-no-reboot`` it ends the run
+        with status 0 instead."""
+        clock = self.clock
         clock.start()
         try:
-            while self.exit_status is None:
-                clock.run_due_timers()
-                self._poll_devices()
-                self._service_host_io(0)
-                for job in list(self.background_jobs):
-                    job()
-                if self.reset_requested:
+            while True:
+                try:
+                    return self._run_until_exit(until_ns)
+                except TripleFault as e:
                     if self.no_reboot:
-                        self.request_exit(0, "guest requested a reset; stopping (-no-reboot)")
-                        break
+                        self.exit_status, self.exit_message = 0, f"{e}; stopping (-no-reboot)"
+                        self.shutdown_reason = "guest-reset"
+                        return self.exit_status
+                    if "cpu" in self.trace_categories:
+                        self.trace("cpu", f"{e}; resetting")
                     self.reset()
                     self.emit("RESET", {"guest": True, "reason": "guest-reset"})
-                    continue
-                if self.exit_status is not None:
-                    break
-                now = clock.now()
-                if until_ns is not None and now >= until_ns:
-                    return None
-                if self.pause_requested:
-                    return None
-                self._maybe_deliver_interrupt()  # then run its handler in this same iteration
-                deadline = clock.next_deadline()
-                if cpu.halted:
-                    self._idle(deadline, until_ns)
-                    continue
-                limit = now + MAX_SLICE_NS
-                if deadline is not None:
-                    limit = min(limit, deadline)
-                if until_ns is not None:
-                    limit = min(limit, until_ns)
-                intc = self.interrupt_controller
-                self._run_cpu(limit, interrupt_waiting=intc is not None and intc.has_interrupt())
-        except TripleFault as e:
-            if self.no_reboot:
-                self.exit_status, self.exit_message = 0, f"{e}; stopping (-no-reboot)"
-            else:
-                self.trace("cpu", f"{e}; resetting")
-                self.reset()
-                return self.run(until_ns)
         finally:
             clock.stop()
             self._poll_devices()
+
+    def _run_until_exit(self, until_ns):
+        """The run loop proper: slices, timers, host I/O, interrupts, guest-requested resets."""
+        clock, cpu = self.clock, self.cpu
+        while self.exit_status is None:
+            clock.run_due_timers()
+            self._poll_devices()
+            self._service_host_io(0)
+            for job in list(self.background_jobs):
+                job()
+            if self.reset_requested:
+                if self.no_reboot:
+                    self.request_exit(0, "guest requested a reset; stopping (-no-reboot)")
+                    self.shutdown_reason = "guest-reset"
+                    break
+                self.reset()
+                self.emit("RESET", {"guest": True, "reason": "guest-reset"})
+                continue
+            if self.exit_status is not None:
+                break
+            now = clock.now()
+            if until_ns is not None and now >= until_ns:
+                return None
+            if self.pause_requested:
+                return None
+            self._maybe_deliver_interrupt()  # then run its handler in this same iteration
+            deadline = clock.next_deadline()
+            if cpu.halted:
+                self._idle(deadline, until_ns)
+                continue
+            limit = now + MAX_SLICE_NS
+            if deadline is not None:
+                limit = min(limit, deadline)
+            if until_ns is not None:
+                limit = min(limit, until_ns)
+            intc = self.interrupt_controller
+            self._run_cpu(limit, interrupt_waiting=intc is not None and intc.has_interrupt())
         return self.exit_status
 
     def _run_cpu(self, limit_ns, interrupt_waiting=False, past_shadow=False):
@@ -407,7 +422,12 @@ class Machine:
         events, cpu.events = cpu.events, []
         if self.exit_status is not None or self.reset_requested:
             return
+        after_syscall = False
         for event in events:
+            if event.kind == "exception" and after_syscall and event.vector == DB and not event.is_software:
+                after_syscall = False  # the engine's trap for the TF before SFMASK: do_syscall decided
+                continue
+            after_syscall = event.kind == "syscall"
             if event.kind == "exception":
                 self.stats["exceptions"] += 1
                 cpu.deliver(event.vector, software=event.is_software, error_code=event.error_code,
@@ -551,5 +571,5 @@ class Machine:
                 continue
             self.run()
         self.status = "shutdown"
-        self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        self.emit("SHUTDOWN", {"guest": True, "reason": self.shutdown_reason})
         return self.exit_status

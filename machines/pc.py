@@ -36,10 +36,10 @@ import time
 from emu import chardev, loaders
 
 from emu.devices.a20 import A20Gate
-from emu.devices.apic import LocalApic
+from emu.devices.apic import BASE_ADDRESS_MASK, MSR_IA32_APIC_BASE, LocalApic
 from emu.devices.debugcon import DEFAULT_IOBASE, IsaDebugcon
 from emu.devices.debugexit import IsaDebugExit
-from emu.errors import ConfigError
+from emu.errors import ConfigError, UnsupportedError
 from emu.devices.fastpath import PostCodeFastPath, UartFastPath
 from emu.devices.fw_cfg import FwCfg, parse_user_file
 from emu.devices.i8254 import Pit8254, SystemControlPortB
@@ -113,6 +113,8 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     if lapic:
         local_apic = LocalApic("lapic@0xfee00000", machine.clock, notify=machine.notify_interrupt)
         machine.add_device(local_apic)
+        machine.cpu.add_msr(MSR_IA32_APIC_BASE, local_apic.read_base_msr,
+                            lambda value: _write_apic_base(local_apic, value))
         memory.add("lapic", LAPIC_BASE, 0x1000, "mmio", local_apic, priority=APIC_PRIORITY, commit=False)
     machine.interrupt_controller = InterruptRouter(pic, local_apic)
     bios_alias = _add_bios(machine, bios)
@@ -128,6 +130,14 @@ def build(ram_size=64 << 20, kernel=None, append="", initrd=None, bios=None, fla
     machine.stats["resets"] = 0
     memory.commit()
     return machine
+
+
+def _write_apic_base(lapic, value):
+    """WRMSR IA32_APIC_BASE (False: #GP(0)); the APIC page stays where the board maps it."""
+    if not lapic.base_msr_reserved(value) and value & BASE_ADDRESS_MASK != LAPIC_BASE:
+        raise UnsupportedError(f"{lapic.name}: WRMSR IA32_APIC_BASE {value:#x} moves the APIC page away from "
+                               f"{LAPIC_BASE:#x}, which is not supported")
+    return lapic.write_base_msr(value)
 
 
 def _add_timers(machine, pic, rtc_base):

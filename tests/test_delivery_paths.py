@@ -73,6 +73,7 @@ class Case:
     tss_base: int = TSS_AREA
     tss_limit: int = 0x67
     tss_type: int = 0xB
+    ss0: int | None = None          # SS0 in the 32-bit TSS (None: the kernel's stack segment)
     stack16: bool = False           # the stack the frame goes to has a 16-bit SS
     ss_base: int = 0
     rsp: int = STACK_VIRT + 0x1000
@@ -192,6 +193,16 @@ def _tss_16(case):
     return case.cpl == 3
 
 
+def _user_ss0(case):
+    case.ss0 = USER_DS | 3  # a ring-3 stack segment for ring 0: #TS(SS0)
+    return case.cpl == 3
+
+
+def _code_ss0(case):
+    case.ss0 = KERNEL_CS  # not a writable data segment: #TS(SS0)
+    return case.cpl == 3
+
+
 def _bad_gate_type(case):
     case.gate_type = 0xC
     return True
@@ -200,7 +211,8 @@ def _bad_gate_type(case):
 #: what may make a case unusual: name -> change(case), True when the change makes it so
 UNUSUAL = {"not present": _not_present, "conforming": _conforming, "ldt": _ldt, "read-only stack": _read_only_stack,
            "user code": _user_code}
-UNUSUAL_32 = {"16-bit gate": _gate_16, "task gate": _task_gate, "16-bit TSS": _tss_16}
+UNUSUAL_32 = {"16-bit gate": _gate_16, "task gate": _task_gate, "16-bit TSS": _tss_16, "ring-3 SS0": _user_ss0,
+              "code segment as SS0": _code_ss0}
 UNUSUAL_64 = {"bad gate type": _bad_gate_type}
 
 
@@ -266,7 +278,7 @@ def _write_tss(m, case):
         for i in range(7):
             m.ram.write(case.tss_base + 0x24 + 8 * i, struct.pack("<Q", case.ist_stack - 0x100 * i))
     else:
-        ss0 = KERNEL_SS16 if case.stack16 else KERNEL_DS
+        ss0 = case.ss0 if case.ss0 is not None else KERNEL_SS16 if case.stack16 else KERNEL_DS
         m.ram.write(case.tss_base + 4, struct.pack("<II", case.stack0, ss0))
 
 

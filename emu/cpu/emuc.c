@@ -146,6 +146,11 @@ void on_block(void *uc, uint64_t addr, uint32_t size, void *user) {
             return;
         }
     }
+    if (s->stop_reason & STOP_REQUEST) {
+        /* X86Cpu.request_stop from a hook: stop before this block, not inside the last one */
+        s->emu_stop(uc);
+        return;
+    }
     if (s->clock.mode == GUEST_CLOCK_ICOUNT) {
         if (s->clock.icount >= s->icount_limit) {
             s->stop_reason |= STOP_ICOUNT;
@@ -228,6 +233,7 @@ uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *
 #define DESC_S (1u << 12)
 #define DESC_CS (1u << 11)
 #define DESC_C (1u << 10)
+#define DESC_W (1u << 9)
 #define DESC_G (1u << 23)
 #define HF_CPL_MASK 3u
 #define HF_CS32 (1u << 4)
@@ -268,6 +274,8 @@ static int ram_u64(emu_state *s, uint64_t pa, uint64_t *v, int size) {
 static int64_t translate(emu_state *s, uint64_t lin, int write) {
     uint64_t cr0 = cx64(s, s->off_cr), cr3 = cx64(s, s->off_cr + 24), cr4 = cx64(s, s->off_cr + 32);
     uint32_t hf = cx32(s, s->off_hflags);
+    int64_t high = (int64_t)lin >> 47;
+    if ((hf & HF_LMA) && high != 0 && high != -1) return -1;  /* non-canonical: #GP(0) */
     if (!(cr0 & 0x80000000u)) return (hf & HF_LMA) ? (int64_t)lin : (int64_t)(lin & 0xffffffffu);
     uint64_t e;
     int wp = (cr0 >> 16) & 1;
@@ -436,8 +444,11 @@ static int push_frame_protected(emu_state *s, const interrupted *from, int switc
         if (slot + 7 > tr->limit || vread(s, tr->base + slot, esp_ss, 8)) return -1;
         new_ss->selector = esp_ss[1] & 0xffff;
         if (!(new_ss->selector & 0xfffc)) return -1;
+        if ((new_ss->selector & 3) != dpl) return -1;  /* #TS(SS): Python raises it */
         if (descriptor(s, new_ss->selector, &new_ss->base, &new_ss->limit, &new_ss->flags)) return -1;
-        if (!(new_ss->flags & DESC_P)) return -1;
+        uint32_t f = new_ss->flags;
+        if (((f >> 13) & 3) != dpl || !(f & DESC_S) || (f & DESC_CS) || !(f & DESC_W)) return -1;
+        if (!(f & DESC_P)) return -1;
         stack = new_ss;
         sp = esp_ss[0];
     }

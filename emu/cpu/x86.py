@@ -45,6 +45,7 @@ EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6
                    10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
                    19: "#XM", 20: "#VE", 21: "#CP"}
 
+DR6_BS = 1 << 14  # single-step trap
 EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM, EFLAGS_AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
 CR4_PSE, CR4_PAE, CR4_OSXSAVE, CR4_PKE = 1 << 4, 1 << 5, 1 << 18, 1 << 22
@@ -115,6 +116,8 @@ CPUID1_ECX_XSAVE, CPUID1_ECX_OSXSAVE = 1 << 26, 1 << 27
 CPUID7_ECX_PKU, CPUID7_ECX_OSPKE = 1 << 3, 1 << 4
 #: leaves with subleaves, and how many of them the table holds (0xD: up to PKRU, component 9)
 _SUBLEAVES = {4: 4, 7: 4, 0xB: 4, 0xD: 10}
+#: the callback type of engine patch 0014's RDMSR / WRMSR hooks (that of CPUID hooks)
+_MSR_HOOK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
 def _uc_function_pointer(name):
@@ -145,6 +148,7 @@ class X86Cpu:
         self.on_slice_end = []  # callables run after every slice (a memory map change waits there)
         self._rom_hooks = {}  # base of a ROM mapping -> its write-protection hook
         self._rom_write_handler = None
+        self._msr_handlers = {}  # MSR index -> (read, write): add_msr
 
         self.uc = new_engine(UC_MODE_64)
         self.engine = EngineControls(self.uc)
@@ -225,6 +229,51 @@ class X86Cpu:
                 raise GuestError("cpu: cannot start the deadline timer thread")
             weakref.finalize(self, self.clib.deadline_timer_stop, cstate)
             _CPUS_WITH_TIMER.add(self)
+
+    def add_msr(self, index, read, write):
+        """RDMSR / WRMSR of MSR ``index`` call ``read() -> value`` / ``write(value) -> bool``
+        (False: the write raises #GP(0)).  Needs the patched engine (engine patch 0014); the
+        stock one keeps its own answers (IA32_APIC_BASE reads 0)."""
+        if not self.engine.patched:
+            return False
+        if not self._msr_handlers:
+            for insn, method in ((X.UC_X86_INS_RDMSR, self._on_rdmsr), (X.UC_X86_INS_WRMSR, self._on_wrmsr)):
+                callback = _MSR_HOOK(lambda uc, user, method=method: method())
+                handle = uc_hook_h()
+                err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), UC_HOOK_INSN, callback, None,
+                                        ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn))
+                if err:
+                    raise GuestError(f"cpu: uc_hook_add(MSR hook) failed with error {err}")
+                self._keep += [callback, handle]
+        self._msr_handlers[index] = (read, write)
+        return True
+
+    def _on_rdmsr(self):
+        """0: the engine answers; 1: done (EDX:EAX written)."""
+        try:
+            handler = self._msr_handlers.get(self.uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF)
+            if handler is None:
+                return 0
+            value = handler[0]()
+            self.uc.reg_write(X.UC_X86_REG_RAX, value & 0xFFFFFFFF)
+            self.uc.reg_write(X.UC_X86_REG_RDX, (value >> 32) & 0xFFFFFFFF)
+            return 1
+        except BaseException as e:  # re-raised from the run loop
+            self._callback_error(type(e), e, e.__traceback__)
+            return 0
+
+    def _on_wrmsr(self):
+        """0: the engine performs it; 1: done; 2: #GP(0)."""
+        try:
+            handler = self._msr_handlers.get(self.uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF)
+            if handler is None:
+                return 0
+            value = (self.uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (
+                self.uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
+            return 1 if handler[1](value) else 2
+        except BaseException as e:
+            self._callback_error(type(e), e, e.__traceback__)
+            return 1
 
     def add_c_memory_write_hook(self, fn_name, begin, end):
         return self._c_hook(UC_HOOK_MEM_WRITE, fn_name, begin=begin, end=end)
@@ -317,11 +366,15 @@ class X86Cpu:
         if not self.running:
             return
         self.stop_requested = True
-        if self.icount:
-            # deterministic: the block hook stops before the next block (an emu_stop from an
-            # I/O hook would end wherever the current translated block happens to end)
+        if self.block_hook:
+            # the block hook stops before the next block.  Deterministic mode needs that (an
+            # emu_stop from an I/O hook would end wherever the current translated block
+            # happens to end), and so does the stock engine: its emu_stop from an MMIO write
+            # callback leaves RIP on the store that was just done, which then ran twice (a
+            # self IPI through the APIC's ICR was sent again on every return from its handler)
             self.cstate.stop_reason |= self.clib.STOP_REQUEST
-            self.cstate.icount_limit = self.cstate.clock.icount
+            if self.icount:
+                self.cstate.icount_limit = self.cstate.clock.icount
         else:
             self.uc.emu_stop()
 
@@ -344,7 +397,7 @@ class X86Cpu:
         moment).  Left to the next block start, Unicorn would fetch a faulting instruction
         again first, and its second #PF would become #DF."""
         self.request_stop()
-        if self.running and self.icount:
+        if self.running and self.block_hook:
             self.uc.emu_stop()
 
     def _on_unmapped(self, uc, access, address, size, value, user):
@@ -753,6 +806,9 @@ class X86Cpu:
         ctx = self.context()
         cr0 = ctx.u64("cr", 0)
         long_mode = bool(ctx.hflags & xc.HF_LMA)
+        if long_mode and (linear >> 47) not in (0, (1 << 17) - 1):
+            # QEMU's get_physical_address: #GP(0) for a non-canonical address, a stack's too
+            raise Fault(GP, 0)
         if not cr0 & CR0_PG:
             return linear if long_mode else linear & 0xFFFFFFFF
         cr3 = ctx.u64("cr", 3)
@@ -859,6 +915,10 @@ class X86Cpu:
             self._invalidate_context()
 
     def _deliver_with_fault_rules(self, vector, external, software, error_code, next_ip):
+        # Only an exception can be the first of a double fault: a fault while delivering an
+        # external interrupt or INT n is handled on its own, whatever the vector number (an
+        # IRQ on vector 8 or an int $8 is no #DF), as QEMU's check_exception sees it.
+        first_is_exception = not external and not software
         while True:
             try:
                 self._deliver_once(vector, external, software, error_code, next_ip)
@@ -873,14 +933,15 @@ class X86Cpu:
                     start = self._software_interrupt_start(next_ip)
                     self._invalidate_context()
                     self.uc.reg_write(X.UC_X86_REG_RIP, start)
-                if vector == DF:
+                if first_is_exception and vector == DF:
                     raise TripleFault(f"cpu: triple fault: {EXCEPTION_NAMES.get(fault.vector)} while delivering "
                                       f"#DF at RIP={self.rip:#x}") from None
-                if is_double_fault(vector, fault.vector):
+                if first_is_exception and is_double_fault(vector, fault.vector):
                     vector, error_code = DF, 0
                 else:
                     vector, error_code = fault.vector, fault.error_code
                 external, software, next_ip = False, False, None
+                first_is_exception = True
 
     def _software_interrupt_start(self, next_ip):
         """Address of the int n (CD ib), int3 (CC), into (CE) or int1 (F1) that ended at next_ip."""
@@ -1023,18 +1084,31 @@ class X86Cpu:
 
     def _tss_stack(self, vector, ctx, dpl, ext):
         """The stack of ring ``dpl`` from the 32-bit TSS: (SS selector, base, limit, flags, ESP)."""
-        _, tss_base, tss_limit, tss_flags = ctx.system_segment("tr")
+        tr, tss_base, tss_limit, tss_flags = ctx.system_segment("tr")
         if (tss_flags >> 8) & 0xF not in (9, 0xB):
             raise UnsupportedError(f"cpu: vector {vector:#x}: privilege change through a 16-bit TSS "
                                    f"is not supported")
         slot = 4 + 8 * dpl
         if slot + 7 > tss_limit:
-            raise Fault(TS, 0)
+            raise Fault(TS, tr & 0xFFFC)  # the TSS is the culprit (QEMU's get_ss_esp_from_tss)
         esp, selector = struct.unpack("<II", self.read_virtual(tss_base + slot, 8))
         selector &= 0xFFFF
         if not selector & 0xFFFC:
             raise Fault(TS, ext)
-        base, limit, flags = self._descriptor(selector, ctx)
+        # SS of the new ring (SDM, INT n: #TS(SS) unless RPL = DPL = the ring, a writable data
+        # segment; QEMU's do_interrupt_protected checks the same)
+        bad_stack = Fault(TS, (selector & 0xFFFC) + ext)
+        if selector & 3 != dpl:
+            raise bad_stack
+        try:
+            base, limit, flags = self._descriptor(selector, ctx)
+        except Fault as f:
+            if f.vector == PF:
+                raise
+            raise bad_stack from None
+        if ((flags >> xc.DESC_DPL_SHIFT) & 3 != dpl or not flags & xc.DESC_S or flags & xc.DESC_CS
+                or not flags & xc.DESC_W):
+            raise bad_stack
         if not flags & xc.DESC_P:
             raise Fault(SS, (selector & 0xFFFC) + ext)
         return selector, base, limit, flags, esp
@@ -1061,10 +1135,10 @@ class X86Cpu:
         rsp = self.uc.reg_read(X.UC_X86_REG_RSP)
         rflags = self.uc.reg_read(X.UC_X86_REG_RFLAGS)
         if ist or target_dpl < cpl:
-            _, tss_base, tss_limit, _ = ctx.system_segment("tr")
+            tr, tss_base, tss_limit, _ = ctx.system_segment("tr")
             slot = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * target_dpl
             if slot + 7 > tss_limit:
-                raise Fault(TS, 0)
+                raise Fault(TS, tr & 0xFFFC)  # the TSS is the culprit (QEMU's get_rsp_from_tss)
             new_rsp = struct.unpack("<Q", self.read_virtual(tss_base + slot, 8))[0]
         else:
             new_rsp = rsp
@@ -1087,7 +1161,9 @@ class X86Cpu:
 
     def do_syscall(self):
         """SYSCALL as the SDM describes it, for the stock engine (which only calls the hook and
-        skips the instruction; our build does it inside the engine)."""
+        skips the instruction; our build does it inside the engine).  The engine's own
+        single-step trap for it saw the TF from before SFMASK: the run loop drops it, and
+        the trap is taken here when TF is still set in the kernel."""
         efer = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
         if not efer & EFER_SCE or not efer & EFER_LMA:
             raise Fault(UD)
@@ -1109,6 +1185,16 @@ class X86Cpu:
         self.uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~EFLAGS_RF)
         self.uc.reg_write(X.UC_X86_REG_RIP, lstar)
         self._invalidate_context()
+        if rflags & ~fmask & EFLAGS_TF:
+            # TF survives SFMASK: the trap comes once SYSCALL has completed, on the
+            # kernel's first instruction (QEMU's helper_rechecking_single_step)
+            self.single_step_trap()
+
+    def single_step_trap(self):
+        """The single-step trap (#DB with DR6.BS) at the current instruction boundary."""
+        self._invalidate_context()
+        self.uc.reg_write(X.UC_X86_REG_DR6, self.uc.reg_read(X.UC_X86_REG_DR6) | DR6_BS)
+        self.deliver(DB)
 
     def disassemble(self, count=4):
         """The next instructions at RIP, for error messages and traces (capstone)."""

@@ -286,10 +286,13 @@ class LocalApic(Device):
     def read_base_msr(self):
         return self.base_msr
 
+    def base_msr_reserved(self, value):
+        """The bits of an IA32_APIC_BASE value that are reserved here (x2APIC included)."""
+        return value & (0xFF | 1 << 9 | BASE_X2APIC | ~((1 << self.phys_addr_bits) - 1))
+
     def write_base_msr(self, value):
         """Returns False when the write must raise #GP(0) instead (reserved bits, x2APIC)."""
-        reserved = 0xFF | 1 << 9 | BASE_X2APIC | ~((1 << self.phys_addr_bits) - 1)
-        if value & reserved:
+        if self.base_msr_reserved(value):
             return False
         was_enabled, pic_before = self.globally_enabled, self.accept_pic_interrupt()
         self.base_msr = (value & BASE_ADDRESS_MASK) | (value & BASE_ENABLE) | (self.base_msr & BASE_BSP)
@@ -556,8 +559,7 @@ class LocalApic(Device):
 
     def _check_loaded_registers(self):
         bad = self._bad_state
-        reserved_base = 0xFF | 1 << 9 | BASE_X2APIC | ~((1 << self.phys_addr_bits) - 1)
-        if self.base_msr & reserved_base:
+        if self.base_msr_reserved(self.base_msr):
             bad("base_msr", f"value {self.base_msr:#x} sets reserved bits")
         if self.svr & ~SVR_WRITABLE:
             bad("svr", f"value {self.svr:#x} sets reserved bits")
