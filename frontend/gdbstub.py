@@ -58,7 +58,9 @@ _MXCSR_FIELDS = ("IE", "DE", "ZE", "OE", "UE", "PE", "DAZ", "IM", "DM", "ZM", "O
 
 def target_xml():
     """The target description gdb reads with qXfer:features:read:target.xml."""
-    def flags(type_id, size, fields):
+    def flags(type_id, size, fields, descending=True):
+        """gdb prints the set fields in this order: QEMU's, highest bit first (MXCSR lowest first)."""
+        fields = sorted(fields, key=lambda f: f[0], reverse=descending)
         body = "".join(f'<field name="{name}" start="{bit}" end="{end}"/>'
                        for bit, name, end in ((f[0], f[1], f[2] if len(f) > 2 else f[0]) for f in fields) if name)
         return f'<flags id="{type_id}" size="{size}">{body}</flags>'
@@ -75,7 +77,7 @@ def target_xml():
                              (22, "PKE")]),
         flags("x64_efer", 8, [(0, "SCE"), (8, "LME"), (10, "LMA"), (11, "NXE"), (12, "SVME"), (13, "LMSLE"),
                               (14, "FFXSR"), (15, "TCE")]),
-        flags("x64_mxcsr", 4, list(enumerate(_MXCSR_FIELDS)) + [(15, "FZ")]),
+        flags("x64_mxcsr", 4, list(enumerate(_MXCSR_FIELDS)) + [(15, "FZ")], descending=False),
         '<vector id="v4f" type="ieee_single" count="4"/><vector id="v2d" type="ieee_double" count="2"/>'
         '<vector id="v16i8" type="int8" count="16"/><vector id="v8i16" type="int16" count="8"/>'
         '<vector id="v4i32" type="int32" count="4"/><vector id="v2i64" type="int64" count="2"/>'

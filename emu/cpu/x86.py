@@ -919,11 +919,16 @@ class X86Cpu:
     def read_debug(self, linear, length):
         """Guest memory at a linear address as a debugger sees it: through the page tables
         with no permission check and no accessed/dirty bits set (QEMU's
-        cpu_memory_rw_debug).  Raises Fault(#PF) where a page is not mapped."""
+        cpu_memory_rw_debug; MMIO is read from its device, as there).  Raises Fault(#PF)
+        where a page is not mapped, GuestError where no memory is."""
         out = bytearray()
         while length:
             chunk = min(length, 0x1000 - (linear & 0xFFF))
-            out += self._read_physical(self.translate(linear), chunk)
+            phys = self.translate(linear)
+            try:
+                out += self._read_physical(phys, chunk)
+            except UcError:
+                raise GuestError(f"cpu: debugger read of unmapped physical address {phys:#x}") from None
             linear, length = linear + chunk, length - chunk
         return bytes(out)
 
