@@ -4,7 +4,8 @@
  * write watchpoint's target.  Then it prints "counter=<counter as 8 hex digits>
  * word=<the string `word`>\r\n" and exits with 0.  `counter` and `word` live in .data, so
  * a debugger can change what is printed; a large n keeps the guest busy for seconds (a
- * target for Ctrl-C).
+ * target for Ctrl-C).  Before printing it executes one ud2 (at `trap_here`), whose #UD
+ * handler `ud_handler` steps over it: a single step there lands on the handler.
  */
     .text
     .code32
@@ -20,7 +21,15 @@ main:
 2:  call bump
     dec %ecx
     jnz 2b
-3:  mov $str_counter, %esi
+3:  call idt32_init
+    mov $6, %eax                    /* #UD */
+    mov $ud_handler, %edx
+    mov $0x8e, %cl
+    call idt32_set
+    .globl trap_here
+trap_here:
+    ud2
+    mov $str_counter, %esi
     call puts
     mov counter, %eax
     call put_hex32
@@ -38,6 +47,11 @@ bump:
     inc %eax
     mov %eax, counter
     ret
+
+    .globl ud_handler
+ud_handler:
+    addl $2, (%esp)                 /* return past the 2-byte ud2 */
+    iret
 
     .data
     .globl counter, word

@@ -88,8 +88,9 @@ def finish(proc, timeout=20):
 @pytest.mark.parametrize("emulator", ["emu", "qemu"])
 def test_gdb_session_breakpoint_step_memory_watchpoint_monitor_detach(emulator):
     """Break at a symbol, read registers and a variable, step, write memory and see the
-    guest's output change, a write watchpoint (old and new value), ``monitor``, then detach:
-    the guest runs to its end.  gdb prints the same on QEMU."""
+    guest's output change, a write watchpoint (old and new value), a step into an
+    exception handler, ``monitor``, then detach: the guest runs to its end.  gdb prints
+    the same on QEMU."""
     sym = symbols(GDBTARGET)
     port = free_port()
     proc = start(emulator, port, "-S")
@@ -105,6 +106,7 @@ def test_gdb_session_breakpoint_step_memory_watchpoint_monitor_detach(emulator):
         f"watch *(int *){sym['counter']:#x}",
         "continue", "print/x $pc",
         "continue",
+        "delete", "break *trap_here", "continue", "stepi", "print/x $pc",
         "monitor info status",
         "delete", "detach",
     ])
@@ -122,6 +124,9 @@ def test_gdb_session_breakpoint_step_memory_watchpoint_monitor_detach(emulator):
     assert "Old value = 512\nNew value = 1\n" in out, out
     assert f"$4 = {bump + 11:#x}\n" in out  # stopped after the store, on the ret
     assert "Old value = 1\nNew value = 2\n" in out
+    # a step over ud2 ends on the #UD handler's first instruction, not yet executed
+    assert f"Breakpoint 3, {sym['trap_here']:#018x} in trap_here ()" in out, out
+    assert f"$5 = {sym['ud_handler']:#x}\n" in out, out
     assert "VM status: paused (debug)" in out
     assert "detached]" in out
     assert guest_out == b"counter=00000003 word=gdb!\r\n"
@@ -257,12 +262,21 @@ def test_raw_packets_bad_input_disconnect_and_second_client():
     assert second.command(b"?") == b"T05thread:01;"
     assert second.command(b"p10") == sym["bump"].to_bytes(8, "little").hex().encode()  # still at the breakpoint
     assert second.command(b"m%x,4" % sym["counter"]) == b"00000000"
+    # the first client's breakpoint at bump is gone: the next stops are the second's own
+    assert second.command(b"Z1,%x,1" % sym["trap_here"]) == b"OK"
+    assert second.command(b"vCont;c") == b"T05thread:01;"  # no hwbreak: this client did not offer it
+    assert second.command(b"p10") == sym["trap_here"].to_bytes(8, "little").hex().encode()
+    assert second.command(b"z1,%x,1" % sym["trap_here"]) == b"OK"
+    assert second.command(b"Z3,%x,4" % sym["word"]) == b"OK"  # read by puts when the guest prints it
+    assert second.command(b"c") == b"T05thread:01;rwatch:%x;" % sym["word"]
+    assert second.command(b"z3,%x,4" % sym["word"]) == b"OK"
+    assert second.command(b"m%x,4" % sym["counter"]) == b"03000000"
     second.send_raw(b"$k#6b")
     status, out, err = finish(proc)
     second.close()
     assert status == 0
     assert b"Terminated via GDBstub" in err
-    assert out == b""
+    assert out == b"counter=00000003 word="  # stopped where puts read the word; killed there
 
 
 def test_gdb_device_syntax():
