@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not 
 
 def symbols(elf):
     out = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
-    return {name: int(addr, 16) for addr, _, name in (line.split() for line in out.splitlines() if line.count(" ") == 2)}
+    rows = (line.split() for line in out.splitlines() if line.count(" ") == 2)
+    return {name: int(addr, 16) for addr, _, name in rows}
 
 
 def listening(port):
