@@ -429,9 +429,6 @@ class Machine:
         if self.exit_status is not None or self.reset_requested:
             return
         after_syscall = False
-        if cpu.debug_stop is not None and not count:
-            stop, cpu.debug_stop = cpu.debug_stop, None
-            self._stop_for_debugger(stop)
         for event in events:
             if event.kind == "exception" and after_syscall and event.vector == DB and not event.is_software:
                 after_syscall = False  # the engine's trap for the TF before SFMASK: do_syscall decided
@@ -451,6 +448,9 @@ class Machine:
         if not events and cpu.finished_on_hlt():
             cpu.halted = True
             self.stats["halts"] += 1
+        if cpu.debug_stop is not None and not count:  # a step reports its own stop
+            stop, cpu.debug_stop = cpu.debug_stop, None
+            self._stop_for_debugger(stop)
 
     def _step(self):
         """One instruction for a debugger, then stop.  An exception it raises is delivered,
@@ -488,7 +488,8 @@ class Machine:
             limit = self.clock.now() + MAX_SLICE_NS
             deadline = self.clock.next_deadline()
             self._run_cpu(limit if deadline is None else min(limit, deadline), past_shadow=True)
-            if self.exit_status is not None or not intc.has_interrupt() or not cpu.interrupts_enabled():
+            if (self.exit_status is not None or self.pause_requested or not intc.has_interrupt()
+                    or not cpu.interrupts_enabled()):
                 return False
         vector = intc.acknowledge()
         if vector is None:

@@ -315,8 +315,8 @@ class GdbStub:
     # ------------------------------------------------------------------ stops
     def _interrupt(self):
         machine = self.machine
-        if not self.waiting:
-            return  # the guest is stopped already: nothing to interrupt
+        if machine.status != "running":
+            return  # stopped already: nothing to interrupt
         machine.single_step = False
         machine.pause()  # as QEMU: Ctrl-C leaves the VM "paused"
         self.waiting = False
