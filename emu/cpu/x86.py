@@ -744,6 +744,7 @@ class X86Cpu:
         debugger's single step)."""
         cstate = self.cstate
         cstate.stop_reason = 0
+        cstate.watch_hit = 0
         window = interrupt_waiting or past_shadow
         if not self.engine.patched:
             cstate.irq_waiting = 1 if window else 0
@@ -990,10 +991,10 @@ class X86Cpu:
     def add_watchpoint(self, kind, linear, length):
         """Stop after an instruction that writes ("watch"), reads ("rwatch") or accesses
         ("awatch") a byte of [linear, linear + length).  Memory hooks only record the hit;
-        a code hook at every instruction then stops before the next one, so the accessing
-        instruction completes (a stop from the memory hook itself would end the slice
-        inside the instruction).  Guest code runs several times slower while any
-        watchpoint exists."""
+        a C code hook at every instruction (on_watch_step) then stops before the next one,
+        so the accessing instruction completes (a stop from the memory hook itself would
+        end the slice inside the instruction).  Guest code runs several times slower while
+        any watchpoint exists."""
         if kind not in WATCH_KINDS:
             raise GuestError(f"cpu: unknown watchpoint kind {kind!r}")
         key = (kind, linear, length)
@@ -1004,7 +1005,7 @@ class X86Cpu:
         self._watchpoints[key] = [self.uc.hook_add(t, self._on_watched_access, key, linear, linear + length - 1)
                                   for t in types]
         if self._watch_step_hook is None:
-            self._watch_step_hook = self.uc.hook_add(UC_HOOK_CODE, self._on_watch_step, None, 1, 0)
+            self._watch_step_hook = self._c_hook(UC_HOOK_CODE, "on_watch_step")
         self.uc.ctl_flush_tb()
 
     def remove_watchpoint(self, kind, linear, length):
@@ -1015,7 +1016,7 @@ class X86Cpu:
         for hook in hooks:
             self.uc.hook_del(hook)
         if not self._watchpoints and self._watch_step_hook is not None:
-            self.uc.hook_del(self._watch_step_hook)
+            self.remove_hook(self._watch_step_hook)
             self._watch_step_hook = None
         self.uc.ctl_flush_tb()
         return True
@@ -1038,10 +1039,7 @@ class X86Cpu:
     def _on_watched_access(self, uc, access, address, size, value, key):
         if self.debug_stop is None:
             self.debug_stop = DebugStop(key[0], key[1])
-
-    def _on_watch_step(self, uc, address, size, user):
-        if self.debug_stop is not None:
-            self._stop_at_this_instruction()
+        self.cstate.watch_hit = 1  # the C code hook (on_watch_step) stops before the next instruction
 
     # ------------------------------------------------------------------ descriptors
     def _descriptor(self, selector, ctx):
