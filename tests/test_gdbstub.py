@@ -256,6 +256,11 @@ def test_raw_packets_bad_input_disconnect_and_second_client():
     assert len(names) == 66 and names[-1] == "mxcsr"
     assert first.command(b"p1b") == (0x11).to_bytes(8, "little").hex().encode()  # cr0: PE | ET
     assert first.command(b"m%x,4" % sym["counter"]) == b"00000000"
+    # X: binary data, with gdb's escapes for # $ } * (the byte after } is xored with 0x20)
+    assert first.command(b"X%x,4:}\x03}\x04}]}\x0a" % sym["word"]) == b"OK"
+    assert first.command(b"m%x,4" % sym["word"]) == b"#$}*".hex().encode()
+    assert first.command(b"M%x,4:656d7521" % sym["word"]) == b"OK"  # "emu!" again
+    assert first.command(b"M%x,4:6d75" % sym["word"]) == b"E01"  # fewer bytes than it says
     reply = first.command(b"qRcmd," + b"info status".hex().encode())
     assert bytes.fromhex(reply[1:].decode()) == b"VM status: paused (prelaunch)\r\n"
     assert first.packet() == b"OK"
@@ -340,3 +345,14 @@ def test_gdb_breaks_in_the_linux_kernel(debian_linux):
         assert guest.run("echo still-$((40+2))").startswith("still-42")
     finally:
         guest.close()
+
+
+def test_cli_gdb_options():
+    """-s is -gdb tcp::1234 (so it may not be given with another -gdb); -gdb none is no stub."""
+    done = subprocess.run([sys.executable, "-m", "emu", "run", "-kernel", str(GDBTARGET), "-s", "-gdb",
+                           f"tcp::{free_port()}"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "only one GDB stub" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "emu", "run", "-kernel", str(GDBTARGET), "-no-reboot", "-gdb", "none"],
+                          cwd=ROOT, capture_output=True, timeout=30)
+    assert (done.returncode, done.stdout) == (1, b"counter=00000003 word=emu!\r\n")
