@@ -356,3 +356,52 @@ def test_cli_gdb_options():
     done = subprocess.run([sys.executable, "-m", "emu", "run", "-kernel", str(GDBTARGET), "-no-reboot", "-gdb", "none"],
                           cwd=ROOT, capture_output=True, timeout=30)
     assert (done.returncode, done.stdout) == (1, b"counter=00000003 word=emu!\r\n")
+
+
+# ---------------------------------------------------------------------------- the CPU's debug hooks
+@pytest.mark.parametrize("icount", [False, True], ids=["realtime", "icount"])
+def test_cpu_breakpoint_watchpoint_and_step_stop_points(icount):
+    """Where each debug stop leaves the CPU: a breakpoint before its instruction; a write
+    watchpoint after the whole instruction, a read-modify-write one included (it is not run
+    twice); a step one instruction on, with breakpoints not stopping it."""
+    from guestasm import assemble, bare_machine, entry
+
+    machine = bare_machine(icount=icount)
+    code, labels = assemble("""
+        mov ecx, 3
+    again:
+        inc eax
+    store:
+        add [0x3000], eax
+    after:
+        dec ecx
+        jnz again
+        mov al, 0
+        out 0xf4, al
+    """, 0x1000)
+    machine.ram.write(0x1000, code)
+    machine.cpu.enter(entry("protected32", 0x1000))
+    cpu, stops = machine.cpu, []
+    machine.debug_listeners.append(lambda stop: stops.append((stop.kind, stop.address, cpu.rip)))
+
+    def go(step=False):
+        machine.single_step = step
+        machine.resume()
+        return machine.run()
+
+    cpu.add_breakpoint(labels["store"])
+    assert go() is None and stops[-1] == ("breakpoint", labels["store"], labels["store"])
+    assert machine.status == "debug"
+    assert go() is None and stops[-1] == ("breakpoint", labels["store"], labels["store"])  # gdb steps over it
+    assert go(step=True) is None and stops[-1] == ("step", labels["store"], labels["after"])
+    assert machine.ram.read(0x3000, 4) == (1).to_bytes(4, "little")
+    assert cpu.remove_breakpoint(labels["store"]) and not cpu.remove_breakpoint(labels["store"])
+    cpu.add_watchpoint("watch", 0x3000, 4)
+    assert go() is None and stops[-1] == ("watch", 0x3000, labels["after"])
+    assert machine.ram.read(0x3000, 4) == (1 + 2).to_bytes(4, "little")
+    cpu.remove_watchpoint("watch", 0x3000, 4)
+    cpu.add_watchpoint("rwatch", 0x3000, 4)
+    assert go() is None and stops[-1] == ("rwatch", 0x3000, labels["after"])
+    assert machine.ram.read(0x3000, 4) == (1 + 2 + 3).to_bytes(4, "little")
+    cpu.remove_debug_hooks()
+    assert go() == 1  # no hook left: the guest runs to its exit

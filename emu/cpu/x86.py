@@ -762,6 +762,10 @@ class X86Cpu:
         elif not self.block_hook:
             self.clib.deadline_timer_arm(cstate, deadline_ns)
         self._invalidate_context()
+        if count:
+            # Unicorn counts in a code hook that it adds now, which code translated before
+            # does not call: a block translated without it would run on past the count
+            self.uc.ctl_flush_tb()
         self.running = True
         try:
             self.uc.emu_start(rip, NEVER, count=count)
