@@ -321,16 +321,24 @@ def test_gdb_breaks_in_the_linux_kernel(debian_linux):
         table = guest.run(f"grep -E ' ({'|'.join(wanted)})$' /proc/kallsyms")
         sym = {name: int(addr, 16) for addr, name in re.findall(r"^([0-9a-f]{16}) [TtDdBb] (\w+)\r?$", table, re.M)}
         assert set(sym) == set(wanted) and all(addr >> 63 for addr in sym.values()), table
-        # a writer in the background: the breakpoint is hit as soon as gdb lets the guest run
-        guest.run("(while :; do echo tick > /dev/null; usleep 20000; done) & true")
-        out = run_gdb(port, [
-            f"break *{sym['__x64_sys_write']:#x}", "continue", "print/x $pc",
-            "stepi", "print/x $pc",
-            f"x/s {sym['linux_banner']:#x}",
-            f"print *(unsigned long *){sym['jiffies']:#x} > 0",
-            "print $cs", "print $efer", "print $cr0",
-            "delete", "detach",
-        ], elf=None)
+        # the shell writes in a loop (builtins and a no-fork applet: no process is created), so
+        # the breakpoint is hit as soon as gdb lets the guest run
+        guest.type("echo loop-$((1+1)); while :; do echo tick > /dev/null; usleep 20000; done")
+        guest.expect("loop-2", 30)
+        try:
+            out = run_gdb(port, [
+                f"break *{sym['__x64_sys_write']:#x}", "continue", "print/x $pc",
+                "stepi", "print/x $pc",
+                f"x/s {sym['linux_banner']:#x}",
+                f"print *(unsigned long *){sym['jiffies']:#x} > 0",
+                "print $cs", "print $efer", "print $cr0",
+                "delete", "detach",
+            ], elf=None)
+        except AssertionError as e:
+            try:
+                guest.expect("no such output", 1)
+            except AssertionError as console:
+                raise AssertionError(f"{e}\n{console}") from None
         entry = sym["__x64_sys_write"]
         assert f"Breakpoint 1, {entry:#018x} in ?? ()" in out, out
         assert f"$1 = {entry:#x}\n" in out
@@ -342,6 +350,9 @@ def test_gdb_breaks_in_the_linux_kernel(debian_linux):
         assert re.search(r"\$5 = \[ [^\]]*LMA[^\]]* \]", out), out
         assert re.search(r"\$6 = \[ PG [^\]]*PE \]", out), out
         assert "detached]" in out
+        guest.proc.stdin.write(b"\x03")  # Ctrl-C on the console ends the loop
+        guest.proc.stdin.flush()
+        guest.expect("# ", 30, len(guest.text))
         assert guest.run("echo still-$((40+2))").startswith("still-42")
     finally:
         guest.close()
