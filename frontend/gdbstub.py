@@ -327,7 +327,7 @@ class GdbStub:
             return
         self.waiting = False
         if stop.kind in ("watch", "rwatch", "awatch"):
-            self._send(f"T{SIGTRAP:02x}{THREAD}{stop.kind}:{stop.address:x};")
+            self._send(f"T{SIGTRAP:02x}{THREAD}{stop.kind}:{stop.address:016x};")  # QEMU pads to 16 digits
             return
         why = ""
         if stop.kind == "breakpoint":

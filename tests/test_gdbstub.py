@@ -278,7 +278,7 @@ def test_raw_packets_bad_input_disconnect_and_second_client():
     assert second.command(b"p10") == sym["trap_here"].to_bytes(8, "little").hex().encode()
     assert second.command(b"z1,%x,1" % sym["trap_here"]) == b"OK"
     assert second.command(b"Z3,%x,4" % sym["word"]) == b"OK"  # read by puts when the guest prints it
-    assert second.command(b"c") == b"T05thread:01;rwatch:%x;" % sym["word"]
+    assert second.command(b"c") == b"T05thread:01;rwatch:%016x;" % sym["word"]  # as QEMU words it
     assert second.command(b"z3,%x,4" % sym["word"]) == b"OK"
     assert second.command(b"m%x,4" % sym["counter"]) == b"03000000"
     second.send_raw(b"$k#6b")
