@@ -212,6 +212,15 @@ class RawClient:
         assert self.read() == b"+"
         return self.packet()
 
+    def monitor(self, line):
+        """qRcmd: the O packets' text up to the final OK."""
+        reply, text = self.command(b"qRcmd," + line.hex().encode()), b""
+        while reply != b"OK":
+            assert reply[:1] == b"O", reply
+            text += bytes.fromhex(reply[1:].decode())
+            reply = self.packet()
+        return text
+
     def close(self):
         self.sock.close()
 
@@ -255,15 +264,26 @@ def test_raw_packets_bad_input_disconnect_and_second_client():
                             "cr0", "cr2", "cr3", "cr4", "cr8", "efer"]
     assert len(names) == 66 and names[-1] == "mxcsr"
     assert first.command(b"p1b") == (0x11).to_bytes(8, "little").hex().encode()  # cr0: PE | ET
+    registers = first.command(b"g")
+    assert len(registers) == 2 * 608
+    assert first.command(b"G" + registers) == b"OK"  # all written back as they were
+    assert first.command(b"g") == registers
+    assert first.command(b"P0=efbeadde00000000") == b"OK"
+    assert first.command(b"p0") == b"efbeadde00000000"
+    assert first.command(b"P0=" + registers[:16]) == b"OK"
+    assert first.command(b"G" + registers[:-2]) == b"E01"
+    # a selector written loads the segment from the GDT, as mov would
+    assert first.command(b"P16=00000000") == b"OK" and first.command(b"p16") == b"00000000"
+    assert first.command(b"P16=10000000") == b"OK" and first.command(b"p16") == b"10000000"
+    assert first.command(b"P16=f8ff0000") == b"E14"  # past the GDT's limit: #GP for mov, an error here
+    assert re.search(rb"\nFS =0010 0+ ffffffff 00c.9300 DPL=0 DS", first.monitor(b"info registers"))
     assert first.command(b"m%x,4" % sym["counter"]) == b"00000000"
     # X: binary data, with gdb's escapes for # $ } * (the byte after } is xored with 0x20)
     assert first.command(b"X%x,4:}\x03}\x04}]}\x0a" % sym["word"]) == b"OK"
     assert first.command(b"m%x,4" % sym["word"]) == b"#$}*".hex().encode()
     assert first.command(b"M%x,4:656d7521" % sym["word"]) == b"OK"  # "emu!" again
     assert first.command(b"M%x,4:6d75" % sym["word"]) == b"E01"  # fewer bytes than it says
-    reply = first.command(b"qRcmd," + b"info status".hex().encode())
-    assert bytes.fromhex(reply[1:].decode()) == b"VM status: paused (prelaunch)\r\n"
-    assert first.packet() == b"OK"
+    assert first.monitor(b"info status") == b"VM status: paused (prelaunch)\r\n"
     assert first.command(b"Z0,%x,1" % sym["bump"]) == b"OK"
     assert first.command(b"vCont;c") == b"T05swbreak:;thread:01;"
     first.close()  # abruptly: no detach

@@ -963,7 +963,9 @@ class X86Cpu:
         elif not selector & 0xFFFC and name != "cs":
             ctx.load_segment(name, selector, 0, 0, 0)
         else:
-            ctx.load_segment(name, selector, *self._descriptor(selector, ctx))
+            base, limit, flags = self._descriptor(selector, ctx)
+            # the cache says "accessed", as after mov (which also sets the bit in the GDT: not done here)
+            ctx.load_segment(name, selector, base, limit, flags | xc.DESC_A)
         ctx.restore()
         self._invalidate_context()
 
