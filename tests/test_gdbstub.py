@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from conftest import ROOT, firmware, qemu_binary
-from emuproc import free_port
+from emuproc import Qmp, free_port
 
 GDBTARGET = firmware("gdbtarget.elf")
 QEMU_ARGS = ["-machine", "pc", "-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot",
@@ -138,14 +138,20 @@ def test_gdb_session_breakpoint_step_memory_watchpoint_monitor_detach(emulator):
     assert status == 1
 
 
-def test_gdb_interrupt_register_write_and_exit():
+def test_gdb_interrupt_register_write_and_exit(tmp_path):
     """Ctrl-C stops a busy guest (SIGINT, as gdb prints it); writing ECX ends its loop
     early; continuing, gdb hears that the guest exited with its isa-debug-exit status."""
-    port = free_port()
-    proc = start("emu", port, "-append", "n=4000000000")
+    port, qmp_path = free_port(), tmp_path / "qmp.sock"
+    proc = start("emu", port, "-append", "n=4000000000", "-S", "-qmp", f"unix:{qmp_path},server,nowait")
+    qmp = Qmp(qmp_path)
     gdb = subprocess.Popen(gdb_command(port, ["continue", "print/x $pc", "set var $rcx = 1", "continue"]),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(1.2)  # gdb attached and continued: the guest is in its loop
+    deadline = time.monotonic() + 20
+    while qmp("query-status")["status"] != "running":  # until gdb's continue started the guest
+        assert time.monotonic() < deadline and gdb.poll() is None, gdb.stdout.read()
+        time.sleep(0.05)
+    qmp.close()
+    time.sleep(0.2)  # in its loop
     gdb.send_signal(signal.SIGINT)
     out, _ = gdb.communicate(timeout=30)
     status, guest_out, _ = finish(proc)
