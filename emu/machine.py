@@ -12,7 +12,7 @@ import time
 
 from emu.cpu import _emuc
 from emu.clock import VirtualClock
-from emu.cpu.x86 import DB, UD, Fault, TripleFault, X86Cpu
+from emu.cpu.x86 import DB, UD, DebugStop, Fault, TripleFault, X86Cpu
 from emu.device import Device, PortBus
 from emu.errors import EmuError, GuestError
 from emu.memmap import PhysicalMemory
@@ -52,6 +52,8 @@ class Machine:
         self.fast_paths = []  # C shortcuts that hold device state: to_model() / from_model()
         self.after_load = []  # board hooks run once all state is loaded (re-drive IRQ lines)
         self.pause_requested = False
+        self.single_step = False  # the next run executes one instruction, then stops for the debugger
+        self.debug_listeners = []  # called with a DebugStop when the guest stops for a debugger
         self.status = "running"  # QEMU's RunState names: running, paused, prelaunch, inmigrate, ...
         self.event_listeners = []
         self.background_jobs = []  # callables run between slices (live migration passes, COLO)
@@ -178,11 +180,12 @@ class Machine:
 
     # ------------------------------------------------------------------ replication surface
     # What migration and replication may use of a machine: emu.replication.ReplicationSurface.
-    def pause(self):
+    def pause(self, status="paused"):
         """Stop the guest (QMP ``stop``, a checkpoint): guest time stops at once, run()
-        returns at the next slice boundary, the monitor hears STOP."""
+        returns at the next slice boundary, the monitor hears STOP.  ``status``: QEMU's
+        RunState for the stop ("debug" when a debugger stopped it)."""
         if self.status == "running":
-            self.status = "paused"
+            self.status = status
             self.pause_requested = True
             self.cpu.request_stop()
             self.clock.stop()  # guest time stops now, not when the loop gets to return
@@ -190,7 +193,7 @@ class Machine:
 
     def resume(self):
         """Let a paused (or not yet started, or migrated) guest run again (QMP ``cont``)."""
-        if self.status in ("paused", "prelaunch", "postmigrate"):
+        if self.status in ("paused", "prelaunch", "postmigrate", "debug"):
             self.status = "running"
             self.pause_requested = False
             self.clock.start()  # a pause/resume pair inside the loop (a checkpoint) must not freeze guest time
@@ -401,6 +404,9 @@ class Machine:
                 return None
             if self.pause_requested:
                 return None
+            if self.single_step and not cpu.halted:
+                self._step()  # no interrupt first: QEMU steps with SSTEP_NOIRQ
+                continue
             self._maybe_deliver_interrupt()  # then run its handler in this same iteration
             deadline = clock.next_deadline()
             if cpu.halted:
@@ -415,10 +421,10 @@ class Machine:
             self._run_cpu(limit, interrupt_waiting=intc is not None and intc.has_interrupt())
         return self.exit_status
 
-    def _run_cpu(self, limit_ns, interrupt_waiting=False, past_shadow=False):
+    def _run_cpu(self, limit_ns, interrupt_waiting=False, past_shadow=False, count=0):
         cpu = self.cpu
         self.stats["slices"] += 1
-        cpu.run_slice(limit_ns, interrupt_waiting, past_shadow)
+        cpu.run_slice(limit_ns, interrupt_waiting, past_shadow, count)
         events, cpu.events = cpu.events, []
         if self.exit_status is not None or self.reset_requested:
             return
@@ -442,6 +448,33 @@ class Machine:
         if not events and cpu.finished_on_hlt():
             cpu.halted = True
             self.stats["halts"] += 1
+        if cpu.debug_stop is not None and not count:  # a step reports its own stop
+            stop, cpu.debug_stop = cpu.debug_stop, None
+            self._stop_for_debugger(stop)
+
+    def _step(self):
+        """One instruction for a debugger, then stop.  An exception it raises is delivered,
+        so the step ends on the handler's first instruction, as on QEMU."""
+        cpu = self.cpu
+        self.single_step = False
+        start = cpu.rip
+        cpu.stepping = True
+        try:
+            # far from any timer deadline: a timer must not end the step before the instruction
+            self._run_cpu(self.clock.now() + MAX_SLICE_NS, count=1)
+        finally:
+            cpu.stepping = False
+        if self.exit_status is not None or self.reset_requested:
+            return
+        stop, cpu.debug_stop = cpu.debug_stop, None
+        self._stop_for_debugger(stop or DebugStop("step", start))
+
+    def _stop_for_debugger(self, stop):
+        """A breakpoint, watchpoint or step ended: the guest stops (RunState "debug") and
+        the debugger hears why."""
+        self.pause(status="debug")
+        for listener in list(self.debug_listeners):
+            listener(stop)
 
     def _maybe_deliver_interrupt(self):
         """Deliver one external interrupt if one is pending and the guest can take it."""
@@ -455,7 +488,8 @@ class Machine:
             limit = self.clock.now() + MAX_SLICE_NS
             deadline = self.clock.next_deadline()
             self._run_cpu(limit if deadline is None else min(limit, deadline), past_shadow=True)
-            if self.exit_status is not None or not intc.has_interrupt() or not cpu.interrupts_enabled():
+            if (self.exit_status is not None or self.pause_requested or not intc.has_interrupt()
+                    or not cpu.interrupts_enabled()):
                 return False
         vector = intc.acknowledge()
         if vector is None:

@@ -32,9 +32,9 @@ USAGE_EXIT = 2
 QEMU_OPTIONS = frozenset("""
     accel acpitable action add-fd async-teardown audio audio-help audiodev blockdev boot cdrom chardev chroot
     compat cpu D dfilter dtb dump-vmstate echr enable-kvm enable-sync-profile fda fdb
-    fsdev full-screen g gdb hda hdb hdc hdd iscsi k L mem-path mem-prealloc mon msg mtdblock net netdev
+    fsdev full-screen g hda hdb hdc hdd iscsi k L mem-path mem-prealloc mon msg mtdblock net netdev
     nic no-acpi no-fd-bootchk no-hpet no-shutdown no-user-config nodefaults numa object only-migratable
-    option-rom overcommit parallel pflash plugin portrait preconfig qmp-pretty readconfig rotate rtc runas s
+    option-rom overcommit parallel pflash plugin portrait preconfig qmp-pretty readconfig rotate rtc runas
     sandbox sd seed semihosting semihosting-config set singlestep smbios smp snapshot spice tpmdev trace usb
     usbdevice uuid vga virtfs vnc watchdog watchdog-action win2k-hack xen-attach xen-domid xen-domid-restrict
 """.split())
@@ -138,7 +138,10 @@ def run_parser():
                    help="after MS milliseconds of guest time, save a snapshot to FILE and go on")
     p.add_argument("-loadvm", metavar="FILE", help="start from a snapshot saved with -savevm-at")
     p.add_argument("-qmp", metavar="ADDR", help="QMP monitor on unix:PATH,server,nowait or tcp:HOST:PORT,server,nowait")
-    p.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest until QMP 'cont'")
+    p.add_argument("-S", dest="start_paused", action="store_true",
+                   help="do not start the guest until QMP 'cont' (or gdb's continue)")
+    p.add_argument("-gdb", metavar="DEV", help="GDB stub on tcp:[HOST]:PORT (loopback unless HOST is given) or none")
+    p.add_argument("-s", dest="gdb_default", action="store_true", help="shorthand for -gdb tcp::1234")
     p.add_argument("-incoming", metavar="URI",
                    help="wait for a migration: tcp:HOST:PORT (loopback unless HOST is given), exec:CMD, file:PATH, "
                         "or defer (QMP migrate-incoming gives the URI)")
@@ -332,10 +335,12 @@ class _RunParts:
     """What :func:`run_machine` has set up so far; whatever exists is closed on every way out."""
 
     def __init__(self):
-        self.machine = self.monitor = self.migration = None
+        self.machine = self.monitor = self.migration = self.gdb = None
         self.pidfile_written = False
 
     def close(self):
+        if self.gdb is not None:
+            self.gdb.close(None if self.machine is None else self.machine.exit_status)
         _close(self.machine, self.monitor, self.migration)
 
 
@@ -398,6 +403,7 @@ def _set_up(args, configure, snapshot, parts):
         from frontend.qmp import QmpServer
         parts.monitor = QmpServer(machine, args.qmp, migration=migration)
     _set_up_incoming(args, machine, migration)
+    _set_up_gdb(args, parts)
     if snapshot is not None:
         try:
             machine.load_state(snapshot)
@@ -412,6 +418,23 @@ def _set_up(args, configure, snapshot, parts):
     if args.pidfile is not None:
         _write_pidfile(args.pidfile)
         parts.pidfile_written = True
+
+
+def _set_up_gdb(args, parts):
+    """``-gdb DEV`` / ``-s``: the GDB stub, its ``monitor`` command going to HMP."""
+    from frontend.gdbstub import DEFAULT_PORT, GdbStub
+
+    specs = ([args.gdb] if args.gdb is not None else []) + ([f"tcp::{DEFAULT_PORT}"] if args.gdb_default else [])
+    specs = [spec for spec in specs if spec != "none"]
+    if len(specs) > 1:
+        raise ConfigError("-gdb: only one GDB stub (give -s or -gdb, not both)")
+    if not specs:
+        return
+    monitor = parts.monitor
+    if monitor is None:
+        from frontend.qmp import QmpServer
+        monitor = QmpServer(parts.machine, None)
+    parts.gdb = GdbStub(parts.machine, specs[0], monitor.human_command)
 
 
 def _migration_controller(args, machine, configure):
@@ -456,7 +479,7 @@ def _run_guest(args, configure, savevm, parts):
             _save_at(machine, savevm, status)
         if status is None:
             interactive = (parts.monitor is not None or args.start_paused or args.incoming is not None
-                           or configure is not None)
+                           or configure is not None or parts.gdb is not None)
             status = machine.main_loop() if interactive else machine.run()
     except (KeyboardInterrupt, Terminated) as e:
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT

@@ -315,26 +315,30 @@ class QmpServer:
 
     ``migration``: the object the migration commands go to (``start``, ``cancel``,
     ``query``, ``set_capabilities`` ...); without it those commands do not exist.
-    ``snapshot_dir``: where HMP ``savevm NAME`` / ``loadvm NAME`` keep ``NAME.emusnap``."""
+    ``snapshot_dir``: where HMP ``savevm NAME`` / ``loadvm NAME`` keep ``NAME.emusnap``.
+    ``address`` None: no socket, the HMP dispatcher alone (for the gdb stub's ``monitor``)."""
 
     def __init__(self, machine, address, migration=None, snapshot_dir=None):
         self.machine = machine
         self.migration = migration
         self.snapshot_dir = os.path.abspath(snapshot_dir or os.getcwd())
         self.spec = address
-        self.family, target, wait = parse_address(address)
         self.clients = []
         self._flush_job_active = False
         self._shutdown_data = None
         self._shutdown_sent = False
         self._unix_path = None
+        self.commands = self._command_table()
+        machine.event_listeners.append(self._on_event)
+        if address is None:  # no socket: only human_command() (gdb's "monitor" without -qmp)
+            self.listener = self.address = None
+            return
+        self.family, target, wait = parse_address(address)
         self.listener = self._listen(target)
         if self.family == "unix":
             self.address = target
         else:
             self.address = self.listener.getsockname()[:2]
-        self.commands = self._command_table()
-        machine.event_listeners.append(self._on_event)
         machine.add_fd_handler(self.listener.fileno(), self._on_accept)
         if wait:
             print(f"emu: waiting for a QMP connection on {address}", file=sys.stderr)
@@ -471,6 +475,10 @@ class QmpServer:
 
     def close(self):
         """Send what is still pending (briefly), then close every socket."""
+        if self.listener is None:
+            if self._on_event in self.machine.event_listeners:
+                self.machine.event_listeners.remove(self._on_event)
+            return
         if self.listener.fileno() < 0:
             return
         self.machine.remove_fd_handler(self.listener.fileno())

@@ -469,6 +469,9 @@ CASES = [
     FirmwareCase("pvh-bare", "firmware/build/pvh.elf",
                  expect=b"pvh: start info magic and version ok\r\npvh: protected mode, paging off\r\n"
                         b"pvh: cmdline []\r\npvh: memory map has RAM at 0 and at 1 MiB\r\npvh: done\r\n"),
+    FirmwareCase(
+        "gdbtarget", "firmware/build/gdbtarget.elf", append="n=7",
+        expect=b"counter=00000007 word=emu!\r\n"),
 ]
 CASES.append(FirmwareCase("stepping", "firmware/build/stepping.elf",
                           expect=_self_test("stepping: 64-bit mode entered", STEPPING_CHECKS)))

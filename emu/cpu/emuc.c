@@ -204,6 +204,21 @@ void on_mem_write(void *uc, int type, uint64_t addr, int size, int64_t value, vo
 }
 
 /* Merge the CPU dirty map with the host-write map, list the dirty pages, clear both. */
+/* A code hook at every instruction while debugger watchpoints exist: once a watched
+   access happened (the memory hook set watch_hit), stop before the next instruction, so
+   the accessing one has completed.  A stop from the memory hook itself would end the
+   slice inside that instruction, which would then run again.  In C: a Python hook at every
+   instruction runs the guest at a few MIPS. */
+void on_watch_step(void *uc, uint64_t addr, uint32_t size, void *user) {
+    emu_state *s = (emu_state *)user;
+    UNUSED(addr);
+    UNUSED(size);
+    if (s->watch_hit) {
+        s->stop_reason |= STOP_REQUEST;
+        s->emu_stop(uc);
+    }
+}
+
 uint64_t collect_dirty(uint8_t *map, uint8_t *extra, uint64_t npages, uint32_t *out) {
     uint64_t n = 0;
     const uint64_t *m64 = (const uint64_t *)map, *e64 = (const uint64_t *)extra;

@@ -81,6 +81,8 @@ typedef struct {
     /* --- real-time deadlines (patched engine: no block hook) ------------------- */
     void    *timer;           /* the deadline timer thread, see deadline_timer_* */
     uint64_t timer_fires;
+    /* --- debugger watchpoints ----------------------------------------------------- */
+    uint32_t watch_hit;       /* set by a watchpoint's memory hook; on_watch_step then stops */
 } emu_state;
 
 #define STOP_DEADLINE 1
@@ -102,6 +104,7 @@ void on_block(void *uc, uint64_t addr, uint32_t size, void *user);
 int on_rdtsc(void *uc, void *user);
 int on_rdtscp(void *uc, void *user);
 void on_mem_write(void *uc, int type, uint64_t addr, int size, int64_t value, void *user);
+void on_watch_step(void *uc, uint64_t addr, uint32_t size, void *user);
 int64_t guest_clock_now(const guest_clock *clock);
 void guest_clock_set(guest_clock *clock, int64_t guest_ns);
 void guest_clock_start(guest_clock *clock);

@@ -23,9 +23,10 @@ import struct
 import weakref
 
 from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
-                     UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
-                     UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE, UC_HOOK_MEM_WRITE_PROT, UC_MEM_FETCH_UNMAPPED,
-                     UC_MEM_WRITE_UNMAPPED, UC_MODE_16, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UcError)
+                     UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN,
+                     UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE, UC_HOOK_MEM_WRITE_PROT,
+                     UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_16, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC,
+                     UC_PROT_READ, UcError)
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import uclib
@@ -101,6 +102,23 @@ def is_double_fault(first, second):
     return first == PF and (second in CONTRIBUTORY or second == PF)
 
 
+class DebugStop:
+    """Why a debugger hook stopped the guest: ``kind`` "breakpoint" (``address`` is RIP,
+    the instruction not yet executed), or "watch" / "rwatch" / "awatch" (``address`` is
+    the watchpoint's, the accessing instruction completed)."""
+
+    __slots__ = ("kind", "address")
+
+    def __init__(self, kind, address):
+        self.kind, self.address = kind, address
+
+    def __repr__(self):
+        return f"DebugStop({self.kind!r}, {self.address:#x})"
+
+
+WATCH_KINDS = ("watch", "rwatch", "awatch")  # gdb's names: write, read, access
+
+
 class PendingEvent:
     """What the hooks recorded during a slice, for the run loop to act on."""
 
@@ -149,6 +167,11 @@ class X86Cpu:
         self._rom_hooks = {}  # base of a ROM mapping -> its write-protection hook
         self._rom_write_handler = None
         self._msr_handlers = {}  # MSR index -> (read, write): add_msr
+        self.debug_stop = None  # a DebugStop recorded by a breakpoint or watchpoint hook
+        self._breakpoints = {}  # linear address -> code hook
+        self._watchpoints = {}  # (kind, linear, length) -> memory hooks
+        self._watch_step_hook = None  # a code hook at every instruction while watchpoints exist
+        self.stepping = False  # a single step runs: breakpoints do not stop it (as QEMU)
 
         self.uc = new_engine(UC_MODE_64)
         self.engine = EngineControls(self.uc)
@@ -709,7 +732,7 @@ class X86Cpu:
         self.uc.ctl_flush_tb()
 
     # ------------------------------------------------------------------ running
-    def run_slice(self, deadline_ns, interrupt_waiting=False, past_shadow=False):
+    def run_slice(self, deadline_ns, interrupt_waiting=False, past_shadow=False, count=0):
         """Run until the deadline (guest ns), a stop request, a halt or an event.
 
         ``interrupt_waiting``: an interrupt is pending while IF is clear; the slice then
@@ -717,9 +740,11 @@ class X86Cpu:
         interrupt shadow (after ``sti`` / ``mov ss``), where QEMU translates a block of that
         one instruction; the slice ends at the block start after it.  (An instruction-count
         limit would do the same, but Unicorn drops every translated block at the next
-        uncounted ``emu_start`` after one.)"""
+        uncounted ``emu_start`` after one.)  ``count``: at most that many instructions (a
+        debugger's single step)."""
         cstate = self.cstate
         cstate.stop_reason = 0
+        cstate.watch_hit = 0
         window = interrupt_waiting or past_shadow
         if not self.engine.patched:
             cstate.irq_waiting = 1 if window else 0
@@ -737,9 +762,13 @@ class X86Cpu:
         elif not self.block_hook:
             self.clib.deadline_timer_arm(cstate, deadline_ns)
         self._invalidate_context()
+        if count:
+            # Unicorn counts in a code hook that it adds now, which code translated before
+            # does not call: a block translated without it would run on past the count
+            self.uc.ctl_flush_tb()
         self.running = True
         try:
-            self.uc.emu_start(rip, NEVER)
+            self.uc.emu_start(rip, NEVER, count=count)
         except UcError as e:
             if not self.cstate.exiting:  # after an exit request the rest of the block does not matter
                 self._engine_error(e)
@@ -890,6 +919,133 @@ class X86Cpu:
             self.ram.mark_dirty(phys, len(data))
         else:
             raise GuestError(f"cpu: interrupt frame write to {phys:#x} outside RAM")
+
+    # ------------------------------------------------------------------ debugger access and hooks
+    def read_debug(self, linear, length):
+        """Guest memory at a linear address as a debugger sees it: through the page tables
+        with no permission check and no accessed/dirty bits set (QEMU's
+        cpu_memory_rw_debug; MMIO is read from its device, as there).  Raises Fault(#PF)
+        where a page is not mapped, GuestError where no memory is."""
+        out = bytearray()
+        while length:
+            chunk = min(length, 0x1000 - (linear & 0xFFF))
+            phys = self.translate(linear)
+            try:
+                out += self._read_physical(phys, chunk)
+            except UcError:
+                raise GuestError(f"cpu: debugger read of unmapped physical address {phys:#x}") from None
+            linear, length = linear + chunk, length - chunk
+        return bytes(out)
+
+    def write_debug(self, linear, data):
+        """A debugger's write at a linear address: even to read-only pages, every page
+        translated before any byte is written; translated code over it is dropped."""
+        pieces, pos = [], 0
+        while pos < len(data):
+            chunk = min(len(data) - pos, 0x1000 - ((linear + pos) & 0xFFF))
+            phys = self.translate(linear + pos)
+            if phys + chunk > self.ram.size:
+                raise GuestError(f"cpu: debugger write to {phys:#x} outside RAM")
+            pieces.append((phys, data[pos:pos + chunk]))
+            pos += chunk
+        for phys, piece in pieces:
+            self.ram.write(phys, piece)  # marks the pages dirty and invalidates their code
+
+    def load_segment_register(self, name, selector):
+        """Load ``name`` (cs, ss, ds, es, fs, gs) with ``selector`` as ``mov`` would
+        (QEMU's cpu_x86_load_seg, which its gdbstub uses): ``selector << 4`` as the base
+        in real mode, the GDT/LDT descriptor in protected mode (Fault when invalid), a null
+        data selector as an unusable segment.  A debugger's register write."""
+        ctx = self.context()
+        _, _, limit, flags = ctx.segment(name)
+        if self.mode() in ("real", "vm86"):
+            ctx.load_segment(name, selector, selector << 4, limit, flags)
+        elif not selector & 0xFFFC and name != "cs":
+            ctx.load_segment(name, selector, 0, 0, 0)
+        else:
+            base, limit, flags = self._descriptor(selector, ctx)
+            # the cache says "accessed", as after mov (which also sets the bit in the GDT: not done here)
+            ctx.load_segment(name, selector, base, limit, flags | xc.DESC_A)
+        ctx.restore()
+        self._invalidate_context()
+
+    def msr(self, index):
+        return self.uc.reg_read(X.UC_X86_REG_MSR, index)
+
+    def set_msr(self, index, value):
+        self._invalidate_context()
+        self.uc.reg_write(X.UC_X86_REG_MSR, (index, value))
+
+    def add_breakpoint(self, linear):
+        """Stop before the instruction at ``linear`` (a code hook on that one byte: nothing
+        else is slowed).  Translated code is flushed: a hook reaches only code translated
+        after it was added."""
+        if linear in self._breakpoints:
+            return
+        self._breakpoints[linear] = self.uc.hook_add(UC_HOOK_CODE, self._on_breakpoint, None, linear, linear)
+        self.uc.ctl_flush_tb()
+
+    def remove_breakpoint(self, linear):
+        """False when there was none at ``linear``."""
+        hook = self._breakpoints.pop(linear, None)
+        if hook is None:
+            return False
+        self.uc.hook_del(hook)
+        self.uc.ctl_flush_tb()  # no translated block keeps calling into the removed hook
+        return True
+
+    def add_watchpoint(self, kind, linear, length):
+        """Stop after an instruction that writes ("watch"), reads ("rwatch") or accesses
+        ("awatch") a byte of [linear, linear + length).  Memory hooks only record the hit;
+        a C code hook at every instruction (on_watch_step) then stops before the next one,
+        so the accessing instruction completes (a stop from the memory hook itself would
+        end the slice inside the instruction).  Guest code runs several times slower while
+        any watchpoint exists."""
+        if kind not in WATCH_KINDS:
+            raise GuestError(f"cpu: unknown watchpoint kind {kind!r}")
+        key = (kind, linear, length)
+        if key in self._watchpoints or length <= 0:
+            return
+        types = {"watch": (UC_HOOK_MEM_WRITE,), "rwatch": (UC_HOOK_MEM_READ,),
+                 "awatch": (UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE)}[kind]
+        self._watchpoints[key] = [self.uc.hook_add(t, self._on_watched_access, key, linear, linear + length - 1)
+                                  for t in types]
+        if self._watch_step_hook is None:
+            self._watch_step_hook = self._c_hook(UC_HOOK_CODE, "on_watch_step")
+        self.uc.ctl_flush_tb()
+
+    def remove_watchpoint(self, kind, linear, length):
+        """False when there was no such watchpoint."""
+        hooks = self._watchpoints.pop((kind, linear, length), None)
+        if hooks is None:
+            return False
+        for hook in hooks:
+            self.uc.hook_del(hook)
+        if not self._watchpoints and self._watch_step_hook is not None:
+            self.remove_hook(self._watch_step_hook)
+            self._watch_step_hook = None
+        self.uc.ctl_flush_tb()
+        return True
+
+    def remove_debug_hooks(self):
+        """Every breakpoint and watchpoint (a debugger detached or went away)."""
+        for linear in list(self._breakpoints):
+            self.remove_breakpoint(linear)
+        for key in list(self._watchpoints):
+            self.remove_watchpoint(*key)
+        self.debug_stop = None
+
+    def _on_breakpoint(self, uc, address, size, user):
+        if self.stepping:  # a single step overrides breakpoints (QEMU's check_for_breakpoints)
+            return
+        if self.debug_stop is None:
+            self.debug_stop = DebugStop("breakpoint", address)
+        self._stop_at_this_instruction()
+
+    def _on_watched_access(self, uc, access, address, size, value, key):
+        if self.debug_stop is None:
+            self.debug_stop = DebugStop(key[0], key[1])
+        self.cstate.watch_hit = 1  # the C code hook (on_watch_step) stops before the next instruction
 
     # ------------------------------------------------------------------ descriptors
     def _descriptor(self, selector, ctx):
