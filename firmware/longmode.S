@@ -68,7 +68,6 @@
 #define LOG_SIZE        128
 #define LOG_MAX         16
 
-#define HAS_ERROR_CODE(v) ((v) == 8 || ((v) >= 10 && (v) <= 14) || (v) == 17 || (v) == 21 || (v) == 29 || (v) == 30)
 
 /* ------------------------------------------------------------------ 32-bit setup */
     .text
@@ -656,25 +655,7 @@ syscall_entry:
     sysretq
 
 /* CPU exceptions: stubs push a dummy error code where the CPU pushes none, then the vector. */
-    .macro EXC_STUB v
-exc_stub_\v:
-    .if HAS_ERROR_CODE(\v) == 0
-    push $0
-    .endif
-    push $\v
-    jmp exc_common
-    .pushsection .rodata
-    .long exc_stub_\v
-    .popsection
-    .endm
-
-    .section .rodata
-    .balign 4
-exc_stubs:
-    .text
-    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
-    EXC_STUB \v
-    .endr
+#include "exc_stubs.h"
 
 fatal_other:
     push $0

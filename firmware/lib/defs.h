@@ -52,4 +52,7 @@
 #define SEL_CODE32      0x08
 #define SEL_DATA32      0x10
 
+/* Exceptions for which the CPU pushes an error code (SDM vol. 3, 6.13). */
+#define HAS_ERROR_CODE(v) ((v) == 8 || ((v) >= 10 && (v) <= 14) || (v) == 17 || (v) == 21 || (v) == 29 || (v) == 30)
+
 #endif

@@ -74,7 +74,6 @@ irq_ignore:
     iret
 
 /* Vectors that push an error code: #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP, #VC, #SX. */
-#define HAS_ERROR_CODE(v) ((v) == 8 || ((v) >= 10 && (v) <= 14) || (v) == 17 || (v) == 21 || (v) == 29 || (v) == 30)
 
     .macro FATAL_STUB v
 fatal_stub_\v:
