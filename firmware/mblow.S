@@ -3,7 +3,7 @@
  * over the page at 0x9000 where QEMU's loader puts the multiboot information.  The kernel
  * image must arrive whole: the guest checks its code and every byte of its data pattern.
  * It does not read the information structure (under QEMU, EBX then points at kernel
- * bytes).  Standalone (no lib/): COM1 by polling, exit through port 0xf4.
+ * bytes).  Standalone (no lib/ objects): COM1 by polling, exit through port 0xf4.
  */
 #define PATTERN_BYTES (0xa84c - 0x8100 - 4)
 
@@ -37,21 +37,7 @@ broken:
     out %al, $0xf4
     hlt
 
-/* puts: the NUL-terminated string at ESI to COM1 */
-puts:
-    lodsb
-    test %al, %al
-    jz 2f
-    mov %al, %ah
-    mov $0x3fd, %dx
-1:  in %dx, %al
-    test $0x20, %al
-    jz 1b
-    mov $0x3f8, %dx
-    mov %ah, %al
-    out %al, %dx
-    jmp puts
-2:  ret
+#include "polled_puts.h"
 
 msg_intact: .asciz "mblow: image intact\r\n"
 msg_broken: .asciz "mblow: image damaged\r\n"

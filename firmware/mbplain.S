@@ -4,7 +4,7 @@
  * default layout (separate code, 2.31 and later) then adds a read-only PT_LOAD holding only
  * the ELF and program headers at 0xff000, inside the BIOS area: a loader must leave those
  * bytes out (QEMU's copy there hits the read-only BIOS shadow) and run the kernel.
- * Standalone (no lib/): prints on COM1 by polling LSR.THRE, exits through port 0xf4.
+ * Standalone (no lib/ objects): prints on COM1 by polling LSR.THRE, exits through port 0xf4.
  */
     .text
     .code32
@@ -26,21 +26,7 @@ _start:
     out %al, $0xf4
     hlt
 
-/* puts: the NUL-terminated string at ESI to COM1 */
-puts:
-    lodsb
-    test %al, %al
-    jz 2f
-    mov %al, %ah
-    mov $0x3fd, %dx
-1:  in %dx, %al
-    test $0x20, %al
-    jz 1b
-    mov $0x3f8, %dx
-    mov %ah, %al
-    out %al, %dx
-    jmp puts
-2:  ret
+#include "polled_puts.h"
 
     .section .rodata
 msg_running: .asciz "mbplain: running at 1 MiB\r\n"

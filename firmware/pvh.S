@@ -3,7 +3,7 @@
  * multiboot header, only an ELF note XEN_ELFNOTE_PHYS32_ENTRY naming the 32-bit entry.  It
  * checks what the ABI promises and prints what the loader handed over: the hvm_start_info
  * magic and version, protected mode with paging off, the command line, RAM at 0 and at
- * 1 MiB in the memory map, and the first module (-initrd) as text.  Standalone (no lib/),
+ * 1 MiB in the memory map, and the first module (-initrd) as text.  Standalone (no lib/ objects),
  * linked with plain `ld -m elf_i386 -Ttext=0x100000`; COM1 by polling, exit through 0xf4.
  */
 #define START_INFO_MAGIC 0x336ec578
@@ -95,26 +95,7 @@ fail:
     out %al, $0xf4
     hlt
 
-/* putc: AL to COM1; puts: the NUL-terminated string at ESI (both keep ECX) */
-putc:
-    push %edx
-    mov %al, %ah
-    mov $0x3fd, %dx
-1:  in %dx, %al
-    test $0x20, %al
-    jz 1b
-    mov $0x3f8, %dx
-    mov %ah, %al
-    out %al, %dx
-    pop %edx
-    ret
-puts:
-    lodsb
-    test %al, %al
-    jz 1f
-    call putc
-    jmp puts
-1:  ret
+#include "polled_puts.h"
 
     .section .rodata
 msg_magic:   .asciz "pvh: start info magic and version ok\r\n"
