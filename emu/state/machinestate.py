@@ -205,10 +205,7 @@ def write_pages(machine, pages, source):
     ram = machine.ram.buf.reshape(-1, stream.PAGE_SIZE)
     data = stream.nonzero_pages(source, pages)
     ram[pages[data]] = source.reshape(-1, stream.PAGE_SIZE)[pages[data]]
-    # a zero page only needs writing where RAM is not zero already: touching untouched host
-    # memory would make the kernel allocate it
-    zero = pages[~data]
-    ram[zero[stream.nonzero_pages(machine.ram.buf, zero)]] = 0
+    stream.zero_where_not_zero(machine.ram.buf, pages[~data])
     _host_wrote(machine, pages)
 
 

@@ -18,6 +18,7 @@ every length and footer) without touching anything, and only then does the machi
 the result.  A stream is hostile until proven otherwise.
 """
 
+import os
 import struct
 
 import numpy as np
@@ -57,6 +58,36 @@ def nonzero_pages(ram_buf, pages):
                                  _emuc.ffi.cast("int64_t *", pages.ctypes.data), len(pages),
                                  _emuc.ffi.cast("uint8_t *", mask.ctypes.data))
     return mask.astype(bool)
+
+
+def backed_pages(ram_buf, pages):
+    """Which of ``pages`` of ``ram_buf`` the host kernel backs (present, or swapped out, in
+    /proc/self/pagemap).  A page of an anonymous mapping it does not back was never touched
+    and reads as zero: knowing it without reading spares a page fault per page (0.4 s for
+    256 MiB of a fresh machine).  Where pagemap cannot be read, every page counts as backed."""
+    if not len(pages):
+        return np.zeros(0, dtype=bool)
+    first, last = int(pages.min()), int(pages.max())
+    count = last - first + 1
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            raw = os.pread(fd, 8 * count, 8 * ((ram_buf.ctypes.data >> 12) + first))
+        finally:
+            os.close(fd)
+    except OSError:
+        raw = b""
+    if len(raw) != 8 * count:
+        return np.ones(len(pages), dtype=bool)
+    entries = np.frombuffer(raw, dtype=np.uint64)[pages - first]
+    return (entries >> np.uint64(62)) != 0  # bit 63 present, bit 62 swapped
+
+
+def zero_where_not_zero(ram_buf, pages):
+    """Make ``pages`` of ``ram_buf`` zero, writing only those that are not: touching untouched
+    host memory would make the kernel allocate it, and reading it costs a page fault."""
+    pages = pages[backed_pages(ram_buf, pages)]
+    ram_buf.reshape(-1, PAGE_SIZE)[pages[nonzero_pages(ram_buf, pages)]] = 0
 
 
 class StreamWriter:
@@ -259,7 +290,4 @@ class RamPages:
             view[:] = self.data
         else:
             view[self.pages[self.nonzero]] = self.data
-            # a zero page only needs writing where RAM is not zero already: touching untouched
-            # host memory would make the kernel allocate it
-            zero_pages = self.pages[~self.nonzero]
-            view[zero_pages[nonzero_pages(ram_buf, zero_pages)]] = 0
+            zero_where_not_zero(ram_buf, self.pages[~self.nonzero])
