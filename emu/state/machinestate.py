@@ -211,7 +211,7 @@ def write_pages(machine, pages, source):
 
 def count_zero_pages(machine, pages):
     """How many of ``pages`` hold only zero bytes."""
-    return len(pages) - int(np.count_nonzero(stream.nonzero_pages(machine.ram.buf, pages)))
+    return len(pages) - int(np.count_nonzero(stream.nonzero_pages(machine.ram.buf, pages, anonymous=True)))
 
 
 def digest(machine):

@@ -50,9 +50,17 @@ def printable_name(raw):
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= NAME_SHOWN else f"{text[:NAME_SHOWN]}...({len(raw)} bytes)"
 
-def nonzero_pages(ram_buf, pages):
-    """Boolean mask: which of ``pages`` of ``ram_buf`` hold a non-zero byte (C, early exit)."""
+def nonzero_pages(ram_buf, pages, anonymous=False):
+    """Boolean mask: which of ``pages`` of ``ram_buf`` hold a non-zero byte (C, early exit).
+    ``anonymous``: ``ram_buf`` is an anonymous mapping (guest RAM), so a page the host never
+    backed is zero without being read (see :func:`backed_pages`)."""
     pages = np.ascontiguousarray(pages, dtype=np.int64)
+    if anonymous:
+        backed = backed_pages(ram_buf, pages)
+        if not backed.all():
+            mask = np.zeros(len(pages), dtype=bool)
+            mask[backed] = nonzero_pages(ram_buf, pages[backed])
+            return mask
     mask = np.zeros(len(pages), dtype=np.uint8)
     _emuc.lib.mark_nonzero_pages(_emuc.ffi.cast("uint8_t *", ram_buf.ctypes.data),
                                  _emuc.ffi.cast("int64_t *", pages.ctypes.data), len(pages),
@@ -84,10 +92,10 @@ def backed_pages(ram_buf, pages):
 
 
 def zero_where_not_zero(ram_buf, pages):
-    """Make ``pages`` of ``ram_buf`` zero, writing only those that are not: touching untouched
-    host memory would make the kernel allocate it, and reading it costs a page fault."""
-    pages = pages[backed_pages(ram_buf, pages)]
-    ram_buf.reshape(-1, PAGE_SIZE)[pages[nonzero_pages(ram_buf, pages)]] = 0
+    """Make ``pages`` of ``ram_buf`` (an anonymous mapping) zero, writing only those that are
+    not: touching untouched host memory would make the kernel allocate it, and reading it
+    costs a page fault."""
+    ram_buf.reshape(-1, PAGE_SIZE)[pages[nonzero_pages(ram_buf, pages, anonymous=True)]] = 0
 
 
 class StreamWriter:
@@ -120,12 +128,13 @@ class StreamWriter:
         self._section(KIND_DEVICE, section_id, instance, version, [payload])
 
     def ram(self, ram_buf, pages):
-        """Pages of ``ram_buf`` (a numpy uint8 array); all-zero pages are stored as a flag."""
+        """Pages of ``ram_buf`` (guest RAM as a numpy uint8 array over its anonymous mapping);
+        all-zero pages are stored as a flag."""
         pages = np.ascontiguousarray(pages, dtype=np.int64)
         npages = len(ram_buf) // PAGE_SIZE
         if len(pages) and (pages.min() < 0 or pages.max() >= npages):
             raise StateError("RAM section: page number outside RAM")
-        nonzero = nonzero_pages(ram_buf, pages)
+        nonzero = nonzero_pages(ram_buf, pages, anonymous=True)
         view = ram_buf.reshape(-1, PAGE_SIZE)
         data_pages = pages[nonzero]
         if len(data_pages) == npages and (data_pages == np.arange(npages)).all():
