@@ -50,12 +50,17 @@ def printable_name(raw):
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= NAME_SHOWN else f"{text[:NAME_SHOWN]}...({len(raw)} bytes)"
 
+#: Below this many pages (a checkpoint's dirty pages, which are backed anyway) reading them
+#: costs less than reading their range of /proc/self/pagemap.
+PAGEMAP_MIN_PAGES = 1024
+
+
 def nonzero_pages(ram_buf, pages, anonymous=False):
     """Boolean mask: which of ``pages`` of ``ram_buf`` hold a non-zero byte (C, early exit).
     ``anonymous``: ``ram_buf`` is an anonymous mapping (guest RAM), so a page the host never
     backed is zero without being read (see :func:`backed_pages`)."""
     pages = np.ascontiguousarray(pages, dtype=np.int64)
-    if anonymous:
+    if anonymous and len(pages) >= PAGEMAP_MIN_PAGES:
         backed = backed_pages(ram_buf, pages)
         if not backed.all():
             mask = np.zeros(len(pages), dtype=bool)
