@@ -53,6 +53,8 @@ def printable_name(raw):
 #: Below this many pages (a checkpoint's dirty pages, which are backed anyway) reading them
 #: costs less than reading their range of /proc/self/pagemap.
 PAGEMAP_MIN_PAGES = 1024
+#: Up to this many pages, pagemap is read entry by entry instead of over their whole range.
+PAGEMAP_SINGLE_READS = 64
 
 
 def nonzero_pages(ram_buf, pages, anonymous=False):
@@ -81,18 +83,25 @@ def backed_pages(ram_buf, pages):
     if not len(pages):
         return np.zeros(0, dtype=bool)
     first, last = int(pages.min()), int(pages.max())
-    count = last - first + 1
+    base = ram_buf.ctypes.data >> 12
+    few = len(pages) <= PAGEMAP_SINGLE_READS  # one read per page, not their whole range
+    count = len(pages) if few else last - first + 1
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY)
         try:
-            raw = os.pread(fd, 8 * count, 8 * ((ram_buf.ctypes.data >> 12) + first))
+            if few:
+                raw = b"".join(os.pread(fd, 8, 8 * (base + int(page))) for page in pages)
+            else:
+                raw = os.pread(fd, 8 * count, 8 * (base + first))
         finally:
             os.close(fd)
     except OSError:
         raw = b""
     if len(raw) != 8 * count:
         return np.ones(len(pages), dtype=bool)
-    entries = np.frombuffer(raw, dtype=np.uint64)[pages - first]
+    entries = np.frombuffer(raw, dtype=np.uint64)
+    if not few:
+        entries = entries[pages - first]
     return (entries >> np.uint64(62)) != 0  # bit 63 present, bit 62 swapped
 
 
@@ -100,7 +109,8 @@ def zero_where_not_zero(ram_buf, pages):
     """Make ``pages`` of ``ram_buf`` (an anonymous mapping) zero, writing only those that are
     not: touching untouched host memory would make the kernel allocate it, and reading it
     costs a page fault."""
-    ram_buf.reshape(-1, PAGE_SIZE)[pages[nonzero_pages(ram_buf, pages, anonymous=True)]] = 0
+    pages = pages[backed_pages(ram_buf, np.ascontiguousarray(pages, dtype=np.int64))]
+    ram_buf.reshape(-1, PAGE_SIZE)[pages[nonzero_pages(ram_buf, pages)]] = 0
 
 
 class StreamWriter:
