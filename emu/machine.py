@@ -19,6 +19,7 @@ from emu.memmap import PhysicalMemory
 from emu.memory import GuestRam
 
 MAX_SLICE_NS = 10_000_000  # host input is looked at least every 10 ms of guest time
+EPOLL_RESOLUTION_S = 0.001  # epoll_wait's timeout unit
 IDLE_WAIT_CAP_S = 0.5
 
 
@@ -541,7 +542,14 @@ class Machine:
                 time.sleep(timeout)
             return
         changed = False
-        for key, _ in self.selector.select(timeout):
+        ready = self.selector.select(0 if 0 < timeout < EPOLL_RESOLUTION_S else timeout)
+        if not ready and 0 < timeout < EPOLL_RESOLUTION_S:
+            # epoll waits in whole milliseconds (Python rounds up): a deadline closer than
+            # that (a NIC's transmit window, a guest's high-resolution timer) would come up
+            # to a millisecond late, so sleep the exact time and look once more
+            time.sleep(timeout)
+            ready = self.selector.select(0)
+        for key, _ in ready:
             if callable(key.data):
                 key.data()
                 continue
