@@ -193,34 +193,66 @@ class _Piece:
 
 ELF32_HEADER = struct.Struct("<16sHHIIIIIHHHHHH")  # Elf32_Ehdr
 ELF32_PHDR = struct.Struct("<IIIIIIII")             # Elf32_Phdr: type offset vaddr paddr filesz memsz flags align
-PT_LOAD, PF_X = 1, 1
+ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr
+ELF64_PHDR = struct.Struct("<IIQQQQQQ")            # Elf64_Phdr: type flags offset vaddr paddr filesz memsz align
+PT_LOAD, PT_NOTE, PF_X = 1, 4, 1
 
 
-def _elf32_load_segments(path, image):
-    """The entry point and the PT_LOAD segments of a little-endian ELF32 image (what a
-    multiboot loader needs of the format: its header and program headers, read with
-    struct: a general ELF library costs a third of a small guest's start-up time)."""
-    if len(image) < ELF32_HEADER.size:
-        raise ConfigError(f"{path}: malformed ELF: the file is shorter than an ELF32 header")
-    header = ELF32_HEADER.unpack_from(image)
-    entry, phoff, phentsize, phnum = header[4], header[5], header[9], header[10]
-    if phnum and phentsize < ELF32_PHDR.size:
+def _elf_program_headers(image, path):
+    """(class, e_entry, [(index, p_type, offset, vaddr, paddr, filesz, memsz, flags)]) of a
+    little-endian x86 ELF32 or ELF64 image: what the multiboot and PVH loaders need of the
+    format, read with struct (a general ELF library costs a third of a small guest's
+    start-up time)."""
+    elf_class = image[4] if len(image) > 4 else 0
+    header, phdr = {1: (ELF32_HEADER, ELF32_PHDR), 2: (ELF64_HEADER, ELF64_PHDR)}.get(elf_class, (None, None))
+    if header is None or image[5] != 1:
+        raise ConfigError(f"{path}: malformed ELF: not a little-endian ELF32 or ELF64 file")
+    if len(image) < header.size:
+        raise ConfigError(f"{path}: malformed ELF: the file is shorter than an ELF{32 * elf_class} header")
+    fields = header.unpack_from(image)
+    if fields[2] not in (3, 62):
+        raise ConfigError(f"{path}: not an x86 ELF (machine {fields[2]})")
+    entry, phoff, phentsize, phnum = fields[4], fields[5], fields[9], fields[10]
+    if phnum and phentsize < phdr.size:
         raise ConfigError(f"{path}: malformed ELF: program header entries of {phentsize} bytes")
     if phoff + phnum * phentsize > len(image):
         raise ConfigError(f"{path}: malformed ELF: the program header table reaches past the end of the file")
-    pieces = []
+    headers = []
     for index in range(phnum):
-        p_type, offset, vaddr, paddr, filesz, memsz, flags, _ = ELF32_PHDR.unpack_from(image, phoff + index * phentsize)
+        values = phdr.unpack_from(image, phoff + index * phentsize)
+        if elf_class == 1:
+            p_type, offset, vaddr, paddr, filesz, memsz, flags, _align = values
+        else:
+            p_type, flags, offset, vaddr, paddr, filesz, memsz, _align = values
+        headers.append((index, p_type, offset, vaddr, paddr, filesz, memsz, flags))
+    return elf_class, entry, headers
+
+
+def _check_in_file(image, index, offset, filesz, path):
+    if offset + filesz > len(image):
+        raise ConfigError(f"{path}: program header {index} reaches past the end of the file (truncated image?)")
+
+
+def _elf_load_pieces(image, entry, headers, path):
+    """(entry, pieces): the PT_LOAD segments at their physical addresses, disjoint, with
+    e_entry translated through the executable segment holding it (QEMU's load_elf rules)."""
+    pieces = []
+    for index, p_type, offset, vaddr, paddr, filesz, memsz, flags in headers:
         if p_type != PT_LOAD or memsz == 0:
             continue
         if filesz > memsz:
             raise ConfigError(f"{path}: program header {index} has p_filesz {filesz:#x} > p_memsz {memsz:#x}")
-        if offset + filesz > len(image):
-            raise ConfigError(f"{path}: program header {index} reaches past the end of the file (truncated image?)")
+        _check_in_file(image, index, offset, filesz, path)
         # e_entry is virtual: translate it through the executable segment holding it.
         if vaddr != paddr and flags & PF_X and vaddr <= entry < vaddr + filesz:
             entry = entry - vaddr + paddr
         pieces.append(_Piece(paddr, image[offset:offset + filesz], memsz, f"program header {index}"))
+    if not pieces:
+        raise ConfigError(f"{path}: ELF image has no loadable (PT_LOAD) segment")
+    for before, after in itertools.pairwise(sorted(pieces, key=lambda p: p.address)):
+        if before.address + before.size > after.address:
+            raise ConfigError(f"{path}: {before.what} ({before.address:#x}+{before.size:#x}) overlaps "
+                              f"{after.what} at {after.address:#x}")
     return entry, pieces
 
 
@@ -238,14 +270,8 @@ def _elf_pieces(image, path):
     if elf_class != 1 or elf_data != 1 or machine != 3:
         raise ConfigError(f"{path}: not a little-endian ELF32 i386 image "
                           f"(class {elf_class}, data {elf_data}, machine {machine})")
-    entry, pieces = _elf32_load_segments(path, image)
-    if not pieces:
-        raise ConfigError(f"{path}: ELF image has no loadable (PT_LOAD) segment")
-    ordered = sorted(pieces, key=lambda p: p.address)
-    for before, after in itertools.pairwise(ordered):
-        if before.address + before.size > after.address:
-            raise ConfigError(f"{path}: {before.what} ({before.address:#x}+{before.size:#x}) overlaps "
-                              f"{after.what} at {after.address:#x}")
+    _, entry, headers = _elf_program_headers(image, path)
+    entry, pieces = _elf_load_pieces(image, entry, headers, path)
     return pieces, entry
 
 
@@ -816,36 +842,6 @@ XEN_HVM_START_MAGIC = 0x336EC578
 HVM_START_INFO = struct.Struct("<IIIIQQQQII")   # magic version flags nr_modules modlist cmdline rsdp memmap entries
 HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")      # paddr size cmdline_paddr reserved
 HVM_MEMMAP_ENTRY = struct.Struct("<QQII")       # addr size type reserved
-ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
-ELF64_PHDR = struct.Struct("<IIQQQQQQ")          # type flags offset vaddr paddr filesz memsz align
-PT_NOTE = 4
-
-
-def _elf_program_headers(image, path):
-    """[(p_type, offset, paddr, filesz, memsz)] of a little-endian x86 ELF32 or ELF64 image."""
-    elf_class = image[4] if len(image) > 4 else 0
-    header, phdr = {1: (ELF32_HEADER, ELF32_PHDR), 2: (ELF64_HEADER, ELF64_PHDR)}.get(elf_class, (None, None))
-    if header is None or len(image) < header.size or image[5] != 1:
-        raise ConfigError(f"{path}: malformed ELF: not a little-endian ELF32 or ELF64 file")
-    fields = header.unpack_from(image)
-    if fields[2] not in (3, 62):
-        raise ConfigError(f"{path}: not an x86 ELF (machine {fields[2]})")
-    phoff, phentsize, phnum = fields[5], fields[9], fields[10]
-    if phnum and phentsize < phdr.size:
-        raise ConfigError(f"{path}: malformed ELF: program header entries of {phentsize} bytes")
-    if phoff + phnum * phentsize > len(image):
-        raise ConfigError(f"{path}: malformed ELF: the program header table reaches past the end of the file")
-    headers = []
-    for index in range(phnum):
-        values = phdr.unpack_from(image, phoff + index * phentsize)
-        if elf_class == 1:
-            p_type, offset, _vaddr, paddr, filesz, memsz, _flags, _align = values
-        else:
-            p_type, _flags, offset, _vaddr, paddr, filesz, memsz, _align = values
-        if p_type in (PT_LOAD, PT_NOTE) and offset + filesz > len(image):
-            raise ConfigError(f"{path}: program header {index} reaches past the end of the file (truncated image?)")
-        headers.append((p_type, offset, paddr, filesz, memsz))
-    return elf_class, headers
 
 
 def find_pvh_entry(image, path="kernel"):
@@ -853,10 +849,11 @@ def find_pvh_entry(image, path="kernel"):
     image is not an ELF or has no such note (QEMU reads a 64-bit value from an ELF64's note)."""
     if image[:4] != b"\x7fELF":
         return None
-    elf_class, headers = _elf_program_headers(image, path)
-    for p_type, offset, _paddr, filesz, _memsz in headers:
+    elf_class, _, headers = _elf_program_headers(image, path)
+    for index, p_type, offset, _vaddr, _paddr, filesz, _memsz, _flags in headers:
         if p_type != PT_NOTE:
             continue
+        _check_in_file(image, index, offset, filesz, path)
         note, end = offset, offset + filesz
         while note + 12 <= end:
             namesz, descsz, n_type = struct.unpack_from("<III", image, note)
@@ -876,7 +873,7 @@ def _without_note_only_segments_beyond_ram(pieces, headers, ram_size, path, note
     """``ld -Ttext=...`` without a script leaves the note section at the default base
     (0x8048000 for i386) in a PT_LOAD of its own: beyond RAM it is not loaded (QEMU's copy
     there lands nowhere either); any other segment beyond RAM is still refused."""
-    note_ranges = [(paddr, paddr + filesz) for p_type, _offset, paddr, filesz, _memsz in headers if p_type == PT_NOTE]
+    note_ranges = [(h[4], h[4] + h[5]) for h in headers if h[1] == PT_NOTE]  # (paddr, + filesz)
     kept = []
     for piece in pieces:
         beyond = piece.address + piece.size > ram_size
@@ -916,16 +913,8 @@ def load_pvh(ram, path, image, entry, cmdline="", initrd=()):
     one ``-initrd`` module at the top of low RAM, and the hvm_start_info (version 1, with the
     memory map) that EBX points to."""
     notes = []
-    _, headers = _elf_program_headers(image, path)
-    pieces = [_Piece(paddr, image[offset:offset + filesz], memsz, f"program header {index}")
-              for index, (p_type, offset, paddr, filesz, memsz) in enumerate(headers)
-              if p_type == PT_LOAD and memsz]
-    if not pieces:
-        raise ConfigError(f"{path}: ELF image has no loadable (PT_LOAD) segment")
-    for before, after in itertools.pairwise(sorted(pieces, key=lambda p: p.address)):
-        if before.address + before.size > after.address:
-            raise ConfigError(f"{path}: {before.what} ({before.address:#x}+{before.size:#x}) overlaps "
-                              f"{after.what} at {after.address:#x}")
+    _, e_entry, headers = _elf_program_headers(image, path)
+    _, pieces = _elf_load_pieces(image, e_entry, headers, path)  # PVH enters at the note's address
     pieces = _without_vga_and_bios_area(pieces, entry, path, notes)
     pieces = _without_note_only_segments_beyond_ram(pieces, headers, ram.size, path, notes)
     for piece in pieces:
