@@ -369,14 +369,10 @@ class Machine:
                 try:
                     return self._run_until_exit(until_ns)
                 except TripleFault as e:
-                    if self.no_reboot:
-                        self.exit_status, self.exit_message = 0, f"{e}; stopping (-no-reboot)"
-                        self.shutdown_reason = "guest-reset"
-                        return self.exit_status
-                    if "cpu" in self.trace_categories:
+                    if "cpu" in self.trace_categories and not self.no_reboot:
                         self.trace("cpu", f"{e}; resetting")
-                    self.reset()
-                    self.emit("RESET", {"guest": True, "reason": "guest-reset"})
+                    if self._guest_reset(str(e)):
+                        return self.exit_status
         finally:
             clock.stop()
             self._poll_devices()
@@ -391,12 +387,8 @@ class Machine:
             for job in list(self.background_jobs):
                 job()
             if self.reset_requested:
-                if self.no_reboot:
-                    self.request_exit(0, "guest requested a reset; stopping (-no-reboot)")
-                    self.shutdown_reason = "guest-reset"
+                if self._guest_reset("guest requested a reset"):
                     break
-                self.reset()
-                self.emit("RESET", {"guest": True, "reason": "guest-reset"})
                 continue
             if self.exit_status is not None:
                 break
@@ -421,6 +413,17 @@ class Machine:
             intc = self.interrupt_controller
             self._run_cpu(limit, interrupt_waiting=intc is not None and intc.has_interrupt())
         return self.exit_status
+
+    def _guest_reset(self, why):
+        """A reset the guest caused (8042, 0xcf9, a triple fault): under ``-no-reboot`` the
+        run ends with status 0 (True), otherwise the machine resets and runs on (False)."""
+        if self.no_reboot:
+            self.request_exit(0, f"{why}; stopping (-no-reboot)")
+            self.shutdown_reason = "guest-reset"
+            return True
+        self.reset()
+        self.emit("RESET", {"guest": True, "reason": "guest-reset"})
+        return False
 
     def _run_cpu(self, limit_ns, interrupt_waiting=False, past_shadow=False, count=0):
         cpu = self.cpu
