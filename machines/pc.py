@@ -227,13 +227,13 @@ def _kernel_reads_fw_cfg_cmdline(path):
     malformed file is left to the loader to report."""
     try:
         with open(path, "rb") as f:
-            head = f.read(0x206)
-            if loaders.is_linux_image(head):
+            head = f.read(8192)  # the setup header, or where a multiboot header must be
+            if loaders.is_linux_image(head[:0x206]):
                 return True
-            if not head.startswith(b"\x7fELF"):
+            if not head.startswith(b"\x7fELF") or loaders.find_multiboot_header(head, path) is not None:
                 return False
-            image = head + f.read()
-        return loaders.find_multiboot_header(image, path) is None and loaders.find_pvh_entry(image, path) is not None
+            image = head + f.read()  # a PVH note may lie anywhere in the file
+        return loaders.find_pvh_entry(image, path) is not None
     except (OSError, ConfigError):
         return False
 
