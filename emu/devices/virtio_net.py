@@ -90,7 +90,7 @@ class VirtioNet(VirtioPciDevice):
 
     def _end_of_transmit_pass(self, queue, sent):
         """Keep the window open while frames come; close it (kicks on) after an empty pass."""
-        if sent or self.tx_timer.armed:
+        if sent:
             self.tx_timer.arm_in(TX_BATCH_NS)
             return
         queue.suppress_kicks(self.ram, False)
