@@ -49,15 +49,8 @@
 #define EV_SIZE         12
 #define EV_MAX          16
 
-    .macro CHECK name               /* EAX = got, EDX = wanted */
-    .pushsection .rodata
-.Lname\@: .asciz "\name"
-    .popsection
-    push %esi
-    mov $.Lname\@, %esi
-    call check_eq
-    pop %esi
-    .endm
+#define CHECK_BITS 32
+#include "check_macro.h"
 
     .macro EVENT n, field           /* EAX = field of log entry n */
     mov ev_log + (\n) * EV_SIZE + \field, %eax

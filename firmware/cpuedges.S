@@ -27,6 +27,7 @@
  * resume address; 0xff means no exception.
  */
 #include "defs.h"
+#include "long64.h"
 
 #define SEL_KCODE64     0x08
 #define SEL_KDATA       0x10
@@ -36,12 +37,7 @@
 #define SEL_TSS         0x30
 #define SEL_TSS_BAD     0x40        /* a 64-bit TSS descriptor with a non-canonical base */
 
-#define PTE_P           0x001
-#define PTE_RW          0x002
-#define PTE_US          0x004
-#define PTE_PS          0x080
 
-#define MSR_EFER        0xc0000080
 #define MSR_FS_BASE     0xc0000100
 #define MSR_GS_BASE     0xc0000101
 #define MSR_KERNEL_GS   0xc0000102
@@ -65,84 +61,20 @@
     .code32
     .globl main
 main:
-    mov $pdpt, %eax
-    or $PTE_P | PTE_RW | PTE_US, %eax
-    mov %eax, pml4
-    mov $pd0, %eax
-    or $PTE_P | PTE_RW | PTE_US, %eax
-    mov %eax, pdpt
-    mov $pt0, %eax
-    or $PTE_P | PTE_RW | PTE_US, %eax
-    mov %eax, pd0
-    mov $1, %ecx
-1:  mov %ecx, %eax
-    shl $21, %eax
-    or $PTE_P | PTE_RW | PTE_PS, %eax
-    mov %eax, pd0(,%ecx,8)
-    inc %ecx
-    cmp $512, %ecx
-    jb 1b
-    mov $1, %ecx
-2:  mov %ecx, %eax
-    shl $12, %eax
-    or $PTE_P | PTE_RW, %eax
-    mov %eax, pt0(,%ecx,8)
-    inc %ecx
-    cmp $512, %ecx
-    jb 2b
-    mov $__user_start, %ecx
-    shr $12, %ecx
-    mov $__user_end, %edx
-    shr $12, %edx
-3:  cmp %edx, %ecx
-    jae 4f
-    orl $PTE_US, pt0(,%ecx,8)
-    inc %ecx
-    jmp 3b
-4:  movl $rsp0_stack_top, tss64 + 4
+    MAP_FIRST_GIB pml4, pdpt, pd0, pt0
+    movl $rsp0_stack_top, tss64 + 4
     movw $104, tss64 + 102
-    mov $tss64, %eax
-    movw $103, gdt64 + SEL_TSS
-    mov %ax, gdt64 + SEL_TSS + 2
-    shr $16, %eax
-    mov %al, gdt64 + SEL_TSS + 4
-    movb $0x89, gdt64 + SEL_TSS + 5 /* present, DPL0, available 64-bit TSS */
-    mov %ah, gdt64 + SEL_TSS + 7
-    mov $tss64, %eax                /* the same TSS with bits 63:32 of its base 0x80000000 */
-    movw $103, gdt64 + SEL_TSS_BAD
-    mov %ax, gdt64 + SEL_TSS_BAD + 2
-    shr $16, %eax
-    mov %al, gdt64 + SEL_TSS_BAD + 4
-    movb $0x89, gdt64 + SEL_TSS_BAD + 5
-    mov %ah, gdt64 + SEL_TSS_BAD + 7
+    TSS64_DESCRIPTOR gdt64 + SEL_TSS, tss64
+    TSS64_DESCRIPTOR gdt64 + SEL_TSS_BAD, tss64 /* the same TSS with bits 63:32 of its base 0x80000000 */
     movl $0x80000000, gdt64 + SEL_TSS_BAD + 8
     lgdt gdt64_desc
-    mov %cr4, %eax
-    or $0x20, %eax                  /* PAE */
-    mov %eax, %cr4
-    mov $pml4, %eax
-    mov %eax, %cr3
-    mov $MSR_EFER, %ecx
-    rdmsr
-    or $0x100, %eax                 /* LME */
-    wrmsr
-    mov %cr0, %eax
-    or $0x80010001, %eax            /* PG, WP, PE */
-    mov %eax, %cr0
-    ljmp $SEL_KCODE64, $long_entry
+    ENTER_LONG_MODE 0x100, 0x80010001, pml4, SEL_KCODE64, long_entry  /* EFER LME; CR0 PG, WP, PE */
 
 /* ------------------------------------------------------------------ 64-bit checks */
     .code64
 
-    .macro CHECK name               /* RAX = got, RDX = wanted */
-    .pushsection .rodata
-.Lname\@: .asciz "\name"
-    .popsection
-    push %rsi
-    mov $.Lname\@, %esi
-    call check_eq_64
-    pop %rsi
-    .endm
+#define CHECK_BITS 64
+#include "check_macro.h"
 
     .macro ARM label                /* an exception in what follows resumes at label */
     push %rax
@@ -183,16 +115,7 @@ main:
     .endm
 
 long_entry:
-    mov $SEL_KDATA, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %eax, %eax
-    mov %ax, %fs
-    mov %ax, %gs
-    mov $boot_stack_top, %esp
-    mov $SEL_TSS, %ax
-    ltr %ax
+    LONG_MODE_SEGMENTS SEL_KDATA, SEL_TSS, boot_stack_top
     call idt64_init
     call read_features
     call test_tsc_aux

@@ -19,15 +19,8 @@
 #define GATE_INT32      0x8e        /* present, DPL0, 32-bit interrupt gate */
 #define GATE_ABSENT     0x0e        /* the same, not present */
 
-    .macro CHECK name               /* EAX = got, EDX = wanted */
-    .pushsection .rodata
-.Lname\@: .asciz "\name"
-    .popsection
-    push %esi
-    mov $.Lname\@, %esi
-    call check_eq
-    pop %esi
-    .endm
+#define CHECK_BITS 32
+#include "check_macro.h"
 
     .macro CHECK_LOG n, vector, err, eip, name, err_mask=-1  /* log entry n: vector, error code, EIP */
     mov log_count, %eax

@@ -17,6 +17,7 @@
  * and the test then compares the logged frame with what the architecture specifies.
  */
 #include "defs.h"
+#include "long64.h"
 
 #define SEL_KCODE64     0x08
 #define SEL_KDATA       0x10
@@ -25,14 +26,7 @@
 #define SEL_UCODE64     0x28
 #define SEL_TSS         0x30
 
-#define PTE_P           0x001
-#define PTE_RW          0x002
-#define PTE_US          0x004
-#define PTE_PWT         0x008
-#define PTE_PCD         0x010
-#define PTE_PS          0x080
 
-#define MSR_EFER        0xc0000080
 #define MSR_STAR        0xc0000081
 #define MSR_LSTAR       0xc0000082
 #define MSR_SFMASK      0xc0000084
@@ -75,48 +69,11 @@
     .globl main
 main:
     call lapic_virtual_wire         /* while paging is off: PIC interrupts via LINT0 */
-    /* PML4[0] -> PDPT; PDPT[0] -> PD0 (first GiB); PDPT[3] -> PD3 (LAPIC). */
-    mov $pdpt, %eax
-    or $PTE_P | PTE_RW | PTE_US, %eax
-    mov %eax, pml4
-    mov $pd0, %eax
-    or $PTE_P | PTE_RW | PTE_US, %eax
-    mov %eax, pdpt
+    MAP_FIRST_GIB pml4, pdpt, pd0, pt0  /* the first GiB; the ring-3 range gets the user bit */
+    /* PDPT[3] -> PD3, with the local APIC page, uncached. */
     mov $pd3, %eax
     or $PTE_P | PTE_RW, %eax
     mov %eax, pdpt + 3 * 8
-    /* PD0[0] -> PT0 (4 KiB pages); PD0[1..511]: 2 MiB supervisor pages. */
-    mov $pt0, %eax
-    or $PTE_P | PTE_RW | PTE_US, %eax
-    mov %eax, pd0
-    mov $1, %ecx
-1:  mov %ecx, %eax
-    shl $21, %eax
-    or $PTE_P | PTE_RW | PTE_PS, %eax
-    mov %eax, pd0(,%ecx,8)
-    inc %ecx
-    cmp $512, %ecx
-    jb 1b
-    /* PT0[1..511]: supervisor 4 KiB pages; page 0 stays unmapped. */
-    mov $1, %ecx
-2:  mov %ecx, %eax
-    shl $12, %eax
-    or $PTE_P | PTE_RW, %eax
-    mov %eax, pt0(,%ecx,8)
-    inc %ecx
-    cmp $512, %ecx
-    jb 2b
-    /* The ring-3 range gets the user bit. */
-    mov $__user_start, %ecx
-    shr $12, %ecx
-    mov $__user_end, %edx
-    shr $12, %edx
-3:  cmp %edx, %ecx
-    jae 4f
-    orl $PTE_US, pt0(,%ecx,8)
-    inc %ecx
-    jmp 3b
-4:  /* The local APIC page, uncached. */
     mov $LAPIC_BASE | PTE_P | PTE_RW | PTE_PWT | PTE_PCD | PTE_PS, %eax
     mov %eax, pd3 + ((LAPIC_BASE >> 21) & 511) * 8
 
@@ -124,28 +81,10 @@ main:
     movl $rsp0_stack_top, tss64 + 4
     movl $ist1_stack_top, tss64 + 36
     movw $104, tss64 + 102
-    mov $tss64, %eax
-    movw $103, gdt64 + SEL_TSS
-    mov %ax, gdt64 + SEL_TSS + 2
-    shr $16, %eax
-    mov %al, gdt64 + SEL_TSS + 4
-    movb $0x89, gdt64 + SEL_TSS + 5 /* present, DPL0, available 64-bit TSS */
-    mov %ah, gdt64 + SEL_TSS + 7
+    TSS64_DESCRIPTOR gdt64 + SEL_TSS, tss64
     lgdt gdt64_desc
 
-    mov %cr4, %eax
-    or $0x20, %eax                  /* PAE */
-    mov %eax, %cr4
-    mov $pml4, %eax
-    mov %eax, %cr3
-    mov $MSR_EFER, %ecx
-    rdmsr
-    or $0x101, %eax                 /* LME, SCE */
-    wrmsr
-    mov %cr0, %eax
-    or $0x80010001, %eax            /* PG, WP, PE */
-    mov %eax, %cr0
-    ljmp $SEL_KCODE64, $long_entry
+    ENTER_LONG_MODE 0x101, 0x80010001, pml4, SEL_KCODE64, long_entry  /* EFER LME | SCE; CR0 PG, WP, PE */
 
     .pushsection .rodata
 str_base_msr_skip: .asciz "SKIP lapic.base_msr: IA32_APIC_BASE reads 0 (not implemented by this CPU)"
@@ -154,15 +93,8 @@ str_base_msr_skip: .asciz "SKIP lapic.base_msr: IA32_APIC_BASE reads 0 (not impl
 /* ------------------------------------------------------------------ 64-bit kernel */
     .code64
 
-    .macro CHECK name               /* RAX = got, RDX = wanted */
-    .pushsection .rodata
-.Lname\@: .asciz "\name"
-    .popsection
-    push %rsi
-    mov $.Lname\@, %esi
-    call check_eq_64
-    pop %rsi
-    .endm
+#define CHECK_BITS 64
+#include "check_macro.h"
 
     .macro CHECK_RANGE name         /* RBX <= RAX < RDX */
     .pushsection .rodata
@@ -186,16 +118,7 @@ str_base_msr_skip: .asciz "SKIP lapic.base_msr: IA32_APIC_BASE reads 0 (not impl
     .endm
 
 long_entry:
-    mov $SEL_KDATA, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %eax, %eax
-    mov %ax, %fs
-    mov %ax, %gs
-    mov $boot_stack_top, %esp
-    mov $SEL_TSS, %ax
-    ltr %ax
+    LONG_MODE_SEGMENTS SEL_KDATA, SEL_TSS, boot_stack_top
     call idt64_init
     mov $str_banner, %esi
     call puts_64
@@ -522,25 +445,7 @@ user_returned:                      /* from int 0x80 SYS_EXIT, on the RSP0 stack
 
 /* ------------------------------------------------------------------ IDT and handlers */
 
-/* Gate for vector EAX -> handler EDX, type/attr CL, IST index CH. */
-idt64_set:
-    push %rax
-    push %rbx
-    mov %eax, %ebx
-    shl $4, %ebx
-    add $idt64, %ebx
-    mov %dx, (%rbx)
-    movw $SEL_KCODE64, 2(%rbx)
-    mov %ch, 4(%rbx)
-    mov %cl, 5(%rbx)
-    mov %edx, %eax
-    shr $16, %eax
-    mov %ax, 6(%rbx)
-    movl $0, 8(%rbx)
-    movl $0, 12(%rbx)
-    pop %rbx
-    pop %rax
-    ret
+    IDT64_SET_FUNCTION idt64, SEL_KCODE64
 
 idt64_init:
     xor %eax, %eax

@@ -22,10 +22,6 @@
 #define SEL_UDATA       0x20
 #define SEL_TSS         0x28
 
-#define PTE_P           0x001
-#define PTE_RW          0x002
-#define PTE_US          0x004
-#define PTE_PS          0x080
 
 #define PF_WINDOW       0x10000000  /* 256 MiB: unmapped until the #PF handler maps it */
 #define SYS_EXIT        0xe0e0
@@ -47,15 +43,8 @@
 #define LOG_MAX         16
 
 
-    .macro CHECK name               /* EAX = got, EDX = wanted */
-    .pushsection .rodata
-.Lname\@: .asciz "\name"
-    .popsection
-    push %esi
-    mov $.Lname\@, %esi
-    call check_eq
-    pop %esi
-    .endm
+#define CHECK_BITS 32
+#include "check_macro.h"
 
     .macro CHECK_RANGE name         /* EBX <= EAX < EDX */
     .pushsection .rodata

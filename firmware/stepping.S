@@ -30,6 +30,7 @@
  * "FAILED <n>" and exit 1; an exception nobody expected prints "FATAL ..." and exits 3.
  */
 #include "defs.h"
+#include "long64.h"
 
 #define SEL_KCODE64     0x08
 #define SEL_KDATA       0x10
@@ -39,14 +40,7 @@
 #define SEL_TSS         0x30
 #define SEL_TSS_SHORT   0x40        /* the same TSS with a limit that ends before IST1 */
 
-#define PTE_P           0x001
-#define PTE_RW          0x002
-#define PTE_US          0x004
-#define PTE_PWT         0x008
-#define PTE_PCD         0x010
-#define PTE_PS          0x080
 
-#define MSR_EFER        0xc0000080
 #define MSR_STAR        0xc0000081
 #define MSR_LSTAR       0xc0000082
 #define MSR_SFMASK      0xc0000084
@@ -109,13 +103,7 @@ main:
     movl $ist2_stack_top, tss64 + 44 /* IST2: #DF */
     movl $ist3_stack_top, tss64 + 52 /* IST3: #GP, in one test */
     movw $104, tss64 + 102
-    mov $tss64, %eax
-    movw $103, gdt64 + SEL_TSS
-    mov %ax, gdt64 + SEL_TSS + 2
-    shr $16, %eax
-    mov %al, gdt64 + SEL_TSS + 4
-    movb $0x89, gdt64 + SEL_TSS + 5 /* present, DPL0, available 64-bit TSS */
-    mov %ah, gdt64 + SEL_TSS + 7
+    TSS64_DESCRIPTOR gdt64 + SEL_TSS, tss64
     mov gdt64 + SEL_TSS, %eax       /* the short TSS: the same base, limit 0x23 */
     mov %eax, gdt64 + SEL_TSS_SHORT
     mov gdt64 + SEL_TSS + 4, %eax
@@ -124,19 +112,7 @@ main:
     movb $0x89, gdt64 + SEL_TSS_SHORT + 5
     lgdt gdt64_desc
 
-    mov %cr4, %eax
-    or $0x20, %eax                  /* PAE */
-    mov %eax, %cr4
-    mov $pml4, %eax
-    mov %eax, %cr3
-    mov $MSR_EFER, %ecx
-    rdmsr
-    or $0x101, %eax                 /* LME, SCE */
-    wrmsr
-    mov %cr0, %eax
-    or $0x80000001, %eax            /* PG, PE */
-    mov %eax, %cr0
-    ljmp $SEL_KCODE64, $long_entry
+    ENTER_LONG_MODE 0x101, 0x80000001, pml4, SEL_KCODE64, long_entry  /* EFER LME | SCE; CR0 PG, PE */
 
 /* POP SS (no such instruction in 64-bit mode), in 32-bit protected mode with the
    library's IDT: as MOV SS, it delays the trap by one more instruction. */
@@ -186,15 +162,8 @@ db_handler_32:
 /* ------------------------------------------------------------------ 64-bit kernel */
     .code64
 
-    .macro CHECK name               /* RAX = got, RDX = wanted */
-    .pushsection .rodata
-.Lname\@: .asciz "\name"
-    .popsection
-    push %rsi
-    mov $.Lname\@, %esi
-    call check_eq_64
-    pop %rsi
-    .endm
+#define CHECK_BITS 64
+#include "check_macro.h"
 
     .macro EVENT n, field           /* RAX = field of event n */
     mov ev_log + (\n) * EV_SIZE + \field(%rip), %rax
@@ -234,16 +203,7 @@ db_handler_32:
     .endm
 
 long_entry:
-    mov $SEL_KDATA, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %eax, %eax
-    mov %ax, %fs
-    mov %ax, %gs
-    mov $boot_stack_top, %esp
-    mov $SEL_TSS, %ax
-    ltr %ax
+    LONG_MODE_SEGMENTS SEL_KDATA, SEL_TSS, boot_stack_top
     call idt64_init
     mov $str_banner, %esi
     call puts_64
@@ -688,25 +648,7 @@ exc_common:                         /* (RSP) = vector, 8(RSP) = error code, 16(R
     mov $3, %al
     jmp debug_exit_64
 
-/* Gate for vector EAX -> handler EDX, type/attr CL, IST index CH. */
-idt64_set:
-    push %rax
-    push %rbx
-    mov %eax, %ebx
-    shl $4, %ebx
-    add $idt64, %ebx
-    mov %dx, (%rbx)
-    movw $SEL_KCODE64, 2(%rbx)
-    mov %ch, 4(%rbx)
-    mov %cl, 5(%rbx)
-    mov %edx, %eax
-    shr $16, %eax
-    mov %ax, 6(%rbx)
-    movl $0, 8(%rbx)
-    movl $0, 12(%rbx)
-    pop %rbx
-    pop %rax
-    ret
+    IDT64_SET_FUNCTION idt64, SEL_KCODE64
 
 idt64_init:
     xor %eax, %eax

@@ -55,4 +55,13 @@
 /* Exceptions for which the CPU pushes an error code (SDM vol. 3, 6.13). */
 #define HAS_ERROR_CODE(v) ((v) == 8 || ((v) >= 10 && (v) <= 14) || (v) == 17 || (v) == 21 || (v) == 29 || (v) == 30)
 
+/* Page table entry bits and IA32_EFER, for the guests that page or enter long mode. */
+#define PTE_P           0x001
+#define PTE_RW          0x002
+#define PTE_US          0x004
+#define PTE_PWT         0x008
+#define PTE_PCD         0x010
+#define PTE_PS          0x080
+#define MSR_EFER        0xc0000080
+
 #endif
