@@ -71,6 +71,7 @@ class Machine:
         self.reset_requested = False
         self.boot = None  # callable that loads images and sets the CPU entry state
         self.serial_backends = []  # the host side of the board's serial ports (CharBackend); closed with it
+        self.net_backends = []     # the host side of the board's NICs (emu.netdev); closed by the board
         self.name = None  # the guest's name (-name), for QMP query-name
         self.selector = selectors.DefaultSelector()
         self._input_states = []  # (backend, consumer, pending bytearray), one per input

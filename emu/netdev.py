@@ -195,6 +195,15 @@ def _address(text, what):
     return host.strip("[]"), int(port)
 
 
+#: ``-netdev TYPE`` kinds defined outside the core: TYPE -> (opener(spec, settings), usage);
+#: the COLO pair's endpoint link registers ``colo`` (colo.netlink)
+KINDS = {}
+
+
+def register_kind(kind, opener, usage):
+    KINDS[kind] = (opener, usage)
+
+
 def parse_netdev(spec):
     """``-netdev TYPE,id=ID,...`` -> (id, backend)."""
     from emu.qemuopts import split_commas
@@ -225,7 +234,11 @@ def parse_netdev(spec):
         if (listen is None) == (connect is None):
             raise ConfigError(f"-netdev {spec!r}: give exactly one of listen= and connect=")
         return netdev_id, SocketBackend(listen=listen, connect=connect)
-    raise ConfigError(f"-netdev {kind!r}: not supported (tap, socket)")
+    if kind in KINDS:
+        backend = KINDS[kind][0](spec, settings)
+        _no_more(spec, settings)
+        return netdev_id, backend
+    raise ConfigError(f"-netdev {kind!r}: not supported ({', '.join(['tap', 'socket', *KINDS])})")
 
 
 def _no_more(spec, settings):

@@ -162,6 +162,9 @@ class PcPci:
         self.bus.add(nic, slot)
         self.machine.add_device(nic)
         self.backends.append(backend)
+        self.machine.net_backends.append(backend)
+        if hasattr(backend, "attach_nic"):  # a backend that follows what the guest takes (a COLO link)
+            backend.attach_nic(nic, self.machine)
         self.machine.watch_backend(backend, lambda fd: nic.receive(backend.on_readable(fd)))
 
     def _add_disk(self, slot, drive):

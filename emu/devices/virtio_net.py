@@ -64,6 +64,7 @@ class VirtioNet(VirtioPciDevice):
         super().__init__(name, ram, [QUEUE_SIZE, QUEUE_SIZE], F_MAC | F_STATUS | offloads, msi, msix_vectors=3,
                          trace=trace, request_stop=request_stop)
         self.backend = backend
+        self._taken = getattr(backend, "frame_taken", None)  # a backend that counts what the guest took
         self.mac = bytes(mac)
         self.stats = {"rx": 0, "tx": 0, "rx_dropped": 0, "rx_too_big": 0}
 
@@ -103,8 +104,15 @@ class VirtioNet(VirtioPciDevice):
         for frame in frames:
             if len(self.pending) >= HOST_QUEUE:
                 self.stats["rx_dropped"] += 1
+                if self._taken is not None:
+                    self._taken()
                 continue
             self.pending.append(frame)
+
+    def discard_received(self):
+        """Forget the frames the driver has not taken yet (a COLO link re-sends its input
+        from the position of the checkpoint just applied)."""
+        self.pending.clear()
 
     def wants_polling(self, index):
         return index == RX and bool(self.pending)
@@ -144,6 +152,8 @@ class VirtioNet(VirtioPciDevice):
                     return  # no buffers yet: the frames wait (the driver kicks when it adds some)
                 head, buffers = chain
                 frame = self.pending.popleft()
+                if self._taken is not None:
+                    self._taken()
                 if writable_size(buffers) < HEADER_SIZE + len(frame):
                     self.stats["rx_too_big"] += 1
                     done.append((head, 0))
