@@ -105,6 +105,9 @@ class LinkListener(Protocol):
 class ColoLink:
     """The backend of COM1 (write/read_fds/on_readable/flush/close) on the client endpoint."""
 
+    CHANNEL = "serial"        # what the streams carry (HELLO tells the endpoint)
+    OPTION = "-serial colo"   # how a user gave the link (messages)
+
     def __init__(self, host, port, role="primary", mode="compare", node="", log=sys.stderr):
         self.role, self.mode, self.node = role, mode, node or role
         self.address = (host, port)
@@ -127,11 +130,11 @@ class ColoLink:
         try:
             self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
         except OSError as e:
-            raise ConfigError(f"-serial colo:{host}:{port}: cannot reach the COLO proxy: {e.strerror or e}") from None
+            raise ConfigError(f"{self.OPTION}:{host}:{port}: cannot reach the COLO proxy: {e.strerror or e}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setblocking(False)
         self.connected = True
-        self._queue(pw.hello(role, self.node, mode))
+        self._queue(pw.hello(role, self.node, mode, self.CHANNEL))
         self.flush()
 
     # ------------------------------------------------------------------ wiring
@@ -225,7 +228,9 @@ class ColoLink:
         if kind == pw.RELEASED:
             released = pw.parse_offset(payload)
             self.released = max(self.released, released)
-            keep_from = min(self.released, self.out_offset)
+            # never beyond what was sent: a RELEASED from before a restore may name an offset
+            # the restored stream has not reached, or reached with other bytes (a secondary's frames)
+            keep_from = min(self.released, self.sent)
             if keep_from > self.log_base:
                 del self.log[:keep_from - self.log_base]
                 self.log_base = keep_from

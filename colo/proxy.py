@@ -126,6 +126,7 @@ class _Conn(BufferedConn):
         self.in_sent = 0                       # input below this offset was queued to it
         self.arrivals = collections.deque()    # (stream end, monotonic time) of each OUT, primary only
         self.gap_logged = False
+        self.released_told = 0                 # the last RELEASED it was sent
 
     def __str__(self):
         return f"{self.role} {self.node}" if self.role else f"unidentified peer {self.peer}"
@@ -137,6 +138,8 @@ class ColoProxy(SelectorServer):
     ``step``, ``serve_forever`` and ``close`` are :class:`colo.netloop.SelectorServer`'s.
     """
 
+    CHANNEL = "serial"  # the VMs' links must carry this (HELLO)
+
     def __init__(self, client=("127.0.0.1", 0), listen=("127.0.0.1", 0), compare_timeout_ms=100, log=None):
         if isinstance(compare_timeout_ms, bool) or not isinstance(compare_timeout_ms, (int, float)) \
                 or compare_timeout_ms <= 0:
@@ -144,16 +147,21 @@ class ColoProxy(SelectorServer):
                               f"not {compare_timeout_ms!r}")
         self.compare_timeout = compare_timeout_ms / 1000
         self._log_file = log
-        client_listener = listen_tcp(client[0], client[1], 16, lambda reason: EmuError(f"proxy: client side: {reason}"))
+        client_listener = None
+        if client is not None:  # else a subclass owns the client side (colo.netproxy: a wire)
+            client_listener = listen_tcp(client[0], client[1], 16,
+                                         lambda reason: EmuError(f"proxy: client side: {reason}"))
+            self.client_host, self.client_port = client_listener.getsockname()[:2]
         try:
             vm_listener = listen_tcp(listen[0], listen[1], 16, lambda reason: EmuError(f"proxy: VM side: {reason}"))
         except EmuError:
-            client_listener.close()
+            if client_listener is not None:
+                client_listener.close()
             raise
-        self.client_host, self.client_port = client_listener.getsockname()[:2]
         self.listen_host, self.listen_port = vm_listener.getsockname()[:2]
         super().__init__()
-        self._listen(client_listener, "accepting a client", self._client_connected)
+        if client_listener is not None:
+            self._listen(client_listener, "accepting a client", self._client_connected)
         self._listen(vm_listener, "accepting a VM connection", lambda sock, peer: self._add(_Conn(sock, peer)))
         # connections (self._conns: every VM-listener connection)
         self._vms = {"primary": None, "secondary": None}  # the live connection of each role
@@ -169,7 +177,6 @@ class ColoProxy(SelectorServer):
         # output
         self.released = 0            # R: bytes handed to a client socket
         self._held = bytearray()     # decided bytes [R, R + len) not handed to a client yet
-        self._released_told = 0
         # modes
         self.mode = "waiting"
         self.epoch = 0
@@ -371,6 +378,13 @@ class ColoProxy(SelectorServer):
         conn.role, conn.node, conn.mode = role, str(info.get("node") or role), info.get("mode", "compare")
         if role == "monitor":
             return
+        channel = info.get("channel", "serial")
+        if channel != self.CHANNEL:
+            what = {"serial": "a serial link (-serial colo:)", "net": "a network link (-netdev colo)"}
+            self._log(f"refused {conn.node} from {conn.peer}: it has {what[channel]}, this endpoint serves "
+                      f"{what[self.CHANNEL]}")
+            self._close_conn(conn)
+            return
         current = self._vms[role]
         if current is not None:
             self._log(f"refused a second {role} connection ({conn.node} from {conn.peer}): "
@@ -381,8 +395,19 @@ class ColoProxy(SelectorServer):
         conn.in_sent = self._in_base
         mode = f", {conn.mode}" if role == "secondary" else ""
         self._log(f"{conn} connected from {conn.peer}{mode}")
-        if self.released:
-            conn.send(pw.offset_message(pw.RELEASED, self.released))
+        self._tell_released(conn)
+
+    def _tell_released(self, conn):
+        """RELEASED to ``conn`` when what it may forget of its output moved."""
+        released = self._released_for(conn)
+        if released != conn.released_told:
+            conn.released_told = released
+            conn.send(pw.offset_message(pw.RELEASED, released))
+
+    def _released_for(self, conn):
+        """The offset of ``conn``'s output below which it may drop its log: both VMs write the
+        same serial stream, so it is what reached the client."""
+        return self.released
 
     def _sync(self, conn, seq, in_offset, out_offset, log_base, log, now):
         decided = self.released + len(self._held)
@@ -397,8 +422,8 @@ class ColoProxy(SelectorServer):
         if not self._in_base <= in_offset <= in_end:
             raise pw.ProxyProtocolError(f"SYNC {seq} continues input at offset {in_offset}, but the proxy holds "
                                         f"input [{self._in_base}, {in_end}) only")
-        if out_offset > decided:
-            self._held += log[decided - log_base:]
+        committed = log[decided - log_base:] if out_offset > decided else b""
+        self._held += committed
         conn.stream.restart(out_offset)
         conn.out_end = out_offset
         conn.gap_logged = False
@@ -414,7 +439,14 @@ class ColoProxy(SelectorServer):
         self._synced_seq = seq
         self.syncs += 1
         self.last_sync_seq = seq
+        self._synced_now(committed)
         self._set_mode("paired", f"checkpoint {seq} from {conn}, {conn.mode}")
+
+    def _synced_now(self, committed):
+        """A subclass's part of a SYNC: ``committed`` is the output it released."""
+
+    def _took_over(self, conn):
+        """A subclass's part of an accepted takeover by ``conn``."""
 
     def _takeover(self, conn, epoch, now):
         if epoch == self.epoch and conn is self._active:
@@ -448,6 +480,7 @@ class ColoProxy(SelectorServer):
             how = f"no {other_role} was ever connected"
         self._log(f"takeover by {conn} with epoch {epoch} accepted ({how})")
         self._set_mode("solo", f"{conn} serves alone")
+        self._took_over(conn)
 
     def _set_mode(self, mode, why):
         if mode != self.mode:
@@ -466,11 +499,7 @@ class ColoProxy(SelectorServer):
         else:
             self._advance_waiting()
         decided = self.released + len(self._held)
-        for conn in self._vms.values():
-            if conn is not None:  # what is decided is never needed again
-                conn.stream.drop_below(decided)
-                while conn.arrivals and conn.arrivals[0][0] <= decided:
-                    conn.arrivals.popleft()
+        self._trim_streams(decided)
         deadline = self._deadline()
         if deadline is not None and now >= deadline:
             self._timeout_requested_at = now
@@ -484,14 +513,19 @@ class ColoProxy(SelectorServer):
         if self._trim_floor > self._in_base:
             del self._input[:self._trim_floor - self._in_base]
             self._in_base = self._trim_floor
-        if self.released != self._released_told:
-            self._released_told = self.released
-            for conn in self._vms.values():
-                if conn is not None:
-                    conn.send(pw.offset_message(pw.RELEASED, self.released))
+        for conn in self._vms.values():
+            if conn is not None:
+                self._tell_released(conn)
         for conn in list(self._conns):
             self._flush_conn(conn)
         self._update_client_interest()
+
+    def _trim_streams(self, decided):
+        for conn in self._vms.values():
+            if conn is not None:  # what is decided is never needed again
+                conn.stream.drop_below(decided)
+                while conn.arrivals and conn.arrivals[0][0] <= decided:
+                    conn.arrivals.popleft()
 
     def _advance_paired(self):
         p, s = self._vms["primary"], self._synced
@@ -588,21 +622,37 @@ def _write_status(path, text):
     os.replace(tmp, path)
 
 
+def _endpoint(parser, args):
+    """The serial endpoint (``--client``) or the network one (``--netdev``) that ``args`` ask for."""
+    listen = parser.tcp_address(args.listen, "--listen")
+    if not args.netdev:
+        return ColoProxy(parser.tcp_address(args.client, "--client"), listen, args.compare_timeout, sys.stderr)
+    from .netproxy import NetProxy, open_wire
+    wire = open_wire(args.netdev)
+    try:
+        return NetProxy(wire, listen, args.compare_timeout, sys.stderr)
+    except EmuError:
+        wire.close()
+        raise
+
+
 def main(argv):
-    """``emu colo proxy --client tcp:HOST:PORT --listen tcp:HOST:PORT``: serve until SIGTERM or SIGINT."""
+    """``emu colo proxy --client tcp:HOST:PORT|--netdev tap,ifname=TAP --listen tcp:HOST:PORT``:
+    serve until SIGTERM or SIGINT."""
     parser = CommandParser("proxy", "The client endpoint of a COLO pair: mirror input, compare and release output.")
-    parser.add_argument("--client", required=True, metavar="tcp:HOST:PORT",
-                        help="where the client connects (HOST defaults to 127.0.0.1)")
+    side = parser.add_mutually_exclusive_group(required=True)
+    side.add_argument("--client", metavar="tcp:HOST:PORT",
+                      help="serial pair: where the client connects (HOST defaults to 127.0.0.1)")
+    side.add_argument("--netdev", metavar="tap,ifname=TAP|socket,listen=:PORT",
+                      help="network pair: the host side of the VMs' NIC (-netdev colo on the VMs)")
     parser.add_argument("--listen", required=True, metavar="tcp:HOST:PORT",
-                        help="where the VMs' serial links connect (HOST defaults to 127.0.0.1)")
+                        help="where the VMs' links connect (HOST defaults to 127.0.0.1)")
     parser.add_argument("--compare-timeout", type=int, default=100, metavar="MS",
                         help="ask for a checkpoint when primary output waits this long for its twin (default 100)")
     parser.add_argument("--status-file", metavar="PATH", help="keep the figures here as JSON (every 100 ms at most)")
     try:
         args = parser.parse_args(argv)
-        client = parser.tcp_address(args.client, "--client")
-        listen = parser.tcp_address(args.listen, "--listen")
-        proxy = ColoProxy(client, listen, args.compare_timeout, sys.stderr)
+        proxy = _endpoint(parser, args)
     except EmuError as e:
         return failed_to_start(e)
     written = None
@@ -614,8 +664,8 @@ def main(argv):
             proxy.close()
             print(f"proxy: --status-file: cannot write {args.status_file!r}: {e.strerror or e}", file=sys.stderr)
             return 2
-    print(f"proxy: client on {proxy.client_host}:{proxy.client_port}, VMs on {proxy.listen_host}:{proxy.listen_port}",
-          file=sys.stderr, flush=True)
+    client_side = f"wire {args.netdev}" if args.netdev else f"client on {proxy.client_host}:{proxy.client_port}"
+    print(f"proxy: {client_side}, VMs on {proxy.listen_host}:{proxy.listen_port}", file=sys.stderr, flush=True)
     next_write = time.monotonic() + STATUS_INTERVAL_S
 
     def update_status_file():

@@ -4,8 +4,10 @@ Every message is a frame ``type u8 | length u32 | payload`` (big-endian).  Strea
 addressed by absolute byte offsets, so a message that arrives twice or late does no harm:
 
 ``HELLO`` (VM -> proxy, first)
-    JSON ``{"version": 1, "role": "primary"|"secondary", "node": NAME, "mode": "compare"|"passive"}``;
-    a monitor (status queries only) says ``{"version": 1, "role": "monitor"}``.
+    JSON ``{"version": 1, "role": "primary"|"secondary", "node": NAME, "mode": "compare"|"passive",
+    "channel": "serial"|"net"}`` (``channel``: what the streams carry, bytes of COM1 or the
+    frame records of :mod:`colo.netstream`; absent means serial); a monitor (status queries
+    only) says ``{"version": 1, "role": "monitor"}``.
 ``IN`` (proxy -> VM)
     ``offset u64 | bytes``: client input, bytes ``[offset, offset + n)`` of the one input stream.
 ``OUT`` (VM -> proxy)
@@ -75,9 +77,12 @@ def frame_reader():
     return FrameReader(FORMAT)
 
 
-def hello(role, node="", mode="compare"):
+CHANNELS = ("serial", "net")
+
+
+def hello(role, node="", mode="compare", channel="serial"):
     return frame(HELLO, json.dumps({"version": PROTOCOL_VERSION, "role": role, "node": node,
-                                    "mode": mode}).encode())
+                                    "mode": mode, "channel": channel}).encode())
 
 
 def parse_hello(payload):
@@ -94,6 +99,8 @@ def parse_hello(payload):
         raise ProxyProtocolError(f"proxy: HELLO with unknown role {info.get('role')!r}")
     if info.get("mode", "compare") not in MODES:
         raise ProxyProtocolError(f"proxy: HELLO with unknown mode {info.get('mode')!r}")
+    if info.get("channel", "serial") not in CHANNELS:
+        raise ProxyProtocolError(f"proxy: HELLO with unknown channel {info.get('channel')!r}")
     return info
 
 

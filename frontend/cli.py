@@ -172,6 +172,7 @@ def parse_icount(text):
 def build_from_args(args):
     """Create a ready-to-run machine from parsed ``emu run`` options."""
     import colo.link  # noqa: F401  (registers -serial colo:, a COLO pair's client endpoint link)
+    import colo.netlink  # noqa: F401  (registers -netdev colo, the same for a NIC)
     from machines import pc
 
     from emu.memory import parse_size
@@ -438,17 +439,21 @@ def _set_up_gdb(args, parts):
 
 
 def _migration_controller(args, machine, configure):
-    """Migration and COLO, when something can reach them: QMP, -incoming or a pair's serial
-    link (``emu colo`` configures one itself); None otherwise."""
-    from colo.link import ColoLink  # the serial link of a COLO pair (-serial colo:...)
+    """Migration and COLO, when something can reach them: QMP, -incoming or a pair's link to
+    its client endpoint (``emu colo`` configures one itself); None otherwise."""
+    from colo.link import ColoLink  # a COLO pair's link: -serial colo:... or -netdev colo,...
 
-    colo_links = [backend for backend in machine.serial_backends if isinstance(backend, ColoLink)]
+    colo_links = [backend for backend in machine.serial_backends + machine.net_backends
+                  if isinstance(backend, ColoLink)]
+    if len(colo_links) > 1:
+        raise ConfigError(f"a COLO pair has one link to its client endpoint, not {len(colo_links)} "
+                          f"(-serial colo: or -netdev colo)")
     if args.qmp is None and args.incoming is None and not colo_links and configure is None:
         return None
     from colo.migration import MigrationController
 
     migration = MigrationController(machine)
-    for backend in colo_links:  # the serial link of a COLO pair
+    for backend in colo_links:
         migration.colo_link = backend
         migration.colo_passive = backend.mode == "passive"
     return migration

@@ -21,9 +21,9 @@ from colo.wire import parse_tcp_uri
 
 USAGE = """usage: emu colo COMMAND [options]
   arbiter    --listen tcp:HOST:PORT [--lease MS]
-  proxy      --client tcp:HOST:PORT --listen tcp:HOST:PORT [--compare-timeout MS]
-  secondary  [emu run options] --listen tcp:HOST:PORT --proxy tcp:HOST:PORT [--passive] ...
-  primary    [emu run options] --secondary tcp:HOST:PORT --proxy tcp:HOST:PORT [--checkpoint-delay MS] ...
+  proxy      --client tcp:HOST:PORT|--netdev tap,ifname=TAP --listen tcp:HOST:PORT [--compare-timeout MS]
+  secondary  [emu run options] --listen tcp:HOST:PORT --proxy|--net-proxy tcp:HOST:PORT [--passive] ...
+  primary    [emu run options] --secondary tcp:HOST:PORT --proxy|--net-proxy tcp:HOST:PORT [--checkpoint-delay MS] ...
   report     FILE [-o OUT.png]
   demo       [--requests N] [--kill-after N] ...
 (emu colo COMMAND --help for each)"""
@@ -34,6 +34,9 @@ CONNECT_WAIT_S = 20.0
 def _pair_options(parser, role):
     g = parser.add_argument_group("COLO")
     g.add_argument("--proxy", metavar="tcp:HOST:PORT", help="client endpoint (emu colo proxy --listen) for COM1")
+    g.add_argument("--net-proxy", metavar="tcp:HOST:PORT",
+                   help="client endpoint (emu colo proxy --netdev ... --listen) for the NIC: the first -netdev "
+                        "becomes -netdev colo with the same id (a virtio-net-pci NIC on it is added if none)")
     g.add_argument("--arbiter", metavar="tcp:HOST:PORT", help="lease arbiter (emu colo arbiter); without one the "
                    "client endpoint alone decides between two takeovers")
     g.add_argument("--group", default="colo", help="pair name at the arbiter")
@@ -113,9 +116,24 @@ def _pair_args(role, argv):
 
 
 def _serial_for(args, role, mode="compare"):
+    """The pair's link to its client endpoint: COM1 (--proxy) or the NIC (--net-proxy)."""
+    if args.proxy and args.net_proxy:
+        raise ConfigError("give --proxy (a serial pair) or --net-proxy (a networked pair), not both")
     if args.proxy:
         host, port = parse_tcp_uri(args.proxy, "--proxy")
         args.serial = [f"colo:{host}:{port},role={role},mode={mode},node={args.node}"] + (args.serial or [])[1:]
+    if args.net_proxy:
+        host, port = parse_tcp_uri(args.net_proxy, "--net-proxy")
+        link = f"proxy={host}:{port},role={role},mode={mode},node={args.node}"
+        netdevs = args.netdev or []
+        if netdevs:
+            netdev_id = next((part[3:] for part in netdevs[0].split(",") if part.startswith("id=")), None)
+            if not netdev_id:
+                raise ConfigError(f"-netdev {netdevs[0]!r}: id= is required")
+            args.netdev = [f"colo,id={netdev_id},{link}"] + netdevs[1:]
+        else:
+            args.netdev = [f"colo,id=colo0,{link}"]
+            args.device = (args.device or []) + ["virtio-net-pci,netdev=colo0"]
 
 
 def cmd_secondary(argv):

@@ -18,11 +18,11 @@ SERVICE = "service.elf"
 class Proc:
     """One ``python -m emu ...`` process, stderr to a file we can wait on."""
 
-    def __init__(self, tmp_path, name, args):
+    def __init__(self, tmp_path, name, args, prefix=()):
         self.name = name
         self.err_path = pathlib.Path(tmp_path) / f"{name}.err"
         self.out_path = pathlib.Path(tmp_path) / f"{name}.out"
-        cmd = [sys.executable, "-m", "emu", *args]
+        cmd = [*prefix, sys.executable, "-m", "emu", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=open(self.out_path, "wb"),
                                      stderr=open(self.err_path, "wb"))
 

@@ -17,9 +17,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = ["emu", "machines", "colo", "frontend"]
 #: ``python -m emu`` is the program's entry point: nothing imports it, and it reaches the top
 ENTRY_POINTS = {"emu.__main__"}
-#: All that colo may import of emu: its errors, the character backends (a COLO link is one,
-#: and the servers listen as they do), and the machine's replication surface.
-COLO_SEES_OF_EMU = {"emu", "emu.errors", "emu.chardev", "emu.replication"}
+#: All that colo may import of emu: its errors, the character and network backends (a COLO
+#: link is one, the servers listen as chardev does, the network endpoint's wire is a netdev),
+#: and the machine's replication surface.
+COLO_SEES_OF_EMU = {"emu", "emu.errors", "emu.chardev", "emu.netdev", "emu.replication"}
 
 
 def _module_name(path):

@@ -1,0 +1,102 @@
+"""A networked Linux service on the COLO pair: its TCP clients never notice a death.
+
+Debian's kernel and busybox serve HTTP (busybox httpd: a 50 MB file and a CGI counter) on
+a virtio-net NIC whose backend is the pair's network link.  Real clients run in the
+namespace of the endpoint's tap: curl downloads the file, and a request loop asks for the
+counter again and again, each on a new connection.  One VM is SIGKILLed at a random
+moment; the download must end with the right checksum and no reset, and the counter's
+answers must be 1, 2, 3, ... with none missing and none twice.
+"""
+
+import hashlib
+import json
+import random
+import re
+import time
+
+import pytest
+from colonetpair import GUEST_IP, NetPair
+from conftest import requires_patched_engine
+from linuxguest import network_namespaces_available
+
+pytestmark = requires_patched_engine
+
+BLOB_MB = 50
+COUNTER = "/srv/cgi-bin/n"
+SETUP = (f"mkdir -p /srv/cgi-bin && dd if=/dev/urandom of=/srv/blob bs=1M count={BLOB_MB} 2>/dev/null && "
+         f"sha256sum /srv/blob && echo 0 > /tmp/n && echo '#!/bin/sh' > {COUNTER} && "
+         f"echo 'n=$(( $(cat /tmp/n) + 1 )); echo $n > /tmp/n; "
+         f"printf \"Content-Type: text/plain\\r\\n\\r\\n%s\\n\" $n' >> {COUNTER} && chmod +x {COUNTER} && "
+         f"httpd -p 80 -h /srv")
+
+
+@pytest.fixture
+def netns():
+    reason = network_namespaces_available()
+    if reason:
+        pytest.skip(reason)
+
+
+def _served_pair(tmp_path, debian_linux, mode):
+    pair = NetPair(tmp_path, debian_linux, mode=mode)
+    try:
+        out = pair.boot(SETUP)
+        blob_sha = re.search(r"([0-9a-f]{64})  /srv/blob", out).group(1)
+        pair.protect()
+    except BaseException:
+        print(pair.logs())
+        pair.close()
+        raise
+    return pair, blob_sha
+
+
+def _report(proc, timeout=120):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("mode", ["compare", "passive"])
+def test_clients_of_the_pair_notice_nothing_when_the_primary_dies(debian_linux, tmp_path, netns, mode):
+    pair, blob_sha = _served_pair(tmp_path, debian_linux, mode)
+    seed = random.randrange(1 << 30)
+    kill_after = random.Random(seed).uniform(0.2, 1.5)
+    try:
+        curl = pair.curl("--max-time", "120", f"http://{GUEST_IP}/blob")
+        requests = pair.client("loop", f"http://{GUEST_IP}/cgi-bin/n", "4")
+        time.sleep(kill_after)
+        pair.primary.kill()
+        body, curl_err = curl.communicate(timeout=150)
+        loop = _report(requests)
+        assert curl.returncode == 0, f"curl failed ({curl.returncode}): {curl_err.decode()[-400:]}"
+        assert len(body) == BLOB_MB << 20 and hashlib.sha256(body).hexdigest() == blob_sha
+        assert loop["error"] is None, loop
+        assert loop["answers"] == [str(n) for n in range(1, len(loop["answers"]) + 1)], loop
+        assert len(loop["answers"]) >= 3
+        assert pair.took_over(), pair.secondary.stderr()
+        status = json.loads((tmp_path / "proxy.json").read_text())
+        assert status["syncs"] >= 1 and status["mode"] == "solo"
+        after = _report(pair.client("download", f"http://{GUEST_IP}/blob"))
+        assert after["error"] is None and after["sha256"] == blob_sha  # the survivor serves on
+    except BaseException:
+        print(f"seed {seed}: primary killed {kill_after:.2f} s into the transfer\n{pair.logs()}")
+        raise
+    finally:
+        pair.close()
+
+
+def test_the_primary_serves_on_alone_when_the_secondary_dies(debian_linux, tmp_path, netns):
+    pair, blob_sha = _served_pair(tmp_path, debian_linux, "compare")
+    try:
+        download = pair.client("download", f"http://{GUEST_IP}/blob")
+        time.sleep(0.5)
+        pair.secondary.kill()
+        report = _report(download)
+        assert report["error"] is None and report["sha256"] == blob_sha, report
+        assert report["max_stall_s"] <= 1.0, report
+        assert pair.primary.alive() and not pair.took_over()
+    except BaseException:
+        print(pair.logs())
+        raise
+    finally:
+        pair.close()
