@@ -31,6 +31,7 @@ from . import netstream as ns
 from .netstream import ACK, FIN, MASK32, PROTO_TCP, RST, SYN
 
 HALF = 1 << 31
+INPUT_WAIT_S = 0.5  # the longest the secondary's input waits for it to answer a connection
 
 
 def _ahead(a, b):
@@ -44,7 +45,7 @@ class TcpFlow:
     the secondary has sent since the last checkpoint (in its own sequence space)."""
 
     __slots__ = ("p_isn", "s_isn", "s_syn_flags", "p_hi", "p_ack_hi", "p_fin", "p_rst", "p_syn",
-                 "s_anchor", "s_data", "s_ack", "s_fin", "s_rst", "offset")
+                 "s_anchor", "s_data", "s_ack", "s_fin", "s_rst", "offset", "input_wait_since")
 
     def __init__(self):
         self.offset = 0              # secondary seq - primary seq, for every segment of the flow
@@ -52,6 +53,7 @@ class TcpFlow:
         self.p_hi = None             # primary payload released below this (primary space)
         self.p_ack_hi = None         # highest acknowledgement released
         self.p_syn = self.p_fin = self.p_rst = False
+        self.input_wait_since = None # input for the secondary waits for its SYN-ACK since then
         self.forget_secondary()
 
     def forget_secondary(self):
@@ -232,6 +234,7 @@ class NetCompare:
         for flow in self.flows.values():
             flow.forget_secondary()
             flow.offset, flow.p_isn, flow.s_isn, flow.s_syn_flags = 0, None, None, None
+            flow.input_wait_since = None
         self.others.clear()
         self.secondary_records.clear()
 
@@ -261,25 +264,40 @@ class NetCompare:
         return True
 
     # ------------------------------------------------------------------ rewriting
-    def input_for_secondary(self, frame):
+    def input_for_secondary(self, frame, now=None):
         """``frame`` (client -> guest) as the secondary must see it: its acknowledgement in
-        the secondary's sequence space.  Returns the frame itself when nothing moves."""
+        the secondary's sequence space.  Returns the frame itself when nothing moves, and
+        None when it must wait: the client acknowledges the primary's SYN-ACK of a
+        connection whose SYN-ACK the secondary has not sent yet (the offset is unknown, and
+        a wrong acknowledgement would make its kernel reset the connection).  A wait ends
+        after ``INPUT_WAIT_S`` (``now``: monotonic seconds) with the frame as it is."""
         packet = ns.parse(frame, outgoing=False)
-        if packet.proto != PROTO_TCP:
+        if packet.proto != PROTO_TCP or not packet.flags & ACK:
             return frame
         flow = self.flows.get(packet.key)
-        if flow is None or not flow.offset or not packet.flags & ACK:
+        if flow is None:
+            return frame
+        if flow.p_isn is not None and flow.s_isn is None and now is not None:
+            if flow.input_wait_since is None:
+                flow.input_wait_since = now
+            if now - flow.input_wait_since < INPUT_WAIT_S:
+                return None
+        if not flow.offset:
             return frame
         moved = bytearray(frame)
         ns.shift_tcp(moved, packet, ack_delta=flow.offset)
         return moved
 
     def release_from_secondary(self, header, frame):
-        """The secondary's ``frame`` as the clients must see it (primary sequence space)."""
+        """The secondary's ``frame`` as the clients must see it (primary sequence space); its
+        SYN-ACK of a connection the primary had answered gives the offset."""
         packet = ns.parse(frame, outgoing=True)
         if packet.proto != PROTO_TCP:
             return frame
         flow = self.flows.get(packet.key)
+        if flow is not None and packet.flags & SYN and flow.s_isn is None:
+            flow.s_isn, flow.s_syn_flags = packet.seq, packet.flags & (SYN | ACK)
+            flow.learn_isns()
         if flow is None or not flow.offset:
             return frame
         moved = bytearray(frame)

@@ -18,6 +18,7 @@ of those connections, so that an established connection goes on.
 """
 
 import selectors
+import time
 
 from emu import netdev
 from emu.errors import ConfigError
@@ -28,6 +29,7 @@ from .netcompare import NetCompare
 from .proxy import VM_QUEUE, ColoProxy
 
 INPUT_LIMIT = 4 << 20        # input not yet sent to every VM beyond which the wire is not read
+INPUT_WAIT_POLL_S = 0.02    # while the secondary's input waits (netcompare.INPUT_WAIT_S at most)
 SECONDARY_AHEAD = 20000      # frames of the secondary kept unmatched beyond which a checkpoint is asked
 
 
@@ -53,6 +55,7 @@ class NetProxy(ColoProxy):
         self._wire_fds = set()
         self._wire_reading = True
         self.frames_in = self.frames_out = self.frames_compared = 0
+        self._input_waits = False
         self._sync_wire_fds()
 
     # ------------------------------------------------------------------ the wire
@@ -99,6 +102,7 @@ class NetProxy(ColoProxy):
     def _pump_input(self):
         """As the serial endpoint, in whole records; the secondary's moved into its space."""
         end = self._in_base + len(self._input)
+        self._input_waits = False
         for conn in self._vms.values():
             if conn is None:
                 continue
@@ -108,14 +112,25 @@ class NetProxy(ColoProxy):
             start = conn.in_sent - self._in_base
             records, stop = ns.split_records(self._input, start)
             if conn.role == "secondary":
-                chunk = bytearray()
-                for _, header, frame in records:
-                    chunk += ns.record(header, self.compare.input_for_secondary(frame))
+                chunk, stop, now = bytearray(), start, time.monotonic()
+                for offset, header, frame in records:
+                    moved = self.compare.input_for_secondary(frame, now)
+                    if moved is None:
+                        self._input_waits = True  # for the secondary's SYN-ACK: look again soon
+                        break
+                    chunk += ns.record(header, moved)
+                    stop = offset + ns.RECORD_HEAD.size + len(header) + len(frame)
             else:
                 chunk = self._input[start:stop]
             if chunk:
                 conn.send(pw.data(pw.IN, conn.in_sent, chunk))
                 conn.in_sent += stop - start
+
+    def _wait(self, timeout):
+        wait = super()._wait(timeout)
+        if self._input_waits:
+            return INPUT_WAIT_POLL_S if wait is None else min(wait, INPUT_WAIT_POLL_S)
+        return wait
 
     # ------------------------------------------------------------------ output
     def _trim_streams(self, decided):

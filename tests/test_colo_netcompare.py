@@ -9,7 +9,7 @@ import pytest
 from netframes import CLIENT_IP, GUEST_IP, arp, tcp, tcp_checksum_ok, udp
 
 from colo import netstream as ns
-from colo.netcompare import NetCompare
+from colo.netcompare import INPUT_WAIT_S, NetCompare
 from colo.netstream import ACK, FIN, PSH, SYN
 
 PA = PSH | ACK
@@ -177,3 +177,27 @@ def test_after_a_checkpoint_both_vms_are_one_state_again():
     client_ack = tcp(5001, 1001, ACK, outgoing=False)
     assert compare.input_for_secondary(client_ack) == client_ack  # offset 0: the secondary is the primary now
     assert compare.check_primary(tcp(1001, 5001, PA, b"ahead")) == (False, None)  # its old frames are forgotten
+
+
+def test_after_a_takeover_the_secondary_syn_ack_gives_the_offset_and_its_input_waits_for_it():
+    """A connection the primary answered just before it died: the client acknowledges the
+    primary's SYN-ACK; the secondary must not see that acknowledgement before its own SYN-ACK
+    tells the offset (its kernel would reset the connection), and then sees it moved."""
+    compare = NetCompare()
+    syn_ack = tcp(1000, 5001, SYN | ACK)
+    compare.released(syn_ack, compared=False)  # a checkpoint committed it; the secondary's is still to come
+    client_ack = tcp(5001, 1001, ACK, b"GET /", outgoing=False)
+    assert compare.input_for_secondary(client_ack, now=10.0) is None
+    assert compare.input_for_secondary(client_ack, now=10.2) is None
+    s_syn_ack = tcp(7000, 5001, SYN | ACK)
+    assert ns.parse(compare.release_from_secondary(ns.NO_HEADER, s_syn_ack), outgoing=True).seq == 1000
+    moved = compare.input_for_secondary(client_ack, now=10.3)
+    assert ns.parse(moved, outgoing=False).ack == 7001 and tcp_checksum_ok(moved)
+
+
+def test_the_secondary_input_waits_no_longer_than_its_limit():
+    compare = NetCompare()
+    compare.released(tcp(1000, 5001, SYN | ACK), compared=False)
+    client_ack = tcp(5001, 1001, ACK, outgoing=False)
+    assert compare.input_for_secondary(client_ack, now=1.0) is None
+    assert compare.input_for_secondary(client_ack, now=1.0 + INPUT_WAIT_S) == client_ack
