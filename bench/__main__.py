@@ -155,7 +155,7 @@ def main():
     print(f"wrote {RESULTS / 'core.json'}")
     for title, module in (("save helpers", "bench.state"), ("live migration", "bench.migration"),
                           ("COLO", "bench.colo"), ("Linux boot", "bench.linux"),
-                          ("virtio NIC and disk", "bench.devices")):
+                          ("virtio NIC and disk", "bench.devices"), ("networked COLO pair", "bench.colonet")):
         print(f"emu-colo {title}")
         try:
             extra = __import__(module, fromlist=["run"]).run()

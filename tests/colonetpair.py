@@ -78,7 +78,7 @@ class NetPair:
     """Endpoint, secondary and primary of ``kernel``/``initrd`` with 256 MiB, in a fresh namespace."""
 
     def __init__(self, tmp_path, debian_linux, mode="compare", checkpoint_delay=200, heartbeat=(100, 2000),
-                 proxy_args=(), guest_args=()):
+                 proxy_args=(), guest_args=(), secondary_args=()):
         kernel, initrd = debian_linux
         self.tmp = pathlib.Path(tmp_path)
         self.net = TapNetwork(taps=("tap0",))
@@ -97,7 +97,7 @@ class NetPair:
                    "-device", "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:127.0.0.1:{vm_port}",
                    "--listen", "tcp:127.0.0.1:0", "--no-status", "--heartbeat-period", str(heartbeat[0]),
                    "--heartbeat-timeout", str(heartbeat[1]), "-serial", f"file:{self.tmp / 'secondary.console'}",
-                   "-qmp", f"unix:{self.qmp_paths['secondary']},server,nowait"]
+                   "-qmp", f"unix:{self.qmp_paths['secondary']},server,nowait", *secondary_args]
             if mode == "passive":
                 sec.append("--passive")
             self.secondary = self._start("secondary", sec)
