@@ -78,7 +78,7 @@ class NetPair:
     """Endpoint, secondary and primary of ``kernel``/``initrd`` with 256 MiB, in a fresh namespace."""
 
     def __init__(self, tmp_path, debian_linux, mode="compare", checkpoint_delay=200, heartbeat=(100, 2000),
-                 proxy_args=(), guest_args=(), secondary_args=()):
+                 proxy_args=(), guest_args=(), secondary_args=(), primary_colo_args=None):
         kernel, initrd = debian_linux
         self.tmp = pathlib.Path(tmp_path)
         self.net = TapNetwork(taps=("tap0",))
@@ -103,10 +103,18 @@ class NetPair:
             self.secondary = self._start("secondary", sec)
             port = int(self.secondary.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
             self.secondary_uri = f"tcp:127.0.0.1:{port}"
-            self.primary = self._start("primary", [
-                "run", *machine, "-netdev", f"colo,id=n0,proxy=127.0.0.1:{vm_port},role=primary,node=primary",
-                "-device", "virtio-net-pci,netdev=n0", "-serial", f"unix:{self.console_path},server,nowait",
-                "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait"])
+            console_qmp = ["-serial", f"unix:{self.console_path},server,nowait",
+                           "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait"]
+            if primary_colo_args is None:  # a plain emu run, as a QEMU user starts a primary
+                self.primary = self._start("primary", [
+                    "run", *machine, "-netdev", f"colo,id=n0,proxy=127.0.0.1:{vm_port},role=primary,node=primary",
+                    "-device", "virtio-net-pci,netdev=n0", *console_qmp])
+            else:  # emu colo primary (its fault injection, ...), still protected over QMP
+                self.primary = self._start("primary", [
+                    "colo", "primary", *machine, "-netdev", "tap,id=n0,ifname=unused", "-device",
+                    "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:127.0.0.1:{vm_port}", "--secondary",
+                    self.secondary_uri, "--protect-after", "1e9", "--no-status", "--heartbeat-period",
+                    str(heartbeat[0]), "--heartbeat-timeout", str(heartbeat[1]), *console_qmp, *primary_colo_args])
             self.console = UnixConsole(self.console_path)
         except BaseException:
             self.close()
