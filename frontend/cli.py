@@ -15,6 +15,7 @@ import signal
 import stat
 import sys
 
+from emu.cpu.x86 import raise_in_running_cpu
 from emu.errors import RUNTIME_FAILURE_STATUS, ConfigError, EmuError, StateError
 
 TRACE_CATEGORIES = {
@@ -285,7 +286,8 @@ class Terminated(Exception):
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated(signum)
+    if not raise_in_running_cpu(Terminated(signum)):
+        raise Terminated(signum)
 
 
 def _write_pidfile(path):

@@ -72,6 +72,23 @@ CRYSTAL_HZ = 1_000_000_000
 
 
 _CPUS_WITH_TIMER = weakref.WeakSet()  # their deadline timer thread does not survive a fork
+_CPUS = weakref.WeakSet()
+
+
+def raise_in_running_cpu(exc):
+    """Hand ``exc`` (from a signal handler) to the CPU whose engine runs now, if any.
+
+    Python runs a signal handler between two bytecodes of the main thread; inside
+    ``emu_start`` that is inside one of our C-called callbacks, where an exception
+    raised before the callback's own ``try`` is printed and dropped by ctypes.  The CPU
+    takes it as a hook's error instead: its engine stops and the run loop raises it.
+    False: no engine runs, the caller raises it itself."""
+    handed = False
+    for cpu in list(_CPUS):
+        if cpu.running:
+            cpu._callback_error(type(exc), exc, None)
+            handed = True
+    return handed
 
 
 def _restart_timers_after_fork():
@@ -252,6 +269,7 @@ class X86Cpu:
                 raise GuestError("cpu: cannot start the deadline timer thread")
             weakref.finalize(self, self.clib.deadline_timer_stop, cstate)
             _CPUS_WITH_TIMER.add(self)
+        _CPUS.add(self)
 
     def add_msr(self, index, read, write):
         """RDMSR / WRMSR of MSR ``index`` call ``read() -> value`` / ``write(value) -> bool``
