@@ -9,7 +9,7 @@ CHELPER := emu/cpu/_emuc.stamp
 FIRMWARE_STAMP := firmware/build/.stamp
 ENGINE_STAMP := build/engine/lib/inputs.sha256
 
-.PHONY: all setup deps venv engine cffi pyc firmware test demo bench soak lint clean linux
+.PHONY: all setup deps venv engine cffi pyc firmware test demo demo-linux bench soak lint clean linux
 
 all: test
 
@@ -73,6 +73,9 @@ test: setup linux
 
 demo: setup
 	$(PY) -m emu colo demo
+
+demo-linux: setup linux
+	$(PY) -m emu colo demo --guest linux
 
 bench: setup
 	$(PY) -m bench

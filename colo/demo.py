@@ -68,16 +68,17 @@ def _die_with_parent():
 
 
 class Process:
-    """One ``python -m emu colo ...`` process, stderr to ``NAME.log`` (which we can wait on).
+    """One ``python -m emu colo ...`` process (``command``: what follows ``emu``), stderr to
+    ``NAME.log`` (which we can wait on).
 
     Its own session, so a Ctrl-C at the terminal reaches the demo only: the demo stops
     the processes itself, in order."""
 
-    def __init__(self, log_dir, name, args):
+    def __init__(self, log_dir, name, args, command=("colo",)):
         self.name = name
         self.log = log_dir / f"{name}.log"
         with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "emu", "colo", *args], cwd=ROOT,
+            self.proc = subprocess.Popen([sys.executable, "-m", "emu", *command, *args], cwd=ROOT,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                          start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = self.proc.pid
@@ -743,6 +744,27 @@ def _ms(value):
 
 
 # ---------------------------------------------------------------------- command
+GUESTS = ("service", "linux")
+
+
+def _guest_option(argv):
+    """``--guest service|linux`` (the service firmware on a serial pair, or Debian's Linux
+    serving HTTP with a disk on a networked pair: :mod:`colo.netdemo`) and the other options."""
+    rest, guest, i = [], "service", 0
+    while i < len(argv):
+        if argv[i] == "--guest" and i + 1 < len(argv):
+            guest, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--guest="):
+            guest = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    if guest not in GUESTS:
+        raise ConfigError(f"colo demo: --guest {guest!r}: one of {', '.join(GUESTS)}")
+    return guest, rest
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise ConfigError(f"colo demo: {message}")
@@ -750,7 +772,8 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     p = _Parser(prog="emu colo demo", allow_abbrev=False,
-                description="A protected pair, a checked client, and a primary killed mid-run.")
+                description="A protected pair, a checked client, and a primary killed mid-run "
+                            "(--guest linux: Debian's Linux serving HTTP with a disk, on a networked pair).")
     p.add_argument("--requests", type=int, default=400, metavar="N", help="requests to send (default 400)")
     p.add_argument("--kill-after", type=int, metavar="N", help="SIGKILL the primary after N answers (default N/3)")
     p.add_argument("--mode", choices=("compare", "passive"), default="compare",
@@ -786,6 +809,10 @@ def parse_args(argv):
 
 
 def main(argv):
+    guest, argv = _guest_option(argv)
+    if guest == "linux":
+        from .netdemo import main as linux_demo
+        return linux_demo(argv)
     args = parse_args(argv)
     if not SERVICE.exists():
         raise ConfigError(f"colo demo: {SERVICE.relative_to(ROOT)} is missing (run `make firmware`)")

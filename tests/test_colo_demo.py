@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, firmware
+from conftest import ROOT, firmware, requires_patched_engine
+from linuxguest import network_namespaces_available
 
 
 def _demo(tmp_path, *args, timeout=60):
@@ -58,3 +59,25 @@ def test_demo_refuses_bad_options(tmp_path, args, message):
     assert r.returncode == 2
     assert message in r.stderr
     assert not (tmp_path / "arbiter.log").exists()  # nothing was started
+
+
+@requires_patched_engine
+def test_linux_demo_serves_downloads_and_uploads_across_the_kill(tmp_path, debian_linux):
+    """The networked demo: Debian's Linux serving HTTP with an ext4 disk; every download
+    checked, every upload acknowledged once and found on the survivor's disk."""
+    reason = network_namespaces_available()
+    if reason:
+        pytest.skip(reason)
+    r = _demo(tmp_path, "--guest", "linux", "--no-live", "--seconds", "12", "--kill-after", "6", timeout=400)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr + (tmp_path / "proxy.log").read_text()
+    downloads = re.search(r"downloads +(\d+) files of 8 MB", out)
+    uploads = re.search(r"uploads +(\d+) acknowledged, lost 0, duplicated 0", out)
+    assert downloads and int(downloads[1]) > 0, out
+    assert uploads and int(uploads[1]) > 0, out
+    assert re.search(rf"disk +{uploads[1]} uploads on the survivor's disk, each as acknowledged", out), out
+    assert re.search(r"served by +secondary vm-b alone", out), out
+    assert re.search(r"SIGKILL primary vm-a \(pid \d+\) in the middle of the traffic", out), out
+    assert "result       OK" in out, out
+    assert "did not stop" not in r.stderr, r.stderr  # every process ended on SIGTERM
+    assert _processes_mentioning(str(tmp_path / "secondary.csv")) == []
