@@ -21,6 +21,13 @@ that RAM ends equal to the primary's.  The primary clears a dirty bit only when 
 secondary has loaded the checkpoint that carried the page: pages of an abandoned
 checkpoint go out again with the next one.
 
+The disks follow the same rule (QEMU's block replication, ``emu/blockrep.py``): the
+primary logs the 4 KiB blocks its guest writes and each checkpoint carries those not yet
+acknowledged, read from its images while paused; the secondary's own writes go to an
+overlay in memory, which a checkpoint discards before it writes the primary's blocks into
+the images.  So the secondary's images always hold the primary's disks of the last applied
+checkpoint, and its guest sees them under its own writes since.
+
 In debug mode the primary adds its full state digest (``state_digest()``) taken while
 paused, and the secondary checks that its own state digest equals it once loaded.
 """
@@ -36,7 +43,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from emu.errors import EmuError, StateError
-from emu.replication import CheckedRam, CheckedState, ReplicationSurface
+from emu.replication import CheckedDiskBlocks, CheckedRam, CheckedState, ReplicationSurface
 
 from . import replicationpart
 from .checkpointwire import (
@@ -47,6 +54,7 @@ from .checkpointwire import (
     DIGEST_SHA256,
     DIGEST_SIZES,
     DIGEST_XXH3,
+    DISK_WRITES,
     HANDSHAKE_TIMEOUT_S,
     LOADED,
     MAX_DEVICE_STATE,
@@ -69,6 +77,7 @@ from .checkpointwire import (
     ConsistencyError,
     check_ready,
     checkpoint_digest,
+    max_disk_stream,
     max_ram_stream,
     ready_payload,
 )
@@ -104,6 +113,8 @@ class Checkpoint:
     ram_stream: bytes
     device_state: bytes
     replication_part: bytes
+    disk_stream: bytes
+    disk_blocks: int
     digest: bytes
     state_digest: bytes | None = None  # debug mode
 
@@ -119,18 +130,22 @@ class CheckpointRecord:
     error: str | None = None
     pages: int = 0
     ram_bytes: int = 0
-    device_bytes: int = 0    # everything beside RAM: the device state and the replication part
+    device_bytes: int = 0    # the device state and the replication part
+    disk_blocks: int = 0     # 4 KiB disk blocks carried
+    disk_bytes: int = 0      # the disk stream
     pause_ms: float = 0.0
     secondary_pause_ms: float | None = None  # primary: as the secondary reported it
     phases: dict = field(default_factory=dict)
     primary_digest: str | None = None  # primary, debug mode: its state digest while paused
     own_dirty: int = 0  # secondary: pages it wrote itself since the last checkpoint
+    own_disk_blocks: int = 0  # secondary: disk blocks it wrote itself since (discarded)
     restored: int = 0   # secondary: of those, pages the primary did not send (taken from the cache)
 
     def as_dict(self):
         """The fields the records files and the report use."""
         return {"seq": self.seq, "time": round(self.time, 6), "trigger": self.trigger, "status": self.status,
                 "pages": self.pages, "ram_bytes": self.ram_bytes, "device_bytes": self.device_bytes,
+                "disk_blocks": self.disk_blocks, "disk_bytes": self.disk_bytes,
                 "pause_ms": round(self.pause_ms, 3),
                 "secondary_pause_ms": None if self.secondary_pause_ms is None else round(self.secondary_pause_ms, 3),
                 "phases": {k: round(v, 3) for k, v in self.phases.items()}, "error": self.error}
@@ -201,6 +216,8 @@ class CheckpointPrimary:
         self.digest_kind = DIGEST_SHA256 if key is not None else DIGEST_XXH3
         self.seq = 0
         self.unacked = np.zeros(machine.page_count, dtype=bool)  # sent, not yet loaded by the peer
+        self.unacked_blocks = {drive_id: np.zeros(-(-size // 4096), dtype=bool)  # the same, of the disks
+                               for drive_id, size in machine.disk_sizes().items()}
         self.records = []
         self.pending = None  # the record of the checkpoint in progress
         self.phase = None    # its Phase
@@ -213,6 +230,8 @@ class CheckpointPrimary:
         self._send_queue = queue.Queue()
         machine.start_dirty_log()
         machine.dirty_pages()
+        machine.start_disk_write_log()
+        machine.disk_writes()
 
     def handshake(self):
         with self.channel.patience(HANDSHAKE_TIMEOUT_S):  # the secondary first copies all of RAM into its cache
@@ -300,6 +319,8 @@ class CheckpointPrimary:
         record.secondary_pause_ms = LOADED.unpack(loaded)[1] / 1e3
         phases.mark("loaded")
         self.unacked[:] = False  # pages dirtied since the capture are still in the machine's log
+        for unacked in self.unacked_blocks.values():
+            unacked[:] = False
         record.status = "ok"
 
     def _pause(self, record):
@@ -335,6 +356,7 @@ class CheckpointPrimary:
         record.pages = len(checkpoint.pages)
         record.ram_bytes = len(checkpoint.ram_stream)
         record.device_bytes = len(checkpoint.device_state) + len(checkpoint.replication_part)
+        record.disk_blocks, record.disk_bytes = checkpoint.disk_blocks, len(checkpoint.disk_stream)
         if checkpoint.state_digest is not None:
             record.primary_digest = checkpoint.state_digest.hex()
         return checkpoint
@@ -378,7 +400,8 @@ class CheckpointPrimary:
 
     def capture(self, seq, phases=None):
         """Paused: the pages to send (this interval's and any not yet acknowledged), the
-        device state and the replication part in buffers, the digest over them."""
+        device state, the replication part and the disk blocks to send (the same rule) in
+        buffers, the digest over them."""
         machine = self.machine
         mark = phases.mark if phases is not None else (lambda name: None)
         self.unacked[machine.dirty_pages()] = True
@@ -389,10 +412,17 @@ class CheckpointPrimary:
         device_state = machine.save_state()
         replication_part = replicationpart.encode(self.link.link_state() if self.link is not None else None)
         mark("save-devices")
+        blocks = {}
+        for drive_id, written in machine.disk_writes().items():
+            self.unacked_blocks[drive_id][written] = True
+            blocks[drive_id] = np.flatnonzero(self.unacked_blocks[drive_id])
+        disk_stream = machine.save_disk_blocks(blocks)
+        mark("save-disks")
         state_digest = bytes.fromhex(machine.state_digest()) if self.debug else None
-        digest = checkpoint_digest(seq, ram_stream, device_state, replication_part, self.digest_kind)
+        digest = checkpoint_digest(seq, ram_stream, device_state, replication_part, disk_stream, self.digest_kind)
         mark("digest")
-        return Checkpoint(seq, pages, ram_stream, device_state, replication_part, digest, state_digest)
+        return Checkpoint(seq, pages, ram_stream, device_state, replication_part, disk_stream,
+                          sum(len(b) for b in blocks.values()), digest, state_digest)
 
     def _send_in_background(self, checkpoint):
         self.sending = True
@@ -431,6 +461,7 @@ class CheckpointPrimary:
             self._fault("mid-device", seq)
         channel.send(VMSTATE_SIZE, SEQ.pack(len(checkpoint.device_state)), checkpoint.device_state)
         channel.send(REPLICATION_STATE, SEQ.pack(len(checkpoint.replication_part)), checkpoint.replication_part)
+        channel.send(DISK_WRITES, SEQ.pack(len(checkpoint.disk_stream)), checkpoint.disk_stream)
         self._fault("before-digest", seq)
         extra = b"\x01" + checkpoint.state_digest if checkpoint.state_digest is not None else b"\x00"
         channel.send(VMSTATE_DIGEST, bytes([self.digest_kind]) + checkpoint.digest + extra)
@@ -446,6 +477,7 @@ class CheckpointPrimary:
         if self._sender is not None:
             self._send_queue.put(None)
         self.channel.close()
+        self.machine.stop_disk_write_log()
 
 
 @dataclass
@@ -456,6 +488,7 @@ class _Received:
     ram_stream: bytearray
     device_state: bytes
     replication_part: bytes
+    disk_stream: bytes
     state_digest: bytes | None
 
 
@@ -468,13 +501,14 @@ class _Incoming:
     state: CheckedState   # the device state
     device_state: bytes   # the same, as received (the state to return to on a failover)
     link_state: object    # the link's LinkState, or None
+    disk: CheckedDiskBlocks
     state_digest: bytes | None
 
 
 class CheckpointSecondary:
-    """The secondary side.  On construction this machine (and its link) must hold the
-    primary's state (after the initial full migration): the RAM cache is copied from its
-    RAM and its own dirty log starts."""
+    """The secondary side.  On construction this machine (and its link, and its disks) must
+    hold the primary's state (after the initial full migration): the RAM cache is copied
+    from its RAM, its own dirty log starts, and its guest's disk writes go to the overlay."""
 
     def __init__(self, machine: ReplicationSurface, sock, *, link=None, timeout=REPLY_TIMEOUT_S, key=None,
                  passive=False):
@@ -491,6 +525,7 @@ class CheckpointSecondary:
         self.records = []
         machine.start_dirty_log()
         machine.dirty_pages()
+        machine.start_disk_overlay()
 
     def handshake(self):
         """Agree with the primary on the protocol, then tell the client endpoint that this
@@ -595,13 +630,16 @@ class CheckpointSecondary:
         device_state = bytes(channel.recv_exact(self._recv_size(seq, VMSTATE_SIZE, "device state", MAX_DEVICE_STATE)))
         replication_part = bytes(channel.recv_exact(
             self._recv_size(seq, REPLICATION_STATE, "replication part", replicationpart.MAX_SIZE)))
+        disk_stream = channel.recv_exact(self._recv_size(seq, DISK_WRITES, "disk stream",
+                                                         max_disk_stream(self.machine)))
         _, payload = channel.recv((VMSTATE_DIGEST,))
         digest, state_digest = self._parse_digest(seq, payload)
         record.ram_bytes, record.device_bytes = len(ram_stream), len(device_state) + len(replication_part)
-        expected = checkpoint_digest(seq, ram_stream, device_state, replication_part, self.digest_kind)
+        record.disk_bytes = len(disk_stream)
+        expected = checkpoint_digest(seq, ram_stream, device_state, replication_part, disk_stream, self.digest_kind)
         if not hmac.compare_digest(digest, expected):
             raise CheckpointRejected(f"colo: checkpoint {seq}: digest mismatch (corrupted, truncated or replayed)")
-        return _Received(seq, ram_stream, device_state, replication_part, state_digest)
+        return _Received(seq, ram_stream, device_state, replication_part, disk_stream, state_digest)
 
     def _recv_size(self, seq, kind, what, limit):
         _, payload = self.channel.recv((kind,))
@@ -637,17 +675,21 @@ class CheckpointSecondary:
             if state.ram_pages is not None:
                 raise StateError("the device state carries RAM pages")
             link_state = replicationpart.decode(received.replication_part, has_link=self.link is not None)
+            disk = machine.check_disk_blocks(received.disk_stream, verify_checksum=False)
         except StateError as e:
             raise CheckpointRejected(f"colo: checkpoint {seq}: {e}") from None
-        record.pages = len(ram.pages)
-        return _Incoming(seq, ram, state, received.device_state, link_state, received.state_digest)
+        record.pages, record.disk_blocks = len(ram.pages), disk.count
+        return _Incoming(seq, ram, state, received.device_state, link_state, disk, received.state_digest)
 
     def _apply(self, incoming, record, own_state):
         """Device state first (a device that still refuses puts back ``own_state``, and
-        nothing else has been touched), then the received pages into the cache, then every
-        page either side dirtied from the cache into RAM, then the link."""
+        nothing else has been touched), then the disks (this side's own writes discarded,
+        the primary's blocks into the images), then the received pages into the cache, then
+        every page either side dirtied from the cache into RAM, then the link."""
         machine = self.machine
         machine.apply_state(incoming.state, rollback=own_state)
+        record.own_disk_blocks = machine.discard_disk_overlay()
+        machine.write_disk_blocks(incoming.disk)
         incoming.ram.write_into(self.cache)
         own = machine.dirty_pages()
         flush = np.zeros(machine.page_count, dtype=bool)
@@ -674,14 +716,29 @@ class CheckpointSecondary:
                                    f"the primary's {incoming.state_digest.hex()}")
 
     def restore_last_checkpoint(self):
-        """Put the (paused) machine back to the last applied checkpoint: the pages it
-        wrote since come from the cache, the device state and the link's streams from
-        that checkpoint."""
+        """Put the (paused) machine back to the last applied checkpoint, to serve from it:
+        the pages it wrote since come from the cache, the device state and the link's
+        streams from that checkpoint, and its disks are the images (which hold that
+        checkpoint's): the overlay of its writes since is discarded, and writes go to the
+        images from now on.  Its writes cannot be kept: the restored RAM (page cache,
+        journal position, the file system's idea of what is on disk) knows nothing of them."""
         machine = self.machine
         machine.load_state(self.last_state)
         self._flush(machine.dirty_pages())
         if self.link is not None:
             self.link.restore(self.last_link_state)
+        machine.end_disk_overlay(commit=False)
+
+    def keep_own_state(self):
+        """Serve from the state this side reached itself (a failover in COLO's compare mode,
+        and any failover outside a checkpoint's apply): its RAM and devices stay as they
+        ran, so its disks must be what its guest saw, the last checkpoint's images under
+        its own writes since.  The overlay is committed into the images and writes go
+        there from now on, as QEMU's failover commits the active and hidden disks into the
+        secondary disk (``block/replication.c``, ``replication_stop``): the secondary's own
+        writes are kept, and the primary's since the checkpoint, which here travel only
+        inside the next checkpoint, are lost with it."""
+        self.machine.end_disk_overlay(commit=True)
 
     def close(self):
         self.channel.close()

@@ -9,26 +9,30 @@ version exchanged first (:mod:`colo.checkpoint` runs the transaction)::
                                          <-   CHECKPOINT_READY (version, machine, flags)
     CHECKPOINT_REQUEST seq               ->   stops its VM
                                          <-   CHECKPOINT_REPLY seq
-    pauses; dirty pages, device state, replication part
+    pauses; dirty pages, device state, replication part, written disk blocks
     VMSTATE_SEND seq, n | RAM stream (n bytes, raw)
     VMSTATE_SIZE m | device state (m bytes, raw)
     REPLICATION_STATE r | replication part (r bytes, raw)
-    VMSTATE_DIGEST kind | digest(seq | RAM stream | device state | replication part)
-                   [| state digest]
+    DISK_WRITES d | disk stream (d bytes, raw)
+    VMSTATE_DIGEST kind | digest(seq | RAM stream | device state | replication part
+                                 | disk stream) [| state digest]
                                               every buffer into its own, sizes and digest
                                               checked
                                          <-   VMSTATE_RECEIVED seq
     resumes                                   every stream checked whole (a bad one is
                                               abandoned whole); device state applied, the
-                                              RAM pages into the cache and RAM, the link
-                                              state; resumes
+                                              disk overlay discarded and the blocks written
+                                              into the images, the RAM pages into the cache
+                                              and RAM, the link state; resumes
                                          <-   VMSTATE_LOADED seq
-    clears the dirty bits it sent
+    clears the dirty bits and the disk blocks it sent
 
 The replication part (:mod:`colo.replicationpart`) is state of the pair, not of the guest:
 the COLO link's stream positions and unreleased output.  Protocol version 2 added it
 (``REPLICATION_STATE``, and the digest covers it); version 1 carried the link as a section
-of the machine stream.
+of the machine stream.  The disk stream (``emu/blockrep.py``) holds the 4 KiB blocks the
+primary's guest wrote since the last checkpoint it saw acknowledged, as its images hold
+them at the pause; protocol version 3 added it (``DISK_WRITES``, and the digest covers it).
 
 Both sides send ``HEARTBEAT`` while idle; any frame counts as a sign of life and a
 receiver skips heartbeats wherever it waits.  ``VMSTATE_LOADED`` carries the secondary's
@@ -61,7 +65,7 @@ from .framing import FrameFormat, FrameReader, read_frame
 from .wire import HEADER, ChannelError
 
 MAGIC = b"EMUCKPT\0"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # message types (a numbering of this channel's own)
 CHECKPOINT_READY = 1
@@ -75,12 +79,13 @@ VMSTATE_LOADED = 8
 ABANDON = 9
 HEARTBEAT = 10
 REPLICATION_STATE = 11
+DISK_WRITES = 12
 
 NAMES = {CHECKPOINT_READY: "CHECKPOINT_READY", CHECKPOINT_REQUEST: "CHECKPOINT_REQUEST",
          CHECKPOINT_REPLY: "CHECKPOINT_REPLY", VMSTATE_SEND: "VMSTATE_SEND", VMSTATE_SIZE: "VMSTATE_SIZE",
          VMSTATE_DIGEST: "VMSTATE_DIGEST", VMSTATE_RECEIVED: "VMSTATE_RECEIVED",
          VMSTATE_LOADED: "VMSTATE_LOADED", ABANDON: "ABANDON", HEARTBEAT: "HEARTBEAT",
-         REPLICATION_STATE: "REPLICATION_STATE"}
+         REPLICATION_STATE: "REPLICATION_STATE", DISK_WRITES: "DISK_WRITES"}
 
 SEQ = struct.Struct(">Q")
 SEND = struct.Struct(">QQ")
@@ -101,7 +106,7 @@ PAYLOAD_SIZES = {
     CHECKPOINT_READY: (len(MAGIC) + 4 + 2 + 8, MAX_READY),
     CHECKPOINT_REQUEST: SEQ.size, CHECKPOINT_REPLY: SEQ.size, VMSTATE_RECEIVED: SEQ.size,
     VMSTATE_LOADED: LOADED.size, VMSTATE_SEND: SEND.size, VMSTATE_SIZE: SEQ.size, HEARTBEAT: 0,
-    REPLICATION_STATE: SEQ.size,
+    REPLICATION_STATE: SEQ.size, DISK_WRITES: SEQ.size,
     VMSTATE_DIGEST: (1 + 16 + 1, 1 + 32 + 1 + STATE_DIGEST_SIZE),  # kind | digest | flag [| state digest]
     ABANDON: (SEQ.size, SEQ.size + MAX_REASON),
 }
@@ -164,19 +169,27 @@ DIGEST_XXH3 = 0    # XXH3-128: catches corruption, truncation and replay at 20 G
 DIGEST_SHA256 = 1  # with a shared key: the (tagged) digest then vouches for the raw buffers too
 
 
-def checkpoint_digest(seq, ram_stream, device_state, replication_part, kind=DIGEST_XXH3):
+def checkpoint_digest(seq, ram_stream, device_state, replication_part, disk_stream, kind=DIGEST_XXH3):
     """A digest of the whole checkpoint; the sequence number makes a replay fail it."""
     h = hashlib.sha256() if kind == DIGEST_SHA256 else xxhash.xxh3_128()
     h.update(SEQ.pack(seq))
     h.update(ram_stream)
     h.update(device_state)
     h.update(replication_part)
+    h.update(disk_stream)
     return h.digest()
 
 
 def max_ram_stream(machine):
     """The largest RAM stream a checkpoint of this machine can need (every page, with data)."""
     return machine.ram_size + 5 * machine.page_count + 4096
+
+
+def max_disk_stream(machine):
+    """The largest disk stream a checkpoint of this machine can need (every block of every
+    drive: 4 KiB and its number each, a header per drive)."""
+    sizes = machine.disk_sizes().values()
+    return sum(-(-size // 4096) * 4100 + 300 for size in sizes) + 64
 
 
 class Channel:

@@ -264,7 +264,7 @@ class _Side:
             totals["triggers"][record.trigger] = totals["triggers"].get(record.trigger, 0) + 1
             if record.status == "ok":
                 totals["ok"] += 1
-                totals["bytes"] += record.ram_bytes + record.device_bytes
+                totals["bytes"] += record.ram_bytes + record.device_bytes + record.disk_bytes
             elif record.status == "rejected":
                 totals["rejected"] += 1
             else:
@@ -306,6 +306,7 @@ class _Side:
             "pause-ms-max": pauses[-1] if pauses else None,
             "last-pause-ms": ok[-1].pause_ms if ok else None,
             "last-dirty-pages": ok[-1].pages if ok else None,
+            "last-disk-blocks": ok[-1].disk_blocks if ok else None,
             "bytes": totals["bytes"],
             "heartbeats-received": self.channel.heartbeats_received if self.channel else 0,
             "failover-ms": self.failover_ms,
@@ -511,6 +512,7 @@ class ColoSecondary(_Side):
             machine.request_exit(1, "colo: the primary is lost but this secondary may not serve (split brain "
                                     "averted: the lease is held elsewhere)")
             return
+        self.checkpoints.keep_own_state()
         machine.resume()
         self.failover_ms = (time.monotonic() - lost_at) * 1e3
         self._say(f"serving alone from checkpoint {self.checkpoints.applied_seq} "

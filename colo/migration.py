@@ -17,7 +17,9 @@ the device state on COMPLETE and runs.
 With ``x-colo`` the migration is the pair's checkpoint 0: the source also sends the
 replication part (:mod:`colo.replicationpart`, its COLO link's stream positions and
 unreleased output) before COMPLETE, the destination restores its link from it, and the
-connection goes on as the checkpoint channel.
+connection goes on as the checkpoint channel.  Each VM has its own copy of the disk
+images: right after HELLO they are compared and made equal (:mod:`colo.disksync`), and the
+blocks the guest writes from then on go over with each dirty pass and the stop-and-copy.
 
 Both sides use a machine only through its replication surface (:mod:`emu.replication`).
 """
@@ -33,7 +35,7 @@ from emu.chardev import listen_tcp
 from emu.errors import ConfigError, EmuError, StateError
 from emu.replication import ReplicationSurface
 
-from . import replicationpart, wire
+from . import disksync, replicationpart, wire
 
 CAPABILITIES = ("events", "return-path", "x-colo", "xbzrle", "postcopy-ram", "auto-converge",
                 "pause-before-switchover")
@@ -239,6 +241,7 @@ class MigrationController:
         self.set_status(status)
         self.machine.remove_background_job(self._job)
         self.machine.stop_dirty_log()
+        self.machine.stop_disk_write_log()
 
 
 def _tcp_channel(host, port):
@@ -292,14 +295,17 @@ class PrecopyJob:
         self.send_seconds = 0.0
         self.sync_sent = 0
         self.sync_acked = 0
-        self.replies = wire.frame_reader(max_payload=1 << 20)
+        self.replies = wire.frame_reader(max_payload=64 << 20)  # (a DISK_DIFF: 4 bytes per MiB of disk)
+        self.disk_copy = None  # x-colo: the chunks of the images still to copy
 
     def begin(self):
         machine, controller = self.machine, self.controller
         try:
             self._send(wire.HELLO, wire.hello_payload(machine.machine_type, machine.ram_size))
             self._expect_reply(wire.ACCEPT, "HELLO", "refused")
-        except wire.ChannelError as e:
+            if controller.capabilities["x-colo"]:
+                self._compare_disks()
+        except (wire.ChannelError, StateError, OSError) as e:
             self._fail(str(e))
             raise EmuError(f"migrate: {e}") from None
         machine.start_dirty_log()
@@ -307,12 +313,28 @@ class PrecopyJob:
         controller.set_status("active")
         machine.add_background_job(self)
 
+    def _compare_disks(self):
+        """x-colo: log the guest's disk writes from now on, then learn from the destination
+        which chunks of the images differ (the copy runs before the first RAM pass)."""
+        machine = self.machine
+        machine.start_disk_write_log()
+        self._send(wire.DISKS, disksync.digests_payload(machine))
+        payload = self._expect_reply(wire.DISK_DIFF, "DISKS", "refused the disks")
+        self.disk_copy = disksync.DiskCopy(machine, disksync.parse_diff(payload, machine.disk_sizes()))
+        if not self.disk_copy.done():
+            self.phase = "disks"
+
     def __call__(self):
-        """One step (from the run loop): a chunk of the first pass or one dirty pass."""
+        """One step (from the run loop): some chunks of the disks, a chunk of the first
+        pass or one dirty pass."""
         try:
             if not self._bandwidth_allows():
                 return
-            if self.phase == "full":
+            if self.phase == "disks":
+                self._send(wire.DISK, self.disk_copy.next_stream())
+                if self.disk_copy.done():
+                    self.phase = "full"
+            elif self.phase == "full":
                 self._full_pass_step()
             else:
                 self._dirty_pass()
@@ -326,6 +348,7 @@ class PrecopyJob:
             raise wire.ChannelError(f"destination {refusal}: {payload.decode(errors='replace')}")
         if got != kind:
             raise wire.ChannelError(f"destination answered {wire.NAMES[got]} to {after}")
+        return payload
 
     def _bandwidth_allows(self):
         since, sent = self.bytes_at
@@ -351,6 +374,13 @@ class PrecopyJob:
         self.controller.state.zero_pages += zero
         self.controller.state.normal_pages += len(pages) - zero
         self._send(wire.RAM, stream)
+
+    def _send_disk_writes(self):
+        """x-colo: the disk blocks the guest wrote since the last time."""
+        if self.disk_copy is not None:
+            written = self.machine.disk_writes()
+            if any(len(blocks) for blocks in written.values()):
+                self._send(wire.DISK, self.machine.save_disk_blocks(written))
 
     def _full_pass_step(self):
         npages = self.machine.page_count
@@ -406,6 +436,7 @@ class PrecopyJob:
             self._stop_and_copy(pages)
         else:
             self._send_pages(pages)
+            self._send_disk_writes()
             self._send_sync()
 
     def _stop_and_copy(self, pages):
@@ -424,6 +455,7 @@ class PrecopyJob:
             mask[pages] = True
             mask[machine.dirty_pages()] = True
             self._send_pages(np.flatnonzero(mask))
+            self._send_disk_writes()
             self._send(wire.STATE, machine.save_state())
             if controller.capabilities["x-colo"]:
                 self._send(wire.REPLICATION, replicationpart.encode(link.link_state() if link is not None else None))
@@ -517,6 +549,7 @@ class IncomingMigration:
         self.hello_ok = False
         self.state_stream = None
         self.replication_received = False  # x-colo: the source's replication part has come
+        self.disks_compared = False  # x-colo: the source's DISKS has come and been answered
         self.link_state = None
         self.pages_received = 0
         self.probes = 0  # connections dropped before they began a migration
@@ -625,6 +658,11 @@ class IncomingMigration:
         elif kind == wire.REPLICATION and self._colo(reply):
             self.link_state = replicationpart.decode(payload, has_link=self.controller.colo_link is not None)
             self.replication_received = True
+        elif kind == wire.DISKS and self._colo(reply) and not self.disks_compared:
+            self._reply(wire.DISK_DIFF, disksync.diff_payload(disksync.differing_chunks(machine, payload)))
+            self.disks_compared = True
+        elif kind == wire.DISK and self.disks_compared:
+            machine.write_disk_blocks(machine.check_disk_blocks(payload))
         elif kind == wire.COMPLETE:
             self._complete(reply)
         else:
@@ -658,6 +696,8 @@ class IncomingMigration:
             raise wire.ChannelError("COMPLETE without device state")
         if colo and not self.replication_received:
             raise wire.ChannelError("COMPLETE without the replication part a COLO pair needs")
+        if colo and not self.disks_compared:
+            raise wire.ChannelError("COMPLETE without the disks' comparison a COLO pair needs")
         checked = machine.check_state(self.state_stream)
         machine.apply_state(checked, rollback=False)  # nothing to roll back to: a failed one ends this process
         if colo and self.link_state is not None:

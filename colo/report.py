@@ -6,7 +6,8 @@ A record is a dict (``CheckpointRecord.as_dict()``)::
     mismatch / timeout / forced), status str (ok / abandoned / rejected / failed),
     pages int (dirty pages sent), ram_bytes int, device_bytes int, pause_ms float
     (stop to resume on this side), secondary_pause_ms float | None, phases {name: ms},
-    error str | None (optional)
+    disk_blocks int, disk_bytes int (optional: 0 in records made before disks were
+    replicated), error str | None (optional)
 
 ``emu colo report FILE [-o OUT.png]`` prints a summary and draws pause times and dirty
 pages per checkpoint.  matplotlib is imported only when drawing: a running VM imports this
@@ -29,10 +30,11 @@ from emu.errors import ConfigError
 SUFFIXES = (".json", ".csv")
 FIELDS = ("seq", "time", "trigger", "status", "pages", "ram_bytes", "device_bytes", "pause_ms",
           "secondary_pause_ms")
+OPTIONAL_FIELDS = {"disk_blocks": 0, "disk_bytes": 0}  # name: value when a record lacks it
 # Primary phases, then the secondary's (colo/checkpoint.py).  A CSV header is written before
 # the first record, so its columns are fixed: a phase not listed here goes to JSON only.
 PHASES = ("request", "capture", "send", "received", "loaded", "receive", "apply", "debug-check")
-CSV_COLUMNS = FIELDS + ("error",) + tuple(f"phase_{p}" for p in PHASES)
+CSV_COLUMNS = FIELDS + tuple(OPTIONAL_FIELDS) + ("error",) + tuple(f"phase_{p}" for p in PHASES)
 TRIGGERS = ("periodic", "output", "mismatch", "timeout", "forced")
 JSON_INTERVAL = 0.5  # s between rewrites of a JSON records file
 
@@ -111,7 +113,7 @@ class RecordWriter:
 
 
 def _csv_row(record):
-    row = {k: record.get(k) for k in FIELDS}
+    row = {k: record.get(k) for k in FIELDS + tuple(OPTIONAL_FIELDS)}
     row["error"] = record.get("error")
     for name, ms in (record.get("phases") or {}).items():
         row[f"phase_{name}"] = ms
@@ -121,7 +123,7 @@ def _csv_row(record):
 # --- reading ---------------------------------------------------------------------------
 
 _TYPES = {"seq": int, "time": float, "trigger": str, "status": str, "pages": int, "ram_bytes": int,
-          "device_bytes": int, "pause_ms": float, "secondary_pause_ms": float}
+          "device_bytes": int, "pause_ms": float, "secondary_pause_ms": float, "disk_blocks": int, "disk_bytes": int}
 
 
 def _convert(where, key, value):
@@ -152,6 +154,8 @@ def _convert(where, key, value):
 
 def _record(where, raw, phases):
     record = {k: _convert(where, k, raw[k]) for k in FIELDS}
+    for k, default in OPTIONAL_FIELDS.items():
+        record[k] = default if raw.get(k) in (None, "") else _convert(where, k, raw[k])
     record["phases"] = {}
     for name, ms in phases.items():
         if ms is None or ms == "":
@@ -251,6 +255,8 @@ def summarize(records):
     secondary = [r["secondary_pause_ms"] for r in ok if r.get("secondary_pause_ms") is not None]
     ram = sum(r["ram_bytes"] for r in records)
     device = sum(r["device_bytes"] for r in records)
+    disk = sum(r.get("disk_bytes", 0) for r in records)
+    blocks = [r.get("disk_blocks", 0) for r in ok]
     return {
         "count": len(records),
         "ok": len(ok),
@@ -259,9 +265,14 @@ def summarize(records):
         "pause_ms": _stats([r["pause_ms"] for r in ok]),
         "secondary_pause_ms": _stats(secondary),
         "pages": {"median": statistics.median(pages) if pages else None, "max": max(pages) if pages else None},
-        "bytes": {"total": ram + device, "ram": ram, "device": device},
+        "disk_blocks": {"median": statistics.median(blocks) if blocks else None, "max": max(blocks, default=None)},
+        "bytes": {"total": ram + device + disk, "ram": ram, "device": device, "disk": disk},
         "duration_s": max((r["time"] for r in records), default=0.0),
     }
+
+
+def _dash(v):
+    return "-" if v is None else v
 
 
 def _ms(v):
@@ -289,8 +300,9 @@ def format_summary(s):
         ("secondary ms", f"median {_ms(sp['median'])}  p90 {_ms(sp['p90'])}  max {_ms(sp['max'])}"),
         ("dirty pages", f"median {s['pages']['median'] if s['pages']['median'] is not None else '-'}  "
                         f"max {s['pages']['max'] if s['pages']['max'] is not None else '-'}"),
+        ("disk blocks", f"median {_dash(s['disk_blocks']['median'])}  max {_dash(s['disk_blocks']['max'])}"),
         ("bytes sent", f"{_size(s['bytes']['total'])} (RAM {_size(s['bytes']['ram'])}, "
-                       f"devices {_size(s['bytes']['device'])})"),
+                       f"devices {_size(s['bytes']['device'])}, disks {_size(s['bytes']['disk'])})"),
     ]
     return "\n".join(f"{name:<13} {value}" for name, value in rows)
 

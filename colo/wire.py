@@ -26,12 +26,16 @@ ABANDON = 7        # either side: give up; payload is the reason (UTF-8)
 SYNC = 8           # source: tell me when you have applied everything up to here (u64 sequence)
 SYNCED = 9         # destination: applied up to that SYNC
 REPLICATION = 10   # source, x-colo only, before COMPLETE: the pair's replication part (colo.replicationpart)
+DISKS = 11         # source, x-colo only, first: its drives and a digest of every 1 MiB (colo.disksync)
+DISK_DIFF = 12     # destination: the chunks of each drive that differ from its own image
+DISK = 13          # source, x-colo only: a disk stream (emu.blockrep) to write into the images
 
 NAMES = {HELLO: "HELLO", ACCEPT: "ACCEPT", RAM: "RAM", STATE: "STATE", COMPLETE: "COMPLETE", DONE: "DONE",
-         ABANDON: "ABANDON", SYNC: "SYNC", SYNCED: "SYNCED", REPLICATION: "REPLICATION"}
+         ABANDON: "ABANDON", SYNC: "SYNC", SYNCED: "SYNCED", REPLICATION: "REPLICATION", DISKS: "DISKS",
+         DISK_DIFF: "DISK_DIFF", DISK: "DISK"}
 
 MAGIC = b"EMUMIGR\0"
-PROTOCOL_VERSION = 2  # 2: REPLICATION (a COLO link's state no longer travels in the device state)
+PROTOCOL_VERSION = 3  # 2: REPLICATION (a COLO link's state no longer travels in the device state); 3: the disks
 
 
 class ChannelError(EmuError):

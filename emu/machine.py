@@ -48,6 +48,7 @@ class Machine:
         self.memory.host_writes.append(self._memory_remapped)
         #: objects with close() that hold host resources (backends, ROM buffers) for the machine's life
         self.host_resources = []
+        self.drives = {}  # drive id -> emu.blockrep.ReplicatedDrive: the disks, as a pair replicates them
         self.devices = []
         self._polled_devices = []  # the devices that have host-side work between slices
         self.fast_paths = []  # C shortcuts that hold device state: to_model() / from_model()
@@ -96,6 +97,13 @@ class Machine:
         if mmio is not None:
             self.cpu.map_mmio(mmio[0], mmio[1], device)
         return device
+
+    def add_drive(self, drive_id, image):
+        """A disk image (emu.blockdev) under ``drive_id``; returns the backend its device
+        must use, through which the disk replication logs and overlays the guest's writes."""
+        from emu.blockrep import ReplicatedDrive
+        drive = self.drives[drive_id] = ReplicatedDrive(drive_id, image)
+        return drive
 
     def _memory_remapped(self, base, size):
         """A part of the address space was mapped anew (a PAM window): its pages were never
@@ -318,6 +326,46 @@ class Machine:
             self.cpu.remove_hook(self._dirty_hook)
             self._dirty_hook = None
         self._dirty_log_on = False
+
+    # the disks (emu.replication.DiskReplicable; the work is emu.blockrep's)
+    def disk_sizes(self):
+        return {drive_id: drive.size for drive_id, drive in self.drives.items()}
+
+    def disk_chunk_digests(self):
+        return {drive_id: drive.chunk_digests() for drive_id, drive in self.drives.items()}
+
+    def start_disk_write_log(self):
+        for drive in self.drives.values():
+            drive.start_write_log()
+
+    def disk_writes(self):
+        return {drive_id: drive.take_written() for drive_id, drive in self.drives.items() if not drive.readonly}
+
+    def stop_disk_write_log(self):
+        for drive in self.drives.values():
+            drive.stop_write_log()
+
+    def save_disk_blocks(self, blocks):
+        from emu import blockrep
+        return blockrep.encode(self.drives, blocks)
+
+    def check_disk_blocks(self, data, verify_checksum=True):
+        from emu import blockrep
+        return blockrep.check(self.drives, data, verify_checksum)
+
+    def write_disk_blocks(self, checked):
+        checked.write_into_images()
+
+    def start_disk_overlay(self):
+        for drive in self.drives.values():
+            drive.start_overlay()
+
+    def discard_disk_overlay(self):
+        return sum(drive.discard_overlay() for drive in self.drives.values())
+
+    def end_disk_overlay(self, commit):
+        for drive in self.drives.values():
+            drive.end_overlay(commit)
 
     def notify_interrupt(self):
         """A device raised an interrupt: end the CPU slice so that it is delivered promptly."""

@@ -5,7 +5,8 @@ the devices' internals, so that the core can change behind it.  The traits follo
 Hypervisor's ``vm-migration``: :class:`Pausable`, :class:`Snapshottable` and
 :class:`Migratable` (RAM pages and the dirty log), plus what a replication job needs of
 the run loop (:class:`RunLoopServices`) and of the machine's lifecycle
-(:class:`Lifecycle`).  :class:`ReplicationSurface` is all of them; ``emu.machine.Machine``
+(:class:`Lifecycle`), and the disks' write log and overlay (:class:`DiskReplicable`, QEMU's
+block replication).  :class:`ReplicationSurface` is all of them; ``emu.machine.Machine``
 implements it.
 
 Page numbers are integer arrays (or sequences) of 4 KiB page indices; a page buffer is a
@@ -31,6 +32,13 @@ class CheckedState(Protocol):
     """A device-state stream that passed :meth:`Snapshottable.check_state`."""
 
     ram_pages: CheckedRam | None  # the RAM pages it also carries, if any
+
+
+@runtime_checkable
+class CheckedDiskBlocks(Protocol):
+    """The blocks of a disk stream that passed :meth:`DiskReplicable.check_disk_blocks`."""
+
+    count: int  # how many blocks it carries, over all drives
 
 
 @runtime_checkable
@@ -101,6 +109,46 @@ class Migratable(Protocol):
 
 
 @runtime_checkable
+class DiskReplicable(Protocol):
+    """The disks (``-drive``) as a pair replicates them, in 4 KiB blocks.  Block numbers are
+    ascending integer arrays; ``{drive id: ...}`` dicts cover the writable drives."""
+
+    def disk_sizes(self) -> dict:
+        """{drive id: image size in bytes} of every drive."""
+
+    def disk_chunk_digests(self) -> dict:
+        """{drive id: SHA-256 of every 1 MiB of the image, concatenated}: the images of two
+        machines are compared with these when a pair forms."""
+
+    def start_disk_write_log(self) -> None:
+        """Log every block the guest writes from now on (the primary)."""
+
+    def disk_writes(self) -> dict:
+        """{drive id: the blocks written since the last call (or the start)}; clears the log."""
+
+    def stop_disk_write_log(self) -> None: ...
+
+    def save_disk_blocks(self, blocks: dict) -> bytes:
+        """A disk stream of ``blocks`` (``{drive id: block numbers}``), read from the disks now."""
+
+    def check_disk_blocks(self, data: Any, verify_checksum: bool = True) -> CheckedDiskBlocks:
+        """Check a whole disk stream without writing a block of it."""
+
+    def write_disk_blocks(self, checked: CheckedDiskBlocks) -> None:
+        """Write what :meth:`check_disk_blocks` passed into the images themselves."""
+
+    def start_disk_overlay(self) -> None:
+        """The guest's writes go to an overlay in memory from now on, its reads look there
+        first; the images change only by :meth:`write_disk_blocks` (the secondary)."""
+
+    def discard_disk_overlay(self) -> int:
+        """Forget the guest's writes in the overlay (it stays on); returns how many blocks."""
+
+    def end_disk_overlay(self, commit: bool) -> None:
+        """Writes go straight to the images again; ``commit``: the overlay is written there first."""
+
+
+@runtime_checkable
 class RunLoopServices(Protocol):
     idle_wait_cap: float  # the longest host sleep between two runs of the background jobs (s)
 
@@ -128,5 +176,5 @@ class Lifecycle(Protocol):
 
 
 @runtime_checkable
-class ReplicationSurface(Pausable, Snapshottable, Migratable, RunLoopServices, Lifecycle, Protocol):
+class ReplicationSurface(Pausable, Snapshottable, Migratable, DiskReplicable, RunLoopServices, Lifecycle, Protocol):
     """Everything ``colo/`` may use of a machine."""

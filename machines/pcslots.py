@@ -142,7 +142,7 @@ class PcPci:
                     raise ConfigError(f"-device virtio-blk-pci: drive {name!r} is "
                                       f"{'already used' if name in used_drives else 'not defined (-drive)'}")
                 used_drives.add(name)
-                self._add_disk(slot, drives[name])
+                self._add_disk(slot, self.machine.add_drive(name, drives[name]))
             slot += 1
         unused = sorted(set(backends) - used_netdevs)
         if unused:

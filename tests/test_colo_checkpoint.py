@@ -7,9 +7,12 @@ written yet), and a checkpoint must make the secondary's full state digest equal
 primary's at the moment it paused.  A checkpoint that is corrupted or cut short is
 refused and changes nothing of the secondary's last good state; the pages it carried go
 out again with the next one.  The secondary side runs in a thread, driven one checkpoint
-at a time.
+at a time.  The disk tests give each machine a virtio disk on its own copy of an image:
+the primary's writes travel with the checkpoint, the secondary's stay in its overlay, and
+a bad disk stream refuses the checkpoint whole.
 """
 
+import os
 import socket
 import struct
 import threading
@@ -22,6 +25,7 @@ from conftest import firmware
 from colo import checkpoint as ck
 from colo import checkpointwire
 from colo.wire import HEADER, ChannelError
+from emu import blockrep
 from emu.state import machinestate
 from machines import pc
 
@@ -50,15 +54,18 @@ def ram_hash(buf):
 
 class Pair:
     def __init__(self, primary_cls=ck.CheckpointPrimary, debug=True, timeout=10.0):
-        self.pm = build()
+        self.pm = self.build()
         advance(self.pm, 3 * MS)
-        self.sm = build()
+        self.sm = self.build()
         self.sm.load_state(self.pm.save_state(ram_pages="all"))
         assert state_fingerprint(self.sm) == state_fingerprint(self.pm)
         a, b = socket.socketpair()
         self.primary = primary_cls(self.pm, a, debug=debug, timeout=timeout)
         self.secondary = ck.CheckpointSecondary(self.sm, b, timeout=timeout)
         both(self.secondary.handshake, self.primary.handshake)
+
+    def build(self):
+        return build()
 
     def checkpoint(self):
         """(primary record or exception, secondary record or exception)."""
@@ -175,13 +182,13 @@ def wrong_digest(c):
 def truncated_device_state(c):
     """A shorter device buffer, consistently announced and digested: only parsing catches it."""
     c.device_state = c.device_state[:len(c.device_state) // 2]
-    c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state, c.replication_part)
+    c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state, c.replication_part, c.disk_stream)
     return c
 
 
 def stale_digest(c):
     """A digest made for another sequence number (a replayed checkpoint)."""
-    c.digest = ck.checkpoint_digest(c.seq - 1, c.ram_stream, c.device_state, c.replication_part)
+    c.digest = ck.checkpoint_digest(c.seq - 1, c.ram_stream, c.device_state, c.replication_part, c.disk_stream)
     return c
 
 
@@ -230,7 +237,7 @@ def test_checkpoint_a_device_refuses_leaves_the_secondary_as_it_was(cpair):
             c.device_state = cpair.pm.save_state()
         finally:
             uart.ier = ier
-        c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state, c.replication_part)
+        c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state, c.replication_part, c.disk_stream)
         return c
     cpair.primary.corrupt = refused_by_the_uart
     prec, srec = cpair.checkpoint()
@@ -349,3 +356,155 @@ def test_replayed_sequence_number_is_refused(raw_secondary):
     kind, _ = reply(peer)
     assert kind == ck.ABANDON
     assert state_fingerprint(secondary.machine) == digest
+
+
+
+# ---------------------------------------------------------------- disks (emu/blockrep.py)
+IMAGE_SIZE = 1 << 20
+DRIVE = "drive0"
+
+
+class DiskPair(Pair):
+    """A pair whose machines each have a virtio disk on their own copy of one image.  The
+    guest's writes go through the drive, the path of every virtio-blk request."""
+
+    def __init__(self, tmp_path):
+        self.p_img, self.s_img = tmp_path / "p.img", tmp_path / "s.img"
+        self.p_img.write_bytes(np.random.default_rng(7).integers(0, 256, IMAGE_SIZE, dtype=np.uint8).tobytes())
+        self.s_img.write_bytes(self.p_img.read_bytes())  # as the pair's initial sync leaves them
+        self._images = iter([self.p_img, self.s_img])
+        super().__init__(primary_cls=CorruptingPrimary)
+
+    def build(self):
+        return pc.build(kernel=firmware("store.elf"), append=APPEND, serial=["null"], icount_shift=0,
+                        drives=[f"file={next(self._images)},format=raw,if=virtio"])
+
+    def write(self, machine, block, data):
+        machine.drives[DRIVE].write(block * 4096, data)
+
+    def view(self, machine):
+        """The disk as the machine's guest reads it."""
+        return machine.drives[DRIVE].read(0, IMAGE_SIZE)
+
+
+@pytest.fixture
+def dpair(tmp_path):
+    p = DiskPair(tmp_path)
+    yield p
+    p.close()
+
+
+def test_a_checkpoint_carries_the_primarys_disk_writes_and_discards_the_secondarys(dpair):
+    original = dpair.s_img.read_bytes()
+    advance(dpair.pm, 1 * MS)
+    dpair.write(dpair.pm, 3, b"p" * 8192)         # blocks 3 and 4
+    dpair.write(dpair.pm, 255, b"q" * 512)        # part of the last block
+    dpair.write(dpair.sm, 3, b"s" * 512)          # the secondary's own writes: only in its overlay
+    dpair.write(dpair.sm, 100, b"t" * 4096)
+    assert dpair.view(dpair.sm)[100 * 4096:101 * 4096] == b"t" * 4096
+    assert dpair.s_img.read_bytes() == original
+    prec, srec = dpair.good_checkpoint()
+    assert prec.disk_blocks == srec.disk_blocks == 3 and srec.own_disk_blocks == 2
+    assert prec.disk_bytes == srec.disk_bytes > 3 * 4096
+    assert dpair.s_img.read_bytes() == dpair.p_img.read_bytes()
+    assert dpair.view(dpair.sm) == dpair.view(dpair.pm)
+    prec, _ = dpair.good_checkpoint()
+    assert prec.disk_blocks == 0, "acknowledged blocks do not go again"
+
+
+def _redigest(c, disk_stream):
+    c.disk_stream = disk_stream
+    c.digest = ck.checkpoint_digest(c.seq, c.ram_stream, c.device_state, c.replication_part, c.disk_stream)
+    return c
+
+
+def disk_cut_short(c, drive):
+    """A disk stream cut in its last block, consistently announced and digested."""
+    return _redigest(c, c.disk_stream[:-100])
+
+
+def disk_of_an_unknown_drive(c, drive):
+    return _redigest(c, blockrep.encode({"drive9": drive}, {"drive9": np.array([1])}))
+
+
+def disk_block_past_the_end(c, drive):
+    return _redigest(c, blockrep.encode({DRIVE: drive}, {DRIVE: np.array([3, IMAGE_SIZE // 4096])}))
+
+
+def disk_bytes_flipped(c, drive):
+    c.disk_stream = c.disk_stream[:40] + bytes([c.disk_stream[40] ^ 1]) + c.disk_stream[41:]
+    return c
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (disk_cut_short, "disk stream: drive 'drive0' truncated"),
+    (disk_of_an_unknown_drive, "unknown drive 'drive9'"),
+    (disk_block_past_the_end, "block 256 beyond the image's end (256 blocks)"),
+    (disk_bytes_flipped, "digest mismatch"),
+])
+def test_a_bad_disk_stream_refuses_the_checkpoint_whole_and_its_blocks_go_again(dpair, corrupt, message):
+    dpair.write(dpair.pm, 1, b"a" * 4096)
+    dpair.good_checkpoint()
+    good_image, good_cache = dpair.s_img.read_bytes(), ram_hash(dpair.secondary.cache)
+    advance(dpair.pm, 2 * MS)
+    dpair.write(dpair.pm, 3, b"b" * 4096)
+    dpair.write(dpair.pm, 200, b"c" * 512)
+    dpair.write(dpair.sm, 7, b"d" * 4096)           # the secondary's own write, in its overlay
+    own_view, own_state = dpair.view(dpair.sm), state_fingerprint(dpair.sm)
+    dpair.primary.corrupt = lambda c: corrupt(c, dpair.pm.drives[DRIVE])
+    prec, srec = dpair.checkpoint()
+    assert isinstance(srec, ck.CheckpointRejected) and message in str(srec), srec
+    assert isinstance(prec, ck.CheckpointAbandoned), prec
+    # nothing touched: state, cache, image, and the overlay of the secondary's own write
+    assert state_fingerprint(dpair.sm) == own_state and ram_hash(dpair.secondary.cache) == good_cache
+    assert dpair.s_img.read_bytes() == good_image and dpair.view(dpair.sm) == own_view
+    assert dpair.secondary.applied_seq == 1
+    prec, srec = dpair.good_checkpoint()  # the refused blocks go again, and make it
+    assert prec.seq == 3 and prec.disk_blocks == 2 and srec.own_disk_blocks == 1
+    assert dpair.s_img.read_bytes() == dpair.p_img.read_bytes()
+
+
+def test_a_checkpoint_cut_off_in_its_disk_stream_writes_nothing(dpair):
+    dpair.good_checkpoint()
+    good_image = dpair.s_img.read_bytes()
+    dpair.write(dpair.pm, 9, os.urandom(3 * 4096))
+
+    def cut_in_the_disk_stream(c):
+        ch = dpair.primary.channel
+        ch.send(ck.VMSTATE_SEND, ck.SEND.pack(c.seq, len(c.ram_stream)), c.ram_stream)
+        ch.send(ck.VMSTATE_SIZE, ck.SEQ.pack(len(c.device_state)), c.device_state)
+        ch.send(ck.REPLICATION_STATE, ck.SEQ.pack(len(c.replication_part)), c.replication_part)
+        ch.send(ck.DISK_WRITES, ck.SEQ.pack(len(c.disk_stream)), c.disk_stream[:5000])
+        ch.sock.shutdown(socket.SHUT_WR)  # the primary dies here
+        raise ChannelError("the primary died")
+    dpair.primary.send_checkpoint = cut_in_the_disk_stream
+    prec, srec = dpair.checkpoint()
+    assert isinstance(srec, ChannelError) and "connection closed" in str(srec), srec
+    assert dpair.s_img.read_bytes() == good_image and dpair.secondary.applied_seq == 1
+
+
+def test_failover_to_the_last_checkpoint_discards_the_secondarys_own_writes(dpair):
+    dpair.write(dpair.pm, 5, b"e" * 4096)
+    dpair.good_checkpoint()
+    checkpointed = dpair.s_img.read_bytes()
+    advance(dpair.sm, 2 * MS)
+    dpair.write(dpair.sm, 6, b"f" * 4096)
+    dpair.sm.pause()
+    dpair.secondary.restore_last_checkpoint()
+    assert dpair.view(dpair.sm) == checkpointed
+    dpair.write(dpair.sm, 8, b"g" * 4096)  # serving alone: writes reach the image
+    assert dpair.s_img.read_bytes()[8 * 4096:9 * 4096] == b"g" * 4096
+
+
+def test_failover_from_its_own_state_keeps_the_secondarys_own_writes(dpair):
+    """Compare mode's takeover: the secondary goes on from the RAM it ran to, whose page
+    cache and file system know of its own writes, so they are committed into the image."""
+    dpair.good_checkpoint()
+    dpair.write(dpair.pm, 4, b"h" * 4096)  # never checkpointed: lost with the primary
+    dpair.write(dpair.sm, 6, b"i" * 4096)
+    seen = dpair.view(dpair.sm)
+    dpair.secondary.keep_own_state()
+    assert dpair.s_img.read_bytes() == seen and seen[6 * 4096:7 * 4096] == b"i" * 4096
+    assert seen[4 * 4096:5 * 4096] != b"h" * 4096
+    dpair.write(dpair.sm, 8, b"j" * 512)
+    assert dpair.s_img.read_bytes()[8 * 4096:8 * 4096 + 512] == b"j" * 512

@@ -19,11 +19,13 @@ def make_records():
     records = [{"seq": i + 1, "time": 0.2 * (i + 1), "trigger": triggers[i], "status": "ok",
                 "pages": 100 * (i + 1), "ram_bytes": 4100 * 100 * (i + 1), "device_bytes": 20_000,
                 "pause_ms": float(i + 1), "secondary_pause_ms": 0.5 * (i + 1),
+                "disk_blocks": 3 * i, "disk_bytes": 3 * i * 4100 + 40,
                 "phases": {"request": 0.25, "capture": 0.5, "send": 1.5, "received": 0.125, "loaded": 0.75},
                 "error": None}
                for i in range(10)]
     records.append({"seq": 11, "time": 2.2, "trigger": "timeout", "status": "abandoned", "pages": 0,
                     "ram_bytes": 0, "device_bytes": 0, "pause_ms": 100.0, "secondary_pause_ms": None,
+                    "disk_blocks": 0, "disk_bytes": 0,
                     "phases": {"request": 0.5}, "error": "secondary gave up: digest mismatch"})
     return records
 
@@ -36,6 +38,13 @@ def test_writer_round_trip(tmp_path, suffix):
         for r in records:
             writer.write(r)
     assert report.load_records(path) == records
+
+
+def test_records_from_before_disk_replication_read_as_no_disk_blocks(tmp_path):
+    path = tmp_path / "old.json"
+    old = [{k: v for k, v in r.items() if not k.startswith("disk_")} for r in make_records()]
+    path.write_text(json.dumps(old))
+    assert [(r["disk_blocks"], r["disk_bytes"]) for r in report.load_records(path)] == [(0, 0)] * 11
 
 
 def test_csv_is_appended_and_flushed_per_record(tmp_path):
@@ -86,7 +95,8 @@ def test_summary_figures():
     assert s["pause_ms"] == {"median": 5.5, "p90": pytest.approx(9.1), "max": 10.0}
     assert s["secondary_pause_ms"]["median"] == 2.75
     assert s["pages"] == {"median": 550, "max": 1000}
-    assert s["bytes"]["total"] == 4100 * 100 * 55 + 10 * 20_000
+    assert s["disk_blocks"] == {"median": 13.5, "max": 27}
+    assert s["bytes"]["total"] == 4100 * 100 * 55 + 10 * 20_000 + 4100 * 3 * 45 + 400
     assert s["duration_s"] == 2.2
 
 
