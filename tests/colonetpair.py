@@ -9,6 +9,7 @@ The primary's console is a unix socket the test types into before the pair forms
 
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,9 +79,16 @@ class NetPair:
     """Endpoint, secondary and primary of ``kernel``/``initrd`` with 256 MiB, in a fresh namespace."""
 
     def __init__(self, tmp_path, debian_linux, mode="compare", checkpoint_delay=200, heartbeat=(100, 2000),
-                 proxy_args=(), guest_args=(), secondary_args=(), primary_colo_args=None):
+                 proxy_args=(), guest_args=(), secondary_args=(), primary_colo_args=None, disk_mb=None):
         kernel, initrd = debian_linux
         self.tmp = pathlib.Path(tmp_path)
+        self.images = {}
+        if disk_mb:  # the primary's ext4 image; the secondary's blank: the pair copies what differs
+            self.images = {role: self.tmp / f"{role}.img" for role in ("primary", "secondary")}
+            subprocess.run(["mkfs.ext4", "-F", "-q", str(self.images["primary"]), f"{disk_mb}M"], check=True,
+                           capture_output=True)
+            with open(self.images["secondary"], "wb") as f:
+                f.truncate(disk_mb << 20)
         self.net = TapNetwork(taps=("tap0",))
         self.procs, self._qmp = [], {}
         self.checkpoint_delay = checkpoint_delay
@@ -93,7 +101,8 @@ class NetPair:
                        "-append", f"{APPEND} emu.ip={GUEST_IP}/24,10.0.2.2", *guest_args]
             self.qmp_paths = {role: self.tmp / f"{role}.qmp" for role in ("primary", "secondary")}
             self.console_path = self.tmp / "primary.console"
-            sec = ["colo", "secondary", *machine, "-netdev", "tap,id=n0,ifname=unused",
+            drive = {role: ["-drive", f"file={image},format=raw,if=virtio"] for role, image in self.images.items()}
+            sec = ["colo", "secondary", *machine, *drive.get("secondary", ()), "-netdev", "tap,id=n0,ifname=unused",
                    "-device", "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:127.0.0.1:{vm_port}",
                    "--listen", "tcp:127.0.0.1:0", "--no-status", "--heartbeat-period", str(heartbeat[0]),
                    "--heartbeat-timeout", str(heartbeat[1]), "-serial", f"file:{self.tmp / 'secondary.console'}",
@@ -107,11 +116,11 @@ class NetPair:
                            "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait"]
             if primary_colo_args is None:  # a plain emu run, as a QEMU user starts a primary
                 self.primary = self._start("primary", [
-                    "run", *machine, "-netdev", f"colo,id=n0,proxy=127.0.0.1:{vm_port},role=primary,node=primary",
+                    "run", *machine, *drive.get("primary", ()), "-netdev", f"colo,id=n0,proxy=127.0.0.1:{vm_port},role=primary,node=primary",
                     "-device", "virtio-net-pci,netdev=n0", *console_qmp])
             else:  # emu colo primary (its fault injection, ...), still protected over QMP
                 self.primary = self._start("primary", [
-                    "colo", "primary", *machine, "-netdev", "tap,id=n0,ifname=unused", "-device",
+                    "colo", "primary", *machine, *drive.get("primary", ()), "-netdev", "tap,id=n0,ifname=unused", "-device",
                     "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:127.0.0.1:{vm_port}", "--secondary",
                     self.secondary_uri, "--protect-after", "1e9", "--no-status", "--heartbeat-period",
                     str(heartbeat[0]), "--heartbeat-timeout", str(heartbeat[1]), *console_qmp, *primary_colo_args])
@@ -159,6 +168,16 @@ class NetPair:
     def curl(self, *args):
         return subprocess.Popen(["ip", "netns", "exec", self.net.ns, "curl", "-sS", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def disk_file(self, role, path):
+        """File ``path`` of ``role``'s ext4 image, read on the host once the VMs are gone: on a
+        copy whose journal e2fsck has replayed, as a mount after a crash would see it."""
+        copy = self.tmp / f"{role}-checked.img"
+        shutil.copyfile(self.images[role], copy)
+        fsck = subprocess.run(["e2fsck", "-f", "-y", str(copy)], capture_output=True, text=True)
+        if fsck.returncode not in (0, 1):  # 1: errors corrected (the journal replayed)
+            raise AssertionError(f"e2fsck of the {role}'s image ({fsck.returncode}): {fsck.stdout[-800:]}")
+        return subprocess.run(["debugfs", "-R", f"cat {path}", str(copy)], check=True, capture_output=True).stdout
 
     def took_over(self):
         return re.search(r"serving alone from checkpoint (\d+)", self.secondary.stderr())

@@ -2,8 +2,10 @@
 primaries killed, at random moments and at every checkpoint phase, in both modes.
 
 Each round is ``test_linux_colo_net.primary_killed_round``: a fresh pair in a fresh
-network namespace, curl downloading and a request loop counting, the primary SIGKILLed;
-any lost, repeated or wrong byte fails it.  ``EMU_SOAK_NET_KILLS`` sets the number of
+network namespace, each VM with its own ext4 image, curl downloading and a request loop
+counting (each answer is also a record fsynced on the disk), the primary SIGKILLed; any
+lost, repeated or wrong byte fails it, and so does a survivor's disk that lacks a record the
+client was answered, or holds one twice.  ``EMU_SOAK_NET_KILLS`` sets the number of
 rounds (200).
 """
 
@@ -40,5 +42,6 @@ def test_networked_fault_campaign_loses_and_repeats_nothing(debian_linux, tmp_pa
     phases = sum(r["kill"] != "random" for r in results)
     print(f"\nnetworked COLO fault campaign: {ROUNDS} primaries killed ({phases} at a checkpoint phase, "
           f"{ROUNDS - phases} at random moments, half in each mode), "
-          f"{sum(r['requests'] for r in results)} HTTP requests answered, 0 lost, 0 duplicated, no reset; "
+          f"{sum(r['requests'] for r in results)} HTTP requests answered, 0 lost, 0 duplicated, no reset, "
+          f"every survivor's disk consistent; "
           f"longest request per round: median {statistics.median(worst):.0f} ms, max {worst[-1]:.0f} ms")

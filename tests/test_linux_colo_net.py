@@ -5,7 +5,9 @@ a virtio-net NIC whose backend is the pair's network link.  Real clients run in 
 namespace of the endpoint's tap: curl downloads the file, and a request loop asks for the
 counter again and again, each on a new connection.  One VM is SIGKILLed at a random
 moment; the download must end with the right checksum and no reset, and the counter's
-answers must be 1, 2, 3, ... with none missing and none twice.
+answers must be 1, 2, 3, ... with none missing and none twice.  Each VM has its own ext4
+image; the counter's CGI appends record n to a file there and fsyncs it before it answers
+n, and the survivor's image, checked on the host, must hold every record answered, once.
 """
 
 import hashlib
@@ -23,9 +25,15 @@ pytestmark = requires_patched_engine
 
 BLOB_MB = 50
 COUNTER = "/srv/cgi-bin/n"
-SETUP = (f"mkdir -p /srv/cgi-bin && dd if=/dev/urandom of=/srv/blob bs=1M count={BLOB_MB} 2>/dev/null && "
+DISK_MB = 32
+# each answer n is also record n on the disk, fsynced before the answer: a record fills most
+# of a 4 KiB block, so the blocks of the records before a failover are not written again
+# after it (the survivor's image holds them only if the checkpoints carried them)
+RECORD = r"record %d %4080s\n"  # printf's format, in the guest
+SETUP = (f"mount /dev/vda /mnt && mkdir -p /srv/cgi-bin && dd if=/dev/urandom of=/srv/blob bs=1M count={BLOB_MB} 2>/dev/null && "
          f"sha256sum /srv/blob && echo 0 > /tmp/n && echo '#!/bin/sh' > {COUNTER} && "
-         f"echo 'n=$(( $(cat /tmp/n) + 1 )); echo $n > /tmp/n; "
+         f"echo 'n=$(( $(cat /tmp/n) + 1 )); printf \"{RECORD}\" $n . >> /mnt/log && "
+         f"sync /mnt/log && echo $n > /tmp/n; "
          f"printf \"Content-Type: text/plain\\r\\n\\r\\n%s\\n\" $n' >> {COUNTER} && chmod +x {COUNTER} && "
          f"httpd -p 80 -h /srv")
 
@@ -38,7 +46,7 @@ def netns():
 
 
 def _served_pair(tmp_path, debian_linux, mode, primary_colo_args=None):
-    pair = NetPair(tmp_path, debian_linux, mode=mode, primary_colo_args=primary_colo_args)
+    pair = NetPair(tmp_path, debian_linux, mode=mode, primary_colo_args=primary_colo_args, disk_mb=DISK_MB)
     try:
         out = pair.boot(SETUP)
         blob_sha = re.search(r"([0-9a-f]{64})  /srv/blob", out).group(1)
@@ -85,14 +93,25 @@ def primary_killed_round(tmp_path, debian_linux, mode, kill, seed):
         assert status["syncs"] >= 1
         after = _report(pair.client("download", f"http://{GUEST_IP}/blob"))
         assert after["error"] is None and after["sha256"] == blob_sha  # the survivor serves on
-        return {"mode": mode, "kill": kill, "requests": len(loop["answers"]) + 2,
-                "worst_request_ms": loop["max_request_s"] * 1e3}
     except BaseException:
         when = f"killed {kill_after:.2f} s into the transfer" if phase_kill is None else f"killed at {kill}"
         print(f"seed {seed}, {mode}: primary {when}\n{pair.logs()}")
         raise
     finally:
         pair.close()
+    assert_records_on_disk(pair, "secondary", len(loop["answers"]))
+    return {"mode": mode, "kill": kill, "requests": len(loop["answers"]) + 2,
+            "worst_request_ms": loop["max_request_s"] * 1e3}
+
+
+def assert_records_on_disk(pair, role, answered):
+    """``role``'s image holds records 1 to n, whole, in order, once, with n at least the
+    number of answers the client had: nothing a client was told is stored is missing."""
+    log = pair.disk_file(role, "/log")
+    count = len(re.findall(rb"record \d+ ", log))
+    expected = b"".join((RECORD.replace("\\n", "\n") % (i, ".")).encode() for i in range(1, count + 1))
+    assert log == expected, f"the {role}'s /log is not records 1 to {count}, whole and once each"
+    assert count >= answered, f"the {role}'s disk holds {count} records, the client was answered {answered}"
 
 
 @pytest.mark.parametrize("mode", ["compare", "passive"])
