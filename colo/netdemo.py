@@ -52,7 +52,8 @@ UPLOAD_CGI = ("n=$(( $(cat /mnt/up/.n) + 1 )); head -c $CONTENT_LENGTH > /mnt/up
               "$(sha256sum /mnt/up/$n | cut -d' ' -f1) $(cut -d' ' -f1 /proc/uptime) || "
               "printf 'Content-Type: text/plain\\r\\n\\r\\nnot stored\\n'")
 # the listing reads the disk, not the page cache (which lives in RAM, replicated anyway)
-LIST_CGI = "sync; echo 3 > /proc/sys/vm/drop_caches; printf 'Content-Type: text/plain\\r\\n\\r\\n'; cd /mnt/up && sha256sum $(ls | sort -n)"
+LIST_CGI = ("sync; echo 3 > /proc/sys/vm/drop_caches; printf 'Content-Type: text/plain\\r\\n\\r\\n'; "
+            "cd /mnt/up && sha256sum $(ls | sort -n)")
 
 
 def _write_cgi(name, body):

@@ -116,12 +116,13 @@ class NetPair:
                            "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait"]
             if primary_colo_args is None:  # a plain emu run, as a QEMU user starts a primary
                 self.primary = self._start("primary", [
-                    "run", *machine, *drive.get("primary", ()), "-netdev", f"colo,id=n0,proxy=127.0.0.1:{vm_port},role=primary,node=primary",
+                    "run", *machine, *drive.get("primary", ()),
+                    "-netdev", f"colo,id=n0,proxy=127.0.0.1:{vm_port},role=primary,node=primary",
                     "-device", "virtio-net-pci,netdev=n0", *console_qmp])
             else:  # emu colo primary (its fault injection, ...), still protected over QMP
                 self.primary = self._start("primary", [
-                    "colo", "primary", *machine, *drive.get("primary", ()), "-netdev", "tap,id=n0,ifname=unused", "-device",
-                    "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:127.0.0.1:{vm_port}", "--secondary",
+                    "colo", "primary", *machine, *drive.get("primary", ()), "-netdev", "tap,id=n0,ifname=unused",
+                    "-device", "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:127.0.0.1:{vm_port}", "--secondary",
                     self.secondary_uri, "--protect-after", "1e9", "--no-status", "--heartbeat-period",
                     str(heartbeat[0]), "--heartbeat-timeout", str(heartbeat[1]), *console_qmp, *primary_colo_args])
             self.console = UnixConsole(self.console_path)

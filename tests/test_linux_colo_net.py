@@ -30,7 +30,8 @@ DISK_MB = 32
 # of a 4 KiB block, so the blocks of the records before a failover are not written again
 # after it (the survivor's image holds them only if the checkpoints carried them)
 RECORD = r"record %d %4080s\n"  # printf's format, in the guest
-SETUP = (f"mount /dev/vda /mnt && mkdir -p /srv/cgi-bin && dd if=/dev/urandom of=/srv/blob bs=1M count={BLOB_MB} 2>/dev/null && "
+SETUP = (f"mount /dev/vda /mnt && mkdir -p /srv/cgi-bin && "
+         f"dd if=/dev/urandom of=/srv/blob bs=1M count={BLOB_MB} 2>/dev/null && "
          f"sha256sum /srv/blob && echo 0 > /tmp/n && echo '#!/bin/sh' > {COUNTER} && "
          f"echo 'n=$(( $(cat /tmp/n) + 1 )); printf \"{RECORD}\" $n . >> /mnt/log && "
          f"sync /mnt/log && echo $n > /tmp/n; "
