@@ -235,10 +235,10 @@ class _Side:
                     self._say(f"may not serve: {e}")
                     return False
                 time.sleep(LEASE_RETRY_S)
-        self.link.takeover(epoch)
         self.serving = True
         self.last_renew = time.monotonic()
-        return True
+        self.link.takeover(epoch)  # a link that lost the endpoint answers no at once
+        return self.serving
 
     def checkpoint_requested(self, reason):
         """The client endpoint asks for a checkpoint: only a primary takes one."""
@@ -246,7 +246,7 @@ class _Side:
     def takeover_answered(self, accepted, reason):
         if not accepted:
             self.serving = False
-            self._say(f"the client endpoint refused the takeover: {reason}; stopping")
+            self._say(f"the client endpoint says this VM must not serve: {reason}; stopping")
             self.machine.pause()
             self.machine.request_exit(1, f"colo: fenced off by the client endpoint: {reason}")
 

@@ -126,6 +126,8 @@ class ColoLink:
         self.released = 0
         self.machine = None
         self.listener = None
+        self.takeover_asked = False   # TAKEOVER sent, no answer yet
+        self.serving_alone = False    # the answer was ACTIVE
         self.log_overflow = 0
         try:
             self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
@@ -238,6 +240,8 @@ class ColoLink:
             if self.listener is not None:
                 self.listener.checkpoint_requested(payload.decode("utf-8", "replace"))
         elif kind in (pw.ACTIVE, pw.REFUSED):
+            self.takeover_asked = False
+            self.serving_alone = kind == pw.ACTIVE
             if self.listener is not None:
                 self.listener.takeover_answered(kind == pw.ACTIVE, payload.decode("utf-8", "replace"))
         else:
@@ -266,7 +270,15 @@ class ColoLink:
         self.flush_all()
 
     def takeover(self, epoch):
-        """Ask the proxy to make this VM the only one served (the listener hears the answer)."""
+        """Ask the proxy to make this VM the only one served (the listener hears the answer).
+
+        Without a connection to the proxy the answer is no: the proxy closes the connection
+        of a VM it fences off (the other one took over), and a VM it cannot hear from
+        cannot serve anyway."""
+        if not self.connected:
+            self._fenced()
+            return
+        self.takeover_asked = True
         self.flush()
         self._queue(pw.offset_message(pw.TAKEOVER, epoch))
         self.flush_all()
@@ -295,6 +307,14 @@ class ColoLink:
         if self.connected:
             self._say(f"lost the proxy: {reason}")
         self._disconnect()
+        if self.takeover_asked or self.serving_alone:
+            self._fenced()
+
+    def _fenced(self):
+        self.takeover_asked = self.serving_alone = False
+        if self.listener is not None:
+            self.listener.takeover_answered(False, "the client endpoint closed this VM's connection (another VM "
+                                                   "serves, or the endpoint is gone)")
 
     def _disconnect(self):
         self.connected = False
