@@ -21,6 +21,101 @@ from linuxguest import APPEND, SHELL, TapNetwork
 
 GUEST_IP = "10.0.2.15"
 NETCLIENT = pathlib.Path(__file__).with_name("netclient.py")
+LINKSHAPER = pathlib.Path(__file__).with_name("linkshaper.py")
+
+
+class SplitNetwork:
+    """Endpoint, primary and secondary each in a namespace of their own, joined by veth.
+
+    The endpoint's namespace (``ns``, the clients' too) is a :class:`TapNetwork`: bridge
+    br0 at 10.0.2.2/24 with tap0.  Its veth links reach the primary (10.9.1.1 - 10.9.1.2)
+    and the secondary (10.9.2.1 - 10.9.2.2); the replication link joins the primary
+    (10.9.3.1) and the secondary (10.9.3.2) directly, its ends named ``repl`` (MTU 9000,
+    jumbo frames as on a storage or replication network), where :meth:`shape` delays and
+    drops packets and :meth:`cut` drops them all.
+
+    That link is a veth shaped by netem where the kernel has ``sch_netem``; where it lacks
+    it (``tc`` then says "Specified qdisc kind is unknown"), a TUN device at each end
+    with ``linkshaper.py`` between them, which delays and drops as netem does."""
+
+    PROXY = {"primary": "10.9.1.1", "secondary": "10.9.2.1"}
+    REPLICATION = {"primary": "10.9.3.1", "secondary": "10.9.3.2"}
+
+    def __init__(self):
+        self.endpoint = TapNetwork(taps=("tap0",))
+        self.ns = self.endpoint.ns
+        self.vm_ns = {}
+        try:
+            for role in ("primary", "secondary"):
+                self.vm_ns[role] = f"{self.ns}-{role[0]}"
+                subprocess.run(["ip", "netns", "add", self.vm_ns[role]], check=True, capture_output=True)
+                self._ip(role, "link", "set", "lo", "up")
+            self._veth(self.ns, "to-primary", "10.9.1.1/24", "primary", "to-endpoint", "10.9.1.2/24")
+            self._veth(self.ns, "to-secondary", "10.9.2.1/24", "secondary", "to-endpoint", "10.9.2.2/24")
+            self.shaper = None
+            self._replication_link()
+        except BaseException:
+            self.close()
+            raise
+
+    def _replication_link(self):
+        p, s = self.vm_ns["primary"], self.vm_ns["secondary"]
+        self._veth(p, "repl", "10.9.3.1/24", "secondary", "repl", "10.9.3.2/24")
+        if self._netem("primary", "delay", "0ms").returncode == 0:
+            return
+        subprocess.run(["ip", "-n", p, "link", "del", "repl"], check=True, capture_output=True)
+        self.shaper = subprocess.Popen([sys.executable, str(LINKSHAPER), p, s, "repl"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True)
+        if self.shaper.stdout.readline().strip() != "ready":
+            raise AssertionError(f"linkshaper did not start ({self.shaper.poll()})")
+        for role, addr in (("primary", "10.9.3.1/24"), ("secondary", "10.9.3.2/24")):
+            self._ip(role, "addr", "add", addr, "dev", "repl")
+            self._ip(role, "link", "set", "repl", "mtu", "9000", "up")
+
+    def _netem(self, role, *netem):
+        return subprocess.run(["ip", "netns", "exec", self.vm_ns[role], "tc", "qdisc", "replace", "dev", "repl",
+                               "root", "netem", *netem], capture_output=True, text=True)
+
+    def _ip(self, role, *args):
+        subprocess.run(["ip", "-n", self.vm_ns[role], *args], check=True, capture_output=True)
+
+    def _veth(self, ns, name, address, peer_role, peer_name, peer_address):
+        peer_ns = self.vm_ns[peer_role]
+        subprocess.run(["ip", "-n", ns, "link", "add", name, "type", "veth", "peer", "name", peer_name,
+                        "netns", peer_ns], check=True, capture_output=True)
+        for where, dev, addr in ((ns, name, address), (peer_ns, peer_name, peer_address)):
+            subprocess.run(["ip", "-n", where, "addr", "add", addr, "dev", dev], check=True, capture_output=True)
+            subprocess.run(["ip", "-n", where, "link", "set", dev, "up"], check=True, capture_output=True)
+
+    def shape(self, delay_ms, loss_percent):
+        """Each packet on the replication link waits ``delay_ms`` and ``loss_percent`` of
+        them are lost, each way (a round trip: twice the delay)."""
+        if self.shaper is not None:
+            self._tell_shaper(f"shape {delay_ms} {loss_percent}")
+            return
+        for role in ("primary", "secondary"):
+            done = self._netem(role, "delay", f"{delay_ms}ms", "loss", f"{loss_percent}%")
+            if done.returncode:
+                raise AssertionError(f"tc netem in the {role}'s namespace: {done.stderr.strip()}")
+
+    def cut(self):
+        """The replication link drops everything, both ways, as a pulled cable: no reset, no error."""
+        if self.shaper is not None:
+            self._tell_shaper("cut")
+        else:
+            self.shape(0, 100)
+
+    def _tell_shaper(self, command):
+        self.shaper.stdin.write(command + "\n")
+        self.shaper.stdin.flush()
+
+    def close(self):
+        if getattr(self, "shaper", None) is not None:
+            self.shaper.stdin.close()
+            self.shaper.wait(10)
+        for ns in self.vm_ns.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.endpoint.close()
 
 
 class NsProc(Proc):
@@ -79,7 +174,10 @@ class NetPair:
     """Endpoint, secondary and primary of ``kernel``/``initrd`` with 256 MiB, in a fresh namespace."""
 
     def __init__(self, tmp_path, debian_linux, mode="compare", checkpoint_delay=200, heartbeat=(100, 2000),
-                 proxy_args=(), guest_args=(), secondary_args=(), primary_colo_args=None, disk_mb=None):
+                 proxy_args=(), guest_args=(), secondary_args=(), primary_colo_args=None, disk_mb=None,
+                 split=False):
+        """``split``: each process in a namespace of its own (:class:`SplitNetwork`), the
+        replication link between the VMs a veth of its own; else all on one loopback."""
         kernel, initrd = debian_linux
         self.tmp = pathlib.Path(tmp_path)
         self.images = {}
@@ -89,12 +187,15 @@ class NetPair:
                            capture_output=True)
             with open(self.images["secondary"], "wb") as f:
                 f.truncate(disk_mb << 20)
-        self.net = TapNetwork(taps=("tap0",))
+        self.net = SplitNetwork() if split else TapNetwork(taps=("tap0",))
         self.procs, self._qmp = [], {}
+        proxy_at = SplitNetwork.PROXY if split else dict.fromkeys(("primary", "secondary"), "127.0.0.1")
+        listen_at = SplitNetwork.REPLICATION["secondary"] if split else "127.0.0.1"
         self.checkpoint_delay = checkpoint_delay
         try:
-            self.proxy = self._start("proxy", ["colo", "proxy", "--netdev", "tap,ifname=tap0", "--listen",
-                                               "tcp:127.0.0.1:0", "--status-file", str(self.tmp / "proxy.json"),
+            listen = "tcp:0.0.0.0:0" if split else "tcp:127.0.0.1:0"
+            self.proxy = self._start("proxy", ["colo", "proxy", "--netdev", "tap,ifname=tap0", "--listen", listen,
+                                               "--status-file", str(self.tmp / "proxy.json"),
                                                *proxy_args])
             vm_port = int(self.proxy.wait_for(r"VMs on [\d.]+:(\d+)").group(1))
             machine = ["-m", "256M", "-kernel", kernel, "-initrd", initrd, "-no-reboot",
@@ -103,35 +204,37 @@ class NetPair:
             self.console_path = self.tmp / "primary.console"
             drive = {role: ["-drive", f"file={image},format=raw,if=virtio"] for role, image in self.images.items()}
             sec = ["colo", "secondary", *machine, *drive.get("secondary", ()), "-netdev", "tap,id=n0,ifname=unused",
-                   "-device", "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:127.0.0.1:{vm_port}",
-                   "--listen", "tcp:127.0.0.1:0", "--no-status", "--heartbeat-period", str(heartbeat[0]),
+                   "-device", "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:{proxy_at['secondary']}:{vm_port}",
+                   "--listen", f"tcp:{listen_at}:0", "--no-status", "--heartbeat-period", str(heartbeat[0]),
                    "--heartbeat-timeout", str(heartbeat[1]), "-serial", f"file:{self.tmp / 'secondary.console'}",
                    "-qmp", f"unix:{self.qmp_paths['secondary']},server,nowait", *secondary_args]
             if mode == "passive":
                 sec.append("--passive")
-            self.secondary = self._start("secondary", sec)
+            self.secondary = self._start("secondary", sec, "secondary")
             port = int(self.secondary.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
-            self.secondary_uri = f"tcp:127.0.0.1:{port}"
+            self.secondary_uri = f"tcp:{listen_at}:{port}"
             console_qmp = ["-serial", f"unix:{self.console_path},server,nowait",
                            "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait"]
             if primary_colo_args is None:  # a plain emu run, as a QEMU user starts a primary
                 self.primary = self._start("primary", [
                     "run", *machine, *drive.get("primary", ()),
-                    "-netdev", f"colo,id=n0,proxy=127.0.0.1:{vm_port},role=primary,node=primary",
-                    "-device", "virtio-net-pci,netdev=n0", *console_qmp])
+                    "-netdev", f"colo,id=n0,proxy={proxy_at['primary']}:{vm_port},role=primary,node=primary",
+                    "-device", "virtio-net-pci,netdev=n0", *console_qmp], "primary")
             else:  # emu colo primary (its fault injection, ...), still protected over QMP
                 self.primary = self._start("primary", [
                     "colo", "primary", *machine, *drive.get("primary", ()), "-netdev", "tap,id=n0,ifname=unused",
-                    "-device", "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:127.0.0.1:{vm_port}", "--secondary",
-                    self.secondary_uri, "--protect-after", "1e9", "--no-status", "--heartbeat-period",
-                    str(heartbeat[0]), "--heartbeat-timeout", str(heartbeat[1]), *console_qmp, *primary_colo_args])
+                    "-device", "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:{proxy_at['primary']}:{vm_port}",
+                    "--secondary", self.secondary_uri, "--protect-after", "1e9", "--no-status",
+                    "--heartbeat-period", str(heartbeat[0]), "--heartbeat-timeout", str(heartbeat[1]),
+                    *console_qmp, *primary_colo_args], "primary")
             self.console = UnixConsole(self.console_path)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, name, args):
-        proc = NsProc(self.tmp, name, args, self.net.ns)
+    def _start(self, name, args, role=None):
+        ns = self.net.vm_ns[role] if role and isinstance(self.net, SplitNetwork) else self.net.ns
+        proc = NsProc(self.tmp, name, args, ns)
         self.procs.append(proc)
         return proc
 
