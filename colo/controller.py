@@ -53,7 +53,7 @@ class ColoSettings:
     heartbeat_period_ms: float = 100.0
     heartbeat_timeout_ms: float = 1000.0
     output_delay_ms: float = 1.0       # passive: checkpoint this soon after output appears
-    arbiter: tuple | None = None       # (host, port)
+    arbiter: object = None             # (host, port) of emu colo arbiter, or an etcdarbiter.EtcdAddress
     group: str = "colo"
     node: str = ""
     key: bytes | None = None
@@ -88,7 +88,10 @@ class Lease:
     def __init__(self, settings, node):
         self.client = None
         self.epoch = 0
-        if settings.arbiter is not None:
+        if settings.arbiter is not None and hasattr(settings.arbiter, "endpoints"):
+            from .etcdarbiter import EtcdArbiterClient
+            self.client = EtcdArbiterClient(settings.arbiter, settings.group, node)
+        elif settings.arbiter is not None:
             from .arbiter import ArbiterClient
             self.client = ArbiterClient(settings.arbiter, settings.group, node,
                                         timeout=max(settings.heartbeat_timeout_ms / 1e3, 0.2))

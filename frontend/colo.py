@@ -37,8 +37,10 @@ def _pair_options(parser, role):
     g.add_argument("--net-proxy", metavar="tcp:HOST:PORT",
                    help="client endpoint (emu colo proxy --netdev ... --listen) for the NIC: the first -netdev "
                         "becomes -netdev colo with the same id (a virtio-net-pci NIC on it is added if none)")
-    g.add_argument("--arbiter", metavar="tcp:HOST:PORT", help="lease arbiter (emu colo arbiter); without one the "
-                   "client endpoint alone decides between two takeovers")
+    g.add_argument("--arbiter", metavar="tcp:HOST:PORT|etcd://HOST:PORT[,...]/PREFIX",
+                   help="who grants the right to serve alone: emu colo arbiter, or an etcd cluster (a lease and the "
+                        "key PREFIX/GROUP/holder; ?ttl=S sets the lease's TTL, 2 s by default); without one the "
+                        "client endpoint alone decides between two takeovers")
     g.add_argument("--group", default="colo", help="pair name at the arbiter")
     g.add_argument("--node", default=role, help="this VM's name (arbiter, proxy, logs)")
     g.add_argument("--heartbeat-period", type=float, default=100.0, metavar="MS")
@@ -84,7 +86,11 @@ def _settings(args):
             raise ConfigError(f"--key-file: {args.key_file!r} is empty")
     if args.heartbeat_period <= 0 or args.heartbeat_timeout <= args.heartbeat_period:
         raise ConfigError("--heartbeat-timeout must be above --heartbeat-period (both > 0)")
-    arbiter = parse_tcp_uri(args.arbiter, "--arbiter") if args.arbiter else None
+    if args.arbiter and args.arbiter.startswith("etcd:"):
+        from colo.etcdarbiter import parse_etcd_url
+        arbiter = parse_etcd_url(args.arbiter)
+    else:
+        arbiter = parse_tcp_uri(args.arbiter, "--arbiter") if args.arbiter else None
     if args.records:  # checked now: the records file is opened only once the pair has formed
         from frontend.cli import check_writable
         if not args.records.lower().endswith((".json", ".csv")):

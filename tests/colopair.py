@@ -187,9 +187,11 @@ class ColoDeployment:
         self.tmp = pathlib.Path(tmp_path)
         self.procs = []
         self.arbiter = None
-        if arbiter:
+        arbiter_uri = arbiter if isinstance(arbiter, str) else None  # etcd://... given by the test
+        if arbiter is True:
             self.arbiter = self._start("arbiter", ["colo", "arbiter", "--listen", "tcp:127.0.0.1:0", "--lease", "1000"])
             self.arbiter_port = int(self.arbiter.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+            arbiter_uri = f"tcp:127.0.0.1:{self.arbiter_port}"
         self.proxy = self._start("proxy", ["colo", "proxy", "--client", "tcp:127.0.0.1:0", "--listen",
                                            "tcp:127.0.0.1:0", *proxy_args])
         m = self.proxy.wait_for(r"client on [\d.]+:(\d+), VMs on [\d.]+:(\d+)")
@@ -198,8 +200,8 @@ class ColoDeployment:
         machine += ["-m", memory, "-no-reboot"]
         common = machine + ["--proxy", f"tcp:127.0.0.1:{self.vm_port}", "--heartbeat-period", str(heartbeat[0]),
                             "--heartbeat-timeout", str(heartbeat[1]), "--no-status"]
-        if arbiter:
-            common += ["--arbiter", f"tcp:127.0.0.1:{self.arbiter_port}"]
+        if arbiter_uri:
+            common += ["--arbiter", arbiter_uri]
         self.qmp_paths = {role: self.tmp / f"{role}.qmp" for role in ("primary", "secondary")}
         self.records = {role: self.tmp / f"{role}.json" for role in ("primary", "secondary")}
         sec = ["colo", "secondary", *common, "--listen", "tcp:127.0.0.1:0",
