@@ -82,11 +82,13 @@ class ColoStatus:
 
 
 class Lease:
-    """The right to serve: from the arbiter when one is configured, else a local epoch
-    (the client endpoint then accepts the first takeover of a given epoch only)."""
+    """The right to serve: from the arbiter when one is configured, else the epoch after the
+    last one the client endpoint accepted (``link.proxy_epoch``): both sides of a pair ask
+    for the same one, and the endpoint accepts only the first takeover of it."""
 
-    def __init__(self, settings, node):
+    def __init__(self, settings, node, link=None):
         self.client = None
+        self.link = link
         self.epoch = 0
         if settings.arbiter is not None and hasattr(settings.arbiter, "endpoints"):
             from .etcdarbiter import EtcdArbiterClient
@@ -98,7 +100,7 @@ class Lease:
 
     def acquire(self, bump=False):
         if self.client is None:
-            self.epoch = max(self.epoch, 1) + (1 if bump else 0)
+            self.epoch = (self.link.proxy_epoch if self.link is not None else 0) + 1
             return self.epoch
         self.epoch = self.client.acquire(bump=bump)
         return self.epoch
@@ -316,6 +318,14 @@ class _Side:
             "exit-reason": self.exit_reason,
         }
 
+    def retire(self):
+        """This side's part is over while its machine runs on: a survivor that becomes the
+        primary of a new pair (re-protection) hands over to the new side, which takes the
+        lease anew."""
+        self.serving = False
+        self.machine.remove_background_job(self._tick)
+        self.close()
+
     def close(self):
         self._flush_records(force=True)
         if self.status_line is not None:
@@ -335,7 +345,7 @@ class ColoPrimary(_Side):
     def __init__(self, machine, migration, settings, link, sock):
         super().__init__(machine, migration, settings, link)
         self.node = settings.node or "primary"
-        self.lease = Lease(settings, self.node)
+        self.lease = Lease(settings, self.node, link)
         self.lease.acquire()
         faults = FaultInjection(*settings.kill_at, _kill_self) if settings.kill_at is not None else None
         self.checkpoints = CheckpointPrimary(machine, sock, link=link, listener=self, debug=settings.debug,
@@ -467,7 +477,7 @@ class ColoSecondary(_Side):
         super().__init__(machine, migration, settings, link)
         self.node = settings.node or "secondary"
         self.passive = passive
-        self.lease = Lease(settings, self.node)
+        self.lease = Lease(settings, self.node, link)
         self.checkpoints = CheckpointSecondary(machine, sock, link=link, timeout=settings.heartbeat_timeout_ms / 1e3,
                                                key=settings.key, passive=passive)
         self.checkpoints.handshake()

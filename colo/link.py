@@ -126,6 +126,7 @@ class ColoLink:
         self.released = 0
         self.machine = None
         self.listener = None
+        self.proxy_epoch = 0          # the highest epoch the proxy accepted (EPOCH)
         self.takeover_asked = False   # TAKEOVER sent, no answer yet
         self.serving_alone = False    # the answer was ACTIVE
         self.log_overflow = 0
@@ -239,6 +240,8 @@ class ColoLink:
         elif kind == pw.CHECKPOINT:
             if self.listener is not None:
                 self.listener.checkpoint_requested(payload.decode("utf-8", "replace"))
+        elif kind == pw.EPOCH:
+            self.proxy_epoch = max(self.proxy_epoch, pw.parse_offset(payload))
         elif kind in (pw.ACTIVE, pw.REFUSED):
             self.takeover_asked = False
             self.serving_alone = kind == pw.ACTIVE
@@ -282,6 +285,14 @@ class ColoLink:
         self.flush()
         self._queue(pw.offset_message(pw.TAKEOVER, epoch))
         self.flush_all()
+
+    def promote(self):
+        """Re-protection: this VM, serving alone, is the primary of the pair that forms now."""
+        self.flush()
+        self._queue(pw.frame(pw.PROMOTE))
+        self.flush_all()
+        self.role = "primary"
+        self.serving_alone = False
 
     # ------------------------------------------------------------------ replication state
     def link_state(self):

@@ -186,6 +186,9 @@ class MigrationController:
 
     def enter_colo_primary(self, sock):
         from .controller import ColoPrimary
+        if self.colo is not None:  # re-protection: the side that served alone hands over
+            self.colo.retire()
+            self.colo = None
         return ColoPrimary(self.machine, self, self.colo_settings, self.colo_link, sock)
 
     def enter_colo_secondary(self, sock):
@@ -447,6 +450,8 @@ class PrecopyJob:
         self.was_running = machine.status == "running"
         machine.pause()
         link = controller.colo_link if controller.capabilities["x-colo"] else None
+        if link is not None and link.role != "primary":
+            link.promote()  # re-protection: the survivor is the new pair's primary
         if link is not None:
             link.mark(0)  # output beyond this point waits for the pair (checkpoint 0)
         controller.set_status("device")

@@ -127,6 +127,7 @@ class _Conn(BufferedConn):
         self.arrivals = collections.deque()    # (stream end, monotonic time) of each OUT, primary only
         self.gap_logged = False
         self.released_told = 0                 # the last RELEASED it was sent
+        self.early_sync = None                 # a standby secondary's SYNC before its primary's PROMOTE
 
     def __str__(self):
         return f"{self.role} {self.node}" if self.role else f"unidentified peer {self.peer}"
@@ -182,6 +183,7 @@ class ColoProxy(SelectorServer):
         self.epoch = 0
         self._epoch_holder = None
         self._active = None          # the connection served alone (solo mode)
+        self._standby = None         # a secondary connected while the former secondary serves alone
         self._active_role = None
         self._synced = None          # the secondary connection of the last SYNC
         self._paired_mode = "compare"
@@ -339,6 +341,8 @@ class ColoProxy(SelectorServer):
 
     def _close_conn(self, conn):
         conn.open = False
+        if conn is self._standby:
+            self._standby = None
         if conn.role in VM_ROLES and self._vms[conn.role] is conn:
             self._vms[conn.role] = None
         self._remove(conn)
@@ -360,6 +364,8 @@ class ColoProxy(SelectorServer):
             conn.out_end = max(conn.out_end, offset + len(chunk))
         elif kind == pw.TAKEOVER:
             self._takeover(conn, pw.parse_offset(payload), now)
+        elif kind == pw.PROMOTE:
+            self._promote(conn)
         elif kind == pw.MARK and conn.role == "primary":
             seq, offset = pw.parse_mark(payload)
             if self._synced_seq is None or seq > self._synced_seq:  # else its SYNC came first
@@ -368,6 +374,8 @@ class ColoProxy(SelectorServer):
             self._marks.pop(pw.parse_offset(payload), None)
             self._mismatch_requested = False
             self._timeout_requested_at = None
+        elif kind == pw.SYNC and conn is self._standby:
+            conn.early_sync = payload  # ahead of its primary's PROMOTE (another connection): taken then
         elif kind == pw.SYNC and conn.role == "secondary":
             self._sync(conn, *pw.parse_sync(payload), now)
         else:
@@ -386,6 +394,11 @@ class ColoProxy(SelectorServer):
             self._close_conn(conn)
             return
         current = self._vms[role]
+        if current is not None and current is self._active and role == "secondary" and self._standby is None:
+            # the former secondary serves alone: this is the secondary of the pair it will form
+            self._standby = conn
+            self._log(f"{conn} connected from {conn.peer}, {conn.mode}: waits until {current} re-protects")
+            return
         if current is not None:
             self._log(f"refused a second {role} connection ({conn.node} from {conn.peer}): "
                       f"{current.node} is connected as the {role}")
@@ -395,6 +408,7 @@ class ColoProxy(SelectorServer):
         conn.in_sent = self._in_base
         mode = f", {conn.mode}" if role == "secondary" else ""
         self._log(f"{conn} connected from {conn.peer}{mode}")
+        conn.send(pw.offset_message(pw.EPOCH, self.epoch))
         self._tell_released(conn)
 
     def _tell_released(self, conn):
@@ -471,6 +485,7 @@ class ColoProxy(SelectorServer):
         self._mismatch_requested = False
         self._timeout_requested_at = None
         conn.send(pw.frame(pw.ACTIVE))
+        conn.send(pw.offset_message(pw.EPOCH, epoch))
         if other is not None:
             how = f"{other} was still connected: fenced off, its connection closed"
             self._close_conn(other)
@@ -481,6 +496,37 @@ class ColoProxy(SelectorServer):
         self._log(f"takeover by {conn} with epoch {epoch} accepted ({how})")
         self._set_mode("solo", f"{conn} serves alone")
         self._took_over(conn)
+
+    def _promote(self, conn):
+        """Re-protection: the VM serving alone becomes the primary of a pair still to form."""
+        if self.mode != "solo" or conn is not self._active:
+            raise pw.ProxyProtocolError(f"PROMOTE from {conn}, which does not serve alone")
+        refused = self._promotion_refused(conn)
+        if refused:
+            self._log(f"refused to make {conn} a primary again: {refused}")
+            conn.send(pw.frame(pw.REFUSED, refused.encode()))
+            return
+        if conn.role == "secondary":
+            self._vms["secondary"] = None
+            conn.role = "primary"
+        self._vms["primary"] = self._last["primary"] = conn
+        conn.arrivals.clear()
+        self._marks.clear()
+        self._synced = None
+        self._log(f"{conn} is the primary again (epoch {self.epoch}): its output goes out unprotected until "
+                  f"a secondary's first checkpoint")
+        self._set_mode("waiting", f"{conn} re-protects")
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.open:
+            self._vms["secondary"] = self._last["secondary"] = standby
+            standby.in_sent = self._in_base
+            standby.send(pw.offset_message(pw.EPOCH, self.epoch))
+            if standby.early_sync is not None:
+                self._sync(standby, *pw.parse_sync(standby.early_sync), time.monotonic())
+
+    def _promotion_refused(self, conn):
+        """Why ``conn`` may not become a primary (None: it may); a subclass's say."""
+        return None
 
     def _set_mode(self, mode, why):
         if mode != self.mode:

@@ -37,6 +37,13 @@ addressed by absolute byte offsets, so a message that arrives twice or late does
     The answer to TAKEOVER (REFUSED carries a UTF-8 reason: this VM must not serve).
 ``STATUS`` (monitor -> proxy: empty; proxy -> monitor: JSON)
     The proxy's figures.
+``PROMOTE`` (VM -> proxy, empty)
+    Re-protection: the VM that serves alone (after its ACTIVE) becomes the primary of a new
+    pair: its output is released as before, unprotected, until a new secondary's SYNC.
+``EPOCH`` (proxy -> VM)
+    ``epoch u64``: the highest epoch the proxy has accepted, sent at HELLO and after each
+    takeover.  Without an arbiter both VMs of a pair take over under this epoch + 1, so
+    that the first takeover is accepted and the second refused, pair after pair.
 """
 
 import json
@@ -52,10 +59,11 @@ SYNC_HEAD = struct.Struct(">QQQQ")
 MAX_PAYLOAD = 16 << 20
 PROTOCOL_VERSION = 1
 
-HELLO, IN, OUT, RELEASED, SYNC, CHECKPOINT, TAKEOVER, ACTIVE, REFUSED, STATUS, MARK, UNMARK = range(1, 13)
+(HELLO, IN, OUT, RELEASED, SYNC, CHECKPOINT, TAKEOVER, ACTIVE, REFUSED, STATUS, MARK, UNMARK, PROMOTE,
+ EPOCH) = range(1, 15)
 NAMES = {HELLO: "HELLO", IN: "IN", OUT: "OUT", RELEASED: "RELEASED", SYNC: "SYNC", CHECKPOINT: "CHECKPOINT",
          TAKEOVER: "TAKEOVER", ACTIVE: "ACTIVE", REFUSED: "REFUSED", STATUS: "STATUS", MARK: "MARK",
-         UNMARK: "UNMARK"}
+         UNMARK: "UNMARK", PROMOTE: "PROMOTE", EPOCH: "EPOCH"}
 MARK_BODY = struct.Struct(">QQ")
 ROLES = ("primary", "secondary", "monitor")
 MODES = ("compare", "passive")

@@ -204,6 +204,10 @@ class ColoDeployment:
             common += ["--arbiter", arbiter_uri]
         self.qmp_paths = {role: self.tmp / f"{role}.qmp" for role in ("primary", "secondary")}
         self.records = {role: self.tmp / f"{role}.json" for role in ("primary", "secondary")}
+        self._secondary_base = ["colo", "secondary", *common, "--listen", "tcp:127.0.0.1:0", *secondary_args]
+        if mode == "passive":
+            self._secondary_base.append("--passive")
+        self.generation = 0
         sec = ["colo", "secondary", *common, "--listen", "tcp:127.0.0.1:0",
                "-qmp", f"unix:{self.qmp_paths['secondary']},server,nowait", *secondary_args]
         if records:
@@ -235,6 +239,31 @@ class ColoDeployment:
                                                     {"capability": "return-path", "state": True}])
         q("migrate-set-parameters", **{"x-checkpoint-delay": self.checkpoint_delay})
         q("migrate", uri=self.secondary_uri)
+
+    def reprotect(self, timeout=60):
+        """After the secondary took over: a new secondary process (node ``vm-N``), and the
+        survivor migrates into it with x-colo over its QMP, as with QEMU.  The survivor is
+        then ``self.primary``, the new process ``self.secondary``."""
+        self.generation += 1
+        name = f"secondary{self.generation}"
+        qmp_path = self.tmp / f"{name}.qmp"
+        args = [*self._secondary_base, "--node", f"vm-{self.generation}", "-qmp", f"unix:{qmp_path},server,nowait"]
+        self.records[name] = self.tmp / f"{name}.json"
+        new = self._start(name, [*args, "--records", str(self.records[name])])
+        port = int(new.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
+        old_qmp = self._qmp.pop("primary", None)
+        if old_qmp is not None:
+            try:
+                old_qmp.close()
+            except Exception:
+                pass
+        self.primary, self.secondary = self.secondary, new
+        self.qmp_paths["primary"], self.qmp_paths["secondary"] = self.qmp_paths["secondary"], qmp_path
+        if "secondary" in self._qmp:
+            self._qmp["primary"] = self._qmp.pop("secondary")
+        self.secondary_uri = f"tcp:127.0.0.1:{port}"
+        self.protect()
+        self.wait_colo(timeout)
 
     def _start(self, name, args):
         proc = Proc(self.tmp, name, args)

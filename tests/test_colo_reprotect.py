@@ -1,0 +1,33 @@
+"""Re-protection: after a takeover the survivor accepts a new secondary without stopping
+(a live migration into it with x-colo, as the pair first formed), and the pair survives
+the next failure too.  Three failovers in a row, the client sees every answer once."""
+
+import pytest
+from colopair import Workload
+from test_colo_failover import _run_until_dead, deploy  # noqa: F401  (deploy is a fixture)
+
+
+@pytest.mark.parametrize("mode,arbiter", [("compare", True), ("passive", False)])
+def test_three_failovers_in_a_row_with_reprotection_in_between(deploy, mode, arbiter):  # noqa: F811
+    d = deploy(mode=mode, checkpoint_delay=40, arbiter=arbiter)
+    d.wait_colo()
+    w = Workload(d.client(), time_every=5)
+    w.ready()
+    for failover in range(3):
+        for _ in range(15):
+            w.step()
+        survivor = d.secondary
+        d.primary.kill()
+        _run_until_dead(w, d.primary, steps_after=10)
+        survivor.wait_for(r"serving alone from checkpoint \d+", timeout=30)
+        assert survivor.alive()
+        if failover < 2:
+            d.reprotect()
+            assert d.qmp("primary")("query-colo-status")["mode"] == "primary"
+            assert d.qmp("secondary")("query-colo-status")["mode"] == "secondary"
+    for _ in range(10):
+        w.step()
+    w.finish()
+    log = d.proxy.stderr()
+    assert log.count("is the primary again") == 2, log
+    assert log.count("accepted") >= 3, log
