@@ -212,6 +212,13 @@ class MigrationController:
             raise EmuError("There's a migration process in progress")
         if self.machine.status not in ("running", "paused"):
             raise EmuError(f"cannot migrate a machine in state {self.machine.status!r}")
+        link = self.colo_link
+        if self.capabilities["x-colo"] and link is not None and link.role != "primary":
+            if self.colo is not None and self.colo.active:
+                raise EmuError("migrate: this VM is a COLO secondary: only the side that serves may protect")
+            if link.CHANNEL == "net":
+                raise EmuError("migrate: a networked pair is re-protected only from a primary that served alone "
+                               "(the former secondary's TCP connections run in a sequence space of its own)")
         if uri.startswith("tcp:"):
             host, port = wire.parse_tcp_uri(uri, "migrate")
             self._job = PrecopyJob(self, _tcp_channel(host, port))

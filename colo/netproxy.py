@@ -222,6 +222,13 @@ class NetProxy(ColoProxy):
         elif conn.stream.base is not None:
             conn.stream.drop_below(conn.stream.end)
 
+    def _promotion_refused(self, conn):
+        if conn.role == "secondary":
+            return ("a networked pair is re-protected only from a primary that served alone: the former "
+                    "secondary's TCP connections run in its own sequence space, which the endpoint moves into "
+                    "the clients' for every frame")
+        return None
+
     def _advance_solo(self):
         conn = self._active
         if conn is None or not conn.open or conn.stream.base is None:
