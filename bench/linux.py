@@ -144,7 +144,7 @@ def _wait_for_shell(port):
 
 
 def _connect_qmp(path, timeout=30):
-    from colo.demo import QmpClient
+    from colo.processes import QmpClient
 
     deadline = time.monotonic() + timeout
     while True:

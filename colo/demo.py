@@ -18,14 +18,12 @@ logs and per-checkpoint records stay in the log directory.
 """
 
 import argparse
-import ctypes
 import json
 import pathlib
 import re
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,14 +32,13 @@ import time
 from emu.errors import ConfigError, EmuError
 
 from . import proxywire as pw
+from .processes import ROOT, START_TIMEOUT_S, Process, ProcessFailure, connect_qmp, stop_all
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "firmware" / "build" / "service.elf"
 MEMORY = "32M"
 HEARTBEAT_PERIOD_MS = 50
 HEARTBEAT_TIMEOUT_MS = 500
 LEASE_MS = 1000
-START_TIMEOUT_S = 30.0
 ANSWER_TIMEOUT_S = 20.0
 SETTLE_S = 0.3                # after the last answer: long enough for a duplicate to show up
 POLL_S = 0.2                  # figures from the proxy and the VMs, ~5 per second
@@ -54,146 +51,8 @@ NODE_FILE = "opt/emu-colo/node"  # what service.elf's NODE answers with: each VM
 UNIX_PATH_MAX = 100           # sun_path is 108 bytes on Linux; keep a margin
 
 
-class DemoFailure(EmuError):
-    """The run went wrong (a process died, an answer was lost, repeated or wrong): exit 1."""
-
-
-# ---------------------------------------------------------------------- processes
-def _die_with_parent():
-    """In the child: the kernel SIGKILLs it if the demo itself dies without cleaning up."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-class Process:
-    """One ``python -m emu colo ...`` process (``command``: what follows ``emu``), stderr to
-    ``NAME.log`` (which we can wait on).
-
-    Its own session, so a Ctrl-C at the terminal reaches the demo only: the demo stops
-    the processes itself, in order."""
-
-    def __init__(self, log_dir, name, args, command=("colo",)):
-        self.name = name
-        self.log = log_dir / f"{name}.log"
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "emu", *command, *args], cwd=ROOT,
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
-        self.pid = self.proc.pid
-
-    def text(self):
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines=15):
-        return "\n".join(f"    {line}" for line in self.text().splitlines()[-lines:])
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def wait_for(self, pattern, timeout=START_TIMEOUT_S):
-        """The first match of ``pattern`` in the log; DemoFailure if the process dies first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = re.search(pattern, self.text())
-            if m:
-                return m
-            if not self.alive():
-                raise DemoFailure(f"{self.name} exited with status {self.proc.returncode} while starting "
-                                  f"({self.log}):\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise DemoFailure(f"{self.name} did not start within {timeout:.0f} s ({self.log}):\n{self.tail()}")
-            time.sleep(0.02)
-
-    def kill(self, wait=True):
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-        if wait:
-            self.proc.wait()
-
-
-def stop_all(processes, grace=5.0):
-    """SIGTERM to all (each flushes its records and closes its sockets), SIGKILL to stragglers."""
-    for p in processes:
-        if p.alive():
-            try:
-                p.proc.send_signal(signal.SIGTERM)
-            except OSError:
-                pass
-    deadline = time.monotonic() + grace
-    for p in processes:
-        try:
-            p.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"emu colo demo: {p.name} (pid {p.pid}) did not stop within {grace:.0f} s of SIGTERM: SIGKILL",
-                  file=sys.stderr, flush=True)
-            p.kill()
-
-
-# ---------------------------------------------------------------------- monitors
-class QmpClient:
-    """Just enough QMP for figures: JSON lines over a unix socket, events skipped."""
-
-    def __init__(self, path, timeout=2.0):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.buf = bytearray()
-        try:
-            self.sock.connect(self.path)
-            greeting = self._read()
-            if "QMP" not in greeting:
-                raise EmuError(f"QMP {self.path}: no greeting, got {greeting!r}")
-            self.execute("qmp_capabilities")
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EmuError(f"QMP {self.path}: connection closed")
-            self.buf += chunk
-        line, _, rest = bytes(self.buf).partition(b"\n")
-        self.buf = bytearray(rest)
-        try:
-            return json.loads(line)
-        except ValueError:
-            raise EmuError(f"QMP {self.path}: not JSON: {line[:200]!r}") from None
-
-    def execute(self, command, arguments=None):
-        message = {"execute": command} | ({"arguments": arguments} if arguments else {})
-        self.sock.sendall(json.dumps(message).encode() + b"\r\n")
-        while True:
-            reply = self._read()
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                raise EmuError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
-            # an event ({"event": ...}): not ours to handle
-
-    def close(self):
-        self.sock.close()
-
-
-def connect_qmp(path, process, timeout=START_TIMEOUT_S):
-    """A QMP connection once the VM's monitor socket is there."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return QmpClient(path)
-        except (OSError, EmuError) as e:
-            if not process.alive():
-                raise DemoFailure(f"{process.name} exited with status {process.proc.returncode} "
-                                  f"({process.log}):\n{process.tail()}") from None
-            if time.monotonic() > deadline:
-                raise DemoFailure(f"{process.name}: no QMP monitor at {path} within {timeout:.0f} s: {e}") from None
-            time.sleep(0.05)
+#: The run went wrong (a process died, an answer was lost, repeated or wrong): exit 1.
+DemoFailure = ProcessFailure
 
 
 class ProxyMonitor:
@@ -715,7 +574,7 @@ class Demo:
             self.figures.close()
         if self.client is not None:
             self.client.close()
-        stop_all(self.processes[::-1])
+        stop_all(self.processes[::-1], who="emu colo demo")
         if self.sock_dir != self.dir:
             for path in self.sock_dir.iterdir():
                 path.unlink(missing_ok=True)

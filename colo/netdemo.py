@@ -34,8 +34,8 @@ import uuid
 
 from emu.errors import ConfigError
 
-from .demo import (ROLES, DemoFailure, Figures, Process, _ms, _Parser, _triggers, _who_serves, connect_qmp,
-                   stop_all)
+from .demo import ROLES, DemoFailure, Figures, _ms, _Parser, _triggers, _who_serves
+from .processes import Process, connect_qmp, stop_all
 
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.2"
 MEMORY = "256M"
@@ -473,7 +473,7 @@ class LinuxDemo:
             self.figures.close()
         if self.console is not None:
             self.console.close()
-        stop_all(self.processes[::-1])
+        stop_all(self.processes[::-1], who="emu colo demo")
 
 
 # ---------------------------------------------------------------------- command
