@@ -457,7 +457,7 @@ class PrecopyJob:
         self.was_running = machine.status == "running"
         machine.pause()
         link = controller.colo_link if controller.capabilities["x-colo"] else None
-        if link is not None and link.role != "primary":
+        if link is not None and (link.role != "primary" or link.serving_alone):
             link.promote()  # re-protection: the survivor is the new pair's primary
         if link is not None:
             link.mark(0)  # output beyond this point waits for the pair (checkpoint 0)

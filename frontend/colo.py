@@ -4,6 +4,7 @@
 ``emu colo proxy``     the client endpoint: mirrors input, compares and releases output
 ``emu colo secondary`` ``emu run`` options + where to listen for the primary
 ``emu colo primary``   ``emu run`` options + the secondary to migrate to, then checkpoint
+``emu colo pair``      a primary and a secondary, with a new secondary after each failover
 ``emu colo report``    per-checkpoint records -> summary and PNG
 ``emu colo demo``      all of the above, a client, and a killed primary
 
@@ -24,6 +25,7 @@ USAGE = """usage: emu colo COMMAND [options]
   proxy      --client tcp:HOST:PORT|--netdev tap,ifname=TAP --listen tcp:HOST:PORT [--compare-timeout MS]
   secondary  [emu run options] --listen tcp:HOST:PORT --proxy|--net-proxy tcp:HOST:PORT [--passive] ...
   primary    [emu run options] --secondary tcp:HOST:PORT --proxy|--net-proxy tcp:HOST:PORT [--checkpoint-delay MS] ...
+  pair       [emu run options] --proxy|--net-proxy tcp:HOST:PORT [--standby tcp:HOST:PORT]... (re-protects)
   report     FILE [-o OUT.png]
   demo       [--requests N] [--kill-after N] ... | --guest linux [--seconds S] [--kill-after S] ...
 (emu colo COMMAND --help for each)"""
@@ -229,13 +231,18 @@ def cmd_report(argv):
     return main(argv)
 
 
+def cmd_pair(argv):
+    from colo.pair import main
+    return main(argv)
+
+
 def cmd_demo(argv):
     from colo.demo import main
     return main(argv)
 
 
 COMMANDS = {"primary": cmd_primary, "secondary": cmd_secondary, "proxy": cmd_proxy, "arbiter": cmd_arbiter,
-            "report": cmd_report, "demo": cmd_demo}
+            "report": cmd_report, "demo": cmd_demo, "pair": cmd_pair}
 
 
 def main(argv):
