@@ -64,21 +64,27 @@ class ColoSettings:
 
 
 class ColoStatus:
-    """query-colo-status: the mode now, the mode before the last exit, and why it ended."""
+    """query-colo-status: the mode now, the mode before the last exit, and why it ended
+    (QEMU's fields), and ``protection``: ``protected`` (in a pair), ``failing over``
+    (the peer is lost, the takeover not yet answered), ``unprotected`` (serving alone, or
+    never paired), ``re-protecting`` (a survivor's migration into a new secondary) or
+    ``standby`` (a secondary waiting for its primary)."""
 
     def __init__(self):
         self.mode = "none"
         self.last_mode = "none"
         self.reason = "none"
+        self.protection = "unprotected"
 
     def info(self):
-        return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason}
+        return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
+                "protection": self.protection}
 
     def entered(self, mode):
-        self.mode, self.reason = mode, "processing"
+        self.mode, self.reason, self.protection = mode, "processing", "protected"
 
     def left(self, mode, reason):
-        self.last_mode, self.mode, self.reason = mode, "none", reason
+        self.last_mode, self.mode, self.reason, self.protection = mode, "none", reason, "failing over"
 
 
 class Lease:
@@ -225,6 +231,7 @@ class _Side:
         self._update_status_line(now, serving=self.serving)
 
     def _exit_event(self, reason):
+        self.colo_status.protection = "unprotected"  # the failover is over: this side serves alone
         self.machine.emit("COLO_EXIT", {"mode": self.mode, "reason": reason})
 
     def _takeover(self, bump):
@@ -288,7 +295,8 @@ class _Side:
         self._flush_records()
         ok = [r for r in self.recent if r.status == "ok"]
         pauses = sorted(r.pause_ms for r in ok)
-        self.status_line.update(role=self.mode if self.active else f"{self.colo_status.last_mode}, alone",
+        self.status_line.update(role=f"{self.mode if self.active else self.colo_status.last_mode}, "
+                                     f"{self.colo_status.protection}",
                                 checkpoints=self.totals["checkpoints"], ok=self.totals["ok"],
                                 last_pause_ms=ok[-1].pause_ms if ok else None,
                                 median_pause_ms=pauses[len(pauses) // 2] if pauses else None,

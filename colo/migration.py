@@ -229,6 +229,8 @@ class MigrationController:
         self.state = MigrationState()
         self.state.start = time.monotonic()
         self.set_status("setup")
+        if self.capabilities["x-colo"] and self.colo_status.last_mode != "none":
+            self.colo_status.protection = "re-protecting"
         self._job.begin()
 
     def cancel(self):
@@ -249,6 +251,8 @@ class MigrationController:
         state.total_time_ms = (time.monotonic() - state.start) * 1e3
         state.error = error
         self.set_status(status)
+        if status != "completed" and self.colo_status.protection == "re-protecting":
+            self.colo_status.protection = "unprotected"
         self.machine.remove_background_job(self._job)
         self.machine.stop_dirty_log()
         self.machine.stop_disk_write_log()
@@ -553,6 +557,8 @@ class IncomingMigration:
     def __init__(self, machine: ReplicationSurface, uri, autostart=True, on_error=None, controller=None):
         self.machine = machine
         self.controller = controller  # its capabilities say whether the pair goes on in COLO
+        if controller is not None:
+            controller.colo_status.protection = "standby"
         self.autostart = autostart
         self.on_error = on_error or self._exit_with_error
         self.reader = wire.frame_reader()

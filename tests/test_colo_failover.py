@@ -65,7 +65,7 @@ def test_passive_pair_survives_primary_death_in_every_phase(deploy, phase):
     assert f"killing this process at {phase} of checkpoint 3" in d.primary.stderr()
     assert _serving_checkpoint(d) == (3 if phase == "after-received" else 2)
     assert d.qmp("secondary")("query-colo-status") == {"mode": "none", "last-mode": "secondary",
-                                                        "reason": "error"}
+                                                        "reason": "error", "protection": "unprotected"}
 
 
 @pytest.mark.parametrize("phase", ["mid-device", "after-received"])
@@ -108,7 +108,7 @@ def test_primary_serves_alone_when_the_secondary_dies(deploy, mode):
         w.step()
     w.finish()
     status = d.qmp("primary")("query-colo-status")
-    assert status == {"mode": "none", "last-mode": "primary", "reason": "error"}
+    assert status == {"mode": "none", "last-mode": "primary", "reason": "error", "protection": "unprotected"}
     assert d.qmp("primary")("query-status")["status"] == "running"
     d.proxy.wait_for(r"takeover by primary \S+ with epoch 2 accepted")
 

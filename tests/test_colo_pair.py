@@ -34,7 +34,8 @@ def test_pair_set_up_over_qmp_as_with_qemu(tmp_path, connect):
     pri = Proc(tmp_path, "primary", ["run", *guest, "-qmp", f"unix:{tmp_path}/p.qmp,server,nowait"])
     try:
         sq, pq = connect(tmp_path / "s.qmp"), connect(tmp_path / "p.qmp")
-        assert sq("query-colo-status") == {"mode": "none", "last-mode": "none", "reason": "none"}
+        assert sq("query-colo-status") == {"mode": "none", "last-mode": "none", "reason": "none",
+                                           "protection": "standby"}
         sq("migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True}])
         pq("migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True},
                                                      {"capability": "return-path", "state": True}])
@@ -42,7 +43,8 @@ def test_pair_set_up_over_qmp_as_with_qemu(tmp_path, connect):
         port = wait(lambda: _listening_port(sec), what="the secondary's port")
         pq("migrate", uri=f"tcp:127.0.0.1:{port}")
         wait(lambda: pq("query-colo-status")["mode"] == "primary", what="primary in COLO")
-        assert pq("query-colo-status") == {"mode": "primary", "last-mode": "none", "reason": "processing"}
+        assert pq("query-colo-status") == {"mode": "primary", "last-mode": "none", "reason": "processing",
+                                           "protection": "protected"}
         assert sq("query-colo-status")["mode"] == "secondary"
         assert sq("query-migrate")["status"] == "colo"
         info = wait(lambda: (i := pq("query-migrate")) and i["x-colo"]["ok"] >= 3 and i, what="3 checkpoints")
@@ -54,13 +56,15 @@ def test_pair_set_up_over_qmp_as_with_qemu(tmp_path, connect):
         wait(lambda: pq("query-migrate")["x-colo"]["triggers"].get("forced", 0) > before, what="forced checkpoint")
         # the primary leaves COLO on request and runs on alone
         pq("x-colo-lost-heartbeat")
-        assert pq("query-colo-status") == {"mode": "none", "last-mode": "primary", "reason": "request"}
+        assert pq("query-colo-status") == {"mode": "none", "last-mode": "primary", "reason": "request",
+                                           "protection": "unprotected"}
         assert pq("query-status")["status"] == "running"
         events = [e for e in _events(pq) if e["event"] == "COLO_EXIT"]
         assert events and events[0]["data"] == {"mode": "primary", "reason": "request"}
         # the secondary hears the channel close and takes over by itself
         wait(lambda: sq("query-colo-status")["mode"] == "none", what="secondary failover")
-        assert sq("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "error"}
+        assert sq("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "error",
+                                           "protection": "unprotected"}
         assert sq("query-status")["status"] == "running"
         with pytest.raises(Exception, match="not in COLO mode"):
             sq("x-colo-lost-heartbeat")
@@ -134,7 +138,8 @@ def test_secondary_fails_over_when_the_primary_stops_answering(tmp_path, connect
         wait(lambda: pq("query-migrate").get("x-colo", {}).get("ok", 0) >= 2, what="2 checkpoints")
         pri.proc.send_signal(signal.SIGSTOP)
         wait(lambda: sq("query-colo-status")["mode"] == "none", what="failover")
-        assert sq("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "error"}
+        assert sq("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "error",
+                                           "protection": "unprotected"}
         assert sq("query-status")["status"] == "running"
         assert "no heartbeat from the peer" in sec.stderr()
     finally:
@@ -150,7 +155,8 @@ def test_lost_heartbeat_request_on_the_secondary(tmp_path, connect):
         wait(lambda: sq("query-colo-status")["mode"] == "secondary", what="COLO")
         assert sq("query-status")["status"] == "paused"  # passive: stopped between checkpoints
         sq("x-colo-lost-heartbeat")
-        assert sq("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "request"}
+        assert sq("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "request",
+                                           "protection": "unprotected"}
         assert sq("query-status")["status"] == "running"
         events = [e for e in _events(sq) if e["event"] == "COLO_EXIT"]
         assert events and events[0]["data"] == {"mode": "secondary", "reason": "request"}

@@ -21,9 +21,11 @@ def test_three_failovers_in_a_row_with_reprotection_in_between(deploy, mode, arb
         _run_until_dead(w, d.primary, steps_after=10)
         survivor.wait_for(r"serving alone from checkpoint \d+", timeout=30)
         assert survivor.alive()
+        assert d.qmp("secondary")("query-colo-status")["protection"] == "unprotected"
         if failover < 2:
             d.reprotect()
             assert d.qmp("primary")("query-colo-status")["mode"] == "primary"
+            assert d.qmp("primary")("query-colo-status")["protection"] == "protected"
             assert d.qmp("secondary")("query-colo-status")["mode"] == "secondary"
     for _ in range(10):
         w.step()
