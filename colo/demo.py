@@ -7,7 +7,9 @@ checked against a model of the service (request counter and FNV-1a checksum; eve
 request is NODE, which each VM answers with its own host configuration (``-fw_cfg
 opt/emu-colo/node``): a deliberate divergence, so every such answer is an output mismatch
 and a checkpoint, and the client must only ever get the primary's version).  After ``--kill-after``
-requests the primary is SIGKILLed and the client carries on against the former secondary.
+requests the primary is SIGKILLed and the client carries on against the former secondary;
+with ``--failovers K`` above 1 (2 by default) a new secondary is started and the survivor
+migrates into it over QMP (re-protection), and the next primary is killed in its turn.
 The verdict is the client's own: the received byte stream must be exactly the expected
 answers, in order, nothing lost and nothing twice.
 
@@ -47,6 +49,7 @@ KILL_WINDOW = 10              # requests after the kill whose answer times count
 READY = b"service ready\r\n"
 ROLES = ("primary", "secondary")
 NODES = {"primary": "vm-a", "secondary": "vm-b"}  # names, so that "the former secondary" is visibly the same VM
+NEW_NODES = "cdefghijklmnopqrstuvwxyz"       # the secondaries of re-protection: vm-c, vm-d, ...
 NODE_FILE = "opt/emu-colo/node"  # what service.elf's NODE answers with: each VM's own name
 UNIX_PATH_MAX = 100           # sun_path is 108 bytes on Linux; keep a margin
 
@@ -298,6 +301,11 @@ class Demo:
         self.killed_at = None        # and when (monotonic)
         self.killed_primary = None   # its x-colo figures just before
         self.first_after_kill = None
+        self.kills = []              # (requests answered, node killed, node that took over), in order
+        self.reprotections = []      # (survivor, new secondary, seconds), in order
+        self._reprotecting = None    # the thread doing one now
+        self._reprotect_error = None
+        self._closed = threading.Event()
         self.failure = None
         self.live = None
         self.print_lock = threading.Lock()
@@ -327,8 +335,10 @@ class Demo:
     # -- start
     def start(self):
         a = self.args
+        kills = ", ".join(str(a.kill_after + k * a.kill_spacing) for k in range(a.failovers))
         self.say(f"emu colo demo: {a.mode} pair, checkpoint every {a.checkpoint_delay} ms, {a.requests} requests, "
-                 f"primary killed after {a.kill_after}; logs in {self.dir}")
+                 f"primary killed after {kills}{' with re-protection in between' if a.failovers > 1 else ''}; "
+                 f"logs in {self.dir}")
         arbiter = self._spawn("arbiter", ["arbiter", "--listen", "tcp:127.0.0.1:0", "--lease", str(LEASE_MS)])
         arbiter_port = int(arbiter.wait_for(r"listening on [\d.]+:(\d+)").group(1))
         proxy = self._spawn("proxy", ["proxy", "--client", "tcp:127.0.0.1:0", "--listen", "tcp:127.0.0.1:0"])
@@ -337,6 +347,8 @@ class Demo:
         common = ["-kernel", str(SERVICE), "-m", MEMORY, "-no-reboot", "--no-status",
                   "--proxy", f"tcp:127.0.0.1:{self.vm_port}", "--arbiter", f"tcp:127.0.0.1:{arbiter_port}",
                   "--heartbeat-period", str(HEARTBEAT_PERIOD_MS), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_MS)]
+        self.common, self.passive_args = common, ["--passive"] if a.mode == "passive" else []
+        self.node_of = dict(NODES)   # role -> the node in that role now
         self.qmp_paths = {role: self.sock_dir / f"{role}.qmp" for role in ROLES}
         for path in self.qmp_paths.values():
             path.unlink(missing_ok=True)
@@ -392,15 +404,21 @@ class Demo:
         self.figures.poll()
         self.figures.start()
         self._start_live()
+        kill_at = [a.kill_after + k * a.kill_spacing for k in range(a.failovers)]
         try:
             for i in range(a.requests):
-                if i == a.kill_after:
+                if kill_at and i >= kill_at[0] and self._reprotecting is None:
+                    kill_at.pop(0)
                     self._kill_primary()
+                    if kill_at:
+                        self._start_reprotection()
                 self.client.request()
                 if self.killed_after is not None and self.first_after_kill is None:
                     self.first_after_kill = time.monotonic() - self.killed_at
-                    self.event(f"client: request {i + 1} answered by the former secondary {NODES['secondary']}, "
+                    self.event(f"client: request {i + 1} answered by the former secondary {self.client.node}, "
                                f"{self.first_after_kill * 1e3:.0f} ms after the SIGKILL")
+                if self._reprotect_error is not None:
+                    raise DemoFailure(self._reprotect_error)
                 if self.live is None and (i + 1) % PROGRESS_EVERY == 0 and i + 1 < a.requests:
                     self.say(self.progress_line())
                 time.sleep(max(0.0, a.interval / 1e3 - self.client.latencies[-1]))
@@ -410,6 +428,8 @@ class Demo:
         finally:
             self._stop_live()
         self.figures.poll()
+        if self.failure is None and len(self.kills) < a.failovers:
+            self.failure = f"{len(self.kills)} of {a.failovers} failovers happened (the re-protection took too long)"
         if self.failure is None and self.killed_after is not None and self._served_after_kill() is None:
             self.failure = "the proxy does not report the former secondary serving after the kill"
         self.summary()
@@ -421,10 +441,76 @@ class Demo:
         self.figures.forget("primary")
         primary = self.procs["primary"]
         self.killed_after = self.client.answered
-        self.event(f"SIGKILL primary {NODES['primary']} (pid {primary.pid}) after {self.killed_after} requests")
+        self.first_after_kill = None
+        self.event(f"SIGKILL primary {self.node_of['primary']} (pid {primary.pid}) after {self.killed_after} "
+                   f"requests")
         self.killed_at = time.monotonic()
         primary.kill(wait=False)  # the client goes on at once, as it would when a host crashes
-        self.client.node = NODES["secondary"]  # from now on the former secondary answers NODE
+        self.kills.append((self.killed_after, self.node_of["primary"], self.node_of["secondary"]))
+        self.client.node = self.node_of["secondary"]  # from now on the former secondary answers NODE
+
+    # -- re-protection
+    def _start_reprotection(self):
+        """A new secondary, and the survivor migrates into it over QMP (in a thread: the client goes on)."""
+        self._reprotecting = threading.Thread(target=self._reprotect_guarded, name="colo-demo-reprotect",
+                                              daemon=True)
+        self._reprotecting.start()
+
+    def _reprotect_guarded(self):
+        try:
+            self._reprotect()
+        except (DemoFailure, EmuError, OSError) as e:
+            self._reprotect_error = f"re-protection: {e}"
+        finally:
+            self._reprotecting = None
+        # the new secondary dies with the thread that started it (PR_SET_PDEATHSIG): this one
+        # lives until every process has been stopped
+        self._closed.wait()
+
+    def _reprotect(self):
+        began = time.monotonic()
+        survivor = self.procs["secondary"]
+        self._wait_status("secondary", lambda s: s.get("mode") == "none" and s.get("protection") == "unprotected",
+                          "the survivor serving alone")
+        node = f"vm-{NEW_NODES[len(self.reprotections)]}"
+        name = f"secondary-{node}"
+        qmp_path = self.sock_dir / f"{name}.qmp"
+        qmp_path.unlink(missing_ok=True)
+        new = self._spawn(name, [
+            "secondary", "--node", node, *self.common, "--listen", "tcp:127.0.0.1:0", *self.passive_args,
+            "-fw_cfg", f"name={NODE_FILE},string={node}", "--records", str(self.dir / f"{name}.csv"),
+            "-qmp", f"unix:{qmp_path},server,nowait"])
+        listen = int(new.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
+        new_qmp = connect_qmp(qmp_path, new)
+        f = self.figures
+        with f.lock:
+            q = f.qmp["secondary"]  # the survivor's monitor (its role in the figures: the old one)
+            q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-colo", "state": True},
+                                                                    {"capability": "return-path", "state": True}]})
+            q.execute("migrate-set-parameters", {"x-checkpoint-delay": self.args.checkpoint_delay})
+            q.execute("migrate", {"uri": f"tcp:127.0.0.1:{listen}"})
+        self.event(f"re-protecting: {self.node_of['secondary']} migrates into a new secondary {node} "
+                   f"(pid {new.pid})")
+        self._wait_status("secondary", lambda s: s.get("mode") == "primary", "the survivor back in COLO")
+        with f.lock:  # the survivor is the primary now, the new VM its secondary
+            f.qmp["primary"], f.qmp["secondary"] = f.qmp.pop("secondary"), new_qmp
+            f.status["primary"], f.status["secondary"] = f.status["secondary"], {}
+            f.colo = {}
+        self.node_of = {"primary": self.node_of["secondary"], "secondary": node}
+        self.procs["primary"], self.procs["secondary"] = survivor, new
+        self.killed_primary = None
+        seconds = time.monotonic() - began
+        self.reprotections.append((self.node_of["primary"], node, seconds))
+        self.event(f"protected again: primary {self.node_of['primary']} -> secondary {node} "
+                   f"({seconds:.1f} s after the failover)")
+
+    def _wait_status(self, role, predicate, what):
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not predicate(self.figures.status.get(role) or {}):
+            if time.monotonic() > deadline:
+                raise DemoFailure(f"{what}: not within {START_TIMEOUT_S:.0f} s "
+                                  f"({self.figures.status.get(role)})")
+            time.sleep(0.05)
 
     def _served_after_kill(self):
         proxy = self.figures.proxy
@@ -526,10 +612,17 @@ class Demo:
             served = self._served_after_kill()
             who = (f"the former secondary ({served['secondary'].get('node')}, alone, epoch {served['epoch']})"
                    if served else f"? (proxy: {_who_serves(proxy)})")
-            lines.append(f"  served by    the primary for requests 1-{self.killed_after}, "
-                         f"then {who} for requests {self.killed_after + 1}-{c.answered}")
+            first, spans = 1, []
+            for k, (after, killed, _) in enumerate(self.kills):
+                name = "the primary" if k == 0 else f"{killed} (re-protected)"
+                spans.append(f"{name} for requests {first}-{after}")
+                first = after + 1
+            lines.append(f"  served by    {', then '.join(spans)}, then {who} for requests {first}-{c.answered}")
         elif proxy:
             lines.append(f"  served by    {_who_serves(proxy)}")
+        for survivor, node, seconds in self.reprotections:
+            lines.append(f"  re-protected {survivor} took a new secondary {node}, protected again {seconds:.1f} s "
+                         f"after the failover")
         primary = self.killed_primary if self.killed_primary is not None else (f.colo if f else {})
         if primary:
             lines.append(f"  checkpoints  {primary.get('checkpoints', 0)} (ok {primary.get('ok', 0)}), "
@@ -575,6 +668,7 @@ class Demo:
         if self.client is not None:
             self.client.close()
         stop_all(self.processes[::-1], who="emu colo demo")
+        self._closed.set()
         if self.sock_dir != self.dir:
             for path in self.sock_dir.iterdir():
                 path.unlink(missing_ok=True)
@@ -634,7 +728,11 @@ def parse_args(argv):
                 description="A protected pair, a checked client, and a primary killed mid-run "
                             "(--guest linux: Debian's Linux serving HTTP with a disk, on a networked pair).")
     p.add_argument("--requests", type=int, default=400, metavar="N", help="requests to send (default 400)")
-    p.add_argument("--kill-after", type=int, metavar="N", help="SIGKILL the primary after N answers (default N/3)")
+    p.add_argument("--kill-after", type=int, metavar="N",
+                   help="SIGKILL the primary after N answers (default: the requests split evenly by the kills)")
+    p.add_argument("--failovers", type=int, default=2, metavar="K",
+                   help="primaries killed (default 2): after each kill but the last, a new secondary is started "
+                        "and the survivor migrates into it (re-protection); the kills are evenly spaced")
     p.add_argument("--mode", choices=("compare", "passive"), default="compare",
                    help="compare: the secondary runs and output is compared (COLO); passive: it stays stopped "
                         "between checkpoints (Remus)")
@@ -653,9 +751,13 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.requests < 1:
         raise ConfigError("colo demo: --requests must be at least 1")
+    if args.failovers < 1:
+        raise ConfigError("colo demo: --failovers must be at least 1")
     if args.kill_after is None:
-        args.kill_after = args.requests // 3
-    if not 0 <= args.kill_after < args.requests:
+        args.kill_after = args.requests // (args.failovers + 1)
+    args.kill_spacing = max(1, (args.requests - args.kill_after) // args.failovers)
+    last_kill = args.kill_after + (args.failovers - 1) * args.kill_spacing
+    if not 0 <= args.kill_after < args.requests or last_kill >= args.requests:
         raise ConfigError(f"colo demo: --kill-after must be from 0 to {args.requests - 1} (below --requests, so "
                           f"that the former secondary serves some)")
     if args.checkpoint_delay < 1:

@@ -33,7 +33,7 @@ def _processes_mentioning(text):
 
 @pytest.mark.parametrize("mode", ["compare", "passive"])
 def test_demo_fails_over_without_losing_or_repeating_a_request(tmp_path, mode):
-    r = _demo(tmp_path, "--requests", "60", "--kill-after", "20", "--no-live", "--mode", mode)
+    r = _demo(tmp_path, "--requests", "60", "--kill-after", "20", "--failovers", "1", "--no-live", "--mode", mode)
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
     assert re.search(r"requests +60 of 60 sent, 60 answered correctly, lost 0, duplicated 0", out), out
@@ -49,8 +49,26 @@ def test_demo_fails_over_without_losing_or_repeating_a_request(tmp_path, mode):
     assert _processes_mentioning(str(tmp_path / "secondary.csv")) == []
 
 
+@pytest.mark.parametrize("mode", ["compare", "passive"])
+def test_the_default_demo_fails_over_twice_with_reprotection_in_between(tmp_path, mode):
+    """make demo: two primaries killed; after the first, a new secondary vm-c and the survivor
+    migrating into it, so that the second kill is survived too."""
+    r = _demo(tmp_path, "--requests", "90", "--no-live", "--mode", mode)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    assert re.search(r"requests +90 of 90 sent, 90 answered correctly, lost 0, duplicated 0", out), out
+    assert re.search(r"served by +the primary for requests 1-30, then vm-b \(re-protected\) for requests 31-60, "
+                     r"then the former secondary \(vm-c, alone, epoch \d+\) for requests 61-90", out), out
+    assert re.search(r"re-protected vm-b took a new secondary vm-c, protected again [\d.]+ s after the failover", out)
+    assert re.search(r"SIGKILL primary vm-a \(pid \d+\) after 30 requests", out), out
+    assert re.search(r"SIGKILL primary vm-b \(pid \d+\) after 60 requests", out), out
+    assert "is the primary again" in (tmp_path / "proxy.log").read_text()
+    assert _processes_mentioning(str(tmp_path / "secondary-vm-c.csv")) == []
+
+
 @pytest.mark.parametrize("args,message", [
     (["--requests", "10", "--kill-after", "10"], "--kill-after must be from 0 to 9"),
+    (["--failovers", "0"], "--failovers must be at least 1"),
     (["--reprotect"], "unrecognized arguments: --reprotect"),  # not listed: it does not exist yet
     (["--mode", "active"], "invalid choice"),
 ])
