@@ -300,4 +300,10 @@ class NetPair:
         self.net.close()
 
     def logs(self):
-        return "\n".join(f"--- {p.name} ---\n{p.stderr()[-4000:]}" for p in self.procs)
+        """Every process's stderr, the secondary's console and the endpoint's last status."""
+        text = "\n".join(f"--- {p.name} ---\n{p.stderr()[-4000:]}" for p in self.procs)
+        for name in ("secondary.console", "proxy.json"):
+            path = self.tmp / name
+            if path.exists():
+                text += f"\n--- {name} ---\n{path.read_text(errors='replace')[-3000:]}"
+        return text
