@@ -155,7 +155,8 @@ def main():
     print(f"wrote {RESULTS / 'core.json'}")
     for title, module in (("save helpers", "bench.state"), ("live migration", "bench.migration"),
                           ("COLO", "bench.colo"), ("Linux boot", "bench.linux"),
-                          ("virtio NIC and disk", "bench.devices"), ("networked COLO pair", "bench.colonet")):
+                          ("virtio NIC and disk", "bench.devices"), ("networked COLO pair", "bench.colonet"),
+                          ("continuous protection", "bench.coloreprotect")):
         print(f"emu-colo {title}")
         try:
             extra = __import__(module, fromlist=["run"]).run()
