@@ -7,12 +7,15 @@ loopback.  Clients are real programs run in the namespace (``curl``, ``netclient
 The primary's console is a unix socket the test types into before the pair forms.
 """
 
+import ctypes
+import os
 import pathlib
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from colopair import Proc
@@ -109,6 +112,21 @@ class SplitNetwork:
         self.shaper.stdin.write(command + "\n")
         self.shaper.stdin.flush()
 
+    def add_etcd_namespace(self):
+        """A fourth namespace for etcd, with a veth to each VM: the primary reaches it at
+        10.9.4.2, the secondary at 10.9.5.2.  :meth:`cut_etcd` takes one VM's link down."""
+        self.etcd_ns = f"{self.ns}-e"
+        subprocess.run(["ip", "netns", "add", self.etcd_ns], check=True, capture_output=True)
+        self.vm_ns["etcd"] = self.etcd_ns
+        self._ip("etcd", "link", "set", "lo", "up")
+        self._veth(self.vm_ns["primary"], "to-etcd", "10.9.4.1/24", "etcd", "to-primary", "10.9.4.2/24")
+        self._veth(self.vm_ns["secondary"], "to-etcd", "10.9.5.1/24", "etcd", "to-secondary", "10.9.5.2/24")
+        return ("10.9.4.2", "10.9.5.2")
+
+    def cut_etcd(self, role):
+        """``role``'s link to etcd goes down: its requests fail, etcd goes on for the other."""
+        self._ip(role, "link", "set", "to-etcd", "down")
+
     def close(self):
         if getattr(self, "shaper", None) is not None:
             self.shaper.stdin.close()
@@ -116,6 +134,29 @@ class SplitNetwork:
         for ns in self.vm_ns.values():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.endpoint.close()
+
+
+def connect_in(namespace, port, host="127.0.0.1"):
+    """A TCP connection made from inside ``namespace`` (a thread of ours enters it: a
+    network namespace is per thread, and the socket keeps the one it was made in)."""
+    made = {}
+
+    def work():
+        fd = os.open(f"/var/run/netns/{namespace}", os.O_RDONLY)
+        try:
+            if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), "setns")
+            made["sock"] = socket.create_connection((host, port), timeout=2)
+        except OSError as e:
+            made["error"] = e
+        finally:
+            os.close(fd)
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    if "error" in made:
+        raise made["error"]
+    return made["sock"]
 
 
 class NsProc(Proc):

@@ -59,11 +59,13 @@ class Proc:
 class LineClient:
     """The client of the service: sends lines, reads answers, keeps every byte received."""
 
-    def __init__(self, port, timeout=30):
+    def __init__(self, port, timeout=30, connect=None):
+        """``connect(port)``: the socket to the endpoint (default: to 127.0.0.1 here)."""
+        connect = connect or (lambda p: socket.create_connection(("127.0.0.1", p), timeout=2))
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+                self.sock = connect(port)
                 break
             except OSError:
                 if time.monotonic() > deadline:

@@ -29,20 +29,25 @@ def _free_port():
 
 
 class EtcdCluster:
-    def __init__(self, tmp_path, nodes=1):
+    def __init__(self, tmp_path, nodes=1, namespace=None, hosts=("127.0.0.1",)):
+        """``namespace``: run the nodes in that network namespace, serving clients on each of
+        ``hosts`` (its addresses), with their peer traffic on its loopback."""
         self.dir = tmp_path / "etcd"
         self.dir.mkdir(exist_ok=True)
-        self.client_ports = [_free_port() for _ in range(nodes)]
-        peer_ports = [_free_port() for _ in range(nodes)]
+        self.namespace, self.hosts = namespace, hosts
+        self.client_ports = [_free_port() + 7 * i for i in range(nodes)] if namespace else \
+            [_free_port() for _ in range(nodes)]
+        peer_ports = [port + 1 for port in self.client_ports] if namespace else [_free_port() for _ in range(nodes)]
+        prefix = ["ip", "netns", "exec", namespace] if namespace else []
         initial = ",".join(f"n{i}=http://127.0.0.1:{p}" for i, p in enumerate(peer_ports))
         self.procs = []
         try:
             for i in range(nodes):
                 log = open(self.dir / f"n{i}.log", "wb")
+                urls = ",".join(f"http://{host}:{self.client_ports[i]}" for host in hosts)
                 self.procs.append(subprocess.Popen([
-                    "etcd", "--name", f"n{i}", "--data-dir", str(self.dir / f"n{i}"),
-                    "--listen-client-urls", f"http://127.0.0.1:{self.client_ports[i]}",
-                    "--advertise-client-urls", f"http://127.0.0.1:{self.client_ports[i]}",
+                    *prefix, "etcd", "--name", f"n{i}", "--data-dir", str(self.dir / f"n{i}"),
+                    "--listen-client-urls", urls, "--advertise-client-urls", urls,
                     "--listen-peer-urls", f"http://127.0.0.1:{peer_ports[i]}",
                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_ports[i]}",
                     "--initial-cluster", initial, "--initial-cluster-state", "new",
@@ -55,24 +60,33 @@ class EtcdCluster:
             self.close()
             raise
 
-    def endpoints(self, nodes=None):
-        return ",".join(f"127.0.0.1:{self.client_ports[i]}" for i in (nodes or range(len(self.procs))))
+    def endpoints(self, nodes=None, host=None):
+        host = host or self.hosts[0]
+        return ",".join(f"{host}:{self.client_ports[i]}" for i in (nodes or range(len(self.procs))))
 
-    def url(self, prefix="/emu-colo", ttl=None, nodes=None):
-        return f"etcd://{self.endpoints(nodes)}{prefix}" + (f"?ttl={ttl}" if ttl else "")
+    def url(self, prefix="/emu-colo", ttl=None, nodes=None, host=None):
+        return f"etcd://{self.endpoints(nodes, host)}{prefix}" + (f"?ttl={ttl}" if ttl else "")
 
     def wait_healthy(self, i, timeout=30):
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.client_ports[i]}/health", timeout=1) as r:
-                    if b'"true"' in r.read():
-                        return
-            except OSError:
-                pass
+            if self._healthy(i):
+                return
             if self.procs[i].poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"etcd n{i} not healthy: {(self.dir / f'n{i}.log').read_text()[-2000:]}")
             time.sleep(0.1)
+
+    def _healthy(self, i):
+        url = f"http://{self.hosts[0]}:{self.client_ports[i]}/health"
+        if self.namespace:
+            done = subprocess.run(["ip", "netns", "exec", self.namespace, "curl", "-s", "-m", "1", url],
+                                  capture_output=True)
+            return b'"true"' in done.stdout
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return b'"true"' in r.read()
+        except OSError:
+            return False
 
     def pause(self, i):
         self.procs[i].send_signal(signal.SIGSTOP)
