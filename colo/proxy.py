@@ -52,6 +52,7 @@ from . import proxywire as pw
 from .netloop import BufferedConn, CommandParser, SelectorServer, failed_to_start, serve_until_signalled
 
 INPUT_BACKLOG = 1 << 20        # client input not yet sent to every VM beyond which the client is not read
+SOLO_INPUT_KEPT = 4 << 20      # input kept behind what a VM serving alone was sent (re-protection)
 VM_QUEUE = 256 << 10           # IN is queued for a VM only while less than this waits in its socket buffer
 MAX_QUEUE = 32 << 20           # a peer that lets more than this pile up (does not read) is dropped
 RECV_SIZE = 256 << 10
@@ -555,7 +556,9 @@ class ColoProxy(SelectorServer):
         self._flush_client()
         self._pump_input()
         if self.mode == "solo" and self._active is not None and self._active.open:
-            self._trim_floor = max(self._trim_floor, self._active.in_sent)
+            # kept a while behind what it was sent: if it re-protects, the new pair's checkpoint 0
+            # continues input where the VM's UART or NIC had taken it, which may be a little behind
+            self._trim_floor = max(self._trim_floor, self._active.in_sent - SOLO_INPUT_KEPT)
         if self._trim_floor > self._in_base:
             del self._input[:self._trim_floor - self._in_base]
             self._in_base = self._trim_floor
