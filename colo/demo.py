@@ -290,7 +290,41 @@ class ServiceClient:
 
 
 # ---------------------------------------------------------------------- the run
-class Demo:
+class LiveView:
+    """A demo's output: timed event lines, and a live table (``render()``) on a terminal
+    unless ``--no-live``, with the event lines printed above it."""
+
+    live = None
+
+    def say(self, text):
+        with self.print_lock:
+            if self.live is not None:
+                self.live.console.print(text, markup=False, highlight=False)
+            else:
+                print(text, flush=True)
+
+    def event(self, text):
+        self.say(f"[{time.monotonic() - self.started:6.1f} s] {text}")
+
+    def _start_live(self):
+        if self.args.no_live or not sys.stdout.isatty():
+            return
+        from rich.console import Console
+        from rich.live import Live
+
+        self.live = Live(get_renderable=self.render, console=Console(), refresh_per_second=5,
+                         redirect_stdout=False, redirect_stderr=False)
+        self.live.start()
+
+    def _stop_live(self):
+        if self.live is not None:
+            with self.print_lock:
+                self.live.refresh()
+                self.live.stop()
+                self.live = None
+
+
+class Demo(LiveView):
     def __init__(self, args):
         self.args = args
         self.started = time.monotonic()
@@ -320,17 +354,6 @@ class Demo:
         self.sock_dir = self.dir
         if len(str(self.dir / "secondary.qmp")) > UNIX_PATH_MAX:  # too long for a unix socket path
             self.sock_dir = pathlib.Path(tempfile.mkdtemp(prefix="emu-colo-demo-qmp-"))
-
-    # -- output
-    def say(self, text):
-        with self.print_lock:
-            if self.live is not None:
-                self.live.console.print(text, markup=False, highlight=False)
-            else:
-                print(text, flush=True)
-
-    def event(self, text):
-        self.say(f"[{time.monotonic() - self.started:6.1f} s] {text}")
 
     # -- start
     def start(self):
@@ -519,23 +542,6 @@ class Demo:
         return None
 
     # -- live view
-    def _start_live(self):
-        if self.args.no_live or not sys.stdout.isatty():
-            return
-        from rich.console import Console
-        from rich.live import Live
-
-        self.live = Live(get_renderable=self.render, console=Console(), refresh_per_second=5,
-                         redirect_stdout=False, redirect_stderr=False)
-        self.live.start()
-
-    def _stop_live(self):
-        if self.live is not None:
-            with self.print_lock:
-                self.live.refresh()
-                self.live.stop()
-                self.live = None
-
     def _state(self):
         """The figures shown, live or as a progress line."""
         f, c = self.figures, self.client

@@ -34,7 +34,7 @@ import uuid
 
 from emu.errors import ConfigError
 
-from .demo import ROLES, DemoFailure, Figures, _ms, _Parser, _triggers, _who_serves
+from .demo import ROLES, DemoFailure, Figures, LiveView, _ms, _Parser, _triggers, _who_serves
 from .processes import Process, connect_qmp, stop_all
 
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.2"
@@ -269,7 +269,7 @@ class Clients:
 
 
 # ---------------------------------------------------------------------- the run
-class LinuxDemo:
+class LinuxDemo(LiveView):
     def __init__(self, args, guest_files, workdir):
         self.args = args
         self.kernel, self.initrd = guest_files
@@ -280,16 +280,6 @@ class LinuxDemo:
         self.killed_primary = None
         self.live = None
         self.print_lock = threading.Lock()
-
-    def say(self, text):
-        with self.print_lock:
-            if self.live is not None:
-                self.live.console.print(text, markup=False, highlight=False)
-            else:
-                print(text, flush=True)
-
-    def event(self, text):
-        self.say(f"[{time.monotonic() - self.started:6.1f} s] {text}")
 
     def _spawn(self, name, args):
         self.processes.append(Process(self.dir, name, args, command=()))
@@ -427,23 +417,6 @@ class LinuxDemo:
                   f"primary killed {time.monotonic() - self.killed_at:.1f} s ago")
         t.add_row("longest stall", f"{s['stall']:.0f} ms")
         return t
-
-    def _start_live(self):
-        if self.args.no_live or not sys.stdout.isatty():
-            return
-        from rich.console import Console as RichConsole
-        from rich.live import Live
-
-        self.live = Live(get_renderable=self.render, console=RichConsole(), refresh_per_second=5,
-                         redirect_stdout=False, redirect_stderr=False)
-        self.live.start()
-
-    def _stop_live(self):
-        if self.live is not None:
-            with self.print_lock:
-                self.live.refresh()
-                self.live.stop()
-                self.live = None
 
     def summary(self, failure, disk):
         s, proxy = self._state(), self.figures.proxy
