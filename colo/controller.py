@@ -183,8 +183,9 @@ class _Side:
         # the peer sends nothing while it takes a checkpoint: a dead one closes its socket,
         # a hung one is given the transaction's own, longer timeout; but a cut link shows
         # sooner, as bytes its host does not acknowledge
-        limit = REPLY_TIMEOUT_S if self.busy() else settings.heartbeat_timeout_ms / 1e3
-        if self.busy() and self._unacknowledged_for(now) > settings.heartbeat_timeout_ms / 1e3:
+        busy = self.busy()
+        limit = REPLY_TIMEOUT_S if busy else settings.heartbeat_timeout_ms / 1e3
+        if busy and self._unacknowledged_for(now) > settings.heartbeat_timeout_ms / 1e3:
             self.peer_lost(f"colo: the peer's host acknowledged nothing for {settings.heartbeat_timeout_ms:.0f} ms "
                            f"(the link is down)", "error")
             return False

@@ -34,7 +34,7 @@ import time
 from emu.errors import ConfigError, EmuError
 
 from . import proxywire as pw
-from .processes import ROOT, START_TIMEOUT_S, Process, ProcessFailure, connect_qmp, stop_all
+from .processes import ROOT, START_TIMEOUT_S, Process, ProcessFailure, connect_qmp, protect_over_qmp, stop_all
 
 SERVICE = ROOT / "firmware" / "build" / "service.elf"
 MEMORY = "32M"
@@ -339,7 +339,6 @@ class Demo(LiveView):
         self.reprotections = []      # (survivor, new secondary, seconds), in order
         self._reprotecting = None    # the thread doing one now
         self._reprotect_error = None
-        self._closed = threading.Event()
         self.failure = None
         self.live = None
         self.print_lock = threading.Lock()
@@ -486,9 +485,6 @@ class Demo(LiveView):
             self._reprotect_error = f"re-protection: {e}"
         finally:
             self._reprotecting = None
-        # the new secondary dies with the thread that started it (PR_SET_PDEATHSIG): this one
-        # lives until every process has been stopped
-        self._closed.wait()
 
     def _reprotect(self):
         began = time.monotonic()
@@ -507,11 +503,8 @@ class Demo(LiveView):
         new_qmp = connect_qmp(qmp_path, new)
         f = self.figures
         with f.lock:
-            q = f.qmp["secondary"]  # the survivor's monitor (its role in the figures: the old one)
-            q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-colo", "state": True},
-                                                                    {"capability": "return-path", "state": True}]})
-            q.execute("migrate-set-parameters", {"x-checkpoint-delay": self.args.checkpoint_delay})
-            q.execute("migrate", {"uri": f"tcp:127.0.0.1:{listen}"})
+            # the survivor's monitor (its role in the figures: the old one)
+            protect_over_qmp(f.qmp["secondary"], f"tcp:127.0.0.1:{listen}", self.args.checkpoint_delay)
         self.event(f"re-protecting: {self.node_of['secondary']} migrates into a new secondary {node} "
                    f"(pid {new.pid})")
         self._wait_status("secondary", lambda s: s.get("mode") == "primary", "the survivor back in COLO")
@@ -674,7 +667,6 @@ class Demo(LiveView):
         if self.client is not None:
             self.client.close()
         stop_all(self.processes[::-1], who="emu colo demo")
-        self._closed.set()
         if self.sock_dir != self.dir:
             for path in self.sock_dir.iterdir():
                 path.unlink(missing_ok=True)

@@ -93,7 +93,6 @@ class EtcdArbiterClient:
         self._lost = None             # why the lease is gone, once it is
         self._stop = threading.Event()
         self._keeper = None
-        self.keepalive_ms = []        # the latency of each keepalive (bench)
 
     def __enter__(self):
         return self
@@ -210,18 +209,25 @@ class EtcdArbiterClient:
     def _keep_alive(self, lease_id, stop):
         period = max(self.ttl_s / 3, 0.1)
         while not stop.wait(period):
-            sent = self.clock()
             try:
-                reply = self._call("renew the lease", "post_api", "/lease/keepalive", {"ID": str(lease_id)})
+                if not self.keep_alive_once(lease_id):
+                    return
             except ArbiterError:
                 continue  # renew() decides from the lease's end whether it still holds
-            self.keepalive_ms.append((self.clock() - sent) * 1e3)
-            ttl = int((reply.get("result") or {}).get("TTL", -1))
-            with self._lock:
-                if ttl <= 0:
-                    self._lost = f"etcd says lease {lease_id:x} is gone (expired or revoked)"
-                    return
-                self._valid_until = max(self._valid_until, sent + ttl)
+
+    def keep_alive_once(self, lease_id=None):
+        """One keepalive of the lease (this node's by default): moves its end as this side
+        sees it; False once etcd says it is gone.  ArbiterError if no endpoint answers."""
+        lease_id = self.lease_id if lease_id is None else lease_id
+        sent = self.clock()
+        reply = self._call("renew the lease", "post_api", "/lease/keepalive", {"ID": str(lease_id)})
+        ttl = int((reply.get("result") or {}).get("TTL", -1))
+        with self._lock:
+            if ttl <= 0:
+                self._lost = f"etcd says lease {lease_id:x} is gone (expired or revoked)"
+                return False
+            self._valid_until = max(self._valid_until, sent + ttl)
+        return True
 
     def _lease_left_ms(self, lease):
         if not lease or str(lease) == "0":

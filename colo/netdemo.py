@@ -35,7 +35,7 @@ import uuid
 from emu.errors import ConfigError
 
 from .demo import ROLES, DemoFailure, Figures, LiveView, _ms, _Parser, _triggers, _who_serves
-from .processes import Process, connect_qmp, stop_all
+from .processes import Process, connect_qmp, protect_over_qmp, stop_all
 
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.2"
 MEMORY = "256M"
@@ -119,9 +119,11 @@ class Namespace:
 
 # ---------------------------------------------------------------------- the guest's console
 class Console:
-    """The primary's serial console (a unix socket): type a command, wait for its end."""
+    """A VM's serial console on a unix socket (``-serial unix:PATH,server,nowait``): wait for
+    the shell, type a command, wait for its end.  ``process``: the VM (``alive()``), whose
+    death ends the wait for the socket."""
 
-    def __init__(self, path, process):
+    def __init__(self, path, process=None):
         deadline = time.monotonic() + 30
         while True:
             self.sock = socket.socket(socket.AF_UNIX)
@@ -130,8 +132,9 @@ class Console:
                 break
             except OSError:
                 self.sock.close()
-                if not process.alive() or time.monotonic() > deadline:
-                    raise DemoFailure(f"primary: no console at {path}:\n{process.tail()}") from None
+                if (process is not None and not process.alive()) or time.monotonic() > deadline:
+                    tail = f":\n{process.tail()}" if hasattr(process, "tail") else ""
+                    raise DemoFailure(f"{getattr(process, 'name', 'VM')}: no console at {path}{tail}") from None
                 time.sleep(0.05)
         self.sock.settimeout(0.5)
         self.text = bytearray()
@@ -149,6 +152,12 @@ class Console:
             if not chunk:
                 raise DemoFailure("guest console closed")
             self.text += chunk
+
+    def wait_for_shell(self, timeout):
+        """Until busybox's shell prompts, after a boot of up to ``timeout`` s."""
+        self.expect("built-in shell (ash)", timeout)
+        self.expect("# ", 60)
+        time.sleep(0.5)  # the shell's line editor has had the answer to its cursor query
 
     def run(self, command, timeout=120):
         start = len(self.text)
@@ -313,9 +322,7 @@ class LinuxDemo(LiveView):
         self.say(f"emu colo demo --guest linux: {a.mode} pair, checkpoint every {a.checkpoint_delay} ms; "
                  f"booting Debian's Linux on the primary (logs in {self.dir})")
         self.console = Console(console_path, primary)
-        self.console.expect("built-in shell (ash)", BOOT_TIMEOUT_S)
-        self.console.expect("# ", 60)
-        time.sleep(0.5)  # the shell's line editor has had the answer to its cursor query
+        self.console.wait_for_shell(BOOT_TIMEOUT_S)
         out = self.console.run(SETUP)
         blob_sha = next((w for w in out.split() if len(w) == 64), None)
         if blob_sha is None:
@@ -327,11 +334,7 @@ class LinuxDemo(LiveView):
     def _protect(self):
         a = self.args
         qmp = {role: connect_qmp(self.qmp_paths[role], self.procs[role]) for role in ROLES}
-        q = qmp["primary"]
-        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-colo", "state": True},
-                                                                {"capability": "return-path", "state": True}]})
-        q.execute("migrate-set-parameters", {"x-checkpoint-delay": a.checkpoint_delay})
-        q.execute("migrate", {"uri": self.secondary_uri})
+        protect_over_qmp(qmp["primary"], self.secondary_uri, a.checkpoint_delay)
         deadline = time.monotonic() + 120
         for role in ROLES:
             while qmp[role].execute("query-colo-status")["mode"] != role:

@@ -25,7 +25,7 @@ import time
 from emu.errors import ConfigError, EmuError
 
 from .netloop import CommandParser
-from .processes import START_TIMEOUT_S, Process, ProcessFailure, connect_qmp, stop_all
+from .processes import START_TIMEOUT_S, Process, ProcessFailure, connect_qmp, protect_over_qmp, stop_all
 from .wire import parse_tcp_uri
 
 POLL_S = 0.1
@@ -69,6 +69,7 @@ class Supervisor:
         self.standbys = list(args.standby or [])
         self.backoff = 0.0
         self.failovers = self.reprotections = 0
+        self.stop_signal = None        # set by the SIGTERM/SIGINT handler
 
     def say(self, text):
         print(f"colo pair: {text}", file=sys.stderr, flush=True)
@@ -171,7 +172,7 @@ class Supervisor:
                     self.say(f"re-protecting onto the standby secondary at {address} ({node})")
                 else:
                     secondary, address = self.start_secondary()
-                self._migrate(survivor, address)
+                protect_over_qmp(survivor.monitor(), address, self.args.checkpoint_delay)
                 self._wait_protected(survivor, secondary, f"re-protected in {time.monotonic() - began:.1f} s")
             except (ProcessFailure, EmuError) as e:
                 self.backoff = min(BACKOFF_MAX_S, max(BACKOFF_FIRST_S, 2 * self.backoff))
@@ -198,13 +199,6 @@ class Supervisor:
         self.say(f"{survivor.node} is gone too ({_how(survivor)}): nothing left to protect")
         return False
 
-    def _migrate(self, survivor, address):
-        q = survivor.monitor()
-        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-colo", "state": True},
-                                                                {"capability": "return-path", "state": True}]})
-        q.execute("migrate-set-parameters", {"x-checkpoint-delay": self.args.checkpoint_delay})
-        q.execute("migrate", {"uri": address})
-
     def _sleep(self, seconds):
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -214,8 +208,6 @@ class Supervisor:
     def _check_signal(self):
         if self.stop_signal is not None:
             raise _Stop()
-
-    stop_signal = None
 
     def close(self):
         for vm in self.vms:

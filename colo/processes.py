@@ -1,6 +1,7 @@
 """The child processes of ``emu colo demo`` and ``emu colo pair``: each an ``emu`` command
 with its stderr in a log file that can be waited on, and the QMP client that drives them."""
 
+import concurrent.futures
 import ctypes
 import json
 import pathlib
@@ -29,6 +30,12 @@ def _die_with_parent():
         pass
 
 
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process: so
+# every child is forked by this one thread, which lives as long as the process does, and a
+# child started from a short-lived thread (a demo's re-protection) does not die with it
+_FORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="colo-forker")
+
+
 class Process:
     """One ``python -m emu colo ...`` process (``command``: what follows ``emu``), stderr to
     ``NAME.log`` (which we can wait on).
@@ -40,9 +47,9 @@ class Process:
         self.name = name
         self.log = log_dir / f"{name}.log"
         with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "emu", *command, *args], cwd=ROOT,
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = _FORKER.submit(subprocess.Popen, [sys.executable, "-m", "emu", *command, *args], cwd=ROOT,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                       start_new_session=True, preexec_fn=_die_with_parent).result()
         self.pid = self.proc.pid
 
     def text(self):
@@ -157,3 +164,12 @@ def connect_qmp(path, process, timeout=START_TIMEOUT_S):
             if time.monotonic() > deadline:
                 raise ProcessFailure(f"{process.name}: no QMP monitor at {path} within {timeout:.0f} s: {e}") from None
             time.sleep(0.05)
+
+
+def protect_over_qmp(qmp, uri, checkpoint_delay_ms):
+    """What a QEMU user gives a VM to make it the primary of a pair with the secondary
+    listening at ``uri``: x-colo and return-path, the checkpoint delay, migrate."""
+    qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-colo", "state": True},
+                                                            {"capability": "return-path", "state": True}]})
+    qmp.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_delay_ms})
+    qmp.execute("migrate", {"uri": uri})

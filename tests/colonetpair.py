@@ -20,7 +20,9 @@ import time
 
 from colopair import Proc
 from emuproc import Qmp
-from linuxguest import APPEND, SHELL, TapNetwork
+from linuxguest import APPEND, TapNetwork
+
+from colo.netdemo import Console
 
 GUEST_IP = "10.0.2.15"
 NETCLIENT = pathlib.Path(__file__).with_name("netclient.py")
@@ -166,51 +168,6 @@ class NsProc(Proc):
         super().__init__(tmp_path, name, args, prefix=["ip", "netns", "exec", ns])
 
 
-class UnixConsole:
-    """The primary's serial console (``-serial unix:PATH,server,nowait``)."""
-
-    def __init__(self, path, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.settimeout(0.2)
-        self.received = bytearray()
-
-    def expect(self, marker, timeout=120, start=0):
-        deadline = time.monotonic() + timeout
-        while marker.encode() not in self.received[start:]:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"console: no {marker!r}; it ends with {bytes(self.received[-1500:])!r}")
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            if not chunk:
-                raise AssertionError(f"console closed; it ends with {bytes(self.received[-1500:])!r}")
-            self.received += chunk
-        return bytes(self.received)
-
-    def run(self, command, timeout=120):
-        """Type ``command`` at the prompt; wait for it to finish.  Returns its output."""
-        start = len(self.received)
-        self.sock.sendall(f"{command}; echo DONE-$((40+2))\n".encode())
-        self.expect("DONE-42", timeout, start)
-        end = self.received.index(b"DONE-42", start)
-        self.expect("# ", 60, end)
-        return bytes(self.received[start:end]).decode("latin1")
-
-    def close(self):
-        self.sock.close()
-
-
 class NetPair:
     """Endpoint, secondary and primary of ``kernel``/``initrd`` with 256 MiB, in a fresh namespace."""
 
@@ -268,7 +225,7 @@ class NetPair:
                     "--secondary", self.secondary_uri, "--protect-after", "1e9", "--no-status",
                     "--heartbeat-period", str(heartbeat[0]), "--heartbeat-timeout", str(heartbeat[1]),
                     *console_qmp, *primary_colo_args], "primary")
-            self.console = UnixConsole(self.console_path)
+            self.console = Console(self.console_path, self.primary)
         except BaseException:
             self.close()
             raise
@@ -281,9 +238,7 @@ class NetPair:
 
     def boot(self, setup):
         """Wait for the primary's shell and run ``setup`` in it (before the pair forms)."""
-        self.console.expect(SHELL, 240)
-        self.console.expect("# ", 60)
-        time.sleep(0.5)  # the line editor's cursor query is answered; typed input is a command now
+        self.console.wait_for_shell(240)
         return self.console.run(setup)
 
     def qmp(self, role):

@@ -17,7 +17,7 @@ import time
 import pytest
 from colopair import ROOT, Workload
 from etcdcluster import Blackhole, EtcdCluster, etcd_missing
-from test_colo_failover import Relay, _run_until_dead, _serving_checkpoint, deploy  # noqa: F401
+from test_colo_failover import _run_until_dead, _serving_checkpoint, cut_link_between_live_vms, deploy  # noqa: F401
 
 from colo.arbiter import ArbiterError, LeaseLost, LeaseRefused
 from colo.etcdarbiter import EtcdArbiterClient, parse_etcd_url
@@ -37,6 +37,15 @@ def etcd(tmp_path):
 
 def _client(url, node, group="pair"):
     return EtcdArbiterClient(parse_etcd_url(url), group, node)
+
+
+def _acquires(client, refusal=LeaseRefused):
+    """Whether ``client`` gets the right now (False: ``refusal`` was raised)."""
+    try:
+        client.acquire()
+        return True
+    except refusal:
+        return False
 
 
 def _until(predicate, timeout, what):
@@ -108,21 +117,13 @@ def test_a_dead_holders_right_ends_with_its_lease(etcd):
             b.acquire()
         holder.send_signal(signal.SIGKILL)  # no revoke: the lease runs out
         killed = time.monotonic()
-        _until(lambda: _takes(b), 10, "the dead holder's lease never ran out")
+        _until(lambda: _acquires(b), 10, "the dead holder's lease never ran out")
         assert time.monotonic() - killed <= 3.5  # TTL 1 s (etcd's minimum here) and a keepalive period
         assert b.epoch > epoch
     finally:
         holder.kill()
         holder.wait()
         b.close()
-
-
-def _takes(client):
-    try:
-        client.acquire()
-        return True
-    except LeaseRefused:
-        return False
 
 
 def test_a_holder_cut_off_from_etcd_keeps_its_right_only_while_its_lease_is_valid(etcd):
@@ -171,19 +172,12 @@ def test_without_a_quorum_the_holder_serves_until_its_lease_ends_and_then_nobody
         cluster.resume(1)
         cluster.resume(2)
         # the quorum is back: the lease a gave up is not kept alive; b gets the right once it ends
-        _until(lambda: _retakes(b), 15, "b never got the right back after the quorum returned")
+        _until(lambda: _acquires(b, ArbiterError), 15,  # LeaseRefused too
+               "b never got the right back after the quorum returned")
     finally:
         a.close()
         b.close()
         cluster.close()
-
-
-def _retakes(client):
-    try:
-        client.acquire()
-        return True
-    except ArbiterError:  # LeaseRefused too
-        return False
 
 
 # ---------------------------------------------------------------------- pairs on etcd
@@ -202,22 +196,7 @@ def test_a_pair_on_etcd_fails_over_when_the_primary_dies(deploy, etcd):  # noqa:
 
 
 def test_a_pair_on_etcd_with_its_link_cut_keeps_the_lease_holder_serving(deploy, etcd):  # noqa: F811
-    relays = []
-
-    def through_relay(port):
-        relays.append(Relay(port))
-        return relays[0].port
-    d = deploy(mode="compare", checkpoint_delay=50, arbiter=etcd.url(ttl=1), secondary_port_hook=through_relay)
-    d.wait_colo()
-    w = Workload(d.client(), time_every=5)
-    w.ready()
-    for _ in range(10):
-        w.step()
-    relays[0].cut()
-    for _ in range(20):
-        w.step()
-    d.secondary.wait_for(r"split brain averted", timeout=30)
-    assert d.secondary.proc.wait(10) == 1
+    d, w = cut_link_between_live_vms(deploy, arbiter=etcd.url(ttl=1))
     w.finish()
     assert d.primary.alive()
     assert "takeover by secondary" not in d.proxy.stderr()

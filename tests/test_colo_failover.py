@@ -153,15 +153,16 @@ class Relay:
         self.listener.close()
 
 
-def test_partition_only_the_lease_holder_serves(deploy):
-    """Cut the link between two live VMs: the primary keeps its lease and serves alone; the
-    secondary is refused by the arbiter and does not serve (split brain averted)."""
+def cut_link_between_live_vms(deploy, **options):
+    """A pair whose replication link runs through a relay, serving a client; the relay is
+    cut while both VMs live, and the secondary, refused the lease, stops (exit status 1).
+    Returns the deployment and the workload, which goes on."""
     relays = []
 
     def through_relay(port):
         relays.append(Relay(port))
         return relays[0].port
-    d = deploy(mode="compare", checkpoint_delay=50, secondary_port_hook=through_relay)
+    d = deploy(mode="compare", checkpoint_delay=50, secondary_port_hook=through_relay, **options)
     d.wait_colo()
     w = Workload(d.client(), time_every=5)
     w.ready()
@@ -172,6 +173,13 @@ def test_partition_only_the_lease_holder_serves(deploy):
         w.step()
     d.secondary.wait_for(r"split brain averted", timeout=30)
     assert d.secondary.proc.wait(10) == 1
+    return d, w
+
+
+def test_partition_only_the_lease_holder_serves(deploy):
+    """Cut the link between two live VMs: the primary keeps its lease and serves alone; the
+    secondary is refused by the arbiter and does not serve (split brain averted)."""
+    d, w = cut_link_between_live_vms(deploy)
     for _ in range(5):
         w.step()
     w.finish()

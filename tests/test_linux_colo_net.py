@@ -79,12 +79,7 @@ def primary_killed_round(tmp_path, debian_linux, mode, kill, seed):
         if phase_kill is None:
             time.sleep(kill_after)
             pair.primary.kill()
-        body, curl_err = curl.communicate(timeout=150)
-        loop = _report(requests)
-        assert curl.returncode == 0, f"curl failed ({curl.returncode}): {curl_err.decode()[-400:]}"
-        assert len(body) == BLOB_MB << 20 and hashlib.sha256(body).hexdigest() == blob_sha
-        assert loop["error"] is None, loop
-        assert loop["answers"] == [str(n) for n in range(1, len(loop["answers"]) + 1)], loop
+        loop = assert_clients_saw_everything_once(curl, requests, blob_sha)
         assert len(loop["answers"]) >= 3
         deadline = time.monotonic() + 30
         while not pair.took_over():  # a phase kill may come after the clients are done
@@ -103,6 +98,18 @@ def primary_killed_round(tmp_path, debian_linux, mode, kill, seed):
     assert_records_on_disk(pair, "secondary", len(loop["answers"]))
     return {"mode": mode, "kill": kill, "requests": len(loop["answers"]) + 2,
             "worst_request_ms": loop["max_request_s"] * 1e3}
+
+
+def assert_clients_saw_everything_once(curl, requests, blob_sha):
+    """The download ended whole, with the file's SHA-256, and the request loop's answers are
+    1, 2, 3, ... with none missing and none twice; returns the loop's report."""
+    body, curl_err = curl.communicate(timeout=150)
+    loop = _report(requests)
+    assert curl.returncode == 0, f"curl failed ({curl.returncode}): {curl_err.decode()[-400:]}"
+    assert len(body) == BLOB_MB << 20 and hashlib.sha256(body).hexdigest() == blob_sha
+    assert loop["error"] is None, loop
+    assert loop["answers"] == [str(n) for n in range(1, len(loop["answers"]) + 1)], loop
+    return loop
 
 
 def assert_records_on_disk(pair, role, answered):
