@@ -28,8 +28,10 @@ overlay in memory, which a checkpoint discards before it writes the primary's bl
 the images.  So the secondary's images always hold the primary's disks of the last applied
 checkpoint, and its guest sees them under its own writes since.
 
-In debug mode the primary adds its full state digest (``state_digest()``) taken while
-paused, and the secondary checks that its own state digest equals it once loaded.
+In debug mode the primary adds its full state digest (``state_digest()``) and a hash of
+every RAM page, taken while paused, and the secondary checks that its own state digest
+equals it once loaded; if not, it names the device sections and the pages that differ,
+and whether those pages travelled in the checkpoint or were dirtied by the secondary.
 """
 
 import enum
@@ -43,7 +45,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from emu.errors import EmuError, StateError
-from emu.replication import CheckedDiskBlocks, CheckedRam, CheckedState, ReplicationSurface
+from emu.replication import PAGE_SIZE, CheckedDiskBlocks, CheckedRam, CheckedState, ReplicationSurface
 
 from . import replicationpart
 from .checkpointwire import (
@@ -117,6 +119,7 @@ class Checkpoint:
     disk_blocks: int
     digest: bytes
     state_digest: bytes | None = None  # debug mode
+    page_fingerprints: bytes | None = None  # debug mode
 
 
 @dataclass
@@ -419,10 +422,11 @@ class CheckpointPrimary:
         disk_stream = machine.save_disk_blocks(blocks)
         mark("save-disks")
         state_digest = bytes.fromhex(machine.state_digest()) if self.debug else None
+        fingerprints = machine.page_fingerprints().tobytes() if self.debug else None
         digest = checkpoint_digest(seq, ram_stream, device_state, replication_part, disk_stream, self.digest_kind)
         mark("digest")
         return Checkpoint(seq, pages, ram_stream, device_state, replication_part, disk_stream,
-                          sum(len(b) for b in blocks.values()), digest, state_digest)
+                          sum(len(b) for b in blocks.values()), digest, state_digest, fingerprints)
 
     def _send_in_background(self, checkpoint):
         self.sending = True
@@ -463,7 +467,8 @@ class CheckpointPrimary:
         channel.send(REPLICATION_STATE, SEQ.pack(len(checkpoint.replication_part)), checkpoint.replication_part)
         channel.send(DISK_WRITES, SEQ.pack(len(checkpoint.disk_stream)), checkpoint.disk_stream)
         self._fault("before-digest", seq)
-        extra = b"\x01" + checkpoint.state_digest if checkpoint.state_digest is not None else b"\x00"
+        extra = (b"\x01" + checkpoint.state_digest + checkpoint.page_fingerprints
+                 if checkpoint.state_digest is not None else b"\x00")
         channel.send(VMSTATE_DIGEST, bytes([self.digest_kind]) + checkpoint.digest + extra)
 
     def _fault_armed(self, phase, seq):
@@ -490,6 +495,7 @@ class _Received:
     replication_part: bytes
     disk_stream: bytes
     state_digest: bytes | None
+    page_fingerprints: bytes | None
 
 
 @dataclass
@@ -503,6 +509,7 @@ class _Incoming:
     link_state: object    # the link's LinkState, or None
     disk: CheckedDiskBlocks
     state_digest: bytes | None
+    page_fingerprints: bytes | None
 
 
 class CheckpointSecondary:
@@ -523,6 +530,7 @@ class CheckpointSecondary:
         self.last_seq = 0      # highest sequence number seen (a replay is refused)
         self.applied_seq = 0   # the checkpoint the cache and last_state stand for
         self.records = []
+        self._own_dirty = np.empty(0, dtype=np.int64)  # the pages this side wrote before the last apply
         machine.start_dirty_log()
         machine.dirty_pages()
         machine.start_disk_overlay()
@@ -633,13 +641,13 @@ class CheckpointSecondary:
         disk_stream = channel.recv_exact(self._recv_size(seq, DISK_WRITES, "disk stream",
                                                          max_disk_stream(self.machine)))
         _, payload = channel.recv((VMSTATE_DIGEST,))
-        digest, state_digest = self._parse_digest(seq, payload)
+        digest, state_digest, fingerprints = self._parse_digest(seq, payload)
         record.ram_bytes, record.device_bytes = len(ram_stream), len(device_state) + len(replication_part)
         record.disk_bytes = len(disk_stream)
         expected = checkpoint_digest(seq, ram_stream, device_state, replication_part, disk_stream, self.digest_kind)
         if not hmac.compare_digest(digest, expected):
             raise CheckpointRejected(f"colo: checkpoint {seq}: digest mismatch (corrupted, truncated or replayed)")
-        return _Received(seq, ram_stream, device_state, replication_part, disk_stream, state_digest)
+        return _Received(seq, ram_stream, device_state, replication_part, disk_stream, state_digest, fingerprints)
 
     def _recv_size(self, seq, kind, what, limit):
         _, payload = self.channel.recv((kind,))
@@ -653,16 +661,20 @@ class CheckpointSecondary:
         return size
 
     def _parse_digest(self, seq, payload):
-        """(digest, state digest or None) of a VMSTATE_DIGEST payload."""
+        """(digest, state digest or None, page fingerprints or None) of a VMSTATE_DIGEST payload."""
         kind = payload[0]
         if kind != self.digest_kind:
             raise ChannelError(f"colo: checkpoint {seq}: digest kind {kind}, expected {self.digest_kind}"
                                f"{' (a keyed channel needs SHA-256)' if self.channel.key else ''}")
         size = DIGEST_SIZES[kind]
         digest, flag = payload[1:1 + size], payload[1 + size] if len(payload) > 1 + size else None
-        if flag not in (0, 1) or len(payload) != 1 + size + 1 + flag * STATE_DIGEST_SIZE:
+        debug_size = STATE_DIGEST_SIZE + 8 * self.machine.page_count
+        if flag not in (0, 1) or len(payload) != 1 + size + 1 + flag * debug_size:
             raise ChannelError(f"colo: checkpoint {seq}: malformed VMSTATE_DIGEST")
-        return digest, payload[2 + size:] if flag else None
+        if not flag:
+            return digest, None, None
+        debug = payload[2 + size:]
+        return digest, debug[:STATE_DIGEST_SIZE], debug[STATE_DIGEST_SIZE:]
 
     def _check(self, received, record):
         """Every stream of a checkpoint whose digest checked out, checked whole (refused
@@ -679,7 +691,8 @@ class CheckpointSecondary:
         except StateError as e:
             raise CheckpointRejected(f"colo: checkpoint {seq}: {e}") from None
         record.pages, record.disk_blocks = len(ram.pages), disk.count
-        return _Incoming(seq, ram, state, received.device_state, link_state, disk, received.state_digest)
+        return _Incoming(seq, ram, state, received.device_state, link_state, disk, received.state_digest,
+                         received.page_fingerprints)
 
     def _apply(self, incoming, record, own_state):
         """Device state first (a device that still refuses puts back ``own_state``, and
@@ -695,6 +708,7 @@ class CheckpointSecondary:
         flush = np.zeros(machine.page_count, dtype=bool)
         flush[incoming.ram.pages] = True
         record.own_dirty = len(own)
+        self._own_dirty = own  # for a debug check's report
         record.restored = int(len(own) - np.count_nonzero(flush[own]))
         flush[own] = True
         self._flush(np.flatnonzero(flush))
@@ -713,7 +727,25 @@ class CheckpointSecondary:
         mine = self.machine.state_digest()
         if mine != incoming.state_digest.hex():
             raise ConsistencyError(f"colo: checkpoint {incoming.seq}: secondary state digest {mine} differs from "
-                                   f"the primary's {incoming.state_digest.hex()}")
+                                   f"the primary's {incoming.state_digest.hex()}: {self._differences(incoming)}")
+
+    def _differences(self, incoming):
+        """Which device sections and RAM pages differ from the primary's, and for the
+        pages, whether the checkpoint carried them and whether this side wrote them: a
+        page in neither is one the primary's dirty log missed."""
+        machine = self.machine
+        own_sections = machine.check_state(machine.save_state(), verify_checksum=False).parsed.devices
+        theirs = incoming.state.parsed.devices
+        sections = sorted(f"{name}.{instance}" for name, instance in own_sections.keys() | theirs.keys()
+                          if own_sections.get((name, instance)) != theirs.get((name, instance)))
+        differ = np.flatnonzero(machine.page_fingerprints() != np.frombuffer(incoming.page_fingerprints, np.uint64))
+        carried = np.isin(differ, incoming.ram.pages)
+        written = np.isin(differ, self._own_dirty)
+        pages = ", ".join(f"{p * PAGE_SIZE:#x}{'(sent)' if c else ''}{'(own)' if w else ''}"
+                          for p, c, w in zip(differ[:16], carried[:16], written[:16], strict=True))
+        return (f"device sections {', '.join(sections) or 'none'}; {len(differ)} RAM pages ({pages}"
+                f"{', ...' if len(differ) > 16 else ''}), {int(np.count_nonzero(~carried & ~written))} of them "
+                f"neither sent nor written here")
 
     def restore_last_checkpoint(self):
         """Put the (paused) machine back to the last applied checkpoint, to serve from it:

@@ -60,6 +60,7 @@ import time
 import xxhash
 
 from emu.errors import EmuError
+from emu.replication import MAX_PAGES
 
 from .framing import FrameFormat, FrameReader, read_frame
 from .wire import HEADER, ChannelError
@@ -107,7 +108,8 @@ PAYLOAD_SIZES = {
     CHECKPOINT_REQUEST: SEQ.size, CHECKPOINT_REPLY: SEQ.size, VMSTATE_RECEIVED: SEQ.size,
     VMSTATE_LOADED: LOADED.size, VMSTATE_SEND: SEND.size, VMSTATE_SIZE: SEQ.size, HEARTBEAT: 0,
     REPLICATION_STATE: SEQ.size, DISK_WRITES: SEQ.size,
-    VMSTATE_DIGEST: (1 + 16 + 1, 1 + 32 + 1 + STATE_DIGEST_SIZE),  # kind | digest | flag [| state digest]
+    # kind | digest | flag [| state digest | page fingerprints (debug mode)]
+    VMSTATE_DIGEST: (1 + 16 + 1, 1 + 32 + 1 + STATE_DIGEST_SIZE + 8 * MAX_PAGES),
     ABANDON: (SEQ.size, SEQ.size + MAX_REASON),
 }
 FORMAT = FrameFormat(HEADER, NAMES, ChannelError, max_payload=0, sizes=PAYLOAD_SIZES, prefix="colo: ")

@@ -273,6 +273,10 @@ class Machine:
         from emu.state import machinestate  # numpy and the stream format: not needed to run
         return machinestate.digest(self)
 
+    def page_fingerprints(self):
+        from emu.state import machinestate
+        return machinestate.page_fingerprints(self)
+
     def start_dirty_log(self):
         """Track every page written from now on, by the CPU or the host.
 

@@ -31,13 +31,16 @@ def parse_size(text):
         raise ConfigError(f"bad size {text!r} (expected e.g. 64M or 1G)") from None
 
 
+MAX_RAM_SIZE = 0xE000_0000  # 3.5 GiB: the pc machine maps RAM below 4 GiB only
+
+
 class GuestRam:
     """Guest RAM at physical address 0 .. size."""
 
     def __init__(self, size):
         if size < (1 << 20) or size % PAGE_SIZE:
             raise ConfigError(f"RAM size {size} must be at least 1 MiB and a multiple of 4 KiB")
-        if size > 0xE000_0000:
+        if size > MAX_RAM_SIZE:
             raise ConfigError(f"RAM size {size >> 20} MiB is above the 3.5 GiB the pc machine maps below 4 GiB")
         self.size = size
         self.npages = size >> PAGE_SHIFT

@@ -16,6 +16,10 @@ refuses a bad one whole, touching nothing, before anything of it is applied.
 
 from typing import Any, Protocol, runtime_checkable
 
+from emu.memory import MAX_RAM_SIZE, PAGE_SIZE  # part of the surface: the page unit, the largest RAM
+
+MAX_PAGES = MAX_RAM_SIZE // PAGE_SIZE
+
 
 @runtime_checkable
 class CheckedRam(Protocol):
@@ -74,6 +78,9 @@ class Snapshottable(Protocol):
 
     def state_digest(self) -> str:
         """SHA-256 (hex) of the whole guest-visible state, for consistency checks."""
+
+    def page_fingerprints(self) -> Any:
+        """A 64-bit hash of every RAM page (uint64 array), to name the pages that differ."""
 
 
 @runtime_checkable

@@ -289,6 +289,16 @@ def test_debug_mode_catches_an_inconsistent_secondary(pair, monkeypatch):
     assert isinstance(srec, ck.ConsistencyError), srec
     assert isinstance(prec, ck.CheckpointAbandoned) and "differs" in prec.reason
     assert pair.primary.unacked.any(), "an unconfirmed checkpoint keeps its pages"
+    assert "device sections none" in str(srec) and "0 of them neither sent nor written here" in str(srec), srec
+
+
+def test_debug_mode_names_a_page_the_primary_dirty_log_missed(pair):
+    advance(pair.pm, 1 * MS)
+    advance(pair.sm, 2 * MS)
+    pair.pm.ram.buf[0x7123] ^= 0x5A  # behind the dirty log's back
+    prec, srec = pair.checkpoint()
+    assert isinstance(srec, ck.ConsistencyError), srec
+    assert "1 RAM pages (0x7000)" in str(srec) and "1 of them neither sent nor written here" in str(srec), srec
 
 
 # ---------------------------------------------------------------- hostile peers, raw frames
