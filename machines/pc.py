@@ -146,7 +146,6 @@ def _add_timers(machine, pic, rtc_base):
     pit = Pit8254(clock, irq=pic.irq_line(0))
     machine.add_device(pit, [(0x40, 4)])
     machine.add_device(SystemControlPortB(pit, clock), [(0x61, 1)])
-    machine.after_load.append(pit.sync_irq)
     rtc = Mc146818Rtc("rtc@0x70", irq=pic.irq_line(8), clock=clock, base_time=rtc_base, ram_size=machine.ram.size)
     machine.add_device(rtc, [(0x70, 2)])
     machine.after_load.append(lambda: rtc.irq.set_level(rtc.irq_level()))

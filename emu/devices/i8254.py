@@ -454,18 +454,17 @@ class Pit8254(Device):
         self._settle(ch, now)
         return self._next_transition_after(ch, now)
 
-    def sync_irq(self):
-        """After a state load: drive IRQ 0 to channel 0's OUT (the level the PIC last saw)."""
-        now = self.clock.now()
-        self._settle(0, now)
-        self.irq.set_level(self._out(0, now))
-
     # ------------------------------------------------------------------ state
     def _post_load(self, version_id):
         """Reject a state no 8254 channel can be in (fields checked in order, channel by channel)."""
         for ch in range(NUM_CHANNELS):
             self._check_loaded_access(ch)
             self._check_loaded_counter(ch)
+        # IRQ 0 is not re-driven here (QEMU's pit_post_load does not either): the PIC's own
+        # state holds the level it last saw, and an OUT transition that was due but not yet
+        # delivered when the state was saved (a realtime clock runs on between the last timer
+        # and the pause) is the restored irq_timer's to deliver.  Driving OUT as of the load's
+        # "now" would latch that edge early, and then once more when the timer fires.
         self._irq_event_time = self.irq_timer.deadline
 
     def _bad_field(self, field, ch, why):
