@@ -147,3 +147,30 @@ def test_the_primary_serves_on_alone_when_the_secondary_dies(debian_linux, tmp_p
         raise
     finally:
         pair.close()
+
+
+def serving_pair_stays_equal(tmp_path, debian_linux, mode, checkpoints):
+    """Debug mode while the clients are served: after every checkpoint the secondary checks
+    that its whole state (CPU, every device, the NICs' rings in RAM, every page) equals the
+    primary's; the first difference stops it, naming the device sections and pages."""
+    pair, blob_sha = _served_pair(tmp_path, debian_linux, mode, primary_colo_args=["--debug-consistency"])
+    try:
+        curl = pair.curl("--max-time", "120", f"http://{GUEST_IP}/blob")
+        requests = pair.client("loop", f"http://{GUEST_IP}/cgi-bin/n", "6")
+        assert_clients_saw_everything_once(curl, requests, blob_sha)
+        q = pair.qmp("primary")
+        deadline = time.monotonic() + 60
+        while (ok := q("query-migrate").get("x-colo", {}).get("ok", 0)) < checkpoints:
+            assert time.monotonic() < deadline, f"{ok} checkpoints in 60 s"
+            time.sleep(0.2)
+        assert pair.secondary.alive() and "differs" not in pair.secondary.stderr(), pair.logs()
+    except BaseException:
+        print(pair.logs())
+        raise
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("mode", ["compare", pytest.param("passive", marks=pytest.mark.soak)])
+def test_every_checkpoint_of_a_serving_linux_leaves_the_secondary_equal(debian_linux, tmp_path, netns, mode):
+    serving_pair_stays_equal(tmp_path, debian_linux, mode, checkpoints=20)

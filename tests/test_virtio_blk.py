@@ -11,6 +11,7 @@ from emu.blockdev import RawImage, guess_geometry, open_drive
 from emu.devices import pci, virtio
 from emu.devices.virtio_blk import F_FLUSH, F_RO, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT, VirtioBlk
 from emu.errors import ConfigError
+from emu.state import machinestate
 
 SECTOR = 512
 FEATURES = virtio.F_VERSION_1 | F_FLUSH
@@ -36,6 +37,29 @@ def request(rig, queue, kind, sector, data_buffers, status_writable=True):
     head = queue.add_chain(chain)
     queue.kick()
     return head
+
+
+def test_a_request_kicked_before_a_save_is_done_after_the_load_and_not_by_the_save(image, tmp_path):
+    """A save does no device work (a COLO checkpoint saves RAM first, so a request done in
+    the save would leave the saved used ring behind the device); the load takes the pending
+    kick as given, so the request is done where the state goes on."""
+    rig, _ = blk_rig(image)
+    rig.machine.devices.append(rig.device)
+    (q,) = rig.setup(FEATURES, [256])
+    rig.ram.write(HEADER_AT, struct.pack("<IIQ", T_IN, 0, 3))
+    head = q.add_chain([(HEADER_AT, 16, False), (DATA, SECTOR, True), (STATUS_AT, 1, True)])
+    rig.modern.mmio_write(virtio.NOTIFY_OFFSET, 2, 0)  # the kick, not yet processed
+    saved = machinestate.save(rig.machine, "all")
+    assert q.used_entries() == []
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(image.read_bytes())
+    other, _ = blk_rig(copy)
+    other.machine.devices.append(other.device)
+    machinestate.load(other.machine, machinestate.check(other.machine, saved), rollback=False)
+    other.settle()
+    used = struct.unpack("<HH", other.ram.read(q.used, 4))[1]
+    assert used == 1 and other.ram.read(DATA, SECTOR) == image.read_bytes()[3 * SECTOR:4 * SECTOR]
+    assert head == 0 and other.ram.read(STATUS_AT, 1)[0] == S_OK
 
 
 def test_configuration_space_identifies_a_modern_virtio_block_device(image):

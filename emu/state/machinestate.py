@@ -49,11 +49,15 @@ def state_objects(machine):
 
 
 def _prepare(machine):
-    """Bring C-side copies of device state back into the models (no guest-visible change)."""
+    """Bring C-side copies of device state back into the models (no guest-visible change).
+
+    Device work (``poll``: a NIC taking received frames, a queue's requests) is not done
+    here: it writes RAM and advances device state, and a COLO checkpoint saves RAM before
+    the devices, so work in between would leave the devices ahead of the RAM that travels
+    with them (a NIC's used index past the entries its ring holds).  A kick not yet
+    processed at a save is the device's to redo after the load."""
     for fast in machine.fast_paths:
         fast.to_model()
-    for device in machine.devices:
-        device.poll()
 
 
 def save(machine, ram_pages=None, out=None):
