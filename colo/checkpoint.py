@@ -518,8 +518,9 @@ class CheckpointSecondary:
     from its RAM, its own dirty log starts, and its guest's disk writes go to the overlay."""
 
     def __init__(self, machine: ReplicationSurface, sock, *, link=None, timeout=REPLY_TIMEOUT_S, key=None,
-                 passive=False):
+                 passive=False, started=None):
         self.machine = machine
+        self.started = time.monotonic() if started is None else started  # the records' time 0
         self.channel = Channel(sock, timeout, key, role="secondary")
         self.link = link
         self.passive = passive
@@ -566,7 +567,7 @@ class CheckpointSecondary:
         decide (:meth:`restore_last_checkpoint` for a failover)."""
         machine, channel = self.machine, self.channel
         (seq,) = SEQ.unpack(request_payload)
-        record = CheckpointRecord(seq)
+        record = CheckpointRecord(seq, time=time.monotonic() - self.started)
         self.records.append(record)
         self._refuse_replay(seq, record)
         phases = _Phases(record)

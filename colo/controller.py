@@ -140,8 +140,8 @@ class _Side:
         self.exit_reason = None
         self.channel = None
         self.lease = None
-        self.started = time.monotonic()
-        self.writer = None
+        self.writer = migration.records_writer()  # also sets colo_origin, the records' time 0
+        self.started = migration.colo_origin
         self.totals = {"checkpoints": 0, "ok": 0, "failed": 0, "rejected": 0, "bytes": 0, "triggers": {}}
         self.recent = collections.deque(maxlen=RECENT_RECORDS)  # finished records, for medians
         self.status_line = None
@@ -164,9 +164,6 @@ class _Side:
         machine.add_fd_handler(self._channel_fd, self._on_readable)
         machine.add_background_job(self._tick)
         machine.idle_wait_cap = min(machine.idle_wait_cap, self.settings.heartbeat_period_ms / 2e3)
-        if self.settings.records:
-            from .report import RecordWriter
-            self.writer = RecordWriter(self.settings.records)
         from .status import StatusLine
         self.status_line = StatusLine(enabled=self.settings.status_line)
 
@@ -257,6 +254,10 @@ class _Side:
     def _exit_event(self, reason):
         self.colo_status.protection = "unprotected"  # the failover is over: this side serves alone
         self.machine.emit("COLO_EXIT", {"mode": self.mode, "reason": reason})
+        self._flush_records()  # the checkpoints before it come first in the records
+        took = "" if self.failover_ms is None else f" ({self.failover_ms:.1f} ms)"
+        self.migration.colo_event("failover" if self.mode == "secondary" else "secondary-lost",
+                                  f"{self.exit_reason}{took}")
 
     def _takeover(self, bump):
         """Hold the lease, then ask the client endpoint to serve this side alone; True if
@@ -309,8 +310,7 @@ class _Side:
             done += 1
         del records[:done]
         if force and self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            self.writer.flush()  # the file stays open: a survivor's pairs to come write on
 
     def _update_status_line(self, now, serving):
         if self.status_line is None or not self.status_line.enabled or now - self.last_status < 0.1:
@@ -511,7 +511,7 @@ class ColoSecondary(_Side):
         self.passive = passive
         self.lease = Lease(settings, self.node, link)
         self.checkpoints = CheckpointSecondary(machine, sock, link=link, timeout=settings.heartbeat_timeout_ms / 1e3,
-                                               key=settings.key, passive=passive)
+                                               key=settings.key, passive=passive, started=self.started)
         self.checkpoints.handshake()
         self._begin(self.checkpoints.channel)
         if not passive:

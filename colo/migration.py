@@ -115,6 +115,8 @@ class MigrationController:
         self.colo_link = None
         self.colo_passive = False
         self.colo = None  # the ColoPrimary / ColoSecondary once in COLO
+        self.colo_origin = None  # monotonic time this VM first entered COLO: its records' time 0
+        self._records = None  # the records file (colo.report.RecordWriter), one for all its pairs
         self.incoming = None  # the IncomingMigration of -incoming, if any
         self._start_incoming = None  # with -incoming defer: callable(uri) -> IncomingMigration
 
@@ -184,12 +186,34 @@ class MigrationController:
             raise EmuError("VM is not in COLO mode")
         self.colo.peer_lost("x-colo-lost-heartbeat", "request")
 
+    def records_writer(self):
+        """The per-checkpoint records file of ``--records`` (None without): opened when the
+        VM first enters COLO and kept across failovers and re-protections."""
+        if self.colo_origin is None:
+            self.colo_origin = time.monotonic()
+        if self._records is None and self.colo_settings.records:
+            from .report import RecordWriter
+            self._records = RecordWriter(self.colo_settings.records)
+        return self._records
+
+    def colo_event(self, event, detail=None):
+        """Mark a protection event (colo.report.EVENTS) in the records, on their time axis."""
+        writer = self.records_writer()
+        if writer is not None:
+            from .report import event_record
+            writer.write(event_record(event, time.monotonic() - self.colo_origin, detail))
+            writer.flush()
+
     def enter_colo_primary(self, sock):
         from .controller import ColoPrimary
-        if self.colo is not None:  # re-protection: the side that served alone hands over
+        reprotected = self.colo is not None
+        if reprotected:  # re-protection: the side that served alone hands over
             self.colo.retire()
             self.colo = None
-        return ColoPrimary(self.machine, self, self.colo_settings, self.colo_link, sock)
+        side = ColoPrimary(self.machine, self, self.colo_settings, self.colo_link, sock)
+        if reprotected:
+            self.colo_event("protected", "a new secondary holds checkpoint 0")
+        return side
 
     def enter_colo_secondary(self, sock):
         from .controller import ColoSecondary
@@ -231,6 +255,7 @@ class MigrationController:
         self.set_status("setup")
         if self.capabilities["x-colo"] and self.colo_status.last_mode != "none":
             self.colo_status.protection = "re-protecting"
+            self.colo_event("re-protecting", f"migrating into {uri}")
         self._job.begin()
 
     def cancel(self):
@@ -253,6 +278,7 @@ class MigrationController:
         self.set_status(status)
         if status != "completed" and self.colo_status.protection == "re-protecting":
             self.colo_status.protection = "unprotected"
+            self.colo_event("re-protection-failed", error or status)
         self.machine.remove_background_job(self._job)
         self.machine.stop_dirty_log()
         self.machine.stop_disk_write_log()

@@ -9,6 +9,13 @@ A record is a dict (``CheckpointRecord.as_dict()``)::
     disk_blocks int, disk_bytes int (optional: 0 in records made before disks were
     replicated), error str | None (optional)
 
+Between them, in time order, the events of the VM's protection (``event_record``)::
+
+    event str (one of EVENTS), time float (same clock), detail str | None
+
+A process keeps one file across its pairs: a survivor's file goes on through its failover
+and every re-protection, on one time axis.
+
 ``emu colo report FILE [-o OUT.png]`` prints a summary and draws pause times and dirty
 pages per checkpoint.  matplotlib is imported only when drawing: a running VM imports this
 module for :class:`RecordWriter` and should not pay for it.
@@ -31,12 +38,29 @@ SUFFIXES = (".json", ".csv")
 FIELDS = ("seq", "time", "trigger", "status", "pages", "ram_bytes", "device_bytes", "pause_ms",
           "secondary_pause_ms")
 OPTIONAL_FIELDS = {"disk_blocks": 0, "disk_bytes": 0}  # name: value when a record lacks it
+# failover: this side took over; secondary-lost: this primary lost its secondary;
+# re-protecting: a migration into a new secondary began; protected: that pair formed;
+# re-protection-failed: that migration ended without a pair
+EVENTS = ("failover", "secondary-lost", "re-protecting", "protected", "re-protection-failed")
+EVENT_COLUMNS = ("event", "detail")
 # Primary phases, then the secondary's (colo/checkpoint.py).  A CSV header is written before
 # the first record, so its columns are fixed: a phase not listed here goes to JSON only.
 PHASES = ("request", "capture", "send", "received", "loaded", "receive", "apply", "debug-check")
-CSV_COLUMNS = FIELDS + tuple(OPTIONAL_FIELDS) + ("error",) + tuple(f"phase_{p}" for p in PHASES)
+CSV_COLUMNS = FIELDS + tuple(OPTIONAL_FIELDS) + ("error",) + tuple(f"phase_{p}" for p in PHASES) + EVENT_COLUMNS
 TRIGGERS = ("periodic", "output", "mismatch", "timeout", "forced")
 JSON_INTERVAL = 0.5  # s between rewrites of a JSON records file
+
+
+def event_record(event, time_s, detail=None):
+    """An event of the VM's protection, for :meth:`RecordWriter.write` (``time_s``: on the
+    checkpoint records' clock)."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown COLO event {event!r}")
+    return {"event": event, "time": round(time_s, 6), "detail": detail}
+
+
+def is_event(record):
+    return "event" in record
 
 
 def _suffix(path):
@@ -113,6 +137,8 @@ class RecordWriter:
 
 
 def _csv_row(record):
+    if is_event(record):
+        return {"time": record["time"], "event": record["event"], "detail": record.get("detail") or ""}
     row = {k: record.get(k) for k in FIELDS + tuple(OPTIONAL_FIELDS)}
     row["error"] = record.get("error")
     for name, ms in (record.get("phases") or {}).items():
@@ -169,8 +195,18 @@ def _record(where, raw, phases):
     return record
 
 
+def _event(where, raw):
+    event = raw.get("event")
+    if event not in EVENTS:
+        raise ConfigError(f"{where}: unknown event {event!r} (expected one of {', '.join(EVENTS)})")
+    detail = raw.get("detail")
+    return {"event": event, "time": _convert(where, "time", raw.get("time")),
+            "detail": detail if detail not in ("", None) else None}
+
+
 def load_records(path):
-    """The records of a ``.json`` or ``.csv`` file written by :class:`RecordWriter`."""
+    """The records of a ``.json`` or ``.csv`` file written by :class:`RecordWriter`, in file
+    order: checkpoint records and events (:func:`is_event`)."""
     path = pathlib.Path(path)
     suffix = _suffix(path)
     try:
@@ -196,6 +232,9 @@ def _load_json(path, text):
         where = f"{path}: record {i}"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected an object, found {type(raw).__name__}")
+        if "event" in raw:
+            records.append(_event(where, raw))
+            continue
         missing = [k for k in FIELDS if k not in raw]
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
@@ -219,6 +258,9 @@ def _load_csv(path, text):
         where = f"{path}: line {reader.line_num}"
         if None in row or any(v is None for v in row.values()):
             raise ConfigError(f"{where}: {len(header)} columns expected")
+        if row.get("event"):
+            records.append(_event(where, row))
+            continue
         phases = {k[len("phase_"):]: v for k, v in row.items() if k.startswith("phase_")}
         records.append(_record(where, row, phases))
     return records
@@ -246,6 +288,8 @@ def _stats(values):
 def summarize(records):
     """Counts over all records; pause and page figures over the checkpoints that completed
     (an abandoned one may not have paused at all); bytes over all (they were sent)."""
+    events = [r for r in records if is_event(r)]
+    records = [r for r in records if not is_event(r)]
     ok = [r for r in records if r["status"] == "ok"]
     by_trigger, by_status = {}, {}
     for r in records:
@@ -267,7 +311,8 @@ def summarize(records):
         "pages": {"median": statistics.median(pages) if pages else None, "max": max(pages) if pages else None},
         "disk_blocks": {"median": statistics.median(blocks) if blocks else None, "max": max(blocks, default=None)},
         "bytes": {"total": ram + device + disk, "ram": ram, "device": device, "disk": disk},
-        "duration_s": max((r["time"] for r in records), default=0.0),
+        "duration_s": max((r["time"] for r in records + events), default=0.0),
+        "events": [(e["time"], e["event"]) for e in events],
     }
 
 
@@ -303,6 +348,7 @@ def format_summary(s):
         ("disk blocks", f"median {_dash(s['disk_blocks']['median'])}  max {_dash(s['disk_blocks']['max'])}"),
         ("bytes sent", f"{_size(s['bytes']['total'])} (RAM {_size(s['bytes']['ram'])}, "
                        f"devices {_size(s['bytes']['device'])}, disks {_size(s['bytes']['disk'])})"),
+        ("events", ", ".join(f"{name} at {t:.1f} s" for t, name in s["events"]) or "-"),
     ]
     return "\n".join(f"{name:<13} {value}" for name, value in rows)
 
@@ -313,12 +359,19 @@ _MARKERS = {"periodic": ("o", "tab:blue"), "output": ("s", "tab:green"), "mismat
             "timeout": ("^", "tab:orange"), "forced": ("v", "tab:purple")}
 
 
+_EVENT_COLOURS = {"failover": "tab:red", "secondary-lost": "tab:orange", "re-protecting": "tab:olive",
+                  "protected": "tab:green", "re-protection-failed": "black"}
+
+
 def draw(records, out, title=None):
-    """Pause time and dirty pages per checkpoint, two panels over one time axis, to a PNG."""
+    """Pause time and dirty pages per checkpoint, two panels over one time axis, to a PNG;
+    the protection's events as labelled vertical lines across both."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     s = summarize(records)
+    events = [r for r in records if is_event(r)]
+    records = [r for r in records if not is_event(r)]
     fig = Figure(figsize=(10, 6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     pause_ax, pages_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
@@ -335,11 +388,16 @@ def draw(records, out, title=None):
                          color="black", label=f"not ok ({len(failed)})")
     if s["pause_ms"]["median"] is not None:
         pause_ax.axhline(s["pause_ms"]["median"], color="gray", linestyle="--", linewidth=0.8, label="median")
+    for name in [e for e in EVENTS if any(r["event"] == e for r in events)]:
+        times = [r["time"] for r in events if r["event"] == name]
+        for ax in (pause_ax, pages_ax):
+            ax.vlines(times, 0, 1, transform=ax.get_xaxis_transform(), color=_EVENT_COLOURS[name],
+                      linestyles="dashdot", linewidth=1.2, label=f"{name} ({len(times)})" if ax is pause_ax else None)
     pause_ax.set_ylabel("pause (ms)")
     pause_ax.set_ylim(bottom=0)
     pause_ax.grid(alpha=0.3)
-    if records:
-        pause_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", title="trigger")
+    if records or events:
+        pause_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", title="trigger / event")
     ok = [r for r in records if r["status"] == "ok"]
     pages_ax.vlines([r["time"] for r in ok], 0, [r["pages"] for r in ok], color="tab:blue", linewidth=1)
     pages_ax.plot([r["time"] for r in ok], [r["pages"] for r in ok], ".", color="tab:blue", markersize=3)

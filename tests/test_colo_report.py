@@ -40,6 +40,50 @@ def test_writer_round_trip(tmp_path, suffix):
     assert report.load_records(path) == records
 
 
+def with_events():
+    """make_records with a failover after checkpoint 5 and a re-protection after 8."""
+    records = make_records()
+    records.insert(5, report.event_record("failover", 1.1, "no heartbeat from the peer for 2000 ms (3.1 ms)"))
+    records.insert(9, report.event_record("re-protecting", 1.7, "migrating into tcp:127.0.0.1:4444"))
+    records.insert(10, report.event_record("protected", 1.75))
+    return records
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_events_of_the_protection_go_between_the_records_and_come_back(tmp_path, suffix):
+    path = tmp_path / f"records{suffix}"
+    with report.RecordWriter(path) as writer:
+        for r in with_events():
+            writer.write(r)
+    loaded = report.load_records(path)
+    assert loaded == with_events()
+    s = report.summarize(loaded)
+    assert s["count"] == 11 and s["ok"] == 10  # events are not checkpoints
+    assert s["events"] == [(1.1, "failover"), (1.7, "re-protecting"), (1.75, "protected")]
+    assert "events        failover at 1.1 s, re-protecting at 1.7 s, protected at 1.8 s" in report.format_summary(s)
+
+
+def test_an_unknown_event_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="'crashed'"):
+        report.event_record("crashed", 1.0)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps([{"event": "crashed", "time": 1.0}]))
+    with pytest.raises(ConfigError, match=r"record 0: unknown event 'crashed'"):
+        report.load_records(path)
+
+
+def test_the_png_draws_each_event_as_a_line_across_both_panels(tmp_path):
+    import matplotlib.image
+    plain, marked = tmp_path / "plain.png", tmp_path / "marked.png"
+    report.draw(make_records(), plain)
+    report.draw(with_events(), marked)
+    a, b = matplotlib.image.imread(plain)[..., :3], matplotlib.image.imread(marked)[..., :3]
+    red = (b[..., 0] > 0.7) & (b[..., 1] < 0.3) & (b[..., 2] < 0.3)  # the failover's tab:red
+    rows = red.any(axis=1)
+    assert rows[:300].sum() > 100 and rows[350:].sum() > 60, "the failover line spans both panels"
+    assert not ((a[..., 0] > 0.7) & (a[..., 1] < 0.3) & (a[..., 2] < 0.3)).any(axis=1)[350:].any()
+
+
 def test_records_from_before_disk_replication_read_as_no_disk_blocks(tmp_path):
     path = tmp_path / "old.json"
     old = [{k: v for k, v in r.items() if not k.startswith("disk_")} for r in make_records()]

@@ -4,6 +4,8 @@ the next failure too.  Three failovers in a row, the client sees every answer on
 
 import pytest
 from colopair import Workload
+
+from colo import report
 from test_colo_failover import _run_until_dead, deploy  # noqa: F401  (deploy is a fixture)
 
 
@@ -33,3 +35,12 @@ def test_three_failovers_in_a_row_with_reprotection_in_between(deploy, mode, arb
     log = d.proxy.stderr()
     assert log.count("is the primary again") == 2, log
     assert log.count("accepted") >= 3, log
+    # each survivor's records mark its failover and the re-protection it made, on one time axis
+    for name, expected in [("secondary", ["failover", "re-protecting", "protected"]),
+                           ("secondary1", ["failover", "re-protecting", "protected"]), ("secondary2", ["failover"])]:
+        records = report.load_records(d.records[name])
+        assert [r["event"] for r in records if report.is_event(r)] == expected, (name, records)
+        events = [r["time"] for r in records if report.is_event(r)]
+        assert events == sorted(events) and events[0] > 0, (name, events)
+        after = records[[r.get("event") for r in records].index(expected[-1]) + 1:]
+        assert all(r["time"] >= events[-1] for r in after), (name, records)  # one axis, not one per pair
