@@ -155,10 +155,10 @@ def checkpoint_records(tmp, passive, seconds=PAUSE_RUN_S):
 
 
 def pause_rows(label, records):
-    from colo.report import summarize
+    from colo.report import checkpoints, summarize
 
     s = summarize(records)
-    ok = [r for r in records if r["status"] == "ok"]
+    ok = [r for r in checkpoints(records) if r["status"] == "ok"]
     if len(ok) < 2:
         raise RuntimeError(f"{label}: only {len(ok)} checkpoint(s) completed ({s['by_status']})")
     per_s = (len(ok) - 1) / max(ok[-1]["time"] - ok[0]["time"], 1e-9)
@@ -239,7 +239,7 @@ def compute_alone(tmp, n):
 def compute_colo(tmp, n, timeout, passive=False):
     """(wall s, CPU s, paused s) of the COLO primary from its start to the guest's exit (the
     secondary is ready before the clock starts), or None if it takes more than ``timeout``."""
-    from colo.report import load_records
+    from colo.report import checkpoints, load_records
 
     records = pathlib.Path(tmp) / f"compute-{n}.json"
     with Processes(tmp) as ps:
@@ -251,7 +251,7 @@ def compute_colo(tmp, n, timeout, passive=False):
         timed = _timed(pri, timeout)
     if timed is None:
         return None
-    return *timed, sum(r["pause_ms"] for r in load_records(records)) / 1e3
+    return *timed, sum(r["pause_ms"] for r in checkpoints(load_records(records))) / 1e3
 
 
 def throughput_figures(repeat=2):

@@ -59,13 +59,13 @@ def _http_figures(pair, url):
 
 
 def _secondary_apply_ms(records_path):
-    from colo.report import load_records
+    from colo.report import checkpoints, load_records
 
     try:
         records = load_records(records_path)
     except (OSError, ValueError):
         return None
-    applies = [r["phases"]["apply"] for r in records if r.get("status") == "ok" and "apply" in r.get("phases", {})]
+    applies = [r["phases"]["apply"] for r in checkpoints(records) if r["status"] == "ok" and "apply" in r["phases"]]
     return statistics.median(applies) if applies else None
 
 
@@ -112,9 +112,9 @@ def failover_gap(cp, debian_linux, mode):
 
 def _checkpoint_medians(records_path, first, last):
     """Medians (request ms, pause ms) of the checkpoints ``first``..``last`` applied."""
-    from colo.report import load_records
+    from colo.report import checkpoints, load_records
 
-    records = [r for r in load_records(records_path) if r["status"] == "ok" and first <= r["seq"] <= last]
+    records = [r for r in checkpoints(load_records(records_path)) if r["status"] == "ok" and first <= r["seq"] <= last]
     return (statistics.median(r["phases"]["request"] for r in records),
             statistics.median(r["pause_ms"] for r in records), len(records))
 

@@ -63,6 +63,11 @@ def is_event(record):
     return "event" in record
 
 
+def checkpoints(records):
+    """The checkpoint records among ``records``, without the events between them."""
+    return [r for r in records if not is_event(r)]
+
+
 def _suffix(path):
     suffix = pathlib.Path(path).suffix.lower()
     if suffix not in SUFFIXES:
@@ -289,7 +294,7 @@ def summarize(records):
     """Counts over all records; pause and page figures over the checkpoints that completed
     (an abandoned one may not have paused at all); bytes over all (they were sent)."""
     events = [r for r in records if is_event(r)]
-    records = [r for r in records if not is_event(r)]
+    records = checkpoints(records)
     ok = [r for r in records if r["status"] == "ok"]
     by_trigger, by_status = {}, {}
     for r in records:
@@ -371,7 +376,7 @@ def draw(records, out, title=None):
 
     s = summarize(records)
     events = [r for r in records if is_event(r)]
-    records = [r for r in records if not is_event(r)]
+    records = checkpoints(records)
     fig = Figure(figsize=(10, 6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     pause_ax, pages_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))

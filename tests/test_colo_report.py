@@ -57,6 +57,8 @@ def test_events_of_the_protection_go_between_the_records_and_come_back(tmp_path,
             writer.write(r)
     loaded = report.load_records(path)
     assert loaded == with_events()
+    kept = report.checkpoints(loaded)
+    assert kept == make_records() and not any(map(report.is_event, kept))
     s = report.summarize(loaded)
     assert s["count"] == 11 and s["ok"] == 10  # events are not checkpoints
     assert s["events"] == [(1.1, "failover"), (1.7, "re-protecting"), (1.75, "protected")]
