@@ -3,14 +3,16 @@
 ``download URL``: one GET read to the end: bytes, SHA-256, the longest wait between two
 reads (the stall a client sees), and the error if it failed.
 
-``loop URL SECONDS``: GET after GET, each on a new connection, for SECONDS: every answer
-body (the guest's counter), the longest request, and any error.  A pair that loses or
-repeats nothing gives consecutive numbers.
+``loop URL SECONDS``: GET after GET, each on a new connection, for SECONDS or until SIGTERM
+(the request under way completes first): every answer body (the guest's counter), the
+longest request, and any error.  A pair that loses or repeats nothing gives consecutive
+numbers.
 """
 
 import hashlib
 import http.client
 import json
+import signal
 import sys
 import time
 import urllib.parse
@@ -53,7 +55,9 @@ def download(url):
 def loop(url, seconds):
     report = {"answers": [], "max_request_s": 0.0, "error": None}
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    while time.monotonic() < deadline and not stopped:
         began = time.monotonic()
         try:
             conn, path = _connection(url)

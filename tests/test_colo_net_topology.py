@@ -47,7 +47,7 @@ def test_a_shaped_replication_link_keeps_checkpointing_and_a_cut_one_leaves_one_
     try:
         blob_sha = re.search(r"([0-9a-f]{64})  /srv/blob", pair.boot(SETUP)).group(1)
         pair.protect()
-        loop = pair.client("loop", f"http://{GUEST_IP}/cgi-bin/n", "45")
+        loop = pair.client("loop", f"http://{GUEST_IP}/cgi-bin/n", "300")  # until stopped, after the cut
         unshaped = _wait_checkpoints(pair, 10, 60)["ok"]
         pair.net.shape(ONE_WAY_MS, 1)
         shaped = _wait_checkpoints(pair, unshaped + 20, 120)["ok"]
@@ -59,7 +59,7 @@ def test_a_shaped_replication_link_keeps_checkpointing_and_a_cut_one_leaves_one_
         survivor = accepted[1]
         fenced = {"primary": pair.secondary, "secondary": pair.primary}[survivor]
         assert fenced.proc.wait(60) == 1, fenced.stderr()
-        answers = assert_clients_saw_everything_once(curl, loop, blob_sha)
+        answers = assert_clients_saw_everything_once(curl, loop, blob_sha, stop_requests=True)
         proxy_log = pair.proxy.stderr()
         assert len(re.findall(r"takeover by \S+ \S+ with epoch \d+ accepted", proxy_log)) == 1, proxy_log
         assert {"primary": pair.primary, "secondary": pair.secondary}[survivor].alive()

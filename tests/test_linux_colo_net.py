@@ -100,10 +100,13 @@ def primary_killed_round(tmp_path, debian_linux, mode, kill, seed):
             "worst_request_ms": loop["max_request_s"] * 1e3}
 
 
-def assert_clients_saw_everything_once(curl, requests, blob_sha):
+def assert_clients_saw_everything_once(curl, requests, blob_sha, stop_requests=False):
     """The download ended whole, with the file's SHA-256, and the request loop's answers are
-    1, 2, 3, ... with none missing and none twice; returns the loop's report."""
+    1, 2, 3, ... with none missing and none twice; returns the loop's report.
+    ``stop_requests``: the loop ends when the download has (SIGTERM), not at its own time."""
     body, curl_err = curl.communicate(timeout=150)
+    if stop_requests:
+        requests.terminate()
     loop = _report(requests)
     assert curl.returncode == 0, f"curl failed ({curl.returncode}): {curl_err.decode()[-400:]}"
     assert len(body) == BLOB_MB << 20 and hashlib.sha256(body).hexdigest() == blob_sha
