@@ -9,12 +9,14 @@ every one accepted before) holds as with ``emu colo arbiter``.
 * ``acquire``: one transaction: if the key does not exist, put it under this node's lease.
   Otherwise it is this node's (a renewal; ``bump`` puts it again, so a new revision, while
   it is still this lease's), or another node's: refused, with how long its lease has left.
-* The lease is kept alive by a thread of its own (every TTL/3), so that the run loop never
-  waits on etcd.  Each keepalive that etcd answers moves the lease's end, as this side
-  sees it, to the moment the request was sent plus the TTL: never later than etcd's own.
-  ``renew`` only reads that: past the end, or once etcd says the lease is gone, the lease
-  is lost and this side must stop serving.  So a side cut off from etcd keeps serving only
-  while its lease is valid, and a side without the lease never serves alone.
+* The lease is kept alive by a thread of its own (every TTL/3), from its grant on, so that
+  the run loop never waits on etcd, and a lease granted at a refused try (a secondary that
+  waits for a dead primary's lease to end) is still alive when a later try puts the key.
+  Each keepalive that etcd answers moves the lease's end, as this side sees it, to the
+  moment the request was sent plus the TTL: never later than etcd's own.  ``renew`` only
+  reads that: past the end, or once etcd says the lease is gone, the lease is lost and
+  this side must stop serving.  So a side cut off from etcd keeps serving only while its
+  lease is valid, and a side without the lease never serves alone.
 * ``close`` revokes the lease (the key goes with it): a side that stops cleanly hands over
   at once; one that dies hands over when its lease expires.
 
@@ -133,7 +135,6 @@ class EtcdArbiterClient:
                     return self.acquire(bump)
                 kv = _range_kv(reply, 1)
         self.epoch = int(kv["mod_revision"])
-        self._start_keeper()
         return self.epoch
 
     def renew(self):
@@ -188,6 +189,7 @@ class EtcdArbiterClient:
             raise ArbiterError(f"{self._where()}: grant a lease: unexpected reply {reply!r}") from None
         with self._lock:
             self._valid_until, self._lost = sent + self.ttl_s, None
+        self._start_keeper()
 
     def _valid(self):
         with self._lock:

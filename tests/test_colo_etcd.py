@@ -120,6 +120,10 @@ def test_a_dead_holders_right_ends_with_its_lease(etcd):
         _until(lambda: _acquires(b), 10, "the dead holder's lease never ran out")
         assert time.monotonic() - killed <= 3.5  # TTL 1 s (etcd's minimum here) and a keepalive period
         assert b.epoch > epoch
+        # b's lease was granted at its first, refused try: held since, it lasts past its TTL
+        time.sleep(1.5)
+        b.renew()
+        assert b.status()["holder"] == "vm-b"
     finally:
         holder.kill()
         holder.wait()
@@ -193,8 +197,9 @@ def test_a_pair_on_etcd_fails_over_when_the_primary_dies(deploy, etcd):  # noqa:
     d.primary.kill()
     _run_until_dead(w, d.primary, steps_after=10)
     _serving_checkpoint(d)
+    time.sleep(1.5)  # past the TTL of the lease the secondary took over with
     holder = _client(etcd.url(), "observer", group="colo").status()
-    assert holder["holder"] == "secondary", holder
+    assert holder["holder"] == "secondary" and d.secondary.alive(), (holder, d.secondary.stderr()[-1500:])
 
 
 def test_a_pair_on_etcd_with_its_link_cut_keeps_the_lease_holder_serving(deploy, etcd):  # noqa: F811
