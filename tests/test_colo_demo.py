@@ -86,7 +86,7 @@ def test_linux_demo_serves_downloads_and_uploads_across_the_kill(tmp_path, debia
     reason = network_namespaces_available()
     if reason:
         pytest.skip(reason)
-    r = _demo(tmp_path, "--guest", "linux", "--no-live", "--seconds", "12", "--kill-after", "6", timeout=400)
+    r = _demo(tmp_path, "--guest", "linux", "--no-live", "--seconds", "8", "--kill-after", "4", timeout=400)
     out = r.stdout
     assert r.returncode == 0, out + r.stderr + (tmp_path / "proxy.log").read_text()
     downloads = re.search(r"downloads +(\d+) files of 8 MB", out)
