@@ -240,9 +240,6 @@ class MigrationController:
         if self.capabilities["x-colo"] and link is not None and link.role != "primary":
             if self.colo is not None and self.colo.active:
                 raise EmuError("migrate: this VM is a COLO secondary: only the side that serves may protect")
-            if link.CHANNEL == "net":
-                raise EmuError("migrate: a networked pair is re-protected only from a primary that served alone "
-                               "(the former secondary's TCP connections run in a sequence space of its own)")
         if uri.startswith("tcp:"):
             host, port = wire.parse_tcp_uri(uri, "migrate")
             self._job = PrecopyJob(self, _tcp_channel(host, port))

@@ -304,11 +304,77 @@ class NetCompare:
         ns.shift_tcp(moved, packet, seq_delta=-flow.offset, checksum_complete=not header[0] & ns.NEEDS_CSUM)
         return moved
 
+    def secondary_offsets(self):
+        """{flow key: secondary seq - primary seq} of the flows whose spaces differ."""
+        return {key: flow.offset for key, flow in self.flows.items() if flow.offset}
+
     def unreleased_secondary_frames(self):
         """At a takeover: the secondary's frames since the last checkpoint that the clients
         may not have, in order: those no released frame of the primary matched, and TCP
         segments not wholly covered by what was released."""
         return [(kept.header, kept.frame) for kept in self.secondary_records if not self._redundant(kept)]
+
+
+class ClientSpace:
+    """Where the clients' TCP sequence space is not the one the VMs serving them use.
+
+    After a former secondary takes over, the connections opened since the last checkpoint
+    run in its own sequence space (:meth:`NetCompare.release_from_secondary` moves them).
+    When it re-protects, the new pair is its copy, so those connections stay in its space
+    for good, and the compare of the new pair works in it: their offsets are folded here
+    (:meth:`fold`), and every frame between the wire and the VMs is moved by them, input
+    (:meth:`to_vms`, acknowledgements) and output (:meth:`to_clients`, sequence numbers).
+    A later takeover and re-protection fold on top.  A new connection on the same ports
+    (a client's SYN) ends a flow's shift for input after it, and at once for output."""
+
+    def __init__(self):
+        self.shifts = {}  # flow key -> [delta (VM seq - client seq), input offset it ends at or None]
+
+    def __bool__(self):
+        return bool(self.shifts)
+
+    def fold(self, offsets):
+        """``offsets``: {flow key: VM seq - client seq} of the VM that becomes the primary."""
+        for key, delta in offsets.items():
+            shift = self.shifts.get(key)
+            if shift is None or shift[1] is not None:
+                self.shifts[key] = [delta & MASK32, None]
+            else:
+                shift[0] = (shift[0] + delta) & MASK32
+
+    def from_wire(self, frame, offset):
+        """A client's ``frame``, at input offset ``offset``: a SYN ends its flow's shift there."""
+        if not self.shifts:
+            return
+        packet = ns.parse(frame, outgoing=False)
+        shift = self.shifts.get(packet.key)
+        if shift is not None and shift[1] is None and packet.flags & SYN and not packet.flags & ACK:
+            shift[1] = offset
+
+    def to_vms(self, frame, offset):
+        """Input ``frame`` (at input offset ``offset``) in the serving VMs' space."""
+        packet = ns.parse(frame, outgoing=False)
+        shift = self.shifts.get(packet.key)
+        if shift is None or (shift[1] is not None and offset >= shift[1]) or not packet.flags & ACK:
+            return frame
+        moved = bytearray(frame)
+        ns.shift_tcp(moved, packet, ack_delta=shift[0])
+        return moved
+
+    def to_clients(self, header, frame):
+        """Output ``frame`` in the clients' space."""
+        packet = ns.parse(frame, outgoing=True)
+        shift = self.shifts.get(packet.key)
+        if shift is None or shift[1] is not None:
+            return frame
+        moved = bytearray(frame)
+        ns.shift_tcp(moved, packet, seq_delta=-shift[0], checksum_complete=not header[0] & ns.NEEDS_CSUM)
+        return moved
+
+    def forget_below(self, offset):
+        """Input below ``offset`` is gone: the shifts that ended there are not needed."""
+        for key in [k for k, (_, until) in self.shifts.items() if until is not None and until <= offset]:
+            del self.shifts[key]
 
 
 def _flow_name(packet):

@@ -25,7 +25,7 @@ from emu.errors import ConfigError
 
 from . import netstream as ns
 from . import proxywire as pw
-from .netcompare import NetCompare
+from .netcompare import ClientSpace, NetCompare
 from .proxy import VM_QUEUE, ColoProxy
 
 INPUT_LIMIT = 4 << 20        # input not yet sent to every VM beyond which the wire is not read
@@ -52,6 +52,7 @@ class NetProxy(ColoProxy):
         super().__init__(None, listen, compare_timeout_ms, log)
         self.wire = wire
         self.compare = NetCompare()
+        self.client_space = ClientSpace()
         self._wire_fds = set()
         self._wire_reading = True
         self.frames_in = self.frames_out = self.frames_compared = 0
@@ -69,6 +70,7 @@ class NetProxy(ColoProxy):
 
     def _wire_io(self, fd):
         for frame in self.wire.on_readable(fd):
+            self.client_space.from_wire(frame, self._in_base + len(self._input))
             self._input += ns.record(ns.NO_HEADER, frame)
             self.frames_in += 1
         self._sync_wire_fds()  # a socket wire's listener may have become its peer
@@ -80,6 +82,8 @@ class NetProxy(ColoProxy):
         records, end = ns.split_records(self._held)
         send = getattr(self.wire, "send_offloaded", None)
         for _, header, frame in records:
+            if self.client_space:
+                frame = self.client_space.to_clients(header, frame)
             if send is not None:
                 send(header, frame)
             else:
@@ -100,9 +104,11 @@ class NetProxy(ColoProxy):
 
     # ------------------------------------------------------------------ input
     def _pump_input(self):
-        """As the serial endpoint, in whole records; the secondary's moved into its space."""
+        """As the serial endpoint, in whole records, moved into the serving VMs' sequence
+        space (:class:`ClientSpace`), and the secondary's into its own."""
         end = self._in_base + len(self._input)
         self._input_waits = False
+        self.client_space.forget_below(self._in_base)
         for conn in self._vms.values():
             if conn is None:
                 continue
@@ -111,13 +117,15 @@ class NetProxy(ColoProxy):
                 continue
             start = conn.in_sent - self._in_base
             records, stop = ns.split_records(self._input, start)
-            if conn.role == "secondary":
+            if conn.role == "secondary" or self.client_space:
                 chunk, stop, now = bytearray(), start, time.monotonic()
                 for offset, header, frame in records:
-                    moved = self.compare.input_for_secondary(frame, now)
-                    if moved is None:
-                        self._input_waits = True  # for the secondary's SYN-ACK: look again soon
-                        break
+                    moved = self.client_space.to_vms(frame, self._in_base + offset) if self.client_space else frame
+                    if conn.role == "secondary":
+                        moved = self.compare.input_for_secondary(moved, now)
+                        if moved is None:
+                            self._input_waits = True  # for the secondary's SYN-ACK: look again soon
+                            break
                     chunk += ns.record(header, moved)
                     stop = offset + ns.RECORD_HEAD.size + len(header) + len(frame)
             else:
@@ -222,12 +230,28 @@ class NetProxy(ColoProxy):
         elif conn.stream.base is not None:
             conn.stream.drop_below(conn.stream.end)
 
-    def _promotion_refused(self, conn):
-        if conn.role == "secondary":
-            return ("a networked pair is re-protected only from a primary that served alone: the former "
-                    "secondary's TCP connections run in its own sequence space, which the endpoint moves into "
-                    "the clients' for every frame")
-        return None
+    def _promoting(self, conn):
+        """A former secondary becomes the primary: its output offsets and the TCP sequence
+        space of the connections it took over are its own, and its new secondary, a copy of
+        it, shares them.  The endpoint goes on in them: the difference of output offsets on
+        everything the new pair says (``out_shift``), the connections' offsets folded into
+        :attr:`client_space`, and a compare that starts afresh in the new primary's space."""
+        if conn.role != "secondary":
+            return
+        self._advance_solo()  # every whole frame it sent so far is decided: its stream starts past them
+        decided = self.released + len(self._held)
+        position = conn.stream.base if conn.stream.base is not None else conn.out_end
+        shift, own = decided - position, position - conn.out_shift
+        conn.out_shift += shift
+        conn.out_end += shift
+        if conn.stream.base is not None:
+            conn.stream.base += shift
+        offsets = self.compare.secondary_offsets()
+        self.client_space.fold(offsets)
+        compared, self.compare = self.compare.compared_bytes, NetCompare()
+        self.compare.compared_bytes = compared
+        self._log(f"{conn}'s output goes on at its offset {own} (the endpoint's {decided}); "
+                  f"{len(offsets)} TCP connection(s) keep its sequence space")
 
     def _advance_solo(self):
         conn = self._active

@@ -129,6 +129,9 @@ class _Conn(BufferedConn):
         self.gap_logged = False
         self.released_told = 0                 # the last RELEASED it was sent
         self.early_sync = None                 # a standby secondary's SYNC before its primary's PROMOTE
+        # the endpoint's output offset minus the VM's own: a former secondary's output ran in
+        # offsets of its own, and the pair it re-protects (its copy included) goes on in them
+        self.out_shift = 0
 
     def __str__(self):
         return f"{self.role} {self.node}" if self.role else f"unidentified peer {self.peer}"
@@ -360,6 +363,7 @@ class ColoProxy(SelectorServer):
             raise pw.ProxyProtocolError(f"a monitor may only send STATUS, not {pw.NAMES[kind]}")
         elif kind == pw.OUT:
             offset, chunk = pw.parse_data(payload)
+            offset += conn.out_shift
             if conn.stream.add(offset, chunk) and conn.role == "primary":
                 conn.arrivals.append((conn.stream.end, now))
             conn.out_end = max(conn.out_end, offset + len(chunk))
@@ -370,7 +374,7 @@ class ColoProxy(SelectorServer):
         elif kind == pw.MARK and conn.role == "primary":
             seq, offset = pw.parse_mark(payload)
             if self._synced_seq is None or seq > self._synced_seq:  # else its SYNC came first
-                self._marks[seq] = offset
+                self._marks[seq] = offset + conn.out_shift
         elif kind == pw.UNMARK and conn.role == "primary":
             self._marks.pop(pw.parse_offset(payload), None)
             self._mismatch_requested = False
@@ -414,7 +418,7 @@ class ColoProxy(SelectorServer):
 
     def _tell_released(self, conn):
         """RELEASED to ``conn`` when what it may forget of its output moved."""
-        released = self._released_for(conn)
+        released = self._released_for(conn) - conn.out_shift
         if released != conn.released_told:
             conn.released_told = released
             conn.send(pw.offset_message(pw.RELEASED, released))
@@ -425,6 +429,7 @@ class ColoProxy(SelectorServer):
         return self.released
 
     def _sync(self, conn, seq, in_offset, out_offset, log_base, log, now):
+        out_offset, log_base = out_offset + conn.out_shift, log_base + conn.out_shift
         decided = self.released + len(self._held)
         if self.mode == "solo" and self._active_role == "secondary":
             self._log(f"SYNC {seq} from {conn} ignored: the secondary serves alone")
@@ -502,11 +507,7 @@ class ColoProxy(SelectorServer):
         """Re-protection: the VM serving alone becomes the primary of a pair still to form."""
         if self.mode != "solo" or conn is not self._active:
             raise pw.ProxyProtocolError(f"PROMOTE from {conn}, which does not serve alone")
-        refused = self._promotion_refused(conn)
-        if refused:
-            self._log(f"refused to make {conn} a primary again: {refused}")
-            conn.send(pw.frame(pw.REFUSED, refused.encode()))
-            return
+        self._promoting(conn)
         if conn.role == "secondary":
             self._vms["secondary"] = None
             conn.role = "primary"
@@ -521,13 +522,13 @@ class ColoProxy(SelectorServer):
         if standby is not None and standby.open:
             self._vms["secondary"] = self._last["secondary"] = standby
             standby.in_sent = self._in_base
+            standby.out_shift = conn.out_shift  # a copy of the new primary: its offsets
             standby.send(pw.offset_message(pw.EPOCH, self.epoch))
             if standby.early_sync is not None:
                 self._sync(standby, *pw.parse_sync(standby.early_sync), time.monotonic())
 
-    def _promotion_refused(self, conn):
-        """Why ``conn`` may not become a primary (None: it may); a subclass's say."""
-        return None
+    def _promoting(self, conn):
+        """A subclass's part of a promotion of ``conn``, before it becomes the primary."""
 
     def _set_mode(self, mode, why):
         if mode != self.mode:

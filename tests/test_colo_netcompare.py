@@ -9,7 +9,7 @@ import pytest
 from netframes import CLIENT_IP, GUEST_IP, arp, tcp, tcp_checksum_ok, udp
 
 from colo import netstream as ns
-from colo.netcompare import INPUT_WAIT_S, NetCompare
+from colo.netcompare import INPUT_WAIT_S, ClientSpace, NetCompare
 from colo.netstream import ACK, FIN, PSH, SYN
 
 PA = PSH | ACK
@@ -201,3 +201,41 @@ def test_the_secondary_input_waits_no_longer_than_its_limit():
     client_ack = tcp(5001, 1001, ACK, outgoing=False)
     assert compare.input_for_secondary(client_ack, now=1.0) is None
     assert compare.input_for_secondary(client_ack, now=1.0 + INPUT_WAIT_S) == client_ack
+
+
+# ---------------------------------------------------------------------- after a re-protection
+def test_a_former_secondary_s_space_stays_the_pair_s_after_it_re_protects():
+    """The survivor served a connection in its own space (offset from its SYN-ACK); the pair
+    it re-protects is its copy, so the endpoint moves that connection's frames between the
+    clients and the pair for good, and a second takeover folds on top of the first."""
+    compare = NetCompare()
+    _established(compare, p_isn=1000, s_isn=0xFFFFFF00)
+    space = ClientSpace()
+    space.fold(compare.secondary_offsets())
+    delta = (0xFFFFFF00 - 1000) & 0xFFFFFFFF
+    client_ack = tcp(5001, 1011, ACK, outgoing=False)
+    moved = space.to_vms(client_ack, offset=100)
+    assert ns.parse(moved, outgoing=False).ack == (1011 + delta) & 0xFFFFFFFF and tcp_checksum_ok(moved)
+    out = space.to_clients(ns.NO_HEADER, tcp((1011 + delta) & 0xFFFFFFFF, 5001, PA, b"more"))
+    assert ns.parse(out, outgoing=True).seq == 1011 and tcp_checksum_ok(out)
+    assert space.to_vms(udp(b"q", outgoing=False), offset=100) == udp(b"q", outgoing=False)
+    assert space.to_clients(ns.NO_HEADER, tcp(7, 9, ACK, sport=81)) == tcp(7, 9, ACK, sport=81)  # another flow
+    space.fold({ns.parse(client_ack, outgoing=False).key: 50})  # the next survivor's own offset on top
+    assert ns.parse(space.to_clients(ns.NO_HEADER, tcp((1061 + delta) & 0xFFFFFFFF, 5001, ACK)),
+                    outgoing=True).seq == 1011
+
+
+def test_a_new_connection_on_the_same_ports_ends_the_shift():
+    compare = NetCompare()
+    _established(compare, p_isn=1000, s_isn=3000)
+    space = ClientSpace()
+    space.fold(compare.secondary_offsets())
+    space.from_wire(tcp(9000, 0, SYN, outgoing=False), offset=500)  # the client reuses its port
+    old = tcp(5001, 1011, ACK, outgoing=False)
+    assert ns.parse(space.to_vms(old, offset=400), outgoing=False).ack == 3011  # input before the SYN: the old one
+    assert space.to_vms(old, offset=500) == old
+    assert space.to_clients(ns.NO_HEADER, tcp(4000, 9001, SYN | ACK)) == tcp(4000, 9001, SYN | ACK)
+    space.forget_below(400)
+    assert space
+    space.forget_below(501)
+    assert not space
