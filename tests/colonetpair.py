@@ -187,6 +187,7 @@ class NetPair:
                 f.truncate(disk_mb << 20)
         self.net = SplitNetwork() if split else TapNetwork(taps=("tap0",))
         self.procs, self._qmp = [], {}
+        self.generation = 0
         proxy_at = SplitNetwork.PROXY if split else dict.fromkeys(("primary", "secondary"), "127.0.0.1")
         listen_at = SplitNetwork.REPLICATION["secondary"] if split else "127.0.0.1"
         self.checkpoint_delay = checkpoint_delay
@@ -201,16 +202,13 @@ class NetPair:
             self.qmp_paths = {role: self.tmp / f"{role}.qmp" for role in ("primary", "secondary")}
             self.console_path = self.tmp / "primary.console"
             drive = {role: ["-drive", f"file={image},format=raw,if=virtio"] for role, image in self.images.items()}
-            sec = ["colo", "secondary", *machine, *drive.get("secondary", ()), "-netdev", "tap,id=n0,ifname=unused",
-                   "-device", "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:{proxy_at['secondary']}:{vm_port}",
-                   "--listen", f"tcp:{listen_at}:0", "--no-status", "--heartbeat-period", str(heartbeat[0]),
-                   "--heartbeat-timeout", str(heartbeat[1]), "-serial", f"file:{self.tmp / 'secondary.console'}",
-                   "-qmp", f"unix:{self.qmp_paths['secondary']},server,nowait", *secondary_args]
-            if mode == "passive":
-                sec.append("--passive")
-            self.secondary = self._start("secondary", sec, "secondary")
-            port = int(self.secondary.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
-            self.secondary_uri = f"tcp:{listen_at}:{port}"
+            self._secondary_base = [
+                "colo", "secondary", *machine, "-netdev", "tap,id=n0,ifname=unused",
+                "-device", "virtio-net-pci,netdev=n0", "--net-proxy", f"tcp:{proxy_at['secondary']}:{vm_port}",
+                "--listen", f"tcp:{listen_at}:0", "--no-status", "--heartbeat-period", str(heartbeat[0]),
+                "--heartbeat-timeout", str(heartbeat[1]), *(["--passive"] if mode == "passive" else []),
+                *secondary_args]
+            self._start_secondary("secondary")
             console_qmp = ["-serial", f"unix:{self.console_path},server,nowait",
                            "-qmp", f"unix:{self.qmp_paths['primary']},server,nowait"]
             if primary_colo_args is None:  # a plain emu run, as a QEMU user starts a primary
@@ -229,6 +227,41 @@ class NetPair:
         except BaseException:
             self.close()
             raise
+
+    def _start_secondary(self, name):
+        """A secondary process ``name`` (its own console, QMP and disk image: blank, the
+        primary copies what differs), waiting for its primary; it is ``self.secondary``."""
+        if self.images and name not in self.images:
+            self.images[name] = self.tmp / f"{name}.img"
+            with open(self.images[name], "wb") as f:
+                f.truncate(self.images["primary"].stat().st_size)
+        self.qmp_paths[name] = self.tmp / f"{name}.qmp"
+        drive = ["-drive", f"file={self.images[name]},format=raw,if=virtio"] if self.images else []
+        self.secondary = self._start(name, [*self._secondary_base, *drive, "--node", name,
+                                            "-serial", f"file:{self.tmp / (name + '.console')}",
+                                            "-qmp", f"unix:{self.qmp_paths[name]},server,nowait"], "secondary")
+        port = int(self.secondary.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
+        listen_at = SplitNetwork.REPLICATION["secondary"] if isinstance(self.net, SplitNetwork) else "127.0.0.1"
+        self.secondary_uri = f"tcp:{listen_at}:{port}"
+
+    def reprotect(self, timeout=120):
+        """After the secondary took over: a new secondary process, into which the survivor
+        migrates with x-colo over its QMP, as with QEMU.  The survivor is then
+        ``self.primary``, the new process ``self.secondary``."""
+        assert not isinstance(self.net, SplitNetwork), "re-protection runs on one loopback"
+        self.generation += 1
+        survivor = self.secondary
+        self._start_secondary(f"secondary{self.generation}")
+        for qmp in self._qmp.values():
+            try:
+                qmp.close()
+            except Exception:
+                pass  # the dead primary's
+        self._qmp.clear()
+        self.primary = survivor
+        self.qmp_paths["primary"] = self.qmp_paths[survivor.name]
+        self.qmp_paths["secondary"] = self.qmp_paths[self.secondary.name]
+        self.protect(timeout)
 
     def _start(self, name, args, role=None):
         ns = self.net.vm_ns[role] if role and isinstance(self.net, SplitNetwork) else self.net.ns
