@@ -125,9 +125,10 @@ def assert_records_on_disk(pair, role, answered):
     assert count >= answered, f"the {role}'s disk holds {count} records, the client was answered {answered}"
 
 
-@pytest.mark.parametrize("mode", ["compare", "passive"])
-def test_clients_of_the_pair_notice_nothing_when_the_primary_dies(debian_linux, tmp_path, netns, mode):
-    primary_killed_round(tmp_path, debian_linux, mode, "random", random.randrange(1 << 30))
+def test_clients_of_a_passive_pair_notice_nothing_when_the_primary_dies(debian_linux, tmp_path, netns):
+    """Compare mode's kills: test_colo_net_reprotect (three in a row) and the sample below;
+    make soak's campaign kills both modes at random moments."""
+    primary_killed_round(tmp_path, debian_linux, "passive", "random", random.randrange(1 << 30))
 
 
 def test_clients_notice_nothing_when_the_primary_dies_inside_a_checkpoint(debian_linux, tmp_path, netns):
