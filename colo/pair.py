@@ -31,7 +31,7 @@ from .wire import parse_tcp_uri
 POLL_S = 0.1
 PROTECT_TIMEOUT_S = 120.0
 STABLE_S = 10.0               # a secondary that lives this long after the pair formed resets the backoff
-BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0  # s; --max-backoff sets the longest
 
 
 class _Stop(Exception):
@@ -146,11 +146,15 @@ class Supervisor:
                 return 1
             self.failovers += 1
             if lost is self.secondary and time.monotonic() - self.protected_at < STABLE_S:
-                self.backoff = min(BACKOFF_MAX_S, max(BACKOFF_FIRST_S, 2 * self.backoff))
+                self.backoff = self._longer_backoff()
             self.say(f"{lost.node} is gone ({_how(lost)}); {survivor.node} serves alone")
             lost.close()
             if not self._reprotect(survivor):
                 return 1
+
+    def _longer_backoff(self):
+        """The wait before the next secondary, doubled from BACKOFF_FIRST_S up to --max-backoff."""
+        return min(self.args.max_backoff, max(BACKOFF_FIRST_S, 2 * self.backoff))
 
     def _reprotect(self, survivor):
         """Until ``survivor`` is the primary of a new pair (False: the survivor is gone too)."""
@@ -175,7 +179,7 @@ class Supervisor:
                 protect_over_qmp(survivor.monitor(), address, self.args.checkpoint_delay)
                 self._wait_protected(survivor, secondary, f"re-protected in {time.monotonic() - began:.1f} s")
             except (ProcessFailure, EmuError) as e:
-                self.backoff = min(BACKOFF_MAX_S, max(BACKOFF_FIRST_S, 2 * self.backoff))
+                self.backoff = self._longer_backoff()
                 self.say(f"re-protection failed: {e}")
                 continue
             self.reprotections += 1
@@ -229,6 +233,9 @@ def parse_args(argv):
     p.add_argument("--standby", action="append", metavar="tcp:HOST:PORT",
                    help="a secondary already listening there (emu colo secondary --listen, another host, say): "
                         "the next re-protection goes to it before a local one is started; repeatable")
+    p.add_argument("--max-backoff", type=float, default=BACKOFF_MAX_S, metavar="S",
+                   help=f"the longest wait before starting another secondary when they keep dying young "
+                        f"(doubling from {BACKOFF_FIRST_S:g} s; default {BACKOFF_MAX_S:g} s)")
     p.add_argument("--dir", metavar="DIR", help="the VMs' logs and QMP sockets (default: a temporary directory)")
 
     args, rest = p.parse_known_args(argv)
@@ -239,6 +246,8 @@ def parse_args(argv):
         raise ConfigError("colo pair: --proxy or --net-proxy tcp:HOST:PORT (the client endpoint) is needed")
     if args.checkpoint_delay < 1:
         raise ConfigError("colo pair: --checkpoint-delay must be at least 1 ms")
+    if not args.max_backoff >= 0:  # NaN too
+        raise ConfigError(f"colo pair: --max-backoff must be a number of seconds >= 0, not {args.max_backoff:g}")
     for address in args.standby or []:
         parse_tcp_uri(address, "--standby")
     return args, rest

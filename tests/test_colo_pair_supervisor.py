@@ -8,10 +8,12 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
-from colopair import LineClient, Proc, Workload
+from colopair import ROOT, LineClient, Proc, Workload
 from conftest import firmware
 
 
@@ -98,3 +100,12 @@ def _kill(pid):
     """SIGKILL: a VM dies as a crashed host does."""
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.05)
+
+
+def test_a_bad_max_backoff_is_refused_before_anything_starts(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "emu", "colo", "pair", "-kernel", firmware("service.elf"),
+                        "--proxy", "tcp:127.0.0.1:1", "--max-backoff", "-1", "--dir", str(tmp_path / "vms")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--max-backoff must be a number of seconds >= 0, not -1" in r.stderr
+    assert not (tmp_path / "vms").exists() or not any((tmp_path / "vms").iterdir())  # no VM was started

@@ -72,7 +72,8 @@ def test_reprotection_campaign_loses_and_repeats_nothing(tmp_path):
         pair = Proc(tmp_path, "pair", [
             "colo", "pair", "-kernel", firmware("service.elf"), "-m", "32M", "-no-reboot", "--no-status",
             "--proxy", f"tcp:127.0.0.1:{vm_port}", "--heartbeat-period", "50", "--heartbeat-timeout", "1000",
-            "--checkpoint-delay", "40", "--dir", str(tmp_path / "vms")])
+            "--checkpoint-delay", "40", "--dir", str(tmp_path / "vms"),
+            "--max-backoff", "1"])  # its secondaries all die young: the campaign's rounds, not the backoff
         log = PairLog(pair)
         log.wait(log.protected, 60, "the pair forming")
         w = Workload(LineClient(client_port), time_every=5)
