@@ -344,8 +344,6 @@ class ClientSpace:
 
     def from_wire(self, frame, offset):
         """A client's ``frame``, at input offset ``offset``: a SYN ends its flow's shift there."""
-        if not self.shifts:
-            return
         packet = ns.parse(frame, outgoing=False)
         shift = self.shifts.get(packet.key)
         if shift is not None and shift[1] is None and packet.flags & SYN and not packet.flags & ACK:

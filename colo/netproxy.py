@@ -70,7 +70,8 @@ class NetProxy(ColoProxy):
 
     def _wire_io(self, fd):
         for frame in self.wire.on_readable(fd):
-            self.client_space.from_wire(frame, self._in_base + len(self._input))
+            if self.client_space:
+                self.client_space.from_wire(frame, self._in_base + len(self._input))
             self._input += ns.record(ns.NO_HEADER, frame)
             self.frames_in += 1
         self._sync_wire_fds()  # a socket wire's listener may have become its peer

@@ -189,7 +189,7 @@ class NetPair:
         self.procs, self._qmp = [], {}
         self.generation = 0
         proxy_at = SplitNetwork.PROXY if split else dict.fromkeys(("primary", "secondary"), "127.0.0.1")
-        listen_at = SplitNetwork.REPLICATION["secondary"] if split else "127.0.0.1"
+        listen_at = self._listen_at = SplitNetwork.REPLICATION["secondary"] if split else "127.0.0.1"
         self.checkpoint_delay = checkpoint_delay
         try:
             listen = "tcp:0.0.0.0:0" if split else "tcp:127.0.0.1:0"
@@ -241,8 +241,7 @@ class NetPair:
                                             "-serial", f"file:{self.tmp / (name + '.console')}",
                                             "-qmp", f"unix:{self.qmp_paths[name]},server,nowait"], "secondary")
         port = int(self.secondary.wait_for(r"waiting for the primary on tcp:[\d.]+:(\d+)").group(1))
-        listen_at = SplitNetwork.REPLICATION["secondary"] if isinstance(self.net, SplitNetwork) else "127.0.0.1"
-        self.secondary_uri = f"tcp:{listen_at}:{port}"
+        self.secondary_uri = f"tcp:{self._listen_at}:{port}"
 
     def reprotect(self, timeout=120):
         """After the secondary took over: a new secondary process, into which the survivor
@@ -252,12 +251,7 @@ class NetPair:
         self.generation += 1
         survivor = self.secondary
         self._start_secondary(f"secondary{self.generation}")
-        for qmp in self._qmp.values():
-            try:
-                qmp.close()
-            except Exception:
-                pass  # the dead primary's
-        self._qmp.clear()
+        self._close_qmp()  # the roles' sockets change
         self.primary = survivor
         self.qmp_paths["primary"] = self.qmp_paths[survivor.name]
         self.qmp_paths["secondary"] = self.qmp_paths[self.secondary.name]
@@ -315,13 +309,16 @@ class NetPair:
     def took_over(self):
         return re.search(r"serving alone from checkpoint (\d+)", self.secondary.stderr())
 
-    def close(self):
+    def _close_qmp(self):
         for qmp in self._qmp.values():
             try:
                 qmp.close()
             except Exception:
-                pass
+                pass  # a dead VM's
         self._qmp.clear()
+
+    def close(self):
+        self._close_qmp()
         if hasattr(self, "console"):
             self.console.close()
         for proc in self.procs:

@@ -104,12 +104,24 @@ def assert_clients_saw_everything_once(curl, requests, blob_sha, stop_requests=F
     """The download ended whole, with the file's SHA-256, and the request loop's answers are
     1, 2, 3, ... with none missing and none twice; returns the loop's report.
     ``stop_requests``: the loop ends when the download has (SIGTERM), not at its own time."""
+    try:
+        assert_download_whole(curl, blob_sha)
+    finally:
+        if stop_requests:
+            requests.terminate()
+    return assert_answered_once(requests)
+
+
+def assert_download_whole(curl, blob_sha):
+    """``curl`` (its body on stdout) ended well with the whole file."""
     body, curl_err = curl.communicate(timeout=150)
-    if stop_requests:
-        requests.terminate()
-    loop = _report(requests)
     assert curl.returncode == 0, f"curl failed ({curl.returncode}): {curl_err.decode()[-400:]}"
     assert len(body) == BLOB_MB << 20 and hashlib.sha256(body).hexdigest() == blob_sha
+
+
+def assert_answered_once(requests):
+    """The request loop's answers are 1, 2, 3, ... with none missing and none twice; its report."""
+    loop = _report(requests)
     assert loop["error"] is None, loop
     assert loop["answers"] == [str(n) for n in range(1, len(loop["answers"]) + 1)], loop
     return loop
